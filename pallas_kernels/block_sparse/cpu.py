@@ -1,0 +1,49 @@
+"""Fast CPU path for block-sparse matmul (no interpreter).
+
+Because the block layout is static host metadata, the product unrolls into one small GEMM per
+stored block on static column slices of ``x``, summed per output block-column: XLA's CPU
+backend emits each as an Eigen/oneDNN GEMM, with no gather, scatter or padding. Measured
+against gather/segment-sum and padded batched-einsum variants (benchmarks/kernels.py), this
+was the fastest formulation on CPU; cost scales with the number of stored blocks.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.block_sparse.format import BSRLayout
+
+
+def bsr_matmul_cpu(x: jax.Array, values: jax.Array, layout: BSRLayout) -> jax.Array:
+    """``x (M, K) @ W (K, N)`` for ``W`` given by packed ``values`` and static ``layout``."""
+    bk, bn = layout.block
+    nn = layout.grid[1]
+    ptr = layout.col_ptr
+    outs = []
+    for j in range(nn):
+        acc = None
+        for z in range(int(ptr[j]), int(ptr[j + 1])):
+            r = int(layout.rows[z])
+            part = jnp.dot(
+                x[:, r * bk : (r + 1) * bk], values[z], preferred_element_type=jnp.float32
+            )
+            acc = part if acc is None else acc + part
+        outs.append(jnp.zeros((x.shape[0], bn), jnp.float32) if acc is None else acc)
+    return jnp.concatenate(outs, axis=1).astype(x.dtype)
+
+
+def sddmm_cpu(x: jax.Array, dy: jax.Array, layout: BSRLayout) -> jax.Array:
+    """Blocks of ``x.T @ dy`` at the stored positions only: ``(nnz, bk, bn)``."""
+    bk, bn = layout.block
+    if layout.nnz == 0:
+        return jnp.zeros((0, bk, bn), x.dtype)
+    blocks = []
+    for r, c in zip(layout.rows.tolist(), layout.cols.tolist(), strict=True):
+        xs = x[:, r * bk : (r + 1) * bk]
+        ds = dy[:, c * bn : (c + 1) * bn]
+        blocks.append(
+            jax.lax.dot_general(xs, ds, (((0,), (0,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+        )
+    return jnp.stack(blocks).astype(x.dtype)

@@ -1,0 +1,125 @@
+"""``bsr_matmul``: block-sparse ``x @ W`` with a ``jax.custom_vjp`` and backend dispatch.
+
+Backward (Pallas has no autodiff): ``dX = dY @ W.T`` runs the forward kernel on the
+transposed layout, and ``dW`` is computed only for the stored blocks (sampled dense-dense
+matmul, SDDMM), so pruned blocks never receive gradient. Method: Gray, Radford & Kingma,
+"GPU Kernels for Block-Sparse Weights" (2017).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.block_sparse import kernel as K
+from pallas_kernels.block_sparse.cpu import bsr_matmul_cpu, sddmm_cpu
+from pallas_kernels.block_sparse.format import BSRLayout, BSRMatrix, layout_to_dense
+from pallas_kernels.block_sparse.reference import sddmm_reference
+
+BACKENDS = ("auto", "pallas", "interpret", "interpret_gpu", "cpu", "reference")
+
+
+def resolve_backend(backend: str) -> str:
+    """Map a user backend name to an implementation: reference|cpu|tpu|gpu|interpret_*."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    platform = K.default_platform()
+    if backend == "auto":
+        return "cpu" if platform == "cpu" else ("tpu" if platform == "tpu" else "gpu")
+    if backend == "pallas":
+        if platform not in ("gpu", "tpu"):
+            raise ValueError(
+                f"backend='pallas' needs a GPU or TPU, the default device is {platform!r}; "
+                "use 'interpret' to run the kernel on CPU"
+            )
+        return platform
+    if backend == "interpret":
+        return "interpret_tpu"
+    return backend
+
+
+def _row_tile(m: int, tiles: K.BSRTiles) -> K.BSRTiles:
+    bm = tiles.bm if m >= tiles.bm else max(16, 1 << (m - 1).bit_length())
+    return K.BSRTiles(bm=bm, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+
+
+def _pad_rows(a: jax.Array, bm: int) -> jax.Array:
+    pad = (-a.shape[0]) % bm
+    return a if pad == 0 else jnp.pad(a, ((0, pad), (0, 0)))
+
+
+def _forward(x, values, layout: BSRLayout, impl: str, tiles: K.BSRTiles):
+    m = x.shape[0]
+    if layout.nnz == 0:
+        return jnp.zeros((m, layout.shape[1]), x.dtype)
+    if impl == "reference":
+        dense = layout_to_dense(values, layout)
+        return jnp.dot(x, dense, preferred_element_type=jnp.float32).astype(x.dtype)
+    if impl == "cpu":
+        return bsr_matmul_cpu(x, values, layout)
+    t = _row_tile(m, tiles)
+    fn = K.bsr_matmul_prefetch if impl.endswith("tpu") else K.bsr_matmul_gpu
+    y = fn(_pad_rows(x, t.bm), values, layout=layout, tiles=t, interpret=impl.startswith("int"))
+    return y[:m]
+
+
+def _sddmm(x, dy, layout: BSRLayout, impl: str, tiles: K.BSRTiles):
+    bk, bn = layout.block
+    if layout.nnz == 0:
+        return jnp.zeros((0, bk, bn), x.dtype)
+    if impl == "reference":
+        return sddmm_reference(x, dy, layout)
+    if impl == "cpu":
+        return sddmm_cpu(x, dy, layout)
+    t = _row_tile(x.shape[0], tiles)
+    fn = K.sddmm_prefetch if impl.endswith("tpu") else K.sddmm_gpu
+    interpret = impl.startswith("int")
+    return fn(_pad_rows(x, t.bm), _pad_rows(dy, t.bm), layout=layout, tiles=t,
+              interpret=interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _bsr(x, values, layout, impl, tiles):
+    return _forward(x, values, layout, impl, tiles)
+
+
+def _bsr_fwd(x, values, layout, impl, tiles):
+    return _forward(x, values, layout, impl, tiles), (x, values)
+
+
+def _bsr_bwd(layout, impl, tiles, res, g):
+    x, values = res
+    g = g.astype(x.dtype)
+    values_t = jnp.swapaxes(values[layout.transpose_perm], 1, 2)
+    dx = _forward(g, values_t, layout.transposed, impl, tiles)
+    dv = _sddmm(x, g, layout, impl, tiles).astype(values.dtype)
+    return dx, dv
+
+
+_bsr.defvjp(_bsr_fwd, _bsr_bwd)
+
+
+def bsr_matmul(
+    x: jax.Array, w: BSRMatrix, *, backend: str = "auto", tiles: K.BSRTiles | None = None
+) -> jax.Array:
+    """Block-sparse ``x @ W`` for ``x`` of shape ``(..., K)`` and ``W`` a ``(K, N)`` BSRMatrix.
+
+    ``backend``: ``"auto"`` (CPU fast path on CPU, the Pallas kernel on GPU/TPU),
+    ``"pallas"`` (compiled kernel: Triton on GPU, Mosaic on TPU), ``"interpret"`` (TPU-style
+    kernel in Pallas interpret mode), ``"interpret_gpu"`` (GPU-style kernel interpreted),
+    ``"cpu"`` or ``"reference"``. Differentiable in ``x`` and ``w.values``.
+    """
+    if not isinstance(w, BSRMatrix):
+        raise ValueError(f"w must be a BSRMatrix, got {type(w).__name__}")
+    impl = resolve_backend(backend)
+    k, n = w.shape
+    if x.ndim < 1 or x.shape[-1] != k:
+        raise ValueError(f"x must have shape (..., {k}) to multiply a {w.shape} matrix, got "
+                         f"{x.shape}")
+    if x.dtype != w.values.dtype:
+        raise ValueError(f"dtype mismatch: x is {x.dtype} but w is {w.values.dtype}; cast one")
+    lead = x.shape[:-1]
+    y = _bsr(x.reshape(-1, k), w.values, w.layout, impl, tiles or K.BSRTiles())
+    return y.reshape(*lead, n)
