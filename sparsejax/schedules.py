@@ -12,25 +12,21 @@ they run under ``jit``. They are elementwise, so they also accept arrays of step
 (or NumPy scalar) of steps takes a float64 NumPy path on the host, which
 :func:`average_density` uses.
 
-Update steps and windows (``every = update_every``; ``b, e`` the window's begin and end):
+Update steps (``every = update_every``; ``[b, e]`` the window given to the constructor):
 
-=============  ====================================================  ==========================
-constructor    update steps                                          value after update at t
-=============  ====================================================  ==========================
-constant       every multiple of ``every`` from 0, forever           ``s``
-polynomial     ``b, b+every, ... (< e)`` and ``e`` itself            Zhu & Gupta at ``t``
-geometric      ``b + k*every`` for ``k = 0..n-1``, ``n=ceil((e-b)/every)``  ``1-(1-s_f)^((k+1)/n)``
-one_shot       ``at_step``                                           ``s``
-iterative      each ``steps[i]``                                     ``sparsities[i]``
-=============  ====================================================  ==========================
+* ``constant(s)``: every multiple of ``every`` from 0, forever; value ``s`` from step 0.
+* ``polynomial`` (Zhu & Gupta 2017, "To prune, or not to prune"): ``b, b+every, ...`` below
+  ``e``, and ``e`` itself; the value set at update ``t`` is the Zhu & Gupta formula at ``t``,
+  so ``b`` gives ``initial_sparsity`` and ``e`` gives ``final_sparsity``.
+* ``geometric`` (Jin et al. 2025, "Journey Matters: Average Parameter Count over Pre-training
+  Unifies Sparse and Dense Scaling Laws", as in its code): ``n = ceil((e-b)/every)`` events at
+  ``b + k*every``, ``k = 0..n-1``; ``e`` itself is *not* an update step. Event ``k`` sets the
+  density to ``(1-s_f)^((k+1)/n)``, so the first event already prunes and the last (before
+  ``e``) reaches ``s_f``. This placement reproduces the average densities of the published
+  model cards (0.8919 and 0.7651, see the tests); placing events at ``b+every..e`` does not.
+* ``one_shot``: ``at_step``; ``iterative``: each of ``steps``.
 
-Before its first update step every schedule is dense (sparsity 0). ``geometric`` follows the
-Journey Matters code (Jin et al. 2025, "Journey Matters: Average Parameter Count over
-Pre-training Unifies Sparse and Dense Scaling Laws"): the first pruning event is at ``b``, the
-last (which reaches ``s_f``) at the last multiple before ``e``; ``e`` itself is not an update
-step. This placement reproduces the average densities of its published model cards (0.8919 and
-0.7651, see the tests). ``polynomial`` follows Zhu & Gupta 2017 ("To prune, or not to prune"):
-the update at ``b`` gives ``initial_sparsity`` and the one at ``e`` gives ``final_sparsity``.
+Before its first update step every schedule is dense (sparsity 0).
 """
 
 from __future__ import annotations

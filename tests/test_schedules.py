@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sparsejax import schedules as S
 
@@ -91,6 +93,25 @@ def test_geometric_matches_reference(s_f, b, e, every):
     assert got[e] == np.float32(s_f)  # final reached by the end of the window
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    s_f=st.floats(0.0, 0.99),
+    b=st.integers(0, 30),
+    length=st.integers(1, 80),
+    every=st.integers(1, 12),
+    power=st.sampled_from([1, 2, 3]),
+)
+def test_random_windows_match_references(s_f, b, length, every, power):
+    e, T = b + length, b + length + 5
+    want, _ = ref_polynomial(T, s_f, b, e, power=power, every=every)
+    got = S.polynomial(s_f, b, e, power=power, update_every=every)(np.arange(T))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    want, _ = ref_geometric(T, s_f, b, e, every)
+    got = S.geometric(s_f, b, e, update_every=every)(np.arange(T))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    assert np.all(np.diff(got) >= 0) and got[e] == s_f
+
+
 def test_hand_worked_values():
     # Zhu & Gupta cubic, half way: 0.8 + (0 - 0.8) * 0.5**3 = 0.7.
     assert float(S.polynomial(0.8, 0, 100)(50)) == pytest.approx(0.7, abs=1e-7)
@@ -156,6 +177,9 @@ def test_journey_matters_model_cards(s_f, b, e, T, published):
     assert abs(avg - published) < 1e-3
     want, _ = ref_geometric(T, s_f, b, e, 100)
     assert avg == pytest.approx(float(np.mean(1 - want)), abs=1e-12)
+    # The other natural placement (events at b+100, ..., e) misses the published value.
+    shifted, _ = ref_geometric(T, s_f, b + 100, e + 1, 100)
+    assert abs(float(np.mean(1 - shifted)) - published) > 1e-3
 
 
 def continuous_window_density(s_f, start, end, kind):
