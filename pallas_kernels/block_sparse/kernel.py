@@ -231,12 +231,6 @@ def sddmm_gpu(x, dy, *, layout: BSRLayout, tiles: BSRTiles, interpret: bool):
     )(jnp.asarray(layout.rows), jnp.asarray(layout.cols), x, dy)
 
 
-def default_platform() -> str:
-    """Platform of the default device (``"cpu"``, ``"gpu"`` or ``"tpu"``)."""
-    return jax.devices()[0].platform
-
-
 __all__ = [
     "BSRTiles", "bsr_matmul_prefetch", "bsr_matmul_gpu", "sddmm_prefetch", "sddmm_gpu",
-    "default_platform",
 ]

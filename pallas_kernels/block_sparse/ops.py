@@ -13,32 +13,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.backend import resolve_backend
 from pallas_kernels.block_sparse import kernel as K
 from pallas_kernels.block_sparse.cpu import bsr_matmul_cpu, sddmm_cpu
 from pallas_kernels.block_sparse.format import BSRLayout, BSRMatrix, layout_to_dense
 from pallas_kernels.block_sparse.reference import sddmm_reference
-
-BACKENDS = ("auto", "pallas", "interpret", "interpret_gpu", "cpu", "reference")
-
-
-def resolve_backend(backend: str) -> str:
-    """Map a user backend name to an implementation: reference|cpu|tpu|gpu|interpret_*."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    platform = K.default_platform()
-    if backend == "auto":
-        return "cpu" if platform == "cpu" else ("tpu" if platform == "tpu" else "gpu")
-    if backend == "pallas":
-        if platform not in ("gpu", "tpu"):
-            raise ValueError(
-                f"backend='pallas' needs a GPU or TPU, the default device is {platform!r}; "
-                "use 'interpret' to run the kernel on CPU"
-            )
-        return platform
-    if backend == "interpret":
-        return "interpret_tpu"
-    return backend
-
 
 def _row_tile(m: int, tiles: K.BSRTiles) -> K.BSRTiles:
     bm = tiles.bm if m >= tiles.bm else max(16, 1 << (m - 1).bit_length())

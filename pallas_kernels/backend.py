@@ -1,0 +1,37 @@
+"""Backend choice shared by the sparse matmul ops (kept behind the wrappers, per STYLE.md)."""
+
+from __future__ import annotations
+
+import jax
+
+BACKENDS = ("auto", "pallas", "interpret", "interpret_gpu", "cpu", "reference")
+
+
+def default_platform() -> str:
+    """Platform of the default device (``"cpu"``, ``"gpu"`` or ``"tpu"``)."""
+    return jax.devices()[0].platform
+
+
+def resolve_backend(backend: str) -> str:
+    """Map a backend name to an implementation: reference|cpu|tpu|gpu|interpret_tpu|
+    interpret_gpu.
+
+    ``auto``: the CPU fast path on CPU, the compiled Pallas kernel on GPU/TPU. ``pallas``:
+    compiled kernel (Triton on GPU, Mosaic on TPU). ``interpret``: the TPU-style kernel in
+    Pallas interpret mode (runs anywhere); ``interpret_gpu``: the GPU-style kernel interpreted.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    platform = default_platform()
+    if backend == "auto":
+        return "cpu" if platform == "cpu" else ("tpu" if platform == "tpu" else "gpu")
+    if backend == "pallas":
+        if platform not in ("gpu", "tpu"):
+            raise ValueError(
+                f"backend='pallas' needs a GPU or TPU, the default device is {platform!r}; "
+                "use backend='interpret' to run the kernel on CPU"
+            )
+        return platform
+    if backend == "interpret":
+        return "interpret_tpu"
+    return backend
