@@ -1,0 +1,138 @@
+"""Parameter and FLOP accounting (DESIGN.md, "Accounting").
+
+* :func:`count_params`: total, prunable and active (unpruned) parameter counts.
+* :func:`flops_per_token`: forward FLOPs per token of a GPT at weight sparsity ``s``,
+  ``C(s) = 2L(4d² + 2d·ff)(1 − s) + 4L·n_ctx·d + 2d·V`` (Kaplan et al., 2020, Table 1, with
+  the weight matmuls scaled by density as in SPDF, Thangarasa et al., 2023): sparse weight
+  matmuls scale with density, attention scores and the LM head stay dense, the embedding
+  lookup is free. Training costs three forwards (:func:`train_flops_per_token`).
+* ``N_avg`` (Jin et al., 2025, "The Journey Matters"): the mean over training steps of the
+  active parameter count, :func:`n_avg_update` (running) and :func:`n_avg_of` (batch).
+
+Which parameters N counts is the caller's choice through :func:`count_params`: by default
+every parameter (``total − pruned``); ``exclude_embeddings=True`` drops every leaf whose
+path contains ``embed`` (token and position embeddings, an untied ``unembed`` head), the
+non-embedding N of Kaplan et al. (2020). Use the same convention for every run of a fit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from sparsejax.prunable import Predicate, path_str, resolve
+
+
+class ParamCounts(NamedTuple):
+    total: int  # every counted entry
+    prunable: int  # entries in leaves selected by the prunable predicate
+    active: Any  # total − pruned entries; a Python int, or a traced int32 under jit
+
+
+def count_params(
+    params: Any,
+    masks: Any = None,
+    *,
+    prunable: Predicate | None = None,
+    exclude_embeddings: bool = False,
+) -> ParamCounts:
+    """Count parameters of a pytree; ``masks`` (same structure, bool leaves or scalar
+    ``True``) marks pruned entries with ``False``. Works on host arrays and under ``jit``
+    (``active`` is then a traced scalar)."""
+    pred = resolve(prunable)
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    if masks is None:
+        mask_leaves = [True] * len(leaves)
+    else:
+        mask_leaves = jax.tree.leaves(masks)
+        if len(mask_leaves) != len(leaves):
+            raise ValueError(
+                f"masks must have the structure of params: {len(mask_leaves)} mask leaves vs "
+                f"{len(leaves)} param leaves"
+            )
+    total = prunable_n = 0
+    pruned = []
+    for (path, leaf), mask in zip(leaves, mask_leaves, strict=True):
+        if exclude_embeddings and "embed" in path_str(path).lower():
+            continue
+        size = int(np.prod(np.shape(leaf), dtype=np.int64))
+        total += size
+        prunable_n += size if pred(path, leaf) else 0
+        if mask is not True:
+            if np.shape(mask) not in ((), np.shape(leaf)):
+                raise ValueError(
+                    f"masks: leaf {path_str(path)!r} has mask shape {np.shape(mask)}, expected "
+                    f"() or {np.shape(leaf)}"
+                )
+            n_kept = jax.numpy.sum(jax.numpy.asarray(mask, bool), dtype=jax.numpy.int32)
+            pruned.append(size - n_kept * (size if np.ndim(mask) == 0 else 1))
+    n_pruned: Any = sum(pruned)
+    if not isinstance(n_pruned, jax.core.Tracer):
+        n_pruned = int(n_pruned)
+    return ParamCounts(total, prunable_n, total - n_pruned)
+
+
+def _check_dims(**dims: Any) -> None:
+    for name, value in dims.items():
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_sparsity(sparsity: float) -> None:
+    if not isinstance(sparsity, int | float | np.floating) or not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity!r}")
+
+
+def flops_per_token(
+    n_layer: int, d_model: int, d_ff: int, n_ctx: int, vocab: int, sparsity: float = 0.0
+) -> float:
+    """Forward FLOPs per token: ``2L(4d² + 2d·ff)(1 − s) + 4L·n_ctx·d + 2d·V``."""
+    _check_dims(n_layer=n_layer, d_model=d_model, d_ff=d_ff, n_ctx=n_ctx, vocab=vocab)
+    _check_sparsity(sparsity)
+    L, d, ff = float(n_layer), float(d_model), float(d_ff)
+    weights = 2.0 * L * (4.0 * d * d + 2.0 * d * ff) * (1.0 - sparsity)
+    return weights + 4.0 * L * n_ctx * d + 2.0 * d * vocab
+
+
+def train_flops_per_token(
+    n_layer: int, d_model: int, d_ff: int, n_ctx: int, vocab: int, sparsity: float = 0.0
+) -> float:
+    """Training FLOPs per token: forward + backward = 3 × :func:`flops_per_token`."""
+    return 3.0 * flops_per_token(n_layer, d_model, d_ff, n_ctx, vocab, sparsity)
+
+
+def model_flops_per_token(
+    cfg: Any, sparsity: float = 0.0, *, n_ctx: int | None = None, train: bool = False
+) -> float:
+    """:func:`flops_per_token` (or the training value) of a ``GPTConfig``; ``n_ctx``
+    overrides ``cfg.n_ctx`` (the attention span actually used, e.g. the training seq_len)."""
+    f = train_flops_per_token if train else flops_per_token
+    return f(
+        cfg.n_layer,
+        cfg.d_model,
+        cfg.d_ff,
+        cfg.n_ctx if n_ctx is None else n_ctx,
+        cfg.vocab_size,
+        sparsity,
+    )
+
+
+def n_avg_update(n_avg_prev: float, n_active: float, step: int) -> float:
+    """Running mean of active parameters after ``step + 1`` steps (``step`` is 0-based):
+    ``n_avg_prev + (n_active − n_avg_prev) / (step + 1)``; ``n_avg_prev`` is ignored at step 0.
+    Jittable when ``step`` is traced."""
+    if isinstance(step, int | np.integer) and step < 0:
+        raise ValueError(f"step must be >= 0, got {step!r}")
+    return n_avg_prev + (n_active - n_avg_prev) / (step + 1)
+
+
+def n_avg_of(n_active_per_step: Sequence[float]) -> float:
+    """``N_avg = (1/T) Σ_t N_t`` over the active counts of every training step."""
+    values = [float(v) for v in n_active_per_step]
+    if not values:
+        raise ValueError("n_active_per_step must hold at least one step")
+    return math.fsum(values) / len(values)

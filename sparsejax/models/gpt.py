@@ -1,0 +1,230 @@
+"""Decoder-only transformer language model (GPT-2, Radford et al., 2019) in Flax NNX.
+
+One class serves every size: :meth:`GPTConfig.from_variant` decodes ``"tiny"``, ``"XS"``,
+``"S"``, ``"M"``, ``"L"`` or an explicit ``"n_layer,d_model,n_head,d_ff"`` string. Pre-norm
+blocks, causal attention, GELU MLP, rotary (RoFormer, Su et al., 2021) or learned positions,
+optionally tied input/output embeddings. Prunable leaves under the default predicate are
+exactly the attention (query, key, value, out) and MLP (fc_in, fc_out) kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sparsejax.models.layers import INIT_STD, Block, LinearFactory, dense_linear
+
+# name -> (n_layer, d_model, n_head, d_ff); the only place variant names are decoded.
+VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    "tiny": (2, 64, 4, 256),
+    "XS": (4, 128, 4, 512),
+    "S": (6, 256, 8, 1024),
+    "M": (8, 512, 8, 2048),
+    "L": (12, 768, 12, 3072),  # GPT-2 small's body
+}
+POSITIONS = ("rope", "learned")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+PARAM_DTYPES = ("float32", "bfloat16")
+
+
+def _dtype_name(value: Any, field: str, allowed: tuple[str, ...]) -> str:
+    try:
+        name = jnp.dtype(value).name
+    except TypeError as e:
+        raise ValueError(f"{field} must be one of {allowed}, got {value!r}") from e
+    if name not in allowed:
+        raise ValueError(f"{field} must be one of {allowed}, got {value!r}")
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """Model hyper-parameters (separate from the run's ConfigDict, as in nanodo).
+
+    ``dtype`` is the compute dtype and ``param_dtype`` the storage dtype; both are stored as
+    dtype names (``"float32"``, ``"bfloat16"``, ...) so the config is JSON- and hash-friendly.
+    """
+
+    n_layer: int
+    d_model: int
+    n_head: int
+    d_ff: int
+    vocab_size: int = 256
+    n_ctx: int = 256
+    pos: str = "rope"
+    tie_embeddings: bool = True
+    dtype: Any = "float32"
+    param_dtype: Any = "float32"
+
+    def __post_init__(self):
+        for field in ("n_layer", "d_model", "n_head", "d_ff", "vocab_size", "n_ctx"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
+                raise ValueError(f"{field} must be a positive int, got {v!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})"
+            )
+        if self.pos not in POSITIONS:
+            raise ValueError(f"pos must be one of {POSITIONS}, got {self.pos!r}")
+        if self.pos == "rope" and (self.d_model // self.n_head) % 2:
+            raise ValueError(
+                f"pos='rope' needs an even head dim d_model/n_head, got "
+                f"{self.d_model}/{self.n_head} = {self.d_model // self.n_head}"
+            )
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+        object.__setattr__(self, "dtype", _dtype_name(self.dtype, "dtype", COMPUTE_DTYPES))
+        object.__setattr__(
+            self, "param_dtype", _dtype_name(self.param_dtype, "param_dtype", PARAM_DTYPES)
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @classmethod
+    def from_variant(cls, variant: str, **overrides: Any) -> GPTConfig:
+        """Decode a variant name (``tiny``, ``XS``, ``S``, ``M``, ``L``; case-insensitive) or
+        ``"n_layer,d_model,n_head,d_ff"``; keyword ``overrides`` replace any field."""
+        if not isinstance(variant, str):
+            raise ValueError(f"variant must be a str, got {variant!r}")
+        by_lower = {k.lower(): v for k, v in VARIANTS.items()}
+        if variant.strip().lower() in by_lower:
+            n_layer, d_model, n_head, d_ff = by_lower[variant.strip().lower()]
+        else:
+            parts = variant.split(",")
+            try:
+                n_layer, d_model, n_head, d_ff = (int(p) for p in parts)
+            except ValueError:
+                raise ValueError(
+                    f"variant must be one of {list(VARIANTS)} or 'n_layer,d_model,n_head,d_ff' "
+                    f"(four ints), got {variant!r}"
+                ) from None
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig override(s) {unknown}; valid: {sorted(fields)}")
+        kwargs = dict(n_layer=n_layer, d_model=d_model, n_head=n_head, d_ff=d_ff)
+        return cls(**{**kwargs, **overrides})
+
+
+class GPT(nnx.Module):
+    """GPT language model: ``tokens_BxL (int) -> logits_BxLxV (float32)``.
+
+    ``linear`` builds every linear layer of the blocks (see
+    :data:`sparsejax.models.layers.LinearFactory`); the default :func:`dense_linear` gets the
+    config's dtypes, a custom factory owns its own. Attention and MLP output projections have
+    their weight matrices scaled by 1/sqrt(2·n_layer) after construction (GPT-2 init).
+    """
+
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, linear: LinearFactory = dense_linear):
+        if not isinstance(cfg, GPTConfig):
+            raise ValueError(f"cfg must be a GPTConfig, got {type(cfg)!r}")
+        self.cfg = cfg
+        if linear is dense_linear:
+            linear = _dense_with_dtypes(cfg.dtype, cfg.param_dtype)
+        init = nnx.initializers.normal(INIT_STD)
+        self.embed = nnx.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            embedding_init=init,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            rngs=rngs,
+        )
+        if cfg.pos == "learned":
+            self.pos_embed = nnx.Param(
+                init(rngs.params(), (cfg.n_ctx, cfg.d_model), jnp.dtype(cfg.param_dtype))
+            )
+        out_scale = 1.0 / math.sqrt(2 * cfg.n_layer)
+        self.blocks = nnx.List(
+            [
+                Block(
+                    cfg.d_model,
+                    cfg.n_head,
+                    cfg.d_ff,
+                    rope=cfg.pos == "rope",
+                    out_scale=out_scale,
+                    linear=linear,
+                    dtype=cfg.dtype,
+                    param_dtype=cfg.param_dtype,
+                    rngs=rngs,
+                )
+                for _ in range(cfg.n_layer)
+            ]
+        )
+        self.final_norm = nnx.LayerNorm(
+            cfg.d_model, epsilon=1e-5, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs
+        )
+        if not cfg.tie_embeddings:  # "embed" in the name keeps it out of the default predicate
+            self.unembed = nnx.Linear(
+                cfg.d_model,
+                cfg.vocab_size,
+                use_bias=False,
+                kernel_init=init,
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                rngs=rngs,
+            )
+
+    def embed_tokens(self, tokens_BxL: jax.Array) -> jax.Array:
+        """Token (plus learned position) embeddings ``x_BxLxD`` in the compute dtype."""
+        if tokens_BxL.ndim != 2 or not jnp.issubdtype(tokens_BxL.dtype, jnp.integer):
+            raise ValueError(
+                f"tokens_BxL must be a 2-D integer array, got {tokens_BxL.dtype}{tokens_BxL.shape}"
+            )
+        seq_len = tokens_BxL.shape[1]
+        if seq_len > self.cfg.n_ctx:
+            raise ValueError(f"sequence length {seq_len} exceeds n_ctx={self.cfg.n_ctx}")
+        x_BxLxD = self.embed(tokens_BxL)
+        if self.cfg.pos == "learned":
+            x_BxLxD = x_BxLxD + self.pos_embed[:seq_len][None].astype(x_BxLxD.dtype)
+        return x_BxLxD.astype(self.cfg.dtype)
+
+    def logits_from_embeddings(self, x_BxLxD: jax.Array) -> jax.Array:
+        """Run the blocks, final norm and LM head on embeddings; returns float32 logits."""
+        x_BxLxD = x_BxLxD.astype(self.cfg.dtype)
+        for block in self.blocks:
+            x_BxLxD = block(x_BxLxD)
+        h_BxLxD = self.final_norm(x_BxLxD)
+        if self.cfg.tie_embeddings:
+            w_VxD = self.embed.embedding[...].astype(h_BxLxD.dtype)
+            return jnp.einsum("bld,vd->blv", h_BxLxD, w_VxD, preferred_element_type=jnp.float32)
+        return self.unembed(h_BxLxD).astype(jnp.float32)
+
+    def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+        return self.logits_from_embeddings(self.embed_tokens(tokens_BxL))
+
+
+def _dense_with_dtypes(dtype: str, param_dtype: str) -> LinearFactory:
+    def linear(in_features: int, out_features: int, *, use_bias: bool, rngs: nnx.Rngs):
+        return dense_linear(
+            in_features,
+            out_features,
+            use_bias=use_bias,
+            rngs=rngs,
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
+
+    return linear
+
+
+def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy in float32 (natural log)."""
+    logits = logits_BxLxV.astype(jnp.float32)
+    lse_BxL = jax.nn.logsumexp(logits, axis=-1)
+    picked_BxL = jnp.take_along_axis(logits, targets_BxL[..., None].astype(jnp.int32), -1)[..., 0]
+    return jnp.mean(lse_BxL - picked_BxL)
+
+
+def loss_fn(model: GPT, tokens_BxL: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+    """Scalar mean cross-entropy of ``model(tokens_BxL)`` against ``targets_BxL``."""
+    return cross_entropy(model(tokens_BxL), targets_BxL)
