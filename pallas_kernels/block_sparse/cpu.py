@@ -43,7 +43,8 @@ def sddmm_cpu(x: jax.Array, dy: jax.Array, layout: BSRLayout) -> jax.Array:
         xs = x[:, r * bk : (r + 1) * bk]
         ds = dy[:, c * bn : (c + 1) * bn]
         blocks.append(
-            jax.lax.dot_general(xs, ds, (((0,), (0,)), ((), ())),
-                                preferred_element_type=jnp.float32)
+            jax.lax.dot_general(
+                xs, ds, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+            )
         )
     return jnp.stack(blocks).astype(x.dtype)

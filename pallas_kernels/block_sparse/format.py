@@ -46,6 +46,12 @@ class BSRLayout:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, BSRLayout) and other.digest == self.digest
 
+    def __repr__(self) -> str:
+        return (
+            f"BSRLayout(shape={self.shape}, block={self.block}, nnz_blocks={self.nnz}, "
+            f"density={self.density:.3f})"
+        )
+
     @property
     def grid(self) -> tuple[int, int]:
         """Number of blocks along K and N."""
@@ -152,8 +158,10 @@ class BSRMatrix:
         nonzero = np.any(tiles != 0, axis=(2, 3))  # (nn, nk)
         cols, rows = np.nonzero(nonzero)  # CSC order: sorted by column, then row
         layout = BSRLayout(
-            (int(w_np.shape[0]), int(w_np.shape[1])), (bk, bn),
-            rows.astype(np.int32), cols.astype(np.int32),
+            (int(w_np.shape[0]), int(w_np.shape[1])),
+            (bk, bn),
+            rows.astype(np.int32),
+            cols.astype(np.int32),
         )
         return cls(jnp.asarray(tiles[cols, rows]), layout)
 
@@ -169,7 +177,8 @@ class BSRMatrix:
             raise ValueError(f"block_mask must have shape {(nk, nn)}, got {bm.shape}")
         cols, rows = np.nonzero(bm.T)
         tiles = w_np.reshape(nk, bk, nn, bn).transpose(0, 2, 1, 3)[rows, cols]
-        layout = BSRLayout((int(w_np.shape[0]), int(w_np.shape[1])), (bk, bn), rows.astype(np.int32), cols.astype(np.int32))
+        shape = (int(w_np.shape[0]), int(w_np.shape[1]))
+        layout = BSRLayout(shape, (bk, bn), rows.astype(np.int32), cols.astype(np.int32))
         return cls(jnp.asarray(tiles), layout)
 
     def to_dense(self) -> jax.Array:
@@ -205,3 +214,8 @@ def layout_to_dense(values: jax.Array, layout: BSRLayout) -> jax.Array:
     if layout.nnz:
         tiles = tiles.at[layout.rows, layout.cols].set(values)
     return tiles.transpose(0, 2, 1, 3).reshape(layout.shape)
+
+
+# A layout is static: as a pytree it has no leaves (it travels in the treedef), so it can sit
+# inside an ``nnx.Variable`` or any pytree passed through ``jax.jit``.
+jax.tree_util.register_pytree_node(BSRLayout, lambda lay: ((), lay), lambda lay, _: lay)

@@ -232,5 +232,9 @@ def sddmm_gpu(x, dy, *, layout: BSRLayout, tiles: BSRTiles, interpret: bool):
 
 
 __all__ = [
-    "BSRTiles", "bsr_matmul_prefetch", "bsr_matmul_gpu", "sddmm_prefetch", "sddmm_gpu",
+    "BSRTiles",
+    "bsr_matmul_prefetch",
+    "bsr_matmul_gpu",
+    "sddmm_prefetch",
+    "sddmm_gpu",
 ]

@@ -19,6 +19,7 @@ from pallas_kernels.block_sparse.cpu import bsr_matmul_cpu, sddmm_cpu
 from pallas_kernels.block_sparse.format import BSRLayout, BSRMatrix, layout_to_dense
 from pallas_kernels.block_sparse.reference import sddmm_reference
 
+
 def _row_tile(m: int, tiles: K.BSRTiles) -> K.BSRTiles:
     bm = tiles.bm if m >= tiles.bm else max(16, 1 << (m - 1).bit_length())
     return K.BSRTiles(bm=bm, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
@@ -55,8 +56,7 @@ def _sddmm(x, dy, layout: BSRLayout, impl: str, tiles: K.BSRTiles):
     t = _row_tile(x.shape[0], tiles)
     fn = K.sddmm_prefetch if impl.endswith("tpu") else K.sddmm_gpu
     interpret = impl.startswith("int")
-    return fn(_pad_rows(x, t.bm), _pad_rows(dy, t.bm), layout=layout, tiles=t,
-              interpret=interpret)
+    return fn(_pad_rows(x, t.bm), _pad_rows(dy, t.bm), layout=layout, tiles=t, interpret=interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -95,8 +95,9 @@ def bsr_matmul(
     impl = resolve_backend(backend)
     k, n = w.shape
     if x.ndim < 1 or x.shape[-1] != k:
-        raise ValueError(f"x must have shape (..., {k}) to multiply a {w.shape} matrix, got "
-                         f"{x.shape}")
+        raise ValueError(
+            f"x must have shape (..., {k}) to multiply a {w.shape} matrix, got {x.shape}"
+        )
     if x.dtype != w.values.dtype:
         raise ValueError(f"dtype mismatch: x is {x.dtype} but w is {w.values.dtype}; cast one")
     lead = x.shape[:-1]

@@ -12,8 +12,9 @@ import jax.numpy as jnp
 from pallas_kernels.nm.format import unpack_indices
 
 
-def decompress(values: jax.Array, codes: jax.Array, shape: tuple[int, int], n: int,
-               m: int) -> jax.Array:
+def decompress(
+    values: jax.Array, codes: jax.Array, shape: tuple[int, int], n: int, m: int
+) -> jax.Array:
     """Dense ``(K, N)`` matrix from plane-major ``values`` and packed ``codes``."""
     k, cols = shape
     g = k // m
@@ -28,8 +29,9 @@ def decompress(values: jax.Array, codes: jax.Array, shape: tuple[int, int], n: i
     return jnp.stack(planes, axis=1).reshape(k, cols)
 
 
-def nm_matmul_cpu(x: jax.Array, values: jax.Array, codes: jax.Array, shape: tuple[int, int],
-                  n: int, m: int) -> jax.Array:
+def nm_matmul_cpu(
+    x: jax.Array, values: jax.Array, codes: jax.Array, shape: tuple[int, int], n: int, m: int
+) -> jax.Array:
     """``x (M, K) @ W`` for the compressed ``W``; float32 accumulation."""
     w = decompress(values, codes, shape, n, m)
     return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)

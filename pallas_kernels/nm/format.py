@@ -55,8 +55,7 @@ def code_layout(groups: int, n: int, m: int) -> tuple[int, int, type]:
 class NMMatrix:
     """Compressed N:M matrix: leaves ``values`` and ``codes``; static ``shape, n, m``."""
 
-    def __init__(self, values: jax.Array, codes: jax.Array, shape: tuple[int, int], n: int,
-                 m: int):
+    def __init__(self, values: jax.Array, codes: jax.Array, shape: tuple[int, int], n: int, m: int):
         self.values, self.codes = values, codes
         self.shape, self.n, self.m = (int(shape[0]), int(shape[1])), int(n), int(m)
 
@@ -133,15 +132,19 @@ class NMMatrix:
 
     def nbytes(self) -> int:
         """Compressed bytes: values plus packed codes."""
-        return int(self.values.size * self.values.dtype.itemsize
-                   + self.codes.size * self.codes.dtype.itemsize)
+        return int(
+            self.values.size * self.values.dtype.itemsize
+            + self.codes.size * self.codes.dtype.itemsize
+        )
 
     def dense_nbytes(self) -> int:
         return int(self.shape[0] * self.shape[1] * self.values.dtype.itemsize)
 
     def __repr__(self) -> str:
-        return (f"NMMatrix(shape={self.shape}, n:m={self.n}:{self.m}, dtype={self.dtype}, "
-                f"bytes={self.nbytes()}/{self.dense_nbytes()} dense)")
+        return (
+            f"NMMatrix(shape={self.shape}, n:m={self.n}:{self.m}, dtype={self.dtype}, "
+            f"bytes={self.nbytes()}/{self.dense_nbytes()} dense)"
+        )
 
 
 def unpack_indices(codes: jax.Array, n: int, m: int, groups: int) -> jax.Array:

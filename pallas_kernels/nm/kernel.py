@@ -115,11 +115,22 @@ def _gpu_kernel(x_ref, v_ref, c_ref, o_ref, *, n: int, m: int, bits: int, gt: in
 
 @functools.partial(
     jax.jit,
-    static_argnames=("n", "m", "bits", "per", "gt", "bm", "bn", "num_warps", "num_stages",
-                     "interpret"),
+    static_argnames=(
+        "n",
+        "m",
+        "bits",
+        "per",
+        "gt",
+        "bm",
+        "bn",
+        "num_warps",
+        "num_stages",
+        "interpret",
+    ),
 )
-def nm_matmul_gpu(x2, values, codes, *, n, m, bits, per, gt, bm, bn, num_warps=4,
-                  num_stages=3, interpret=False):
+def nm_matmul_gpu(
+    x2, values, codes, *, n, m, bits, per, gt, bm, bn, num_warps=4, num_stages=3, interpret=False
+):
     """GPU (Triton) flavour of :func:`nm_matmul_blocked`; same contract."""
     mm, kk = x2.shape
     cols = values.shape[1]

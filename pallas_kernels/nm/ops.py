@@ -36,9 +36,15 @@ def _kernel_call(x, values, codes, shape, n, m, impl, tiles: K.NMTiles):
     if impl.endswith("tpu"):
         y = K.nm_matmul_blocked(x2, values, codes, interpret=impl.startswith("int"), **common)
     else:
-        y = K.nm_matmul_gpu(x2, values, codes, num_warps=tiles.num_warps,
-                            num_stages=tiles.num_stages, interpret=impl.startswith("int"),
-                            **common)
+        y = K.nm_matmul_gpu(
+            x2,
+            values,
+            codes,
+            num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
+            interpret=impl.startswith("int"),
+            **common,
+        )
     return y[:mm]
 
 
@@ -86,8 +92,9 @@ def nm_matmul(
     impl = resolve_backend(backend)
     k, cols = w.shape
     if x.ndim < 1 or x.shape[-1] != k:
-        raise ValueError(f"x must have shape (..., {k}) to multiply a {w.shape} matrix, got "
-                         f"{x.shape}")
+        raise ValueError(
+            f"x must have shape (..., {k}) to multiply a {w.shape} matrix, got {x.shape}"
+        )
     if x.dtype != w.values.dtype:
         raise ValueError(f"dtype mismatch: x is {x.dtype} but w is {w.values.dtype}; cast one")
     lead = x.shape[:-1]
