@@ -1,0 +1,135 @@
+"""N:M matmul: in-kernel decompression (interpret mode), CPU path and reference against an
+independent float64 numpy product; gradients against jax.grad of the reference; storage."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import NMMatrix, nm_matmul
+from pallas_kernels.nm.reference import nm_matmul_reference
+
+
+def nm_sparse(k, n_out, n, m, seed=0, dtype=jnp.float32, extra_zeros=0.0) -> np.ndarray:
+    """Random (K, N) matrix with exactly n random survivors per group of m along K (fewer
+    where ``extra_zeros`` knocks survivors out), built without the library's pruning."""
+    rng = np.random.default_rng(seed)
+    keep = np.argsort(rng.random((k // m, m, n_out)), axis=1) < n  # n True per group
+    w = rng.standard_normal((k, n_out)) * keep.reshape(k, n_out)
+    w *= rng.random((k, n_out)) >= extra_zeros
+    return np.asarray(jnp.asarray(w, dtype))
+
+
+def f64(a) -> np.ndarray:
+    return np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+
+
+def tolerance(dtype, ref) -> float:
+    scale = float(np.abs(ref).max(initial=0.0)) + 1.0
+    return (2e-2 if dtype == jnp.bfloat16 else 1e-5) * scale
+
+
+# (n, m, K, N): 2:4 with two K tiles (exercises the code slot switch), 1:4, 4:8 (uint16).
+PATTERNS = ((2, 4, 128, 48), (1, 4, 64, 32), (4, 8, 64, 32))
+FWD = [
+    ("interpret", jnp.float32, PATTERNS[0]),
+    ("interpret", jnp.bfloat16, PATTERNS[2]),
+    ("interpret_gpu", jnp.bfloat16, PATTERNS[0]),
+    ("interpret_gpu", jnp.float32, PATTERNS[1]),
+    ("cpu", jnp.float32, PATTERNS[0]),
+    ("cpu", jnp.bfloat16, PATTERNS[1]),
+    ("cpu", jnp.float32, PATTERNS[2]),
+]
+
+
+@pytest.mark.parametrize(("backend", "dtype", "pattern"), FWD)
+def test_forward_matches_float64(backend, dtype, pattern):
+    n, m, k, cols = pattern
+    w = nm_sparse(k, cols, n, m, dtype=dtype, extra_zeros=0.2)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 7, k)), dtype)
+    y = jax.jit(functools.partial(nm_matmul, backend=backend))(x, NMMatrix.from_dense(w, n, m))
+    ref = f64(x) @ f64(w)
+    assert y.shape == (3, 7, cols) and y.dtype == dtype
+    np.testing.assert_allclose(f64(y), ref, atol=tolerance(dtype, ref), rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("backend", "dtype"),
+    [("interpret", jnp.float32), ("interpret_gpu", jnp.bfloat16), ("cpu", jnp.float32),
+     ("cpu", jnp.bfloat16)],
+)
+def test_gradients_match_reference_autodiff(backend, dtype):
+    n, m, k, cols = PATTERNS[0]
+    w = NMMatrix.from_dense(nm_sparse(k, cols, n, m, dtype=dtype), n, m)
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((20, k)), dtype)
+    cot = jnp.asarray(rng.standard_normal((20, cols)), jnp.float32)
+
+    def grads(fn):
+        def f(x, v):
+            y = fn(x, NMMatrix(v, w.codes, w.shape, n, m))
+            return jnp.sum(y.astype(jnp.float32) * cot)
+
+        return jax.jit(jax.grad(f, argnums=(0, 1)))(x, w.values)
+
+    dx, dv = grads(lambda x, a: nm_matmul(x, a, backend=backend))
+    rx, rv = grads(nm_matmul_reference)
+    np.testing.assert_allclose(f64(dx), f64(rx), atol=tolerance(dtype, f64(rx)), rtol=0)
+    np.testing.assert_allclose(f64(dv), f64(rv), atol=tolerance(dtype, f64(rv)), rtol=0)
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (3, 4), (4, 8), (1, 2), (4, 4)])
+def test_roundtrip_and_layout(n, m):
+    w = nm_sparse(64, 24, n, m, seed=n + m, extra_zeros=0.3)
+    a = NMMatrix.from_dense(w, n, m)
+    assert a.values.shape == (64 * n // m, 24)
+    np.testing.assert_array_equal(np.asarray(a.to_dense()), w)
+    assert np.asarray(a.indices()).max() < m
+    # plane-major values: row t*G + g is the t-th kept slot of group g
+    g = 64 // m
+    vals = np.asarray(a.values).reshape(n, g, 24)
+    np.testing.assert_allclose(vals.sum(axis=0), w.reshape(g, m, 24).sum(axis=1), atol=1e-6)
+
+
+def test_prune_keeps_largest_magnitudes():
+    w = np.array([[1.0, -5.0], [-3.0, 0.5], [0.2, 4.0], [2.5, -0.1]], np.float32)  # K=4, N=2
+    a = NMMatrix.from_dense(w, 2, 4, prune=True)
+    expected = np.array([[0.0, -5.0], [-3.0, 0.0], [0.0, 4.0], [2.5, 0.0]], np.float32)
+    np.testing.assert_array_equal(np.asarray(a.to_dense()), expected)
+
+
+def test_compressed_bytes_2_4_bf16():
+    w = nm_sparse(256, 64, 2, 4, dtype=jnp.bfloat16)
+    a = NMMatrix.from_dense(w, 2, 4)
+    # values: half of dense; codes: 4 bits per group of 4 -> 1/16 of the bf16 bytes
+    assert a.codes.dtype == jnp.uint8 and a.codes.shape == (32, 64)
+    assert a.nbytes() == 256 * 64 + 32 * 64
+    assert a.nbytes() / a.dense_nbytes() == pytest.approx(0.5625) and a.nbytes() <= 0.57 * (
+        a.dense_nbytes()
+    )
+
+
+def test_pytree_passes_through_jit():
+    w = nm_sparse(64, 16, 2, 4)
+    a = NMMatrix.from_dense(w, 2, 4)
+    assert len(jax.tree_util.tree_leaves(a)) == 2
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda b: b.to_dense())(a)), w)
+
+
+def test_errors_are_clear():
+    w = np.ones((64, 8), np.float32)
+    with pytest.raises(ValueError, match="1 <= n <= m"):
+        NMMatrix.from_dense(w, 5, 4)
+    with pytest.raises(ValueError, match="must divide K"):
+        NMMatrix.from_dense(np.ones((66, 8)), 2, 4)
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        NMMatrix.from_dense(w, 2, 4)
+    a = NMMatrix.from_dense(w, 2, 4, prune=True)
+    with pytest.raises(ValueError, match="dtype mismatch"):
+        nm_matmul(jnp.ones((2, 64), jnp.bfloat16), a)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        nm_matmul(jnp.ones((2, 64)), a, backend="triton")
