@@ -87,7 +87,10 @@ def sparsify(
     def init_fn(params):
         prunable_lib.check_selects_something(params, pred)
         key = jax.random.PRNGKey(seed)
-        masks, method_state = method.init(params, jax.random.fold_in(key, -1 & 0x7FFFFFFF), pred)
+        # jit: initial masks may need a full selection, which is slow op-by-op.
+        masks, method_state = jax.jit(lambda p, k: method.init(p, k, pred))(
+            params, jax.random.fold_in(key, 0x7FFFFFFF)
+        )
         return SparsifyState(
             count=jnp.zeros([], jnp.int32),
             masks=masks,

@@ -1,0 +1,132 @@
+"""Exact selection against an argsort reference (random, tied and constant inputs)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparsejax import masks
+
+
+def argsort_topk(score: np.ndarray, k: int) -> np.ndarray:
+    """Reference: first k entries of a stable descending argsort (lower index wins ties)."""
+    order = np.argsort(-score.ravel(), kind="stable")
+    keep = np.zeros(score.size, bool)
+    keep[order[:k]] = True
+    return keep.reshape(score.shape)
+
+
+def make_scores(kind: str, shape, rng) -> np.ndarray:
+    if kind == "random":
+        return rng.normal(size=shape).astype(np.float32)
+    if kind == "tied":
+        return rng.integers(0, 3, size=shape).astype(np.float32)
+    if kind == "constant":
+        return np.full(shape, 0.25, np.float32)
+    if kind == "tiny":  # denormals, zeros, -0.0 and huge values mixed
+        vals = np.array([0.0, -0.0, 1e-42, 1e-38, 3e38, -3e38, 1.0, -1.0], np.float32)
+        return rng.choice(vals, size=shape)
+    raise AssertionError(kind)
+
+
+topk = jax.jit(masks.topk_mask)
+
+
+@pytest.mark.parametrize("kind", ["random", "tied", "constant", "tiny"])
+@pytest.mark.parametrize("shape", [(1,), (7,), (5, 9), (3, 4, 6)])
+def test_topk_matches_argsort(kind, shape):
+    rng = np.random.default_rng(hash((kind, shape)) % 2**32)
+    score = make_scores(kind, shape, rng)
+    n = score.size
+    for k in sorted({0, 1, n // 2, n - 1, n, int(rng.integers(0, n + 1))}):
+        if k < 0:
+            continue
+        got = np.asarray(topk(score, k))
+        np.testing.assert_array_equal(got, argsort_topk(score, k), err_msg=f"k={k}")
+
+
+def test_sparsity_mask_exact_count_half_to_even():
+    score = jnp.arange(10, dtype=jnp.float32)
+    # round(0.25 * 10) = round(2.5) = 2 (half to even): 8 kept.
+    assert int(masks.sparsity_mask(score, 0.25).sum()) == 8
+    assert int(masks.sparsity_mask(score, 0.35).sum()) == 6  # round(3.5) = 4 pruned
+    np.testing.assert_array_equal(masks.sparsity_mask(score, 0.2), np.arange(10) >= 2)
+
+
+def test_global_topk_single_threshold_and_exact_count():
+    rng = np.random.default_rng(0)
+    scores = {
+        "a": rng.random((6, 5)).astype(np.float32),
+        "b": rng.random((4, 8)).astype(np.float32),
+        "bias": np.ones(3, np.float32),
+    }
+    prunable = {"a": True, "b": True, "bias": False}
+    for s in [0.0, 0.3, 0.5, 0.77, 0.99]:
+        m = jax.jit(lambda sc, s: masks.global_topk(sc, s, prunable))(scores, s)
+        flat = np.concatenate([scores["a"].ravel(), scores["b"].ravel()])
+        ref = argsort_topk(flat, flat.size - int(np.round(np.float32(s) * flat.size)))
+        got = np.concatenate([np.asarray(m["a"]).ravel(), np.asarray(m["b"]).ravel()])
+        np.testing.assert_array_equal(got, ref)
+        assert m["bias"].shape == () and bool(m["bias"])
+
+
+def test_global_ties_across_leaves_keep_earlier_leaf():
+    scores = {"a": np.ones((2, 2), np.float32), "b": np.ones((2, 2), np.float32)}
+    m = masks.global_topk(scores, 0.5, {"a": True, "b": True})
+    assert bool(m["a"].all()) and not bool(m["b"].any())
+
+
+def test_global_normalize_l2_equalizes_scales():
+    rng = np.random.default_rng(1)
+    base = rng.random((8, 8)).astype(np.float32)
+    scores = {"a": base, "b": base * 1000.0}
+    raw = masks.global_topk(scores, 0.5, {"a": True, "b": True})
+    assert int(raw["a"].sum()) < 10  # raw scores: the big layer wins almost everything
+    normed = masks.global_topk(scores, 0.5, {"a": True, "b": True}, normalize="l2")
+    assert int(normed["a"].sum()) == int(normed["b"].sum()) == 32
+    with pytest.raises(ValueError, match="normalize"):
+        masks.global_topk(scores, 0.5, {"a": True, "b": True}, normalize="bogus")
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (3, 3), (0, 4)])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_nm_exact_per_group_vs_reference(n, m, axis):
+    rng = np.random.default_rng(n * 10 + m)
+    shape = (24, 12) if axis == 0 else (12, 24)
+    score = rng.integers(0, 4, size=shape).astype(np.float32)  # many ties
+    got = np.asarray(jax.jit(lambda s: masks.nm_mask(s, n, m, axis=axis))(score))
+    x = np.moveaxis(score, axis, -1)
+    g = x.reshape(*x.shape[:-1], -1, m)
+    ref = np.zeros(g.shape, bool)
+    for idx in np.ndindex(g.shape[:-1]):
+        ref[idx][np.argsort(-g[idx], kind="stable")[:n]] = True
+    ref = np.moveaxis(ref.reshape(x.shape), -1, axis)
+    np.testing.assert_array_equal(got, ref)
+    counts = np.moveaxis(got, axis, -1).reshape(*x.shape[:-1], -1, m).sum(-1)
+    assert (counts == n).all()
+
+
+def test_nm_errors():
+    with pytest.raises(ValueError, match="N <= M"):
+        masks.check_nm(5, 4)
+    with pytest.raises(ValueError, match="must divide"):
+        masks.nm_mask(jnp.ones((6, 4)), 2, 4, axis=0)
+
+
+def test_block_mask_keeps_whole_tiles_by_l2_norm():
+    rng = np.random.default_rng(2)
+    score = rng.normal(size=(8, 12)).astype(np.float32)
+    got = np.asarray(masks.block_mask(score, 0.5, (2, 3)))
+    tiles = score.reshape(4, 2, 4, 3)
+    norms = np.sqrt((tiles**2).sum(axis=(1, 3)))
+    ref_tiles = argsort_topk(norms, 8)
+    np.testing.assert_array_equal(got, np.repeat(np.repeat(ref_tiles, 2, 0), 3, 1))
+    with pytest.raises(ValueError, match="tile"):
+        masks.block_mask(score, 0.5, (3, 3))
+
+
+def test_density():
+    m = {"a": jnp.array([[True, False], [False, False]]), "b": jnp.bool_(True)}
+    assert float(masks.density(m, {"a": True, "b": False})) == 0.25

@@ -1,0 +1,259 @@
+"""``sparsify``: exact scheduled counts, landing at zero, zeroed moments, Optax/NNX composition."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import sparsejax
+from sparsejax import allocation, methods, schedules
+
+
+def mlp_params(seed: int = 0):
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return {
+        "dense_0": {"kernel": jax.random.normal(k1, (12, 16)), "bias": jnp.zeros(16)},
+        "dense_1": {"kernel": jax.random.normal(k2, (16, 20)), "bias": jnp.zeros(20)},
+        "dense_2": {"kernel": jax.random.normal(k3, (20, 4)), "bias": jnp.zeros(4)},
+        "norm": {"scale": jnp.ones(16)},
+    }
+
+
+KERNELS = ("dense_0", "dense_1", "dense_2")
+
+
+def fake_grads(params, step):
+    return jax.tree_util.tree_map(lambda p: jnp.cos(p * (step + 1.0)) + 0.1, params)
+
+
+def run(tx, params, steps):
+    state = tx.init(params)
+
+    @jax.jit
+    def step_fn(p, s, i):
+        u, s = tx.update(fake_grads(p, i), s, p)
+        return optax.apply_updates(p, u), s
+
+    for i in range(steps):
+        params, state = step_fn(params, state, i)
+    return params, state
+
+
+def adam_moments(state):
+    adam = state.inner_state[0]
+    return adam.mu, adam.nu
+
+
+schedule_strategy = st.one_of(
+    st.builds(
+        lambda f, b, d, e: schedules.polynomial(f, b, b + d, update_every=e),
+        st.floats(0.05, 0.95), st.integers(0, 3), st.integers(1, 8), st.integers(1, 3),
+    ),
+    st.builds(
+        lambda f, b, d, e: schedules.geometric(f, b, b + d, update_every=e),
+        st.floats(0.05, 0.95), st.integers(0, 3), st.integers(1, 8), st.integers(1, 3),
+    ),
+    st.builds(lambda f, e: schedules.constant(f, update_every=e), st.floats(0.0, 0.95),
+              st.integers(1, 4)),
+)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(schedule_strategy, st.integers(1, 12), st.sampled_from(["uniform", "global", "erk"]))
+def test_property_exact_zeros_landing_and_moments(schedule, steps, alloc):
+    params0 = mlp_params()
+    tx = sparsejax.sparsify(optax.adamw(1e-2), methods.gradual(schedule, allocation=alloc))
+    params, state = run(tx, params0, steps)
+    masks = sparsejax.masks_of(state)
+    target = float(schedule(steps - 1))  # masks hold the value of the last update step
+    zeros = {k: int((np.asarray(params[k]["kernel"]) == 0).sum()) for k in KERNELS}
+    sizes = {k: params0[k]["kernel"].size for k in KERNELS}
+    if alloc == "uniform":
+        for k in KERNELS:
+            assert zeros[k] == int(np.round(np.float32(target) * np.float32(sizes[k]))), k
+    elif alloc == "global":
+        total = sum(sizes.values())
+        assert sum(zeros.values()) == int(np.round(np.float32(target) * np.float32(total)))
+    else:
+        per_leaf = allocation.erk(params0, target)
+        for k in KERNELS:
+            expect = round(per_leaf[k]["kernel"] * sizes[k])
+            assert abs(zeros[k] - expect) <= 1, (k, zeros[k], expect)  # float32 vs float64
+    for k in KERNELS:
+        p, m = np.asarray(params[k]["kernel"]), np.asarray(masks[k]["kernel"])
+        np.testing.assert_array_equal(p, p * m)
+        assert int((~m).sum()) == zeros[k]
+        for moment in adam_moments(state):
+            assert not np.asarray(moment[k]["kernel"])[~m].any()
+    # non-prunable leaves are untouched by masking
+    assert bool(masks["norm"]["scale"]) and bool(masks["dense_0"]["bias"])
+
+
+def test_polynomial_hand_worked_counts():
+    # Zhu & Gupta, s_f=0.75, t0=0, t1=4, every 2: updates at 0, 2, 4 -> 0, 0.65625, 0.75.
+    sched = schedules.polynomial(0.75, 0, 4, update_every=2)
+    params = {"w": {"kernel": jax.random.normal(jax.random.PRNGKey(1), (16, 16))}}
+    tx = sparsejax.sparsify(optax.sgd(0.1), methods.gradual(sched))
+    for steps, expected in [(1, 0), (2, 0), (3, 168), (4, 168), (5, 192)]:
+        p, _ = run(tx, params, steps)
+        assert int((p["w"]["kernel"] == 0).sum()) == expected, steps
+
+
+def test_magnitude_pruning_removes_smallest():
+    w = jnp.arange(1.0, 17.0).reshape(4, 4) * jnp.array([1.0, -1.0, 1.0, -1.0])
+    tx = sparsejax.sparsify(optax.sgd(0.0), methods.gradual(schedules.constant(0.5)))
+    p, st_ = run(tx, {"w": w}, 1)
+    np.testing.assert_array_equal(np.asarray(p["w"] != 0), np.abs(np.asarray(w)) > 8)
+
+
+def test_gradual_never_regrows():
+    sched = schedules.polynomial(0.9, 0, 10, update_every=1)
+    tx = sparsejax.sparsify(optax.sgd(1.0), methods.gradual(sched, score="random"))
+    params = mlp_params()
+    state = tx.init(params)
+    prev = None
+    for i in range(10):
+        u, state = jax.jit(tx.update)(fake_grads(params, i), state, params)
+        params = optax.apply_updates(params, u)
+        m = np.asarray(sparsejax.masks_of(state)["dense_1"]["kernel"])
+        if prev is not None:
+            assert not (m & ~prev).any()
+        prev = m
+
+
+def test_static_random_erk_masks_at_init_and_fixed():
+    params = mlp_params()
+    tx = sparsejax.sparsify(optax.adam(1e-2), methods.static(0.8))
+    state = tx.init(params)
+    m0 = sparsejax.masks_of(state)
+    per_leaf = allocation.erk(params, 0.8)
+    for k in KERNELS:
+        pruned = int((~np.asarray(m0[k]["kernel"])).sum())
+        assert abs(pruned - per_leaf[k]["kernel"] * params[k]["kernel"].size) <= 1
+    p, state = run(tx, params, 3)
+    for k in KERNELS:
+        np.testing.assert_array_equal(sparsejax.masks_of(state)[k]["kernel"], m0[k]["kernel"])
+        assert int((p[k]["kernel"] == 0).sum()) == int((~np.asarray(m0[k]["kernel"])).sum())
+
+
+def test_static_saliency_uses_first_gradient():
+    params = mlp_params()
+    tx = sparsejax.sparsify(optax.sgd(0.0), methods.static(0.5, score="saliency",
+                                                           allocation="uniform"))
+    p, state = run(tx, params, 1)
+    g = fake_grads(params, 0)
+    sal = np.abs(np.asarray(params["dense_1"]["kernel"] * g["dense_1"]["kernel"])).ravel()
+    keep = np.zeros(sal.size, bool)
+    keep[np.argsort(-sal, kind="stable")[: sal.size // 2]] = True
+    np.testing.assert_array_equal(
+        np.asarray(sparsejax.masks_of(state)["dense_1"]["kernel"]).ravel(), keep
+    )
+
+
+def test_nm_method_every_group():
+    params = mlp_params()
+    tx = sparsejax.sparsify(optax.adam(1e-2), methods.nm(2, 4))
+    p, state = run(tx, params, 3)
+    for k in KERNELS:
+        w = np.asarray(p[k]["kernel"])
+        groups = (w != 0).reshape(-1, 4, w.shape[1]).sum(1)
+        assert (groups == 2).all()
+
+
+def test_composition_chain_inject_multisteps():
+    params = mlp_params()
+    sched = schedules.constant(0.5)
+    inner = optax.inject_hyperparams(optax.adamw)(learning_rate=1e-2)
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     sparsejax.sparsify(inner, methods.gradual(sched)))
+    p, state = run(tx, params, 3)
+    assert int((p["dense_0"]["kernel"] == 0).sum()) == 96
+    # sparsify inside inject_hyperparams
+    tx2 = optax.inject_hyperparams(
+        lambda learning_rate: sparsejax.sparsify(optax.adam(learning_rate),
+                                                 methods.gradual(sched)))(learning_rate=1e-2)
+    p2, state2 = run(tx2, params, 2)
+    assert int((p2["dense_1"]["kernel"] == 0).sum()) == 160
+    assert sparsejax.masks_of(state2)["dense_1"]["kernel"].shape == (16, 20)
+    # gradient accumulation around sparsify: masks update once per 2 micro-steps
+    tx3 = optax.MultiSteps(sparsejax.sparsify(optax.adam(1e-2), methods.gradual(
+        schedules.polynomial(0.5, 0, 4, update_every=1))), every_k_schedule=2)
+    p3, state3 = run(tx3, params, 4)
+    assert int(sparsejax.find_state(state3).count) == 2
+    assert int((p3["dense_0"]["kernel"] == 0).sum()) == int(
+        np.round(np.float32(schedules.polynomial(0.5, 0, 4)(1)) * 192))
+
+
+def test_nnx_optimizer():
+    class MLP(nnx.Module):
+        def __init__(self, *, rngs):
+            self.l1 = nnx.Linear(8, 16, rngs=rngs)
+            self.l2 = nnx.Linear(16, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(jax.nn.relu(self.l1(x)))
+
+    model = MLP(rngs=nnx.Rngs(0))
+    tx = sparsejax.sparsify(optax.adam(1e-2), methods.gradual(schedules.constant(0.75)))
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, opt, x):
+        loss, g = nnx.value_and_grad(lambda m: jnp.mean(m(x) ** 2))(model)
+        opt.update(model, g)
+        return loss
+
+    for _ in range(3):
+        train_step(model, opt, jnp.ones((4, 8)))
+    assert int((model.l1.kernel[...] == 0).sum()) == 96
+    assert int((model.l2.kernel[...] == 0).sum()) == 48
+    assert float(jnp.abs(model.l1.bias[...]).sum()) > 0  # bias not pruned
+
+
+def test_forward_and_apply_masks():
+    params = mlp_params()
+    tx = sparsejax.sparsify(optax.sgd(0.0), methods.static(0.5, allocation="uniform"))
+    state = tx.init(params)
+    fp = sparsejax.forward_params(params, state)
+    assert int((fp["dense_0"]["kernel"] == 0).sum()) == 96
+    np.testing.assert_array_equal(fp["norm"]["scale"], params["norm"]["scale"])
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: methods.static(1.0), "sparsity"),
+        (lambda: methods.static(-0.1), "sparsity"),
+        (lambda: methods.static(0.5, score="bogus"), "score"),
+        (lambda: methods.static(0.5, allocation="bogus"), "allocation"),
+        (lambda: methods.gradual(schedules.constant(0.5), allocation="bogus"), "allocation"),
+        (lambda: methods.gradual(schedules.constant(0.5), score="nope"), "score"),
+        (lambda: methods.nm(5, 4), "N <= M"),
+        (lambda: schedules.polynomial(0.5, 10, 10), "begin"),
+        (lambda: schedules.geometric(1.2, 0, 10), "sparsity"),
+        (lambda: sparsejax.sparsify(optax.adam(1e-3), "gradual"), "MaskMethod"),
+    ],
+)
+def test_bad_input_raises_at_build(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_bad_input_raises_at_init():
+    params = mlp_params()
+    tx = sparsejax.sparsify(optax.adam(1e-3), methods.nm(2, 8))
+    with pytest.raises(ValueError, match="must divide.*dense_0"):
+        tx.init(params)  # 12 rows not divisible by 8
+    tx = sparsejax.sparsify(optax.adam(1e-3), methods.static(0.5),
+                            prunable=lambda path, leaf: False)
+    with pytest.raises(ValueError, match="prunable"):
+        tx.init(params)
+    with pytest.raises(ValueError, match="params"):
+        tx2 = sparsejax.sparsify(optax.adam(1e-3), methods.static(0.5))
+        tx2.update(params, tx2.init(params))
