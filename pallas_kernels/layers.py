@@ -10,6 +10,7 @@ packed N:M position codes). Dense equivalent: ``nnx.Linear`` with ``kernel`` ``(
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -108,6 +109,11 @@ class NMLinear(nnx.Module):
         return y if self.bias is None else y + self.bias[...].astype(dtype)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _init(kernel_init, key, shape, dtype):
+    return kernel_init(key, shape, dtype)
+
+
 MaskFn = Callable[[int, int, jax.Array], np.ndarray]
 
 
@@ -144,7 +150,7 @@ def bsr_linear_factory(
     ) -> BSRLinear:
         bk, bn = check_block((in_features, out_features), block)
         grid = (in_features // bk, out_features // bn)
-        kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
+        kernel = _init(kernel_init, rngs.params(), (in_features, out_features), param_dtype)
         if callable(density_or_mask_fn):
             mask = np.asarray(density_or_mask_fn(grid[0], grid[1], rngs.params()), bool)
         else:
@@ -168,7 +174,7 @@ def nm_linear_factory(
 
     def factory(in_features: int, out_features: int, *, use_bias: bool, rngs: nnx.Rngs) -> NMLinear:
         check_nm((in_features, out_features), n, m)
-        kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
+        kernel = _init(kernel_init, rngs.params(), (in_features, out_features), param_dtype)
         bias = jnp.zeros((out_features,), param_dtype) if use_bias else None
         return NMLinear.from_dense(kernel, bias, n=n, m=m, prune=True, backend=backend)
 

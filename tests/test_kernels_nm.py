@@ -59,8 +59,12 @@ def test_forward_matches_float64(backend, dtype, pattern):
 
 @pytest.mark.parametrize(
     ("backend", "dtype"),
-    [("interpret", jnp.float32), ("interpret_gpu", jnp.bfloat16), ("cpu", jnp.float32),
-     ("cpu", jnp.bfloat16)],
+    [
+        ("interpret", jnp.float32),
+        ("interpret_gpu", jnp.bfloat16),
+        ("cpu", jnp.float32),
+        ("cpu", jnp.bfloat16),
+    ],
 )
 def test_gradients_match_reference_autodiff(backend, dtype):
     n, m, k, cols = PATTERNS[0]

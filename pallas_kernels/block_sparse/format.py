@@ -13,6 +13,7 @@ The transposed layout (CSR order, used for ``dX = dY @ W.T``) is kept alongside.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -206,6 +207,7 @@ class BSRMatrix:
         )
 
 
+@functools.partial(jax.jit, static_argnums=(1,))
 def layout_to_dense(values: jax.Array, layout: BSRLayout) -> jax.Array:
     """Dense ``(K, N)`` array with ``values`` placed at the blocks of ``layout``."""
     nk, nn = layout.grid

@@ -78,6 +78,8 @@ def _bsr_bwd(layout, impl, tiles, res, g):
 
 
 _bsr.defvjp(_bsr_fwd, _bsr_bwd)
+# Jitted entry (static layout/backend/tiles), so eager calls compile once per layout.
+_bsr_jit = jax.jit(_bsr, static_argnums=(2, 3, 4))
 
 
 def bsr_matmul(
@@ -101,5 +103,5 @@ def bsr_matmul(
     if x.dtype != w.values.dtype:
         raise ValueError(f"dtype mismatch: x is {x.dtype} but w is {w.values.dtype}; cast one")
     lead = x.shape[:-1]
-    y = _bsr(x.reshape(-1, k), w.values, w.layout, impl, tiles or K.BSRTiles())
+    y = _bsr_jit(x.reshape(-1, k), w.values, w.layout, impl, tiles or K.BSRTiles())
     return y.reshape(*lead, n)

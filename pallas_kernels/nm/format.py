@@ -18,6 +18,7 @@ For 2:4 that is 4 bits per group, two groups per byte: 1/16 of the dense bf16 by
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -122,13 +123,7 @@ class NMMatrix:
 
     def to_dense(self) -> jax.Array:
         """Scatter the kept values back into a dense ``(K, N)`` array."""
-        n, g, cols = self.n, self.groups, self.shape[1]
-        idx = self.indices()  # (n, g, cols)
-        vals = self.values.reshape(n, g, cols)
-        rows = jnp.arange(g)[None, :, None] * self.m + idx
-        colix = jnp.broadcast_to(jnp.arange(cols)[None, None, :], idx.shape)
-        dense = jnp.zeros(self.shape, self.values.dtype)
-        return dense.at[rows.reshape(-1), colix.reshape(-1)].add(vals.reshape(-1))
+        return _to_dense(self.values, self.codes, self.shape, self.n, self.m)
 
     def nbytes(self) -> int:
         """Compressed bytes: values plus packed codes."""
@@ -145,6 +140,17 @@ class NMMatrix:
             f"NMMatrix(shape={self.shape}, n:m={self.n}:{self.m}, dtype={self.dtype}, "
             f"bytes={self.nbytes()}/{self.dense_nbytes()} dense)"
         )
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _to_dense(values, codes, shape: tuple[int, int], n: int, m: int) -> jax.Array:
+    g, cols = shape[0] // m, shape[1]
+    idx = unpack_indices(codes, n, m, g)  # (n, g, cols)
+    vals = values.reshape(n, g, cols)
+    rows = jnp.arange(g)[None, :, None] * m + idx
+    colix = jnp.broadcast_to(jnp.arange(cols)[None, None, :], idx.shape)
+    dense = jnp.zeros(shape, values.dtype)
+    return dense.at[rows.reshape(-1), colix.reshape(-1)].add(vals.reshape(-1))
 
 
 def unpack_indices(codes: jax.Array, n: int, m: int, groups: int) -> jax.Array:

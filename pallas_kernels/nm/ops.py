@@ -77,6 +77,8 @@ def _nm_bwd(shape, n, m, impl, tiles, res, g):
 
 
 _nm.defvjp(_nm_fwd, _nm_bwd)
+# Jitted entry (static shape/pattern/backend/tiles), so eager calls compile once.
+_nm_jit = jax.jit(_nm, static_argnums=(3, 4, 5, 6, 7))
 
 
 def nm_matmul(
@@ -98,5 +100,5 @@ def nm_matmul(
     if x.dtype != w.values.dtype:
         raise ValueError(f"dtype mismatch: x is {x.dtype} but w is {w.values.dtype}; cast one")
     lead = x.shape[:-1]
-    y = _nm(x.reshape(-1, k), w.values, w.codes, w.shape, w.n, w.m, impl, tiles or K.NMTiles())
+    y = _nm_jit(x.reshape(-1, k), w.values, w.codes, w.shape, w.n, w.m, impl, tiles or K.NMTiles())
     return y.reshape(*lead, cols)

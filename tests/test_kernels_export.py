@@ -1,0 +1,76 @@
+"""Export of prunable kernels to BSR / N:M storage, npz round trip and summary table."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import BSRMatrix, NMMatrix
+from pallas_kernels.export import export_params, load_export, main, save_export, summary_table
+
+
+def make_params():
+    rng = np.random.default_rng(0)
+    k1 = rng.standard_normal((32, 64)).astype(np.float32)
+    k1[:16, :] = 0.0  # two of the four 16x32 blocks are zero
+    keep = np.argsort(rng.random((8, 4, 16)), axis=1) < 2  # exactly 2:4 along K
+    k2 = (rng.standard_normal((32, 16)) * keep.reshape(32, 16)).astype(np.float32)
+    return {
+        "embed": {"embedding": jnp.ones((10, 32))},
+        "block0": {
+            "mlp": {"kernel": jnp.asarray(k1, jnp.bfloat16), "bias": jnp.zeros(64)},
+            "out": {"kernel": jnp.asarray(k2)},
+        },
+    }
+
+
+def test_bsr_export_roundtrip(tmp_path):
+    params = make_params()
+    out = export_params(params, "bsr", block=(16, 32))
+    assert isinstance(out["block0/mlp/kernel"], BSRMatrix)
+    assert out["block0/mlp/kernel"].layout.nnz == 2
+    assert isinstance(out["embed/embedding"], np.ndarray)  # not prunable: kept dense
+    assert isinstance(out["block0/mlp/bias"], np.ndarray)
+    loaded = load_export(save_export(tmp_path / "e", out))
+    assert loaded.keys() == out.keys()
+    for name, obj in out.items():
+        a = loaded[name]
+        dense_a = a.to_dense() if hasattr(a, "to_dense") else a
+        dense_o = obj.to_dense() if hasattr(obj, "to_dense") else obj
+        assert np.asarray(dense_a).dtype == np.asarray(dense_o).dtype
+        np.testing.assert_array_equal(np.asarray(dense_a), np.asarray(dense_o))
+    np.testing.assert_array_equal(
+        np.asarray(loaded["block0/mlp/kernel"].to_dense()),
+        np.asarray(params["block0"]["mlp"]["kernel"]),
+    )
+
+
+def test_nm_export_requires_nm_sparsity_unless_forced(tmp_path):
+    params = make_params()
+    with pytest.raises(ValueError, match=r"block0/mlp/kernel.*must be pruned 2:4 first"):
+        export_params(params, "nm")
+    only_out = export_params(params, "nm", prunable=lambda p, x: "out" in str(p))
+    assert isinstance(only_out["block0/out/kernel"], NMMatrix)
+    np.testing.assert_array_equal(
+        np.asarray(only_out["block0/out/kernel"].to_dense()),
+        np.asarray(params["block0"]["out"]["kernel"]),
+    )
+    path = main(params, "nm", tmp_path, force=True)
+    loaded = load_export(path)
+    w = np.asarray(loaded["block0/mlp/kernel"].to_dense(), np.float32)
+    assert ((w.reshape(8, 4, 64) != 0).sum(axis=1) <= 2).all()
+    summary = (tmp_path / "export_nm_summary.txt").read_text()
+    assert "block0/mlp/kernel" in summary and "nm 2:4" in summary
+
+
+def test_summary_reports_bytes_and_density():
+    out = export_params(make_params(), "bsr", block=(16, 32))
+    table = summary_table(out)
+    line = next(r for r in table.splitlines() if r.startswith("block0/mlp/kernel"))
+    # 2 of 4 bf16 blocks kept: 2*16*32*2 bytes values + 4*(2 + 2 + 1) bytes of int32 tables
+    assert " 2068 " in line and " 4096 " in line
+    density = float(line.split()[4])
+    assert density == pytest.approx(0.5, abs=1e-3)
+    with pytest.raises(ValueError, match="fmt must be one of"):
+        export_params(make_params(), "csr")
