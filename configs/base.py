@@ -1,0 +1,15 @@
+"""Base config: a tiny dense GPT on the default corpus (the Python standard library's source).
+
+Command:   sparsejax train --config configs/base.py:size=tiny --workdir runs/base
+Time:      about 1 minute for 300 steps on a 2-core CPU.
+Result:    validation loss about 2.3 nats/byte (from 5.5 at init).
+
+Every key of every recipe is defined here (``sparsejax.configlib.base``); recipes change values.
+``get_config("size=S,steps=1000")`` overrides keys (dotted, or the aliases size/steps/sparsity).
+"""
+
+from sparsejax import configlib
+
+
+def get_config(arg=None):
+    return configlib.apply_arg(configlib.base(), arg)

@@ -1,0 +1,152 @@
+"""Run configs: the ``ConfigDict`` schema shared by every recipe, argument parsing, validation.
+
+Only entry points (the CLI, :func:`sparsejax.experiment.build`) read a ConfigDict; library
+functions take explicit arguments. Recipes in ``configs/`` start from :func:`base` and change
+values, never add keys: the base schema is the contract, and validation rejects unknown keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+SIZE_ALIASES = {"size": "model.size", "steps": "train.steps", "sparsity": "sparsity.final",
+                "seed": "seed", "final": "sparsity.final"}
+
+
+def base() -> ml_collections.ConfigDict:
+    """The full schema with defaults (a tiny dense model on the default corpus)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = dict(size="tiny", n_ctx=128, pos="rope", tie_embeddings=True, dtype="float32")
+    c.data = dict(source="", cache_dir="", val_fraction=0.05)
+    c.train = dict(
+        steps=300, batch_size=16, seq_len=128, lr=3e-3, min_lr_ratio=0.1, warmup_steps=30,
+        weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, log_every=10,
+    )
+    c.eval = dict(every=100, batches=4, batch_size=16)
+    c.sparsity = dict(
+        method="dense", final=0.0, schedule="window", start=0.25, end=0.75, by="compute",
+        kind="geometric", begin_step=0, end_step=0, update_every=10, score="magnitude",
+        allocation="global", power_scale=1.0,
+    )
+    c.checkpoint = dict(every=100, keep=3)
+    c.wandb = dict(enabled=False, project="sparsejax", mode="offline", name="")
+    return c
+
+
+def _coerce(old: Any, text: str) -> Any:
+    if isinstance(old, bool):
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"expected a bool, got {text!r}")
+    if isinstance(old, int):
+        return int(text)
+    if isinstance(old, float):
+        return float(text)
+    return text
+
+
+def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """Apply ``"key=val,key2=val2"`` (dotted keys, or aliases ``size``, ``steps``,
+    ``sparsity``/``final``, ``seed``) to ``config``; unknown keys raise ``ValueError``."""
+    if not arg:
+        return config
+    for item in arg.split(","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise ValueError(f"config argument {item!r} must look like key=value")
+        key, value = (s.strip() for s in item.split("=", 1))
+        dotted = SIZE_ALIASES.get(key, key)
+        *parents, leaf = dotted.split(".")
+        node = config
+        for p in parents:
+            if p not in node:
+                raise ValueError(f"unknown config key {dotted!r}")
+            node = node[p]
+        if leaf not in node:
+            raise ValueError(f"unknown config key {dotted!r}")
+        try:
+            node[leaf] = _coerce(node[leaf], value)
+        except ValueError as e:
+            raise ValueError(f"config key {dotted!r}: {e}") from None
+    return config
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, ml_collections.ConfigDict | dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _need(cond: bool, key: str, expected: str, value: Any) -> None:
+    if not cond:
+        raise ValueError(f"config.{key} must be {expected}, got {value!r}")
+
+
+ENUMS = {
+    "model.pos": ("rope", "learned"),
+    "model.dtype": ("float32", "bfloat16"),
+    "sparsity.method": ("dense", "gradual", "static"),
+    "sparsity.schedule": ("window", "polynomial", "geometric", "constant"),
+    "sparsity.by": ("compute", "steps"),
+    "sparsity.kind": ("geometric", "polynomial"),
+    "sparsity.score": ("magnitude", "random", "saliency"),
+    "sparsity.allocation": ("global", "uniform", "erk", "er"),
+    "wandb.mode": ("offline", "online", "disabled"),
+}
+POSITIVE_INTS = ("model.n_ctx", "train.steps", "train.batch_size", "train.seq_len",
+                 "train.log_every", "eval.every", "eval.batches", "eval.batch_size",
+                 "checkpoint.every", "checkpoint.keep", "sparsity.update_every")
+NON_NEGATIVE_INTS = ("seed", "train.warmup_steps", "sparsity.begin_step", "sparsity.end_step")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Fail fast on unknown keys and bad values, naming the key and the valid range."""
+    schema = _flatten(base())
+    got = _flatten(config)
+    unknown = sorted(set(got) - set(schema))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}; see sparsejax.configlib.base()")
+    missing = sorted(set(schema) - set(got))
+    if missing:
+        raise ValueError(f"missing config key(s) {missing}")
+    for key, valid in ENUMS.items():
+        _need(got[key] in valid, key, f"one of {valid}", got[key])
+    for key in POSITIVE_INTS:
+        v = got[key]
+        _need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, key, "an int >= 1", v)
+    for key in NON_NEGATIVE_INTS:
+        v = got[key]
+        _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, key, "an int >= 0", v)
+    for key in ("train.lr", "train.b1", "train.b2", "train.weight_decay", "train.grad_clip"):
+        _need(isinstance(got[key], int | float) and got[key] >= 0, key, "a float >= 0", got[key])
+    _need(0 < got["train.lr"], "train.lr", "a float > 0", got["train.lr"])
+    _need(0 <= got["train.min_lr_ratio"] <= 1, "train.min_lr_ratio", "in [0, 1]",
+          got["train.min_lr_ratio"])
+    _need(0 < got["data.val_fraction"] < 1, "data.val_fraction", "in (0, 1)",
+          got["data.val_fraction"])
+    _need(0 <= got["sparsity.final"] < 1, "sparsity.final", "a float in [0, 1)",
+          got["sparsity.final"])
+    _need(0 <= got["sparsity.start"] < got["sparsity.end"] <= 1, "sparsity.start/end",
+          "0 <= start < end <= 1", (got["sparsity.start"], got["sparsity.end"]))
+    _need(got["train.seq_len"] <= got["model.n_ctx"], "train.seq_len",
+          f"<= model.n_ctx ({got['model.n_ctx']})", got["train.seq_len"])
+    _need(got["train.warmup_steps"] < got["train.steps"], "train.warmup_steps",
+          f"< train.steps ({got['train.steps']})", got["train.warmup_steps"])
+    if got["sparsity.method"] == "gradual" and got["sparsity.schedule"] in ("polynomial",
+                                                                            "geometric"):
+        _need(got["sparsity.begin_step"] < got["sparsity.end_step"] <= got["train.steps"],
+              "sparsity.begin_step/end_step", "begin_step < end_step <= train.steps",
+              (got["sparsity.begin_step"], got["sparsity.end_step"]))
+    if got["sparsity.method"] != "dense":
+        _need(got["sparsity.final"] > 0, "sparsity.final", "> 0 for a sparse method",
+              got["sparsity.final"])

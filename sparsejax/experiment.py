@@ -1,0 +1,96 @@
+"""``build(config)``: turn a validated ConfigDict into the explicit pieces ``train.run`` takes.
+
+This is one of the two places that read a ConfigDict (the other is the CLI).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import ml_collections
+import optax
+from flax import nnx
+
+from sparsejax import configlib, data, methods, schedules
+from sparsejax.models.gpt import GPT, GPTConfig
+from sparsejax.transforms import sparsify
+
+
+class Experiment(NamedTuple):
+    """Everything a run needs, built from a config."""
+
+    model: GPT
+    model_cfg: GPTConfig
+    tx: optax.GradientTransformation
+    lr_schedule: optax.Schedule
+    sparsity_schedule: schedules.Schedule | None  # target sparsity per step (None: dense)
+    corpus: data.Corpus
+    config: ml_collections.ConfigDict
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> GPTConfig:
+    m = config.model
+    return GPTConfig.from_variant(
+        m.size, n_ctx=m.n_ctx, pos=m.pos, tie_embeddings=m.tie_embeddings, dtype=m.dtype,
+        vocab_size=vocab_size,
+    )
+
+
+def sparsity_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule | None:
+    """The target-sparsity schedule a config describes (``None`` for dense runs)."""
+    s, steps = config.sparsity, config.train.steps
+    if s.method == "dense":
+        return None
+    if s.method == "static":
+        return schedules.constant(s.final, update_every=steps + 1)  # held from step 0
+    if s.schedule == "window":
+        return schedules.window(
+            steps, s.final, start=s.start, end=s.end, kind=s.kind, by=s.by,
+            update_every=s.update_every,
+        )
+    if s.schedule == "polynomial":
+        return schedules.polynomial(s.final, s.begin_step, s.end_step,
+                                    update_every=s.update_every)
+    if s.schedule == "geometric":
+        return schedules.geometric(s.final, s.begin_step, s.end_step,
+                                   update_every=s.update_every)
+    return schedules.constant(s.final, update_every=s.update_every)
+
+
+def mask_method(config: ml_collections.ConfigDict, schedule: schedules.Schedule | None):
+    s = config.sparsity
+    if s.method == "dense":
+        return None
+    if s.method == "static":
+        return methods.static(s.final, score=s.score, allocation=s.allocation,
+                              power_scale=s.power_scale)
+    return methods.gradual(schedule, score=s.score, allocation=s.allocation,
+                           power_scale=s.power_scale)
+
+
+def optimizer(config: ml_collections.ConfigDict, schedule) -> tuple[Any, optax.Schedule]:
+    t = config.train
+    lr = optax.warmup_cosine_decay_schedule(
+        0.0, t.lr, t.warmup_steps, t.steps, end_value=t.lr * t.min_lr_ratio
+    )
+    inner = optax.chain(
+        optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(),
+        optax.adamw(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay),
+    )
+    method = mask_method(config, schedule)
+    tx = inner if method is None else sparsify(inner, method, seed=config.seed)
+    return tx, lr
+
+
+def build(config: ml_collections.ConfigDict) -> Experiment:
+    """Validate ``config`` and build model, optimizer, schedules and corpus."""
+    configlib.validate(config)
+    corpus = data.load_corpus(
+        config.data.source or None, cache_dir=config.data.cache_dir or None,
+        val_fraction=config.data.val_fraction,
+    )
+    cfg = model_config(config, corpus.vocab_size)
+    model = GPT(cfg, rngs=nnx.Rngs(config.seed))
+    schedule = sparsity_schedule(config)
+    tx, lr = optimizer(config, schedule)
+    return Experiment(model, cfg, tx, lr, schedule, corpus, config)

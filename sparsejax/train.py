@@ -1,0 +1,277 @@
+"""The training loop: one jitted step with donated buffers, periodic eval, logs, checkpoints.
+
+Reads top to bottom: split the model into a graph and a pure params dict, init the optimizer,
+restore the latest checkpoint if the run dir has one, then loop. Batches are a pure function
+of ``(seed, step)`` and all running statistics (N_avg, FLOPs, the train-loss window) live in
+the checkpointed :class:`TrainState`, so a run killed at any point and started again with the
+same arguments ends bitwise equal to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from sparsejax import accounting, checkpoint, data, runlog
+from sparsejax.models.gpt import GPT, loss_fn
+from sparsejax.transforms import find_state
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # shape=(), int32: completed steps
+    params: Any  # pure nested dict of arrays (nnx.to_pure_dict of the model's Params)
+    opt_state: Any  # optimizer state (holds the masks for sparse runs)
+    rng: jax.Array  # shape=(2,), uint32: base key; step t uses fold_in(rng, t)
+    n_avg: jax.Array  # shape=(), float32: mean active params over completed steps
+    flops: jax.Array  # shape=(), float32: cumulative training FLOPs (3x forward)
+    loss_sum: jax.Array  # shape=(), float32: train-loss sum since the last log
+    loss_count: jax.Array  # shape=(), int32: steps in that sum
+
+
+def _flops_coefficients(model: GPT, seq_len: int) -> tuple[float, float]:
+    """Per-token training FLOPs = fixed + dense_part * density (DESIGN.md "Accounting")."""
+    c = model.cfg
+    dims = (c.n_layer, c.d_model, c.d_ff, seq_len, c.vocab_size)
+    f0 = accounting.train_flops_per_token(*dims, sparsity=0.0)
+    dense_part = 2.0 * (f0 - accounting.train_flops_per_token(*dims, sparsity=0.5))
+    return f0 - dense_part, dense_part
+
+
+def make_train_step(graphdef, params_def, rest, tx, *, counts, prunable, fixed_flops,
+                    dense_flops, tokens_per_step):
+    """The jitted step ``(state, inputs_BxL, targets_BxL) -> (state, metrics)``; ``state`` is
+    donated. ``counts`` are the model's :class:`accounting.ParamCounts` (total, prunable)."""
+    total = counts
+
+    def loss_of(params, x_BxL, y_BxL):
+        model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(params_def,
+                                                                 jax.tree.leaves(params)), rest)
+        return loss_fn(model, x_BxL, y_BxL)
+
+    def step(state: TrainState, x_BxL, y_BxL):
+        loss, grads = jax.value_and_grad(loss_of)(state.params, x_BxL, y_BxL)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        masks = _masks_or_none(opt_state)
+        if masks is None:
+            n_active = jnp.float32(total.total)
+            density = jnp.float32(1.0)
+        else:
+            n_active = accounting.count_params(params, masks, prunable=prunable).active
+            n_active = jnp.asarray(n_active, jnp.float32)
+            density = 1.0 - (total.total - n_active) / total.prunable
+        t = state.step.astype(jnp.float32)
+        new = TrainState(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            rng=state.rng,
+            n_avg=state.n_avg + (n_active - state.n_avg) / (t + 1.0),
+            flops=state.flops + tokens_per_step * (fixed_flops + dense_flops * density),
+            loss_sum=state.loss_sum + loss,
+            loss_count=state.loss_count + 1,
+        )
+        return new, {"n_active": n_active, "density": density}
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def _masks_or_none(opt_state):
+    try:
+        return find_state(opt_state).masks
+    except ValueError:
+        return None
+
+
+def make_eval_step(graphdef, params_def, rest):
+    """Mean loss over stacked batches ``(n, B, L)``, one compiled call."""
+
+    def evaluate(params, xs_NxBxL, ys_NxBxL):
+        model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(params_def,
+                                                                 jax.tree.leaves(params)), rest)
+        losses = jax.lax.map(lambda xy: loss_fn(model, xy[0], xy[1]), (xs_NxBxL, ys_NxBxL))
+        return jnp.mean(losses)
+
+    return jax.jit(evaluate)
+
+
+def _check_config_matches(run_dir: Path, config: dict[str, Any] | None) -> None:
+    path = run_dir / "config.json"
+    if config is None:
+        return
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != json.loads(json.dumps(config)):
+            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            raise ValueError(
+                f"workdir {run_dir} holds a run with a different config (keys {diff}); "
+                "use a new --workdir or the same config to resume"
+            )
+    else:
+        runlog.write_json(path, config)
+
+
+def run(
+    model: GPT,
+    tx: optax.GradientTransformation,
+    corpus: data.Corpus,
+    workdir: str | Path,
+    *,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    seed: int = 0,
+    lr_schedule: optax.Schedule | None = None,
+    sparsity_schedule: Any = None,
+    eval_every: int = 100,
+    eval_batches: int = 4,
+    eval_batch_size: int | None = None,
+    log_every: int = 10,
+    checkpoint_every: int = 100,
+    keep_checkpoints: int = 3,
+    prunable: Any = None,
+    config: dict[str, Any] | None = None,
+    wandb: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``model`` with ``tx`` on ``corpus`` for ``steps`` steps; returns the summary.
+
+    The run dir ``workdir`` receives ``config.json`` (``config``, when given), ``metrics.jsonl``,
+    ``summary.json`` and ``checkpoints/``. If it already holds checkpoints, training resumes
+    from the latest one (the config must match). ``sparsity_schedule`` (a
+    :class:`sparsejax.schedules.Schedule`) is only used to log the target sparsity.
+    ``wandb``: ``{"enabled": bool, "project": str, "mode": "offline"|"online", "name": str}``.
+    """
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len),
+                        ("eval_every", eval_every), ("eval_batches", eval_batches),
+                        ("log_every", log_every), ("checkpoint_every", checkpoint_every)):
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if seq_len > model.cfg.n_ctx:
+        raise ValueError(f"seq_len ({seq_len}) must be <= the model's n_ctx ({model.cfg.n_ctx})")
+    run_dir = Path(workdir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_config_matches(run_dir, config)
+    t_start = time.perf_counter()
+
+    graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
+    params_def = jax.tree_util.tree_structure(params_state)
+    params = nnx.to_pure_dict(params_state)
+    del params_state
+    counts = accounting.count_params(params, prunable=prunable)
+    fixed_flops, dense_flops = _flops_coefficients(model, seq_len)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+        rng=jax.random.PRNGKey(seed), n_avg=jnp.zeros((), jnp.float32),
+        flops=jnp.zeros((), jnp.float32), loss_sum=jnp.zeros((), jnp.float32),
+        loss_count=jnp.zeros((), jnp.int32),
+    )
+    mngr = checkpoint.manager(run_dir, keep=keep_checkpoints)
+    if mngr.latest_step() is not None:
+        state = TrainState(*checkpoint.restore(mngr, state))
+    start = int(state.step)
+
+    train_step = make_train_step(
+        graphdef, params_def, rest, tx, counts=counts, prunable=prunable,
+        fixed_flops=fixed_flops, dense_flops=dense_flops,
+        tokens_per_step=float(batch_size * seq_len),
+    )
+    evaluate = make_eval_step(graphdef, params_def, rest)
+    val = data.eval_batches(corpus.val, batch_size=eval_batch_size or batch_size,
+                            seq_len=seq_len, n_batches=eval_batches, seed=seed)
+    val_x = np.stack([b[0] for b in val])
+    val_y = np.stack([b[1] for b in val])
+
+    log = runlog.MetricsLog(run_dir, resume_step=start)
+    bar = runlog.Progress(steps, enabled=progress)
+    wb = _wandb_start(wandb, run_dir, config)
+    summary_base = {"n_params": counts.total, "n_prunable": counts.prunable, "steps": steps,
+                    "batch_size": batch_size, "seq_len": seq_len}
+    runlog.write_json(run_dir / "summary.json", {**summary_base, "status": "running",
+                                                 "step": start})
+    record: dict[str, Any] = {}
+    val_loss = None
+    try:
+        t_log, step_log = time.perf_counter(), start
+        for step in range(start, steps):
+            x, y = data.get_batch(corpus.train, seed=seed, step=step, batch_size=batch_size,
+                                  seq_len=seq_len)
+            state, metrics = train_step(state, x, y)
+            done = step + 1
+            is_eval = done % eval_every == 0 or done == steps
+            is_ckpt = done % checkpoint_every == 0 or done == steps
+            if done % log_every and not is_eval:
+                if is_ckpt:
+                    checkpoint.save(mngr, done, state)
+                continue
+            train_loss = float(state.loss_sum) / max(int(state.loss_count), 1)  # syncs
+            now = time.perf_counter()
+            val_loss = float(evaluate(state.params, val_x, val_y)) if is_eval else None
+            record = {
+                "step": done,
+                "tokens": done * batch_size * seq_len,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "lr": float(lr_schedule(step)) if lr_schedule is not None else None,
+                "density": float(metrics["density"]),
+                "n_params": counts.total,
+                "n_active": int(metrics["n_active"]),
+                "n_avg": float(state.n_avg),
+                "flops": float(state.flops),
+                "step_time_s": (now - t_log) / (done - step_log),
+            }
+            record["sparsity"] = 1.0 - record["density"]
+            record["target_sparsity"] = (
+                float(sparsity_schedule(step)) if sparsity_schedule is not None else 0.0
+            )
+            state = state._replace(loss_sum=jnp.zeros((), jnp.float32),
+                                   loss_count=jnp.zeros((), jnp.int32))
+            log.write(record)
+            if wb is not None:
+                wb.log({k: v for k, v in record.items() if v is not None}, step=done)
+            bar.update(done, loss=record["train_loss"], val=val_loss, sparsity=record["sparsity"],
+                       tok_s=round(batch_size * seq_len * (done - step_log) / (now - t_log)))
+            if is_ckpt:
+                checkpoint.save(mngr, done, state)
+            t_log, step_log = time.perf_counter(), done
+        mngr.wait_until_finished()
+    except BaseException:
+        runlog.write_json(run_dir / "summary.json", {**summary_base, **record,
+                                                     "status": "failed"})
+        raise
+    finally:
+        bar.close()
+        log.close()
+        mngr.close()
+        if wb is not None:
+            wb.finish()
+    if not record:  # resumed a finished run: report the last logged values
+        record = (runlog.read_metrics(run_dir) or [{}])[-1]
+    wall = time.perf_counter() - t_start
+    summary = {**summary_base, **record, "status": "completed",
+               "final_val_loss": record.get("val_loss"), "wall_time_s": wall,
+               "resumed_from": start}
+    runlog.write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def _wandb_start(cfg: dict[str, Any] | None, run_dir: Path, config: dict[str, Any] | None):
+    """Start wandb when enabled (default offline: no network unless mode='online')."""
+    if not cfg or not cfg.get("enabled"):
+        return None
+    import wandb  # imported lazily: heavy, and unused unless enabled
+
+    id_file = run_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    id_file.write_text(run_id)
+    return wandb.init(project=cfg.get("project", "sparsejax"), mode=cfg.get("mode", "offline"),
+                      name=cfg.get("name") or run_dir.name, dir=str(run_dir), id=run_id,
+                      resume="allow", config=config)
