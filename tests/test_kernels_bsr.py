@@ -145,3 +145,38 @@ def test_errors_are_clear():
     if jax.devices()[0].platform == "cpu":
         with pytest.raises(ValueError, match="needs a GPU or TPU"):
             bsr_matmul(jnp.ones((3, 64)), m, backend="pallas")
+
+
+ON_ACCELERATOR = jax.devices()[0].platform in ("gpu", "tpu")
+
+
+@pytest.mark.skipif(
+    not ON_ACCELERATOR,
+    reason="compiled Pallas kernels need a GPU or TPU; "
+    "on CPU the same logic runs in interpret mode above",
+)
+@pytest.mark.parametrize(("dtype", "sparsity"), list(itertools.product(DTYPES, SPARSITIES)))
+def test_compiled_on_accelerator(dtype, sparsity):
+    k, n, block = 256, 512, (64, 64)
+    w = BSRMatrix.from_dense(block_sparse(k, n, block, sparsity, dtype=dtype), block=block)
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 100, k)), dtype)
+    y = jax.jit(functools.partial(bsr_matmul, backend="pallas"))(x, w)
+    ref = f64(x) @ f64(w.to_dense())
+    tol = 5e-3 if dtype == jnp.float32 else 2e-2  # f32 dots may run as TF32 on GPUs
+    scale = float(np.abs(ref).max(initial=0.0)) + 1.0
+    np.testing.assert_allclose(f64(y), ref, atol=tol * scale, rtol=0)
+
+    def grads(fn):
+        def f(x, v):
+            return jnp.sum(fn(x, BSRMatrix(v, w.layout)).astype(jnp.float32) ** 2)
+
+        return jax.jit(jax.grad(f, argnums=(0, 1)))(x, w.values)
+
+    for got, want in zip(
+        grads(lambda a, b: bsr_matmul(a, b, backend="pallas")),
+        grads(bsr_matmul_reference),
+        strict=True,
+    ):
+        scale = float(np.abs(f64(want)).max(initial=0.0)) + 1.0
+        np.testing.assert_allclose(f64(got), f64(want), atol=2 * tol * scale, rtol=0)

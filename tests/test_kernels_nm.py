@@ -137,3 +137,24 @@ def test_errors_are_clear():
         nm_matmul(jnp.ones((2, 64), jnp.bfloat16), a)
     with pytest.raises(ValueError, match="backend must be one of"):
         nm_matmul(jnp.ones((2, 64)), a, backend="triton")
+
+
+ON_ACCELERATOR = jax.devices()[0].platform in ("gpu", "tpu")
+
+
+@pytest.mark.skipif(
+    not ON_ACCELERATOR,
+    reason="compiled Pallas kernels need a GPU or TPU; "
+    "on CPU the same logic runs in interpret mode above",
+)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (4, 8)])
+def test_compiled_on_accelerator(dtype, n, m):
+    k, cols = 1024, 256
+    w = NMMatrix.from_dense(nm_sparse(k, cols, n, m, dtype=dtype), n, m)
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 50, k)), dtype)
+    y = jax.jit(functools.partial(nm_matmul, backend="pallas"))(x, w)
+    ref = f64(x) @ f64(w.to_dense())
+    tol = 5e-3 if dtype == jnp.float32 else 2e-2  # f32 dots may run as TF32 on GPUs
+    scale = float(np.abs(ref).max(initial=0.0)) + 1.0
+    np.testing.assert_allclose(f64(y), ref, atol=tol * scale, rtol=0)

@@ -29,7 +29,7 @@ class NMTiles:
 
     bm: int = 128
     bn: int = 128
-    groups: int = 64
+    groups: int = 128
     num_warps: int = 4
     num_stages: int = 3
 
@@ -57,7 +57,7 @@ def _blocked_kernel(*refs, n: int, m: int, bits: int, slots_every: int):
     def _init():
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
-    shift = (k // slots_every) * (n * bits)
+    shift = lax.div(k, slots_every) * (n * bits)
     code = c_ref[...].astype(jnp.int32) >> shift
     xs = [r[...] for r in x_refs]
     vs = [r[...] for r in v_refs]
@@ -106,7 +106,9 @@ def _gpu_kernel(x_ref, v_ref, c_ref, o_ref, *, n: int, m: int, bits: int, gt: in
         g0 = pl.multiple_of(k * gt, gt)
         xs = [x_ref[:, pl.ds(r * g + g0, gt)] for r in range(m)]
         vs = [v_ref[pl.ds(t * g + g0, gt), :] for t in range(n)]
-        code = c_ref[pl.ds(g0 % rows, gt), :].astype(jnp.int32) >> ((g0 // rows) * (n * bits))
+        code = c_ref[pl.ds(lax.rem(g0, rows), gt), :].astype(jnp.int32) >> (
+            lax.div(g0, rows) * (n * bits)
+        )
         return acc + _tile_dot(xs, vs, code, n=n, m=m, bits=bits)
 
     acc = lax.fori_loop(0, g // gt, body, jnp.zeros(o_ref.shape, jnp.float32))
