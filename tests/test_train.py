@@ -1,0 +1,195 @@
+"""Training end to end: loss goes down, logged sparsity follows the schedule, kill + resume is
+bitwise equal to an uninterrupted run, config errors are clear."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sparsejax import checkpoint, configlib, experiment, runlog, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "size=tiny,model.n_ctx=64,train.seq_len=64,train.batch_size=8,eval.batch_size=8"
+
+
+def load_recipe(name: str, arg: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
+def run_config(config, workdir):
+    exp = experiment.build(config)
+    return train.run(
+        exp.model, exp.tx, exp.corpus, workdir, steps=config.train.steps,
+        batch_size=config.train.batch_size, seq_len=config.train.seq_len, seed=config.seed,
+        lr_schedule=exp.lr_schedule, sparsity_schedule=exp.sparsity_schedule,
+        eval_every=config.eval.every, eval_batches=config.eval.batches,
+        log_every=config.train.log_every, checkpoint_every=config.checkpoint.every,
+        config=config.to_dict(), progress=False,
+    )
+
+
+@pytest.mark.slow
+def test_gradual_run_lowers_loss_and_follows_schedule(tmp_path):
+    c = load_recipe("gradual_magnitude", TINY + ",steps=30")
+    c.train.log_every = 2
+    c.eval.every = 30
+    c.eval.batches = 2
+    c.sparsity.update_every = 2
+    c.train.warmup_steps = 3
+    summary = run_config(c, tmp_path / "run")
+    records = runlog.read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == list(range(2, 31, 2))
+    assert records[-1]["train_loss"] < records[0]["train_loss"] - 1.0
+    assert summary["val_loss"] < 4.0 and summary["status"] == "completed"
+    n_prunable = summary["n_prunable"]
+    sched = experiment.sparsity_schedule(c)
+    for r in records:
+        target = float(sched(r["step"] - 1))
+        assert r["target_sparsity"] == pytest.approx(target)
+        expected_pruned = int(np.round(np.float32(target) * np.float32(n_prunable)))
+        assert r["n_active"] == summary["n_params"] - expected_pruned, r
+    assert records[-1]["sparsity"] == pytest.approx(0.5, abs=1e-4)
+    # N_avg = mean over all 30 steps of the active count implied by the schedule
+    n_avg = np.mean([summary["n_params"] - int(np.round(np.float32(sched(t)) * n_prunable))
+                     for t in range(30)])
+    assert summary["n_avg"] == pytest.approx(n_avg, rel=1e-6)
+    # load for fine-tuning: dense (SPDF) and with masks
+    params, masks = checkpoint.load_for_finetuning(tmp_path / "run", dense=True)
+    assert masks is None
+    blocks = params["blocks"]
+    k = (blocks["0"] if "0" in blocks else blocks[0])["mlp"]["fc_in"]["kernel"]
+    assert (k == 0).any()
+    _, masks = checkpoint.load_for_finetuning(tmp_path / "run", dense=False)
+    assert masks is not None
+
+
+def _cli(workdir: Path, steps: int) -> list[str]:
+    return [sys.executable, "-m", "sparsejax", "train",
+            f"--config={ROOT / 'configs' / 'gradual_magnitude.py'}:{TINY}",
+            f"--workdir={workdir}", f"--config.train.steps={steps}",
+            "--config.checkpoint.every=5", "--config.train.log_every=5",
+            "--config.eval.every=10", "--config.eval.batches=1",
+            "--config.sparsity.update_every=2", "--config.train.warmup_steps=2",
+            "--noprogress"]
+
+
+def _env():
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.mark.slow
+def test_sigkill_resume_is_bitwise_equal(tmp_path):
+    steps = 20
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run(_cli(ref, steps), check=True, env=_env(), capture_output=True)
+
+    proc = subprocess.Popen(_cli(killed, steps), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "10").is_dir():
+        assert proc.poll() is None, "run ended before its second checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert checkpoint.latest_step(killed) < steps
+    out = subprocess.run(_cli(killed, steps), check=True, env=_env(), capture_output=True,
+                         text=True)
+    assert "final validation loss" in out.stdout
+
+    a, b = checkpoint.load_raw(ref), checkpoint.load_raw(killed)
+    flat_a = dict(_flatten(a))
+    flat_b = dict(_flatten(b))
+    assert flat_a.keys() == flat_b.keys()
+    for key, va in flat_a.items():
+        np.testing.assert_array_equal(va, flat_b[key], err_msg=key)  # params, masks, moments
+    sa = json.loads((ref / "summary.json").read_text())
+    sb = json.loads((killed / "summary.json").read_text())
+    assert sb["resumed_from"] > 0
+    for key in ("train_loss", "val_loss", "n_active", "n_avg", "flops", "sparsity", "step"):
+        assert sa[key] == sb[key], key
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in runlog.TIMING_FIELDS}
+                        for r in rs]
+    assert strip(runlog.read_metrics(ref)) == strip(runlog.read_metrics(killed))
+
+    # the pruned checkpoint exports to BSR for the sparse kernels (in-process CLI call)
+    from sparsejax import cli
+
+    assert cli.main(["export", "--format", "bsr", str(ref), "--block", "16,16"]) == 0
+    assert (ref / "export" / "export_bsr.npz").exists()
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flatten(v, f"{prefix}/{k}")
+    elif isinstance(tree, list | tuple):
+        for i, v in enumerate(tree):
+            yield from _flatten(v, f"{prefix}/{i}")
+    else:
+        yield prefix, np.asarray(tree)
+
+
+@pytest.mark.parametrize(
+    "arg, match",
+    [
+        ("bogus=1", "unknown config key"),
+        ("train.stepz=3", "unknown config key"),
+        ("steps=abc", "train.steps"),
+    ],
+)
+def test_config_arg_errors(arg, match):
+    with pytest.raises(ValueError, match=match):
+        load_recipe("base", arg)
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("train.steps", 0, "train.steps"),
+        ("sparsity.final", 1.0, "sparsity.final"),
+        ("sparsity.allocation", "nope", "sparsity.allocation"),
+        ("train.seq_len", 4096, "train.seq_len"),
+        ("train.lr", -1.0, "train.lr"),
+        ("sparsity.start", 0.9, "sparsity.start"),
+    ],
+)
+def test_config_value_errors(key, value, match):
+    c = load_recipe("gradual_magnitude", "")
+    section, leaf = key.split(".")
+    c[section][leaf] = value
+    with pytest.raises(ValueError, match=match):
+        configlib.validate(c)
+
+
+def test_config_unknown_key_added():
+    c = load_recipe("base", "")
+    c.train.unlock()
+    c.train.extra = 1
+    with pytest.raises(ValueError, match="train.extra"):
+        configlib.validate(c)
+
+
+def test_recipes_validate():
+    for name in ("base", "dense", "gradual_magnitude", "static_random"):
+        configlib.validate(load_recipe(name, "size=tiny"))
+
+
+def test_workdir_with_other_config_refuses(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"seed": 1}))
+    with pytest.raises(ValueError, match="different config"):
+        train._check_config_matches(tmp_path, {"seed": 2})
