@@ -9,6 +9,7 @@ the entry point for ``sparsejax export --format bsr|nm RUN_DIR``.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,9 @@ def export_params(
         if not (pred(path, leaf) and arr.ndim == 2):
             out[name] = arr
         elif fmt == "bsr":
-            out[name], _ = _to_bsr(name, arr, block)
+            out[name], reason = _to_bsr(name, arr, block)
+            if reason:
+                warnings.warn(f"export: leaf {name!r} {reason}", stacklevel=2)
         else:
             out[name] = _to_nm(name, arr, n, m, force)
     return out

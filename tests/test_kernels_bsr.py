@@ -157,7 +157,7 @@ ON_ACCELERATOR = jax.devices()[0].platform in ("gpu", "tpu")
 )
 @pytest.mark.parametrize(("dtype", "sparsity"), list(itertools.product(DTYPES, SPARSITIES)))
 def test_compiled_on_accelerator(dtype, sparsity):
-    k, n, block = 256, 512, (64, 64)
+    k, n, block = 512, 512, (128, 128)  # valid tiles for both Triton and Mosaic TPU
     w = BSRMatrix.from_dense(block_sparse(k, n, block, sparsity, dtype=dtype), block=block)
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((2, 100, k)), dtype)

@@ -150,7 +150,7 @@ ON_ACCELERATOR = jax.devices()[0].platform in ("gpu", "tpu")
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (4, 8)])
 def test_compiled_on_accelerator(dtype, n, m):
-    k, cols = 1024, 256
+    k, cols = 2048, 256  # 128-multiple tiles for every pattern (TPU lane rule)
     w = NMMatrix.from_dense(nm_sparse(k, cols, n, m, dtype=dtype), n, m)
     x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 50, k)), dtype)
     y = jax.jit(functools.partial(nm_matmul, backend="pallas"))(x, w)

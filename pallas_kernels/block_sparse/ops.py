@@ -20,6 +20,16 @@ from pallas_kernels.block_sparse.format import BSRLayout, BSRMatrix, layout_to_d
 from pallas_kernels.block_sparse.reference import sddmm_reference
 
 
+def check_compiled_block(impl: str, block: tuple[int, int]) -> None:
+    """Blocks the compiled kernels accept: Triton loads need power-of-2 tiles of at least 16
+    (``tl.dot``); Mosaic TPU tiles need the lane (last) dims to be multiples of 128."""
+    bk, bn = block
+    if impl == "gpu" and not all(b >= 16 and b & (b - 1) == 0 for b in (bk, bn)):
+        raise ValueError(f"block must be powers of 2 >= 16 for the GPU kernel, got {block}")
+    if impl == "tpu" and (bk % 128 or bn % 128):
+        raise ValueError(f"block must be multiples of 128 for the TPU kernel, got {block}")
+
+
 def _row_tile(m: int, tiles: K.BSRTiles) -> K.BSRTiles:
     bm = tiles.bm if m >= tiles.bm else max(16, 1 << (m - 1).bit_length())
     return K.BSRTiles(bm=bm, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
@@ -95,6 +105,7 @@ def bsr_matmul(
     if not isinstance(w, BSRMatrix):
         raise ValueError(f"w must be a BSRMatrix, got {type(w).__name__}")
     impl = resolve_backend(backend)
+    check_compiled_block(impl, w.block)
     k, n = w.shape
     if x.ndim < 1 or x.shape[-1] != k:
         raise ValueError(

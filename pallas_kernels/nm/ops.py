@@ -28,6 +28,16 @@ def _kernel_call(x, values, codes, shape, n, m, impl, tiles: K.NMTiles):
     gt = math.gcd(g // per, tiles.groups)
     bn = math.gcd(cols, tiles.bn)
     bm = tiles.bm if mm >= tiles.bm else max(16, 1 << (mm - 1).bit_length())
+    if impl == "gpu" and (gt < 16 or bn < 16):
+        raise ValueError(
+            f"the GPU N:M kernel needs K/m/P = {g // per} and N = {cols} to have power-of-2 "
+            f"factors >= 16 (tiles {gt}x{bn}); use backend='cpu' or 'reference' for this shape"
+        )
+    if impl == "tpu" and (gt % 128 or bn % 128):
+        raise ValueError(
+            f"the TPU N:M kernel needs 128-multiples: groups/tile {gt}, columns/tile {bn}; "
+            "use larger K and N or backend='reference'"
+        )
     pad = (-mm) % bm
     xp = jnp.pad(x, ((0, pad), (0, 0))) if pad else x
     # Split K as (G, m) -> (m, G): plane r of every tile becomes a contiguous column slice.
