@@ -1,0 +1,114 @@
+"""Tokens/s of the sparse training step vs the dense step on the same GPT, and model FLOP/s.
+
+Sparse: gradual global magnitude pruning in the 25%->75%-of-compute window, masks recomputed
+every 100 steps (the mask update's cost is amortized over the steps it covers). Dense: the same
+optimizer without ``sparsify``. Rounds alternate between the two (same process, same data), so
+the ratio is measured side by side. Also measures this machine's dense f32 matmul FLOP/s and
+the model FLOP/s both steps achieve (6·N-style accounting of DESIGN.md: 3x forward FLOPs).
+
+    python benchmarks/train_throughput.py [--size tiny] [--rounds 8] [--steps 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from sparsejax import accounting, data, methods, schedules, sparsify
+from sparsejax.models.gpt import GPT, GPTConfig
+from sparsejax.train import TrainState, make_train_step
+
+
+def build_step(cfg: GPTConfig, tx, batch: int, seq: int):
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
+    params_def = jax.tree_util.tree_structure(params_state)
+    params = nnx.to_pure_dict(params_state)
+    counts = accounting.count_params(params)
+    f0 = accounting.train_flops_per_token(cfg.n_layer, cfg.d_model, cfg.d_ff, seq,
+                                          cfg.vocab_size)
+    half = accounting.train_flops_per_token(cfg.n_layer, cfg.d_model, cfg.d_ff, seq,
+                                            cfg.vocab_size, sparsity=0.5)
+    step = make_train_step(graphdef, params_def, rest, tx, counts=counts, prunable=None,
+                           fixed_flops=2 * half - f0, dense_flops=2 * (f0 - half),
+                           tokens_per_step=float(batch * seq))
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
+                       jax.random.PRNGKey(0), jnp.zeros((), jnp.float32),
+                       jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+                       jnp.zeros((), jnp.int32))
+    return step, state, f0
+
+
+def matmul_flops(n: int = 1024, reps: int = 20) -> float:
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(reps):
+        out = f(a)
+    out.block_until_ready()
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="tiny")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--steps", type=int, default=25, help="steps per config per round")
+    args = p.parse_args()
+
+    cfg = GPTConfig.from_variant(args.size, n_ctx=args.seq)
+    total = args.rounds * args.steps + 1
+    inner = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=0.1))
+    sched = schedules.window(total, 0.5, update_every=100)
+    sparse_tx = sparsify(inner, methods.gradual(sched, allocation="global"))
+    configs = {"dense": build_step(cfg, inner, args.batch, args.seq),
+               "sparse (gradual, every 100)": build_step(cfg, sparse_tx, args.batch, args.seq)}
+    corpus = data.load_corpus(None)
+    batches = [data.get_batch(corpus.train, seed=0, step=i, batch_size=args.batch,
+                              seq_len=args.seq) for i in range(args.steps)]
+    states = {}
+    for name, (step, state, _) in configs.items():  # compile + warm up one step
+        state, _ = step(state, *batches[0])
+        jax.block_until_ready(state.params)
+        states[name] = state
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for r in range(args.rounds):
+        order = list(configs) if r % 2 == 0 else list(reversed(configs))
+        for name in order:
+            step, state = configs[name][0], states[name]
+            t = time.perf_counter()
+            for b in batches:
+                state, _ = step(state, *b)
+            jax.block_until_ready(state.params)
+            times[name].append((time.perf_counter() - t) / args.steps)
+            states[name] = state
+    peak = matmul_flops()
+    tokens = args.batch * args.seq
+    base_total = sum(times["dense"])
+    print(f"\nGPT {args.size} {cfg.n_layer}x{cfg.d_model} ff {cfg.d_ff}, batch {args.batch}x"
+          f"{args.seq}, {args.rounds} interleaved rounds x {args.steps} steps; "
+          f"sparse ended at sparsity {float(sched(total - 1)):.2f} "
+          f"({int(states['sparse (gradual, every 100)'].step)} steps)")
+    print(f"{'step':<30}{'median ms':>10}{'tokens/s':>11}{'ratio':>8}{'model GFLOP/s':>15}"
+          f"{'of matmul':>11}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        flops = configs[name][2] * tokens / med
+        ratio = sum(ts) / base_total
+        print(f"{name:<30}{med * 1e3:>10.2f}{tokens / med:>11.0f}{ratio:>8.3f}"
+              f"{flops / 1e9:>15.2f}{flops / peak:>11.1%}")
+    print(f"dense f32 matmul 1024^3 on this machine: {peak / 1e9:.1f} GFLOP/s")
+    print("ratio = total sparse time / total dense time over the same rounds; target <= 1.05")
+
+
+if __name__ == "__main__":
+    main()
