@@ -17,6 +17,7 @@ USAGE = """usage: sparsejax COMMAND [ARGS]
 commands:
   train   --config FILE.py[:key=val,...] --workdir DIR [--config.KEY=VALUE ...]
   fit     SWEEP_DIR_OR_CSV [--law chinchilla|frantar] [--bootstrap N] [--out DIR]
+  sweep   --config FILE.py[:arg] --workdir SWEEP_DIR [--set KEY=VALUE ...] [--dry-run]
   export  --format bsr|nm RUN_DIR [--out DIR] [--block BK,BN] [--n N --m M] [--force]
 """
 
@@ -40,25 +41,49 @@ def train_main(argv: list[str]) -> int:
     if fv.config is None or not fv.workdir:
         print("sparsejax train: --config and --workdir are required", file=sys.stderr)
         return 2
-    from sparsejax import experiment, train
+    from sparsejax import configlib, experiment
 
     config = fv.config
-    exp = experiment.build(config)
+    try:
+        configlib.validate(config)
+    except ValueError as e:
+        print(f"sparsejax train: invalid config: {e}", file=sys.stderr)
+        return 2
     print(f"run dir: {Path(fv.workdir).absolute()}", flush=True)
-    summary = train.run(
-        exp.model, exp.tx, exp.corpus, fv.workdir,
-        steps=config.train.steps, batch_size=config.train.batch_size,
-        seq_len=config.train.seq_len, seed=config.seed, lr_schedule=exp.lr_schedule,
-        sparsity_schedule=exp.sparsity_schedule, eval_every=config.eval.every,
-        eval_batches=config.eval.batches, eval_batch_size=config.eval.batch_size,
-        log_every=config.train.log_every, checkpoint_every=config.checkpoint.every,
-        keep_checkpoints=config.checkpoint.keep, config=config.to_dict(),
-        wandb=config.wandb.to_dict(), progress=fv.progress,
-    )
+    summary = experiment.run(config, fv.workdir, progress=fv.progress)
     print(f"run dir: {Path(fv.workdir).absolute()}")
     print(f"final validation loss: {summary['final_val_loss']:.4f} "
           f"(step {summary['step']}, sparsity {summary['sparsity']:.3f}, "
           f"N_avg {summary['n_avg']:.0f} of {summary['n_params']})")
+    return 0
+
+
+def sweep_main(argv: list[str]) -> int:
+    """Run every run of a recipe's ``sweep(add)`` into one sweep dir."""
+    p = argparse.ArgumentParser(prog="sparsejax sweep")
+    p.add_argument("--config", required=True, help="recipe FILE.py[:arg] defining sweep(add)")
+    p.add_argument("--workdir", required=True, help="sweep dir (one run dir per run)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override applied to every run (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    p.add_argument("--noprogress", action="store_true")
+    args = p.parse_args(argv)
+    from sparsejax import sweep
+
+    extra = {}
+    for item in args.set:
+        if "=" not in item:
+            p.error(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        extra[key] = value
+    try:
+        entries = sweep.launch(args.config, args.workdir, extra=extra, dry_run=args.dry_run,
+                               progress=not args.noprogress)
+    except ValueError as e:
+        print(f"sparsejax sweep: {e}", file=sys.stderr)
+        return 2
+    for e in entries:
+        print(f"{e['name']}: {e.get('status', 'planned')} {e.get('final_val_loss', '')}")
     return 0
 
 
@@ -102,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         return scaling_cli.main(rest)
     if command == "export":
         return export_main(rest)
+    if command == "sweep":
+        return sweep_main(rest)
     print(f"sparsejax: unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2
 

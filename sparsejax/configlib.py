@@ -50,30 +50,35 @@ def _coerce(old: Any, text: str) -> Any:
     return text
 
 
+def set_key(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+    """Set ``config[dotted]`` (``"train.steps"``); strings are parsed to the key's type.
+
+    Unknown keys raise ``ValueError`` naming the key."""
+    dotted = SIZE_ALIASES.get(dotted, dotted)
+    *parents, leaf = dotted.split(".")
+    node = config
+    for p in parents:
+        if p not in node:
+            raise ValueError(f"unknown config key {dotted!r}")
+        node = node[p]
+    if leaf not in node:
+        raise ValueError(f"unknown config key {dotted!r}")
+    try:
+        node[leaf] = _coerce(node[leaf], value) if isinstance(value, str) else value
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"config key {dotted!r}: {e}") from None
+
+
 def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
     """Apply ``"key=val,key2=val2"`` (dotted keys, or aliases ``size``, ``steps``,
     ``sparsity``/``final``, ``seed``) to ``config``; unknown keys raise ``ValueError``."""
-    if not arg:
-        return config
-    for item in arg.split(","):
+    for item in (arg or "").split(","):
         if not item.strip():
             continue
         if "=" not in item:
             raise ValueError(f"config argument {item!r} must look like key=value")
         key, value = (s.strip() for s in item.split("=", 1))
-        dotted = SIZE_ALIASES.get(key, key)
-        *parents, leaf = dotted.split(".")
-        node = config
-        for p in parents:
-            if p not in node:
-                raise ValueError(f"unknown config key {dotted!r}")
-            node = node[p]
-        if leaf not in node:
-            raise ValueError(f"unknown config key {dotted!r}")
-        try:
-            node[leaf] = _coerce(node[leaf], value)
-        except ValueError as e:
-            raise ValueError(f"config key {dotted!r}: {e}") from None
+        set_key(config, key, value)
     return config
 
 

@@ -94,3 +94,20 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
     schedule = sparsity_schedule(config)
     tx, lr = optimizer(config, schedule)
     return Experiment(model, cfg, tx, lr, schedule, corpus, config)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
+        ) -> dict[str, Any]:
+    """Build ``config`` and train it in ``workdir`` (resuming from its checkpoints)."""
+    from sparsejax import train
+
+    exp = build(config)
+    t, ev = config.train, config.eval
+    return train.run(
+        exp.model, exp.tx, exp.corpus, workdir, steps=t.steps, batch_size=t.batch_size,
+        seq_len=t.seq_len, seed=config.seed, lr_schedule=exp.lr_schedule,
+        sparsity_schedule=exp.sparsity_schedule, eval_every=ev.every,
+        eval_batches=ev.batches, eval_batch_size=ev.batch_size, log_every=t.log_every,
+        checkpoint_every=config.checkpoint.every, keep_checkpoints=config.checkpoint.keep,
+        config=config.to_dict(), wandb=config.wandb.to_dict(), progress=progress,
+    )

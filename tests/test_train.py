@@ -30,15 +30,7 @@ def load_recipe(name: str, arg: str):
 
 
 def run_config(config, workdir):
-    exp = experiment.build(config)
-    return train.run(
-        exp.model, exp.tx, exp.corpus, workdir, steps=config.train.steps,
-        batch_size=config.train.batch_size, seq_len=config.train.seq_len, seed=config.seed,
-        lr_schedule=exp.lr_schedule, sparsity_schedule=exp.sparsity_schedule,
-        eval_every=config.eval.every, eval_batches=config.eval.batches,
-        log_every=config.train.log_every, checkpoint_every=config.checkpoint.every,
-        config=config.to_dict(), progress=False,
-    )
+    return experiment.run(config, str(workdir), progress=False)
 
 
 @pytest.mark.slow

@@ -1,0 +1,62 @@
+"""Sweeps: a recipe's sweep(add) becomes one run dir per run plus sweep.json; relaunch skips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sparsejax import cli, sweep
+
+RECIPE = '''
+from sparsejax import configlib
+
+def get_config(arg=None):
+    c = configlib.base()
+    c.model.n_ctx = 32
+    c.train.seq_len = 32
+    c.train.batch_size = 4
+    c.train.steps = 4
+    c.train.warmup_steps = 1
+    c.train.log_every = 2
+    c.eval.every = 4
+    c.eval.batches = 1
+    c.eval.batch_size = 4
+    c.checkpoint.every = 4
+    return configlib.apply_arg(c, arg)
+
+def sweep(add):
+    add(**{"sparsity.method": "dense"})
+    add(**{"sparsity.method": "static", "sparsity.final": 0.5})
+'''
+
+
+@pytest.mark.slow
+def test_sweep_runs_and_skips(tmp_path: Path, capsys):
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(RECIPE)
+    out = tmp_path / "sweep"
+    assert cli.main(["sweep", "--config", f"{recipe}:size=tiny", "--workdir", str(out),
+                     "--noprogress"]) == 0
+    meta = json.loads((out / "sweep.json").read_text())
+    names = [r["name"] for r in meta["runs"]]
+    assert names == ["method-dense", "final-0.5_method-static"]
+    for name in names:
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["step"] == 4
+    sparse = json.loads((out / names[1] / "summary.json").read_text())
+    assert 0.49 < sparse["sparsity"] < 0.51 and sparse["n_avg"] < sparse["n_params"]
+    capsys.readouterr()
+    assert cli.main(["sweep", "--config", str(recipe), "--workdir", str(out)]) == 0
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_sweep_errors(tmp_path: Path):
+    recipe = tmp_path / "bad.py"
+    recipe.write_text(RECIPE.replace('"sparsity.final": 0.5', '"sparsity.finall": 0.5'))
+    with pytest.raises(ValueError, match="unknown config key"):
+        sweep.configs(str(recipe))
+    with pytest.raises(ValueError, match="does not exist"):
+        sweep.configs(str(tmp_path / "missing.py"))
+    assert sweep.run_name({"model.size": "XS", "sparsity.final": 0.5}) == "size-XS_final-0.5"
