@@ -1,0 +1,267 @@
+"""Grid-started robust fits of scaling laws.
+
+``fit_chinchilla`` follows Besiroglu et al. 2024 ("Chinchilla Scaling: A replication attempt"):
+the **sum** of Huber(delta=1e-3) on ``log L - LSE(a - alpha log N, b - beta log D, e)``
+minimised from every point of a 4,500-point grid, best kept; the minimiser is the batched
+damped Newton of ``scaling.solver`` (all starts at once). ``fit_frantar`` fits the sparse law of
+Frantar et al. 2023 the same way. Bootstrap intervals and leave-one-out errors are in
+``scaling.uncertainty``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from scaling import forms
+from scaling.laws import ChinchillaLaw, FrantarLaw
+from scaling.solver import Penalty, minimize
+
+
+def check_points(columns: Mapping[str, np.ndarray], loss: np.ndarray, n_free: int) -> None:
+    """Raise ValueError for data a law cannot be fitted to (shared by ``scaling.logs``)."""
+    loss = np.asarray(loss, np.float64)
+    if loss.ndim != 1:
+        raise ValueError(f"loss must be 1-D; got shape {loss.shape}")
+    bad = ~np.isfinite(loss) | (loss <= 0)
+    if bad.any():
+        raise ValueError(
+            f"loss must be finite and > 0; {bad.sum()} bad value(s), first at row "
+            f"{int(np.flatnonzero(bad)[0])}: {loss[bad][0]}"
+        )
+    for name, col in columns.items():
+        col = np.asarray(col, np.float64)
+        if col.shape != loss.shape:
+            raise ValueError(f"{name} must have the shape of loss {loss.shape}; got {col.shape}")
+        lo = 0.0 if name != "S" else -np.inf
+        ok = np.isfinite(col) & (col > lo) if name != "S" else np.isfinite(col) & (col >= 0)
+        if name == "S":
+            ok &= col < 1
+        if not ok.all():
+            rng = "[0, 1)" if name == "S" else "> 0 and finite"
+            raise ValueError(f"{name} must be {rng}; bad value {col[~ok][0]} at row "
+                             f"{int(np.flatnonzero(~ok)[0])}")  # fmt: skip
+        if name in ("N", "D") and np.unique(col).size < 2:
+            raise ValueError(f"{name} has a single distinct value ({col[0]}); the law needs >= 2")
+    if loss.shape[0] < n_free:
+        raise ValueError(f"{loss.shape[0]} points but {n_free} free parameters; need >= {n_free}")
+
+
+class _FitTable:
+    """Shared behaviour of fit results: table repr, coefficient dict."""
+
+    _form: forms.Form
+    _order: tuple[str, ...]
+
+    def coefficients(self) -> dict[str, float]:
+        return {k: float(getattr(self, k)) for k in self._order}
+
+    def __repr__(self) -> str:
+        fixed = set(self.fixed)
+        rows = [f"{type(self).__name__} ({self._form.name}, {self.space} residuals, "
+                f"Huber delta={self.huber_delta:g}, asymmetry={self.asymmetry:g})"]  # fmt: skip
+        rows += [f"  {k:<9} {v:>14.6g}{'  (fixed)' if k in fixed else ''}"
+                 for k, v in self.coefficients().items()]  # fmt: skip
+        rows += [
+            f"  {'objective':<9} {self.objective:>14.6e}  (sum over {self.n_points} points)",
+            f"  starts: {self.n_starts}, converged {self.n_converged}, "
+            f"at the best objective {self.n_at_best}",
+        ]
+        return "\n".join(rows)
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True, repr=False)
+class ChinchillaFit(_FitTable):
+    """``L = E + A/N^alpha + B/D^beta`` fitted; ``predict(N, D)`` gives the loss."""
+
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+    objective: float
+    n_points: int
+    n_starts: int
+    n_converged: int
+    n_at_best: int
+    huber_delta: float
+    asymmetry: float
+    space: str
+    fixed: tuple[str, ...]
+    theta: np.ndarray = field(compare=False)  # (a, b, e, alpha, beta)
+    optima: np.ndarray = field(compare=False)  # distinct local optima, best first (internal)
+    data: dict = field(compare=False)  # the points fitted: N, D, loss
+    _form = forms.CHINCHILLA
+    _order = ("E", "A", "B", "alpha", "beta")
+
+    @property
+    def law(self) -> ChinchillaLaw:
+        return ChinchillaLaw(E=self.E, A=self.A, B=self.B, alpha=self.alpha, beta=self.beta)
+
+    def predict(self, N, D) -> np.ndarray:
+        return self.law.predict(N, D)
+
+
+@dataclass(frozen=True, repr=False)
+class FrantarFit(_FitTable):
+    """``L = (a (1-S)^b + c) N^-d + e D^-f + g`` fitted; ``predict(S, N, D)`` gives the loss."""
+
+    a: float
+    b: float
+    c: float
+    d: float
+    e: float
+    f: float
+    g: float
+    objective: float
+    n_points: int
+    n_starts: int
+    n_converged: int
+    n_at_best: int
+    huber_delta: float
+    asymmetry: float
+    space: str
+    fixed: tuple[str, ...]
+    theta: np.ndarray = field(compare=False)
+    optima: np.ndarray = field(compare=False)
+    data: dict = field(compare=False)  # S, N, D, loss
+    _form = forms.FRANTAR
+    _order = ("a", "b", "c", "d", "e", "f", "g")
+
+    @property
+    def law(self) -> FrantarLaw:
+        return FrantarLaw(**self.coefficients())
+
+    def predict(self, S, N, D) -> np.ndarray:
+        return self.law.predict(S, N, D)
+
+
+def _distinct_optima(theta: np.ndarray, obj: np.ndarray, k: int = 12) -> np.ndarray:
+    order = np.argsort(np.where(np.isfinite(obj), obj, np.inf))
+    kept: list[np.ndarray] = []
+    for i in order:
+        if not np.isfinite(obj[i]):
+            break
+        if all(np.max(np.abs(theta[i] - t)) > 1e-3 for t in kept):
+            kept.append(theta[i])
+        if len(kept) == k:
+            break
+    return np.array(kept)
+
+
+def fit_form(
+    form: forms.Form,
+    data: Mapping[str, np.ndarray],
+    loss: np.ndarray,
+    *,
+    huber_delta: float,
+    grid,
+    fixed: Mapping[str, float] | None,
+    asymmetry: float = 0.5,
+    space: str = "log",
+    drop_highest: int = 0,
+    max_iter: int = 400,
+):
+    """Fit ``form`` from every grid start; returns the ``ChinchillaFit`` / ``FrantarFit``."""
+    if not huber_delta > 0:
+        raise ValueError(f"huber_delta must be > 0; got {huber_delta}")
+    if not 0 < asymmetry < 1:
+        raise ValueError(f"asymmetry must be in (0, 1) (0.5 = symmetric); got {asymmetry}")
+    if space not in ("log", "linear"):
+        raise ValueError(f"space must be 'log' or 'linear'; got {space!r}")
+    fixed = dict(fixed or {})
+    for name, value in fixed.items():
+        forms.to_internal(form, name, value)
+    loss = np.asarray(loss, np.float64).ravel()
+    data = {k: np.asarray(data[k], np.float64).ravel() for k in form.columns}
+    n_free = len(form.internal) - len(fixed)
+    check_points(data, loss, n_free)
+    if not 0 <= drop_highest <= loss.shape[0] - n_free:
+        raise ValueError(f"drop_highest must be in [0, {loss.shape[0] - n_free}]; got {drop_highest}")
+    if drop_highest:
+        keep = np.sort(np.argsort(loss, kind="stable")[: loss.shape[0] - drop_highest])
+        loss, data = loss[keep], {k: v[keep] for k, v in data.items()}
+        check_points(data, loss, n_free)
+    target = np.log(loss) if space == "log" else loss
+    model, free, values = forms.build_model(form, data, target, fixed)
+    starts = forms.grid_starts(form, grid, free)
+    res = minimize(model, starts, penalty=Penalty(huber_delta, asymmetry, space), max_iter=max_iter)
+    full = np.tile(values, (starts.shape[0], 1))
+    full[:, free] = res.theta
+    i = int(np.nanargmin(np.where(np.isfinite(res.objective), res.objective, np.nan)))
+    best = float(res.objective[i])
+    cls = ChinchillaFit if form is forms.CHINCHILLA else FrantarFit
+    return cls(
+        **{k: v for k, v in forms.to_natural(form, full[i]).items()},
+        objective=best,
+        n_points=int(loss.shape[0]),
+        n_starts=int(starts.shape[0]),
+        n_converged=int(res.converged.sum()),
+        n_at_best=int(np.sum(res.objective <= best * (1 + 1e-6) + 1e-300)),
+        huber_delta=float(huber_delta),
+        asymmetry=float(asymmetry),
+        space=space,
+        fixed=tuple(fixed),
+        theta=full[i],
+        optima=_distinct_optima(full, res.objective),
+        data={**data, "loss": loss},
+    )
+
+
+def fit_chinchilla(
+    N,
+    D,
+    loss,
+    *,
+    huber_delta: float = 1e-3,
+    grid="epoch",
+    drop_highest: int = 0,
+    fixed: Mapping[str, float] | None = None,
+    asymmetry: float = 0.5,
+    max_iter: int = 400,
+) -> ChinchillaFit:
+    """Fit ``L = E + A/N^alpha + B/D^beta`` (Hoffmann et al. 2022) as Besiroglu et al. 2024 do.
+
+    Minimises the sum of Huber(``huber_delta``) on log residuals from every start of ``grid``
+    ("epoch": DESIGN.md's 4,500 points; "coarse": 243; a dict of per-parameter values over
+    ``a, b, e, alpha, beta``; or an (S, P) array of starts over the free ones).
+    ``drop_highest`` drops that many highest-loss points first. ``fixed`` pins coefficients by
+    their natural names (``{"alpha": 0.34, "E": 1.69}``). ``asymmetry`` in (0, 1) weighs points
+    above the fit by ``2 asymmetry`` and below it by ``2 (1 - asymmetry)`` (0.5: plain Huber).
+    With N = N_avg for sparse runs this is the law of Jin et al. 2025.
+    """
+    return fit_form(
+        forms.CHINCHILLA, {"N": N, "D": D}, loss, huber_delta=huber_delta, grid=grid,
+        fixed=fixed, asymmetry=asymmetry, drop_highest=drop_highest, max_iter=max_iter,
+    )  # fmt: skip
+
+
+def fit_frantar(
+    S,
+    N,
+    D,
+    loss,
+    *,
+    huber_delta: float = 1e-3,
+    space: str = "log",
+    grid="default",
+    drop_highest: int = 0,
+    fixed: Mapping[str, float] | None = None,
+    asymmetry: float = 0.5,
+    max_iter: int = 400,
+) -> FrantarFit:
+    """Fit the sparse law of Frantar et al. 2023, ``(a (1-S)^b + c) N^-d + e D^-f + g``.
+
+    ``S`` is the sparsity in [0, 1), N the non-zero parameter count, D the data seen. Their
+    language-model recipe is the default (Huber 1e-3 on log residuals); for ViT they used
+    ``space="linear", huber_delta=0.01``. The objective is a sum (theirs is a mean: divide by n).
+    """
+    return fit_form(
+        forms.FRANTAR, {"S": S, "N": N, "D": D}, loss, huber_delta=huber_delta, grid=grid,
+        fixed=fixed, asymmetry=asymmetry, space=space, drop_highest=drop_highest,
+        max_iter=max_iter,
+    )  # fmt: skip
