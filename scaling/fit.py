@@ -41,8 +41,10 @@ def check_points(columns: Mapping[str, np.ndarray], loss: np.ndarray, n_free: in
             ok &= col < 1
         if not ok.all():
             rng = "[0, 1)" if name == "S" else "> 0 and finite"
-            raise ValueError(f"{name} must be {rng}; bad value {col[~ok][0]} at row "
-                             f"{int(np.flatnonzero(~ok)[0])}")  # fmt: skip
+            raise ValueError(
+                f"{name} must be {rng}; bad value {col[~ok][0]} at row "
+                f"{int(np.flatnonzero(~ok)[0])}"
+            )
         if name in ("N", "D") and np.unique(col).size < 2:
             raise ValueError(f"{name} has a single distinct value ({col[0]}); the law needs >= 2")
     if loss.shape[0] < n_free:
@@ -60,10 +62,14 @@ class _FitTable:
 
     def __repr__(self) -> str:
         fixed = set(self.fixed)
-        rows = [f"{type(self).__name__} ({self._form.name}, {self.space} residuals, "
-                f"Huber delta={self.huber_delta:g}, asymmetry={self.asymmetry:g})"]  # fmt: skip
-        rows += [f"  {k:<9} {v:>14.6g}{'  (fixed)' if k in fixed else ''}"
-                 for k, v in self.coefficients().items()]  # fmt: skip
+        rows = [
+            f"{type(self).__name__} ({self._form.name}, {self.space} residuals, "
+            f"Huber delta={self.huber_delta:g}, asymmetry={self.asymmetry:g})"
+        ]
+        rows += [
+            f"  {k:<9} {v:>14.6g}{'  (fixed)' if k in fixed else ''}"
+            for k, v in self.coefficients().items()
+        ]
         rows += [
             f"  {'objective':<9} {self.objective:>14.6e}  (sum over {self.n_points} points)",
             f"  starts: {self.n_starts}, converged {self.n_converged}, "
@@ -181,7 +187,9 @@ def fit_form(
     n_free = len(form.internal) - len(fixed)
     check_points(data, loss, n_free)
     if not 0 <= drop_highest <= loss.shape[0] - n_free:
-        raise ValueError(f"drop_highest must be in [0, {loss.shape[0] - n_free}]; got {drop_highest}")
+        raise ValueError(
+            f"drop_highest must be in [0, {loss.shape[0] - n_free}]; got {drop_highest}"
+        )
     if drop_highest:
         keep = np.sort(np.argsort(loss, kind="stable")[: loss.shape[0] - drop_highest])
         loss, data = loss[keep], {k: v[keep] for k, v in data.items()}
@@ -235,9 +243,16 @@ def fit_chinchilla(
     With N = N_avg for sparse runs this is the law of Jin et al. 2025.
     """
     return fit_form(
-        forms.CHINCHILLA, {"N": N, "D": D}, loss, huber_delta=huber_delta, grid=grid,
-        fixed=fixed, asymmetry=asymmetry, drop_highest=drop_highest, max_iter=max_iter,
-    )  # fmt: skip
+        forms.CHINCHILLA,
+        {"N": N, "D": D},
+        loss,
+        huber_delta=huber_delta,
+        grid=grid,
+        fixed=fixed,
+        asymmetry=asymmetry,
+        drop_highest=drop_highest,
+        max_iter=max_iter,
+    )
 
 
 def fit_frantar(
@@ -261,7 +276,14 @@ def fit_frantar(
     ``space="linear", huber_delta=0.01``. The objective is a sum (theirs is a mean: divide by n).
     """
     return fit_form(
-        forms.FRANTAR, {"S": S, "N": N, "D": D}, loss, huber_delta=huber_delta, grid=grid,
-        fixed=fixed, asymmetry=asymmetry, space=space, drop_highest=drop_highest,
+        forms.FRANTAR,
+        {"S": S, "N": N, "D": D},
+        loss,
+        huber_delta=huber_delta,
+        grid=grid,
+        fixed=fixed,
+        asymmetry=asymmetry,
+        space=space,
+        drop_highest=drop_highest,
         max_iter=max_iter,
-    )  # fmt: skip
+    )

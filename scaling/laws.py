@@ -98,9 +98,11 @@ class FrantarLaw:
         if not np.all((s >= 0) & (s < 1)):
             raise ValueError(f"S must be in [0, 1); got {S}")
         N, D = _positive("N", N), _positive("D", D)
-        return (self.a * (1 - s) ** self.b + self.c) * N ** (-self.d) + self.e * D ** (
-            -self.f
-        ) + self.g
+        return (
+            (self.a * (1 - s) ** self.b + self.c) * N ** (-self.d)
+            + self.e * D ** (-self.f)
+            + self.g
+        )
 
     def at_sparsity(self, S: float) -> ChinchillaLaw:
         """The Chinchilla law in (non-zero N, D) at a fixed sparsity ``S``."""

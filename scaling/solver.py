@@ -1,7 +1,7 @@
 """Batched robust fits of log-sum-exp-linear models: a damped Newton (Levenberg-Marquardt) loop
 run on thousands of starts at once, in float64 numpy.
 
-Model. For data point i the predicted log-loss is ``LSE_k(u_ik)`` with ``u_ik = M_ik . theta + c_ik``
+Model. For data point i the predicted log-loss is ``LSE_k(u_ik)``, ``u_ik = M_ik . theta + c_ik``
 (every term linear in the parameters). Hoffmann et al. 2022's law
 ``L = E + A/N^alpha + B/D^beta`` in the parameterisation of Besiroglu et al. 2024 is
 ``log L = LSE(a - alpha log N, b - beta log D, e)``; the sparse law of Frantar et al. 2023 is a
@@ -182,7 +182,11 @@ def _evaluate_chunked(model, ops, pen, theta, weights, f_old=None, exact_next=No
         sl = slice(i, i + size)
         parts.append(
             _evaluate(
-                model, ops, pen, theta[sl], _rows(weights, sl),
+                model,
+                ops,
+                pen,
+                theta[sl],
+                _rows(weights, sl),
                 None if f_old is None else f_old[sl],
                 None if exact_next is None else exact_next[sl],
             )
@@ -241,7 +245,9 @@ def _minimize(model, theta0, penalty, weights, max_iter, ftol, exact_below):
     theta = np.array(np.atleast_2d(theta0), np.float64)
     b, p = theta.shape
     if model.design.shape[2] != p:
-        raise ValueError(f"theta0 has {p} columns; the model has {model.design.shape[2]} parameters")
+        raise ValueError(
+            f"theta0 has {p} columns; the model has {model.design.shape[2]} parameters"
+        )
     if not 0.0 < penalty.asymmetry < 1.0 or not penalty.delta > 0:
         raise ValueError(f"penalty needs delta > 0 and 0 < asymmetry < 1; got {penalty}")
     w_all = _weights(weights, b, model.target.shape[0])
