@@ -7,10 +7,11 @@ scores the lower flat index is kept.
 
 The top-k is found without sorting: the float32 scores are mapped to ``uint32`` keys whose
 unsigned order is the float order, the k-th largest key is found by a radix select over
-its 16-bit digits (2 histogram passes; same result as DESIGN.md's 32-pass bit bisection),
-and ties at the threshold are resolved by a cumulative count in flat index order, run only
-when some tied entries must be dropped. Cost: O(3 n) against O(n log n) with a large constant for
-``argsort``/``top_k`` on CPU.
+its 16-bit digits (2 histogram passes, scatter-adds into 65,536 bins; same result as DESIGN.md's
+32-pass bit bisection), the counts above and at the threshold come from the histograms, and
+ties at the threshold are resolved by a cumulative count in flat index order, run only when
+some tied entries must be dropped. Cost: a few O(n) passes, against O(n log n) with a large
+constant for ``argsort``/``top_k`` on CPU.
 
 Masks are pytrees shaped like params: prunable leaves hold ``bool`` arrays of the leaf's shape,
 the others a scalar ``True``.
@@ -51,32 +52,52 @@ def num_kept(size: int | jax.Array, sparsity: float | jax.Array) -> jax.Array:
     return jnp.int32(size) - num_pruned(size, sparsity)
 
 
-_RADIX_BITS = 16  # two histogram passes of 65,536 bins over the uint32 keys
+_DIGIT_BITS = 16  # two histogram passes of 65,536 bins over the uint32 keys
+_BINS = 1 << _DIGIT_BITS
 
 
-def _kth_largest_key(keys: Sequence[jax.Array], k: jax.Array) -> jax.Array:
-    """The k-th largest key over all arrays in ``keys`` (1 <= k <= total), by radix select.
+def _count(index: jax.Array, mode: jax.lax.GatherScatterMode) -> jax.Array:
+    """Histogram of int32 ``index`` over ``_BINS`` bins by scatter-add (``FILL_OR_DROP``
+    drops indices outside ``[0, _BINS)``, negative ones included: no index normalization)."""
+    dnums = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
+    )
+    return jax.lax.scatter_add(
+        jnp.zeros(_BINS, jnp.int32), index.reshape(-1, 1), jnp.ones(index.size, jnp.int32),
+        dnums, mode=mode,
+    )
 
-    One pass per 16-bit digit, most significant first: a histogram of the current digit among
-    the keys that share the prefix found so far picks the digit of the k-th largest key. Same
-    result as 32 passes of bit-wise bisection (compare-and-count), in 2.
+
+def _pick_digit(hist: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Digit ``d`` holding the k-th largest entry of a histogram, #entries above it, #in it."""
+    at_least = jnp.cumsum(hist[::-1])[::-1]  # at_least[d] = #(digit >= d)
+    d = jnp.sum(at_least >= k, dtype=jnp.int32) - 1
+    above = jnp.where(d < _BINS - 1, at_least[jnp.minimum(d + 1, _BINS - 1)], 0)
+    return d, above, hist[d]
+
+
+def _kth_largest_key(
+    keys: Sequence[jax.Array], k: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Radix select of the k-th largest key over all ``keys`` (1 <= k <= total).
+
+    Returns ``(thresh, n_above, n_equal)``: the key, and how many keys are greater than and
+    equal to it. Two passes over 16-bit digits, most significant first (same result as
+    DESIGN.md's 32 passes of bit-wise bisection). Pass 1 histograms the high halves; pass 2
+    histograms ``key - (d1 << 16)`` as a scatter index that drops every key outside the chosen
+    high half (wrapped or too large), so no masking pass is needed.
     """
-    bins = 1 << _RADIX_BITS
-    prefix = jnp.uint32(0)
-    k_rem = jnp.asarray(k, jnp.int32)
-    for shift in range(32 - _RADIX_BITS, -1, -_RADIX_BITS):
-        high = np.uint32((0xFFFFFFFF << (shift + _RADIX_BITS)) & 0xFFFFFFFF)
-        hist = jnp.zeros(bins + 1, jnp.int32)
-        for key in keys:
-            digit = ((key >> np.uint32(shift)) & np.uint32(bins - 1)).astype(jnp.int32)
-            digit = jnp.where((key & high) == prefix, digit, bins)  # bins: outside the prefix
-            hist = hist + jnp.bincount(digit.ravel(), length=bins + 1)
-        at_least = jnp.cumsum(hist[bins - 1 :: -1])[::-1]  # at_least[d] = #(digit >= d)
-        d = jnp.sum(at_least >= k_rem, dtype=jnp.int32) - 1
-        above = jnp.where(d < bins - 1, at_least[jnp.minimum(d + 1, bins - 1)], 0)
-        k_rem = k_rem - above
-        prefix = prefix | (d.astype(jnp.uint32) << np.uint32(shift))
-    return prefix
+    k = jnp.asarray(k, jnp.int32)
+    high = [(key >> np.uint32(_DIGIT_BITS)).astype(jnp.int32) for key in keys]  # [0, 2**16)
+    hist = sum(_count(h, jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS) for h in high)
+    d1, above1, _ = _pick_digit(hist, k)
+    base = d1.astype(jnp.uint32) << np.uint32(_DIGIT_BITS)
+    # key - base as int32 is in [0, 2**16) exactly for the keys whose high half is d1; every
+    # other key (wrapped negative or too large) is dropped by the scatter.
+    low = [jax.lax.bitcast_convert_type(key - base, jnp.int32) for key in keys]
+    hist = sum(_count(lo, jax.lax.GatherScatterMode.FILL_OR_DROP) for lo in low)
+    d2, above2, n_equal = _pick_digit(hist, k - above1)
+    return base | d2.astype(jnp.uint32), above1 + above2, n_equal
 
 
 def _select(keys: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
@@ -86,23 +107,22 @@ def _select(keys: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
     cumulative count that orders ties only runs when some tied entries must be dropped.
     """
     k = jnp.asarray(k, jnp.int32)
-    thresh = _kth_largest_key(keys, jnp.maximum(k, 1))
-    above = [key > thresh for key in keys]
-    ties = [key == thresh for key in keys]
-    n_above = sum(jnp.sum(a, dtype=jnp.int32) for a in above)
-    n_ties = sum(jnp.sum(t, dtype=jnp.int32) for t in ties)
+    thresh, n_above, n_ties = _kth_largest_key(keys, jnp.maximum(k, 1))
     ties_left = k - n_above  # how many entries equal to the threshold we still keep
 
-    def keep_first_ties(ties):
+    def keep_all_ties(keys):
+        return [(key >= thresh) & (k > 0) for key in keys]
+
+    def keep_first_ties(keys):
         out, offset = [], jnp.int32(0)
-        for tie in ties:
+        for key in keys:
+            tie = key == thresh
             rank = jnp.cumsum(tie.ravel(), dtype=jnp.int32).reshape(tie.shape) + offset
-            out.append(tie & (rank <= ties_left))
+            out.append(((key > thresh) | (tie & (rank <= ties_left))) & (k > 0))
             offset = rank.ravel()[-1] if tie.size else offset
         return out
 
-    kept_ties = jax.lax.cond(ties_left >= n_ties, lambda t: list(t), keep_first_ties, ties)
-    return [(a | t) & (k > 0) for a, t in zip(above, kept_ties, strict=True)]
+    return jax.lax.cond(ties_left >= n_ties, keep_all_ties, keep_first_ties, list(keys))
 
 
 def topk_mask(score: jax.Array, k: int | jax.Array) -> jax.Array:
@@ -207,18 +227,22 @@ def nm_mask(score: jax.Array, n: int, m: int, *, axis: int = 0) -> jax.Array:
     """Keep the ``n`` largest of every ``m`` consecutive entries along ``axis``.
 
     Axis 0 is the contraction (input) axis of a Flax ``(in, out)`` kernel (Mishra et al. 2021;
-    Zhou et al. 2021). Sort-free: each entry's rank within its group is counted with m*m
-    comparisons; ties keep the lower index.
+    Zhou et al. 2021). Sort-free and transpose-free: the axis is split into ``(groups, m)`` in
+    place, and each of the ``m`` slices counts how many of the other ``m - 1`` beat it
+    (greater, or equal at a lower index) with elementwise comparisons that fuse into one pass;
+    an entry is kept when fewer than ``n`` beat it. Ties keep the lower index.
     """
     check_nm(n, m, score.shape, axis)
-    x = jnp.moveaxis(score.astype(jnp.float32), axis, -1)
-    g = x.reshape(*x.shape[:-1], x.shape[-1] // m, m)
-    a = g[..., :, None]  # entry i
-    b = g[..., None, :]  # entry j
-    j_lt_i = jnp.arange(m)[None, :] < jnp.arange(m)[:, None]
-    rank = jnp.sum((b > a) | ((b == a) & j_lt_i), axis=-1)
-    keep = (rank < n).reshape(x.shape)
-    return jnp.moveaxis(keep, -1, axis)
+    axis = axis % score.ndim
+    shape = score.shape
+    g = score.astype(jnp.float32).reshape(*shape[:axis], shape[axis] // m, m, *shape[axis + 1 :])
+    parts = [jax.lax.index_in_dim(g, i, axis + 1, keepdims=False) for i in range(m)]
+    keep = []
+    for i, a in enumerate(parts):
+        beaten = [(b >= a) if j < i else (b > a) for j, b in enumerate(parts) if j != i]
+        rank = sum((x.astype(jnp.int32) for x in beaten), jnp.zeros(a.shape, jnp.int32))
+        keep.append(rank < n)
+    return jnp.stack(keep, axis=axis + 1).reshape(shape)
 
 
 def nm_masks(scores: Any, n: int, m: int, prunable: Any, *, axis: int = 0) -> Any:

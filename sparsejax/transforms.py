@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from sparsejax import prunable as prunable_lib
-from sparsejax.methods.base import MaskMethod, never
+from sparsejax.methods.base import MaskMethod, always, never
 
 
 class SparsifyState(NamedTuple):
@@ -83,14 +83,15 @@ def sparsify(
     pred = prunable_lib.resolve(prunable)
     inner = optax.with_extra_args_support(inner)
     fixed = method.is_update_step is never
+    every_step = method.is_update_step is always
+    # jit once per transform: initial masks may need a full selection (slow op-by-op), and
+    # a single jitted function is compiled once per params structure, not once per init.
+    init_masks = jax.jit(lambda p, k: method.init(p, k, pred))
 
     def init_fn(params):
         prunable_lib.check_selects_something(params, pred)
         key = jax.random.PRNGKey(seed)
-        # jit: initial masks may need a full selection, which is slow op-by-op.
-        masks, method_state = jax.jit(lambda p, k: method.init(p, k, pred))(
-            params, jax.random.fold_in(key, 0x7FFFFFFF)
-        )
+        masks, method_state = init_masks(params, jax.random.fold_in(key, 0x7FFFFFFF))
         return SparsifyState(
             count=jnp.zeros([], jnp.int32),
             masks=masks,
@@ -108,28 +109,27 @@ def sparsify(
 
         if not fixed:
 
-            def recompute(operand):
-                old, mstate, istate = operand
-                new, mstate = method.update(
-                    params, updates, old, mstate, step, jax.random.fold_in(state.key, step), pred
-                )
-                same = jax.tree_util.tree_leaves(
-                    jax.tree_util.tree_map(lambda a, b: a == b, old, new)
-                )
-                pr = jax.tree_util.tree_leaves(tree)
-                istate = _map_param_shaped(
-                    istate,
-                    params,
-                    lambda x, i: jnp.where(same[i], x, jnp.zeros_like(x)) if pr[i] else x,
-                )
-                return new, mstate, istate
+            def recompute(old, mstate):
+                key = jax.random.fold_in(state.key, step)
+                return method.update(params, updates, old, mstate, step, key, pred)
 
-            masks, method_state, inner_state = jax.lax.cond(
-                method.is_update_step(step),
-                recompute,
-                lambda operand: operand,
-                (masks, method_state, inner_state),
+            if every_step:  # no cond: it would only add copies of its operands
+                new, method_state = recompute(masks, method_state)
+            else:  # only masks go through the cond; the moment reset below is elementwise
+                new, method_state = jax.lax.cond(
+                    method.is_update_step(step), recompute, lambda m, s: (m, s),
+                    masks, method_state,
+                )
+            # Zero the inner state where the mask changed: the identity on steps without an
+            # update, and it fuses with the inner update instead of being copied by a cond.
+            same = jax.tree_util.tree_leaves(jax.tree_util.tree_map(jnp.equal, masks, new))
+            pr = jax.tree_util.tree_leaves(tree)
+            inner_state = _map_param_shaped(
+                inner_state,
+                params,
+                lambda x, i: jnp.where(same[i], x, jnp.zeros_like(x)) if pr[i] else x,
             )
+            masks = new
 
         def mask_grad(g, m, pr):
             return jnp.where(m, g, jnp.zeros_like(g)) if pr else g

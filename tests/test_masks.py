@@ -23,6 +23,8 @@ def make_scores(kind: str, shape, rng) -> np.ndarray:
         return rng.normal(size=shape).astype(np.float32)
     if kind == "tied":
         return rng.integers(0, 3, size=shape).astype(np.float32)
+    if kind == "narrow":  # keys spread over a few adjacent 16-bit high halves
+        return rng.uniform(1.0, 1.05, size=shape).astype(np.float32)
     if kind == "constant":
         return np.full(shape, 0.25, np.float32)
     if kind == "tiny":  # denormals, zeros, -0.0 and huge values mixed
@@ -34,8 +36,8 @@ def make_scores(kind: str, shape, rng) -> np.ndarray:
 topk = jax.jit(masks.topk_mask)
 
 
-@pytest.mark.parametrize("kind", ["random", "tied", "constant", "tiny"])
-@pytest.mark.parametrize("shape", [(1,), (7,), (5, 9), (3, 4, 6)])
+@pytest.mark.parametrize("kind", ["random", "tied", "constant", "tiny", "narrow"])
+@pytest.mark.parametrize("shape", [(1,), (7,), (5, 9), (3, 4, 6), (40, 50)])
 def test_topk_matches_argsort(kind, shape):
     rng = np.random.default_rng(hash((kind, shape)) % 2**32)
     score = make_scores(kind, shape, rng)

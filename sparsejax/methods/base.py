@@ -5,7 +5,8 @@ A method is a NamedTuple of pure functions (optax style, DESIGN.md "Optimizer si
 - ``init(params, key, prunable) -> (masks, state)``
 - ``update(params, grads, masks, state, step, key, prunable) -> (masks, state)``, called only
   on steps where ``is_update_step(step)`` is true (under ``lax.cond``);
-- ``is_update_step(step) -> bool scalar`` (jittable).
+- ``is_update_step(step) -> bool scalar`` (jittable). Two sentinels let ``sparsify`` skip the
+  ``cond``: :func:`never` (masks fixed after ``init``) and :func:`always` (every step).
 
 ``prunable`` is the predicate ``(path, leaf) -> bool`` resolved by ``sparsify``. Masks are
 pytrees shaped like params: prunable leaves hold bool arrays, others a scalar ``True``.
@@ -47,6 +48,11 @@ def restrict_to_active(scores: Any, masks: Masks, prunable_tree: Any) -> Any:
     return jax.tree_util.tree_map(
         lambda s, m, pr: jnp.where(m, s, -1.0) if pr else s, scores, masks, prunable_tree
     )
+
+
+def always(step: jax.Array) -> jax.Array:
+    """``is_update_step`` of a method that recomputes its masks at every step (no ``cond``)."""
+    return jnp.asarray(step) >= 0  # the step count never goes negative
 
 
 def never(step: jax.Array) -> jax.Array:

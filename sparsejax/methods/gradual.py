@@ -10,12 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
 
 from sparsejax import allocation as allocation_lib
 from sparsejax import masks as masks_lib
 from sparsejax import prunable as prunable_lib
 from sparsejax import scores as scores_lib
-from sparsejax.methods.base import MaskMethod, dense_masks, restrict_to_active
+from sparsejax.methods.base import MaskMethod, always, dense_masks, restrict_to_active
 from sparsejax.schedules import Schedule
 
 ALLOCATIONS = ("uniform", "erk", "er", "global")
@@ -85,4 +86,9 @@ def gradual(
         )
         return new, state
 
-    return MaskMethod(init, update, schedule.is_update_step, name=f"gradual/{score}/{allocation}")
+    # constant(s, update_every=1) updates at every step: the `always` sentinel skips the cond.
+    every_step = schedule.end_step is None and schedule.update_every == 1
+    every_step = every_step and schedule.begin_step == 0
+    every_step = every_step and bool(np.all(schedule.is_update_step(np.arange(64))))
+    is_update_step = always if every_step else schedule.is_update_step
+    return MaskMethod(init, update, is_update_step, name=f"gradual/{score}/{allocation}")

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from sparsejax import masks as masks_lib
 from sparsejax import prunable as prunable_lib
 from sparsejax import scores as scores_lib
-from sparsejax.methods.base import MaskMethod, dense_masks
+from sparsejax.methods.base import MaskMethod, always, dense_masks
 
 
 def nm(
@@ -51,4 +51,7 @@ def nm(
         step = jnp.asarray(step)
         return (step >= begin_step) & ((step - begin_step) % update_every == 0)
 
-    return MaskMethod(init, update, is_update_step, name=f"nm/{n}:{m}")
+    every_step = update_every == 1 and begin_step == 0
+    return MaskMethod(
+        init, update, always if every_step else is_update_step, name=f"nm/{n}:{m}"
+    )
