@@ -27,7 +27,9 @@ def make_params():
 
 def test_bsr_export_roundtrip(tmp_path):
     params = make_params()
-    out = export_params(params, "bsr", block=(16, 32))
+    with pytest.warns(UserWarning, match=r"block0/out/kernel' kept dense: shape \(32, 16\)"):
+        out = export_params(params, "bsr", block=(16, 32))
+    assert isinstance(out["block0/out/kernel"], np.ndarray)
     assert isinstance(out["block0/mlp/kernel"], BSRMatrix)
     assert out["block0/mlp/kernel"].layout.nnz == 2
     assert isinstance(out["embed/embedding"], np.ndarray)  # not prunable: kept dense
@@ -65,7 +67,8 @@ def test_nm_export_requires_nm_sparsity_unless_forced(tmp_path):
 
 
 def test_summary_reports_bytes_and_density():
-    out = export_params(make_params(), "bsr", block=(16, 32))
+    with pytest.warns(UserWarning, match="kept dense"):
+        out = export_params(make_params(), "bsr", block=(16, 32))
     table = summary_table(out)
     line = next(r for r in table.splitlines() if r.startswith("block0/mlp/kernel"))
     # 2 of 4 bf16 blocks kept: 2*16*32*2 bytes values + 4*(2 + 2 + 1) bytes of int32 tables
