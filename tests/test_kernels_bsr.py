@@ -51,7 +51,7 @@ FWD = [
 ] + [
     ("cpu", dtype, sparsity, SHAPES[i % 2])
     for i, (dtype, sparsity) in enumerate(itertools.product(DTYPES, SPARSITIES))
-]
+] + [("auto", jnp.float32, 0.0, SHAPES[0]), ("auto", jnp.float32, 0.9, SHAPES[1])]
 
 
 @pytest.mark.parametrize(("backend", "dtype", "sparsity", "shape_block"), FWD)

@@ -19,6 +19,11 @@ from pallas_kernels.block_sparse.cpu import bsr_matmul_cpu, sddmm_cpu
 from pallas_kernels.block_sparse.format import BSRLayout, BSRMatrix, layout_to_dense
 from pallas_kernels.block_sparse.reference import sddmm_reference
 
+# "auto" on CPU uses the unrolled per-block path only where it beats a dense GEMM
+# (benchmarks/kernels.py: ~1x at 50% block density) and where unrolling stays cheap to compile.
+CPU_MAX_DENSITY = 0.5
+CPU_MAX_BLOCKS = 4096
+
 
 def check_compiled_block(impl: str, block: tuple[int, int]) -> None:
     """Blocks the compiled kernels accept: Triton loads need power-of-2 tiles of at least 16
@@ -97,7 +102,8 @@ def bsr_matmul(
 ) -> jax.Array:
     """Block-sparse ``x @ W`` for ``x`` of shape ``(..., K)`` and ``W`` a ``(K, N)`` BSRMatrix.
 
-    ``backend``: ``"auto"`` (CPU fast path on CPU, the Pallas kernel on GPU/TPU),
+    ``backend``: ``"auto"`` (on CPU the fast path, or densify + GEMM above 50% block
+    density; the Pallas kernel on GPU/TPU),
     ``"pallas"`` (compiled kernel: Triton on GPU, Mosaic on TPU), ``"interpret"`` (TPU-style
     kernel in Pallas interpret mode), ``"interpret_gpu"`` (GPU-style kernel interpreted),
     ``"cpu"`` or ``"reference"``. Differentiable in ``x`` and ``w.values``.
@@ -105,6 +111,12 @@ def bsr_matmul(
     if not isinstance(w, BSRMatrix):
         raise ValueError(f"w must be a BSRMatrix, got {type(w).__name__}")
     impl = resolve_backend(backend)
+    if (
+        backend == "auto"
+        and impl == "cpu"
+        and (w.layout.density > CPU_MAX_DENSITY or w.layout.nnz > CPU_MAX_BLOCKS)
+    ):
+        impl = "reference"  # densify + one GEMM: faster on CPU at these densities, quick to compile
     check_compiled_block(impl, w.block)
     k, n = w.shape
     if x.ndim < 1 or x.shape[-1] != k:
