@@ -117,7 +117,12 @@ def bsr_matmul(
         and (w.layout.density > CPU_MAX_DENSITY or w.layout.nnz > CPU_MAX_BLOCKS)
     ):
         impl = "reference"  # densify + one GEMM: faster on CPU at these densities, quick to compile
-    check_compiled_block(impl, w.block)
+    try:
+        check_compiled_block(impl, w.block)
+    except ValueError:
+        if backend != "auto":
+            raise
+        impl = "reference"  # "auto" with tiles the compiled kernel cannot take
     k, n = w.shape
     if x.ndim < 1 or x.shape[-1] != k:
         raise ValueError(
