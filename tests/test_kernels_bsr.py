@@ -44,14 +44,18 @@ def f64(a) -> np.ndarray:
 # Kernels in interpret mode: every sparsity in f32, the non-trivial ones in bf16 (compiles
 # dominate the cost); the CPU path: the full product. Shapes/blocks alternate across cases.
 _CASES = [(jnp.float32, s) for s in SPARSITIES] + [(jnp.bfloat16, 0.5), (jnp.bfloat16, 0.9)]
-FWD = [
-    (backend, dtype, sparsity, SHAPES[i % 2])
-    for backend in ("interpret", "interpret_gpu")
-    for i, (dtype, sparsity) in enumerate(_CASES)
-] + [
-    ("cpu", dtype, sparsity, SHAPES[i % 2])
-    for i, (dtype, sparsity) in enumerate(itertools.product(DTYPES, SPARSITIES))
-] + [("auto", jnp.float32, 0.0, SHAPES[0]), ("auto", jnp.float32, 0.9, SHAPES[1])]
+FWD = (
+    [
+        (backend, dtype, sparsity, SHAPES[i % 2])
+        for backend in ("interpret", "interpret_gpu")
+        for i, (dtype, sparsity) in enumerate(_CASES)
+    ]
+    + [
+        ("cpu", dtype, sparsity, SHAPES[i % 2])
+        for i, (dtype, sparsity) in enumerate(itertools.product(DTYPES, SPARSITIES))
+    ]
+    + [("auto", jnp.float32, 0.0, SHAPES[0]), ("auto", jnp.float32, 0.9, SHAPES[1])]
+)
 
 
 @pytest.mark.parametrize(("backend", "dtype", "sparsity", "shape_block"), FWD)
