@@ -4,8 +4,11 @@ Evci et al. 2020 (ERK); Liu et al. 2022, "The Unreasonable Effectiveness of Rand
 Training"; Thangarasa et al. 2023, "SPDF: Sparse Pre-training and Dense Fine-tuning".
 
 Command:   sparsejax train --config configs/static_random.py:size=tiny --workdir runs/sr
-Time:      about 1 minute for 300 steps on a 2-core CPU.
-Result:    validation loss about 2.5 nats/byte at sparsity 0.75.
+Time:      measured 61 s wall (46 s CPU) for 300 steps on a busy 2-core CPU.
+Result:    validation loss 2.30 nats/byte at sparsity 0.75 (N_avg 42.7k of 116.5k).
+
+``model.linear=bsr`` (with ``model.block``) trains the same recipe on the block-sparse Pallas
+kernels (``pallas_kernels.layers.BSRLinear``) with a static random block mask instead.
 """
 
 from sparsejax import configlib

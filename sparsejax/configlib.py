@@ -19,7 +19,8 @@ def base() -> ml_collections.ConfigDict:
     """The full schema with defaults (a tiny dense model on the default corpus)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.model = dict(size="tiny", n_ctx=128, pos="rope", tie_embeddings=True, dtype="float32")
+    c.model = dict(size="tiny", n_ctx=128, pos="rope", tie_embeddings=True, dtype="float32",
+                   linear="dense", block=32)
     c.data = dict(source="", cache_dir="", val_fraction=0.05)
     c.train = dict(
         steps=300, batch_size=16, seq_len=128, lr=3e-3, min_lr_ratio=0.1, warmup_steps=30,
@@ -100,6 +101,7 @@ def _need(cond: bool, key: str, expected: str, value: Any) -> None:
 ENUMS = {
     "model.pos": ("rope", "learned"),
     "model.dtype": ("float32", "bfloat16"),
+    "model.linear": ("dense", "bsr"),
     "sparsity.method": ("dense", "gradual", "static"),
     "sparsity.schedule": ("window", "polynomial", "geometric", "constant"),
     "sparsity.by": ("compute", "steps"),
@@ -108,7 +110,7 @@ ENUMS = {
     "sparsity.allocation": ("global", "uniform", "erk", "er"),
     "wandb.mode": ("offline", "online", "disabled"),
 }
-POSITIVE_INTS = ("model.n_ctx", "train.steps", "train.batch_size", "train.seq_len",
+POSITIVE_INTS = ("model.n_ctx", "model.block", "train.steps", "train.batch_size", "train.seq_len",
                  "train.log_every", "eval.every", "eval.batches", "eval.batch_size",
                  "checkpoint.every", "checkpoint.keep", "sparsity.update_every")
 NON_NEGATIVE_INTS = ("seed", "train.warmup_steps", "sparsity.begin_step", "sparsity.end_step")
@@ -152,6 +154,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _need(got["sparsity.begin_step"] < got["sparsity.end_step"] <= got["train.steps"],
               "sparsity.begin_step/end_step", "begin_step < end_step <= train.steps",
               (got["sparsity.begin_step"], got["sparsity.end_step"]))
+    if got["model.linear"] == "bsr":  # block-sparse kernels: a static random block mask
+        _need(got["sparsity.method"] == "static" and got["sparsity.score"] == "random",
+              "model.linear", "'dense' unless sparsity.method='static' with score='random' "
+              "(the BSR layers hold a static random block mask)", got["model.linear"])
     if got["sparsity.method"] != "dense":
         _need(got["sparsity.final"] > 0, "sparsity.final", "> 0 for a sparse method",
               got["sparsity.final"])

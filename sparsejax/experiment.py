@@ -13,6 +13,7 @@ from flax import nnx
 
 from sparsejax import configlib, data, methods, schedules
 from sparsejax.models.gpt import GPT, GPTConfig
+from sparsejax.models.layers import dense_linear
 from sparsejax.transforms import sparsify
 
 
@@ -57,9 +58,19 @@ def sparsity_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule |
     return schedules.constant(s.final, update_every=s.update_every)
 
 
+def linear_factory(config: ml_collections.ConfigDict):
+    """The model's linear-layer factory: dense, or BSR kernels with a static block mask."""
+    if config.model.linear == "dense":
+        return dense_linear
+    from pallas_kernels.layers import bsr_linear_factory
+
+    block = (config.model.block, config.model.block)
+    return bsr_linear_factory(block, 1.0 - config.sparsity.final)
+
+
 def mask_method(config: ml_collections.ConfigDict, schedule: schedules.Schedule | None):
     s = config.sparsity
-    if s.method == "dense":
+    if s.method == "dense" or config.model.linear != "dense":  # BSR: sparsity is structural
         return None
     if s.method == "static":
         return methods.static(s.final, score=s.score, allocation=s.allocation,
@@ -90,7 +101,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
         val_fraction=config.data.val_fraction,
     )
     cfg = model_config(config, corpus.vocab_size)
-    model = GPT(cfg, rngs=nnx.Rngs(config.seed))
+    model = GPT(cfg, rngs=nnx.Rngs(config.seed), linear=linear_factory(config))
     schedule = sparsity_schedule(config)
     tx, lr = optimizer(config, schedule)
     return Experiment(model, cfg, tx, lr, schedule, corpus, config)
@@ -110,4 +121,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
         eval_batches=ev.batches, eval_batch_size=ev.batch_size, log_every=t.log_every,
         checkpoint_every=config.checkpoint.every, keep_checkpoints=config.checkpoint.keep,
         config=config.to_dict(), wandb=config.wandb.to_dict(), progress=progress,
+        structural_density=(1.0 - config.sparsity.final if config.model.linear == "bsr"
+                            else None),
     )

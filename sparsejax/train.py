@@ -46,9 +46,11 @@ def _flops_coefficients(model: GPT, seq_len: int) -> tuple[float, float]:
 
 
 def make_train_step(graphdef, params_def, rest, tx, *, counts, prunable, fixed_flops,
-                    dense_flops, tokens_per_step):
+                    dense_flops, tokens_per_step, structural_density=None):
     """The jitted step ``(state, inputs_BxL, targets_BxL) -> (state, metrics)``; ``state`` is
-    donated. ``counts`` are the model's :class:`accounting.ParamCounts` (total, prunable)."""
+    donated. ``counts`` are the model's :class:`accounting.ParamCounts` (total, prunable).
+    ``structural_density``: the density of a model whose sparsity is built into its layers
+    (BSR kernels), used when the optimizer holds no masks."""
     total = counts
 
     def loss_of(params, x_BxL, y_BxL):
@@ -63,7 +65,7 @@ def make_train_step(graphdef, params_def, rest, tx, *, counts, prunable, fixed_f
         masks = _masks_or_none(opt_state)
         if masks is None:
             n_active = jnp.float32(total.total)
-            density = jnp.float32(1.0)
+            density = jnp.float32(1.0 if structural_density is None else structural_density)
         else:
             n_active = accounting.count_params(params, masks, prunable=prunable).active
             n_active = jnp.asarray(n_active, jnp.float32)
@@ -141,6 +143,7 @@ def run(
     config: dict[str, Any] | None = None,
     wandb: dict[str, Any] | None = None,
     progress: bool = True,
+    structural_density: float | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with ``tx`` on ``corpus`` for ``steps`` steps; returns the summary.
 
@@ -148,6 +151,8 @@ def run(
     ``summary.json`` and ``checkpoints/``. If it already holds checkpoints, training resumes
     from the latest one (the config must match). ``sparsity_schedule`` (a
     :class:`sparsejax.schedules.Schedule`) is only used to log the target sparsity.
+    ``structural_density``: for models whose layers are themselves sparse (BSR kernels), the
+    kept fraction of their weights; logged as the density and used for the FLOP count.
     ``wandb``: ``{"enabled": bool, "project": str, "mode": "offline"|"online", "name": str}``.
     """
     for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len),
@@ -182,7 +187,7 @@ def run(
     train_step = make_train_step(
         graphdef, params_def, rest, tx, counts=counts, prunable=prunable,
         fixed_flops=fixed_flops, dense_flops=dense_flops,
-        tokens_per_step=float(batch_size * seq_len),
+        tokens_per_step=float(batch_size * seq_len), structural_density=structural_density,
     )
     evaluate = make_eval_step(graphdef, params_def, rest)
     val = data.eval_batches(corpus.val, batch_size=eval_batch_size or batch_size,

@@ -185,3 +185,22 @@ def test_workdir_with_other_config_refuses(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"seed": 1}))
     with pytest.raises(ValueError, match="different config"):
         train._check_config_matches(tmp_path, {"seed": 2})
+
+
+@pytest.mark.slow
+def test_static_block_sparse_training_on_bsr_kernels(tmp_path):
+    c = load_recipe("static_random", TINY + ",steps=4,model.linear=bsr,model.block=16")
+    c.train.log_every = 2
+    c.train.warmup_steps = 1
+    c.eval.every = 4
+    c.eval.batches = 1
+    summary = run_config(c, tmp_path / "bsr")
+    assert summary["status"] == "completed"
+    assert summary["sparsity"] == pytest.approx(0.75)
+    params, _ = checkpoint.load_for_finetuning(tmp_path / "bsr")
+    blocks = params["blocks"]
+    fc_in = (blocks["0"] if "0" in blocks else blocks[0])["mlp"]["fc_in"]
+    assert fc_in["values"].shape == (16, 16, 16)  # 64x256 in 16x16 blocks, 25% kept
+    bad = load_recipe("gradual_magnitude", "model.linear=bsr")
+    with pytest.raises(ValueError, match="model.linear"):
+        configlib.validate(bad)
