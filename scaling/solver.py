@@ -114,7 +114,8 @@ def _objective_parts(model, ops, pen, theta, weights):
     m = np.minimum(ar, pen.delta)
     huber = m * (ar - 0.5 * m)  # = 0.5 m^2 + delta (|r| - m): Huber_delta(r)
     if pen.asymmetry != 0.5:
-        weights = weights * np.where(r < 0, 2.0 * pen.asymmetry, 2.0 * (1.0 - pen.asymmetry))
+        kappa = np.where(r < 0, 2.0 * pen.asymmetry, 2.0 * (1.0 - pen.asymmetry))
+        weights = kappa if weights is None else weights * kappa
     if weights is not None:
         huber *= weights
     return huber.sum(axis=1), r, ar, ex, s, weights

@@ -1,0 +1,126 @@
+"""Wall time of the full 4,500-start Chinchilla fit: batched damped Newton vs a scipy loop.
+
+Data: ../shared/data/chinchilla_svg_extracted.csv (Besiroglu et al. 2024), the 5 highest-loss
+points dropped (240 left). Both methods minimise the same objective (sum of Huber 1e-3 on
+log residuals, log-sum-exp parameterisation) from every start of DESIGN.md's grid and keep the
+best: ``scaling.fit_chinchilla`` (all starts at once) and a plain loop of
+``scipy.optimize.minimize(method="L-BFGS-B", jac=True)`` with the analytic gradient. They run
+interleaved in one process (batched, half the scipy loop, batched, other half, batched; the
+batched time is the median of its three runs), so machine load hits both alike.
+
+    python benchmarks/fit_speed.py [--csv PATH] [--starts-every K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import minimize as scipy_minimize
+
+from scaling.fit import fit_chinchilla
+from scaling.forms import CHINCHILLA, grid_starts
+
+DEFAULT_CSV = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "chinchilla_svg_extracted.csv"
+)
+
+
+def load(path: Path, drop_highest: int = 5):
+    with open(path, newline="") as fh:
+        rows = [(float(r["N"]), float(r["D"]), float(r["loss"])) for r in csv.DictReader(fh)]
+    arr = np.array(rows)
+    arr = arr[np.argsort(arr[:, 2], kind="stable")[: len(arr) - drop_highest]]
+    return arr[:, 0], arr[:, 1], arr[:, 2]
+
+
+def scipy_objective(x, y, lo, delta=1e-3):
+    """Sum of Huber on log residuals and its analytic gradient, theta = (a, b, e, alpha, beta)."""
+
+    def fg(t):
+        a, b, e, al, be = t
+        u = np.stack([a - al * x, b - be * y, np.full_like(x, e)])
+        m = u.max(axis=0)
+        ex = np.exp(u - m)
+        s = ex.sum(axis=0)
+        p = ex / s
+        r = m + np.log(s) - lo
+        ar = np.abs(r)
+        f = np.where(ar <= delta, 0.5 * r * r, delta * (ar - 0.5 * delta)).sum()
+        d = np.clip(r, -delta, delta)
+        g = np.array([d @ p[0], d @ p[1], d @ p[2], -(d * x) @ p[0], -(d * y) @ p[1]])
+        return f, g
+
+    return fg
+
+
+def scipy_loop(fg, starts):
+    best = None
+    for t0 in starts:
+        res = scipy_minimize(fg, t0, jac=True, method="L-BFGS-B")
+        if np.isfinite(res.fun) and (best is None or res.fun < best.fun):
+            best = res
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--csv", type=Path, default=DEFAULT_CSV)
+    ap.add_argument("--starts-every", type=int, default=1, help="use every K-th grid start")
+    args = ap.parse_args()
+    N, D, loss = load(args.csv)
+    starts = grid_starts(CHINCHILLA, "epoch", np.ones(5, bool))[:: args.starts_every]
+    fg = scipy_objective(np.log(N), np.log(D), np.log(loss))
+
+    def batched():
+        t = time.perf_counter()
+        fit = fit_chinchilla(N, D, loss, grid=starts)
+        return time.perf_counter() - t, fit
+
+    times, fits, sp_time, sp_best = [], [], 0.0, []
+    halves = np.array_split(starts, 2)
+    for i in range(3):
+        dt, fit = batched()
+        times.append(dt)
+        fits.append(fit)
+        if i < 2:
+            t = time.perf_counter()
+            sp_best.append(scipy_loop(fg, halves[i]))
+            sp_time += time.perf_counter() - t
+    sp = min(sp_best, key=lambda r: r.fun)
+    fit = fits[0]
+    ours_t = float(np.median(times))
+    a, b, e, al, be = sp.x
+    rows = [
+        (
+            "batched damped Newton",
+            ours_t,
+            fit.objective,
+            fit.E,
+            fit.alpha,
+            fit.beta,
+            sp_time / ours_t,
+        ),
+        ("scipy L-BFGS-B loop", sp_time, sp.fun, np.exp(e), al, be, 1.0),
+    ]
+    print(f"{len(starts)} starts, {len(loss)} points; batched runs: {np.round(times, 2)} s")
+    print(
+        f"| {'method':<22} | {'wall s':>8} | {'objective':>12} | {'E':>7} | {'alpha':>7} | "
+        f"{'beta':>7} | {'speedup':>7} |"
+    )
+    print("|" + "|".join("-" * w for w in (24, 10, 14, 9, 9, 9, 9)) + "|")
+    for name, wall, obj, e_, al_, be_, sx in rows:
+        print(
+            f"| {name:<22} | {wall:>8.2f} | {obj:>12.6e} | {e_:>7.4f} | {al_:>7.4f} | "
+            f"{be_:>7.4f} | {sx:>6.1f}x |"
+        )
+    same = abs(fit.objective - sp.fun) / sp.fun
+    dpar = max(abs(fit.E / np.exp(e) - 1), abs(fit.alpha / al - 1), abs(fit.beta / be - 1))
+    print(f"same optimum: objective rel. diff {same:.1e}, max param rel. diff {dpar:.1e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""``sparsejax fit`` (scaling.cli.main) end to end, and the plots it writes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from scaling import ChinchillaLaw, fit_frantar, plots
+from scaling.cli import main
+
+
+@pytest.mark.slow
+def test_cli_on_the_chinchilla_csv(shared_data, tmp_path, capsys):
+    out = tmp_path / "plots"
+    code = main(
+        [
+            str(shared_data / "chinchilla_svg_extracted.csv"),
+            "--drop-highest",
+            "5",
+            "--bootstrap",
+            "20",
+            "--out",
+            str(out),
+            "--loo",
+            "--grid",
+            "coarse",
+        ]
+    )
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "1.8172" in captured.out and "0.3473" in captured.out  # E and alpha
+    assert "Bootstrap (20 replicates" in captured.out
+    assert "bootstrap 20/20" in captured.err  # progress
+    assert "N_opt ~ C^0.51" in captured.out and "leave-one-out" in captured.out
+    pngs = sorted(p.name for p in out.iterdir())
+    assert pngs == ["isoflop.png", "loss_vs_n.png", "predicted_vs_observed.png", "residuals.png"]
+
+
+def test_cli_on_a_sweep_dir_and_bad_input(tmp_path, capsys):
+    law = ChinchillaLaw(E=1.5, A=60.0, B=80.0, alpha=0.3, beta=0.25)
+    i = 0
+    for n in (1e5, 3e5, 1e6):
+        for t in (1e7, 3e7, 1e8):
+            run = tmp_path / "sweep" / f"r{i}"
+            run.mkdir(parents=True)
+            i += 1
+            rec = {
+                "status": "completed",
+                "tokens": t,
+                "n_avg": n * 0.5,
+                "n_params": n,
+                "n_active": n / 4,
+                "sparsity": 0.75,
+                "val_loss": float(law.predict(n * 0.5, t)),
+            }
+            (run / "summary.json").write_text(json.dumps(rec))
+    assert main([str(tmp_path / "sweep"), "--bootstrap", "0", "--grid", "coarse"]) == 0
+    text = capsys.readouterr().out
+    assert "N = n_avg" in text and "9 points" in text
+    assert main([str(tmp_path / "nowhere.csv")]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert main([str(tmp_path / "sweep"), "--bootstrap", "1"]) == 2
+
+
+def test_plots_of_a_sparse_fit(tmp_path):
+    rng = np.random.default_rng(0)
+    s = np.repeat([0.0, 0.5, 0.75], 12)
+    n = np.tile(np.geomspace(1, 100, 4).repeat(3), 3) * (1 - s)
+    d = np.tile([1.0, 3.0, 10.0], 12)
+    loss = (1.3 * (1 - s) ** 0.8 + 2.0) * n**-0.4 + 0.3 * d**-0.9 + 4.5
+    fit = fit_frantar(s, n, d, loss * np.exp(rng.normal(0, 0.002, s.size)), grid="coarse")
+    paths = plots.plot_all(fit, tmp_path, prefix="sparse_")
+    assert [p.name for p in paths] == [
+        "sparse_predicted_vs_observed.png",
+        "sparse_loss_vs_n.png",
+        "sparse_residuals.png",
+        "sparse_isoflop.png",
+    ]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
