@@ -9,8 +9,8 @@ The top-k is found without sorting: the float32 scores are mapped to ``uint32`` 
 unsigned order is the float order, the k-th largest key is found by a radix select over
 its 16-bit digits (2 histogram passes, scatter-adds into 65,536 bins; same result as DESIGN.md's
 32-pass bit bisection), the counts above and at the threshold come from the histograms, and
-ties at the threshold are resolved by a cumulative count in flat index order, run only when
-some tied entries must be dropped. Cost: a few O(n) passes, against O(n log n) with a large
+ties at the threshold, only when some tied entries must be dropped, by a second radix select
+on their flat positions. Cost: a few O(n) passes, against O(n log n) with a large
 constant for ``argsort``/``top_k`` on CPU.
 
 Masks are pytrees shaped like params: prunable leaves hold ``bool`` arrays of the leaf's shape,
@@ -54,75 +54,129 @@ def num_kept(size: int | jax.Array, sparsity: float | jax.Array) -> jax.Array:
 
 _DIGIT_BITS = 16  # two histogram passes of 65,536 bins over the uint32 keys
 _BINS = 1 << _DIGIT_BITS
+_SPLIT = 1 << (_DIGIT_BITS // 2)  # the 2**16 bins are scanned as 256 blocks of 256
+_DROP = jax.lax.GatherScatterMode.FILL_OR_DROP
+_IN_BOUNDS = jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS
 
 
-def _count(index: jax.Array, mode: jax.lax.GatherScatterMode) -> jax.Array:
-    """Histogram of int32 ``index`` over ``_BINS`` bins by scatter-add (``FILL_OR_DROP``
-    drops indices outside ``[0, _BINS)``, negative ones included: no index normalization)."""
+def _histograms(index: jax.Array, segments: int, mode) -> jax.Array:
+    """``(segments, 2**16)`` counts of the int32 flat bin ``index`` by one scatter-add.
+
+    With ``FILL_OR_DROP`` every index outside ``[0, segments * 2**16)``, negative ones
+    included, is dropped (``lax.scatter_add`` does no negative-index normalization).
+    """
     dnums = jax.lax.ScatterDimensionNumbers(
         update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
     )
-    return jax.lax.scatter_add(
-        jnp.zeros(_BINS, jnp.int32), index.reshape(-1, 1), jnp.ones(index.size, jnp.int32),
-        dnums, mode=mode,
+    hist = jax.lax.scatter_add(
+        jnp.zeros(segments * _BINS, jnp.int32), index.reshape(-1, 1),
+        jnp.ones(index.size, jnp.int32), dnums, mode=mode,
     )
+    return hist.reshape(segments, _BINS)
+
+
+def _suffix_sums(x: jax.Array) -> jax.Array:
+    """``out[..., i] = sum(x[..., i:])`` over a short last axis (triangular masked sum).
+
+    Cheaper to compile than ``cumsum`` (a log-depth scan) and exact in int32.
+    """
+    i = jnp.arange(x.shape[-1])
+    return jnp.sum(jnp.where(i[None, :] >= i[:, None], x[..., None, :], 0), axis=-1)
+
+
+def _take(x: jax.Array, i: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(x, i[:, None], axis=1)[:, 0]
 
 
 def _pick_digit(hist: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Digit ``d`` holding the k-th largest entry of a histogram, #entries above it, #in it."""
-    at_least = jnp.cumsum(hist[::-1])[::-1]  # at_least[d] = #(digit >= d)
-    d = jnp.sum(at_least >= k, dtype=jnp.int32) - 1
-    above = jnp.where(d < _BINS - 1, at_least[jnp.minimum(d + 1, _BINS - 1)], 0)
-    return d, above, hist[d]
+    """Per segment: digit ``d`` of the k-th largest entry, #entries above ``d``, #at ``d``.
+
+    ``hist`` is ``(segments, 2**16)``, ``k`` is ``(segments,)``. Two levels (block of 256
+    digits, then digit in the block) of suffix sums, which are non-increasing, so the digit is
+    the number of them that reach ``k``, minus one.
+    """
+    h = hist.reshape(hist.shape[0], _SPLIT, _SPLIT)
+    at_least_block = _suffix_sums(jnp.sum(h, axis=2))  # #(digit >= 256 b)
+    b = jnp.sum(at_least_block >= k[:, None], axis=1, dtype=jnp.int32) - 1
+    nxt = jnp.minimum(b + 1, _SPLIT - 1)
+    above_block = jnp.where(b < _SPLIT - 1, _take(at_least_block, nxt), 0)
+    row = jnp.take_along_axis(h, b[:, None, None], axis=1)[:, 0, :]
+    at_least = above_block[:, None] + _suffix_sums(row)  # #(digit >= 256 b + j)
+    j = jnp.sum(at_least >= k[:, None], axis=1, dtype=jnp.int32) - 1
+    nxt = jnp.minimum(j + 1, _SPLIT - 1)
+    above = jnp.where(j < _SPLIT - 1, _take(at_least, nxt), above_block)
+    return b * _SPLIT + j, above, _take(row, j)
 
 
 def _kth_largest_key(
-    keys: Sequence[jax.Array], k: jax.Array
+    keys: Sequence[jax.Array], segs: Sequence[int], k: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Radix select of the k-th largest key over all ``keys`` (1 <= k <= total).
+    """Per segment, radix select of the k-th largest key (1 <= k[s] <= size of segment s).
 
-    Returns ``(thresh, n_above, n_equal)``: the key, and how many keys are greater than and
-    equal to it. Two passes over 16-bit digits, most significant first (same result as
-    DESIGN.md's 32 passes of bit-wise bisection). Pass 1 histograms the high halves; pass 2
-    histograms ``key - (d1 << 16)`` as a scatter index that drops every key outside the chosen
-    high half (wrapped or too large), so no masking pass is needed.
+    ``keys[i]`` belongs to segment ``segs[i]``; ``k`` has one entry per segment. Returns
+    ``(thresh, n_above, n_equal)`` per segment: the key, and how many keys of the segment are
+    greater than and equal to it. Two passes over 16-bit digits, most significant first (same
+    result as DESIGN.md's 32 passes of bit-wise bisection), each a single scatter-add over all
+    arrays and segments at once. Pass 2 histograms ``key - (d1 << 16)``, which lies in
+    ``[0, 2**16)`` exactly for the keys in the chosen high half; the others are dropped.
     """
-    k = jnp.asarray(k, jnp.int32)
-    high = [(key >> np.uint32(_DIGIT_BITS)).astype(jnp.int32) for key in keys]  # [0, 2**16)
-    hist = sum(_count(h, jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS) for h in high)
-    d1, above1, _ = _pick_digit(hist, k)
+    n_seg = k.shape[0]
+    cat = jnp.concatenate
+    high = cat([((key >> np.uint32(_DIGIT_BITS)).astype(jnp.int32) + s * _BINS).ravel()
+                for key, s in zip(keys, segs, strict=True)])
+    d1, above1, _ = _pick_digit(_histograms(high, n_seg, _IN_BOUNDS), k)
     base = d1.astype(jnp.uint32) << np.uint32(_DIGIT_BITS)
-    # key - base as int32 is in [0, 2**16) exactly for the keys whose high half is d1; every
-    # other key (wrapped negative or too large) is dropped by the scatter.
-    low = [jax.lax.bitcast_convert_type(key - base, jnp.int32) for key in keys]
-    hist = sum(_count(lo, jax.lax.GatherScatterMode.FILL_OR_DROP) for lo in low)
+
+    def low(key, s):
+        diff = key - base[s]
+        idx = jax.lax.bitcast_convert_type(diff, jnp.int32)  # negative when wrapped: dropped
+        if n_seg > 1:  # keep out-of-range keys out of the other segments' bins
+            idx = jnp.where(diff < np.uint32(_BINS), idx + s * _BINS, -1)
+        return idx.ravel()
+
+    hist = _histograms(cat([low(key, s) for key, s in zip(keys, segs, strict=True)]), n_seg, _DROP)
     d2, above2, n_equal = _pick_digit(hist, k - above1)
     return base | d2.astype(jnp.uint32), above1 + above2, n_equal
 
 
-def _select(keys: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
-    """Boolean masks keeping exactly the ``k`` largest keys jointly over ``keys``.
+def _select(keys: Sequence[jax.Array], segs: Sequence[int], k: jax.Array) -> list[jax.Array]:
+    """Boolean masks keeping exactly the ``k[s]`` largest keys of every segment ``s``.
 
-    Ties at the threshold are kept in flat order: array by array, then flat index. The
-    cumulative count that orders ties only runs when some tied entries must be dropped.
+    ``keys[i]`` belongs to segment ``segs[i]`` (layer-wise: one leaf per segment; global: all
+    leaves in segment 0). Ties at a segment's threshold are kept in flat order: array by
+    array, then flat index. Only when some tied entries must be dropped (one ``lax.cond`` for
+    all segments), the cut-off among them is found by a second radix select, on the
+    complemented flat positions of the tied entries (the lowest position has the largest key),
+    so no cumulative count is needed.
     """
-    k = jnp.asarray(k, jnp.int32)
-    thresh, n_above, n_ties = _kth_largest_key(keys, jnp.maximum(k, 1))
-    ties_left = k - n_above  # how many entries equal to the threshold we still keep
+    n_seg = max(segs) + 1
+    sizes = [0] * n_seg
+    for key, s in zip(keys, segs, strict=True):
+        sizes[s] += key.size
+    if max(sizes) >= 2**31:
+        raise ValueError(f"selection supports fewer than 2**31 entries per segment, got {sizes}")
+    k = jnp.asarray(k, jnp.int32).reshape(n_seg)
+    k1 = jnp.maximum(k, 1)
+    thresh, n_above, n_ties = _kth_largest_key(keys, segs, k1)
+    ties_left = k1 - n_above  # in [1, n_ties]: tied entries still kept
 
     def keep_all_ties(keys):
-        return [(key >= thresh) & (k > 0) for key in keys]
+        return [(key >= thresh[s]) & (k[s] > 0) for key, s in zip(keys, segs, strict=True)]
 
     def keep_first_ties(keys):
-        out, offset = [], jnp.int32(0)
-        for key in keys:
-            tie = key == thresh
-            rank = jnp.cumsum(tie.ravel(), dtype=jnp.int32).reshape(tie.shape) + offset
-            out.append(((key > thresh) | (tie & (rank <= ties_left))) & (k > 0))
-            offset = rank.ravel()[-1] if tie.size else offset
-        return out
+        offsets, positions = [0] * n_seg, []
+        for key, s in zip(keys, segs, strict=True):
+            pos = jnp.arange(offsets[s], offsets[s] + key.size, dtype=jnp.uint32)
+            # ~pos >= 2**31 > 0, the value of every entry that is not tied
+            positions.append(jnp.where(key == thresh[s], ~pos.reshape(key.shape), np.uint32(0)))
+            offsets[s] += key.size
+        cut, _, _ = _kth_largest_key(positions, segs, ties_left)
+        return [
+            ((key > thresh[s]) | (pos >= cut[s])) & (k[s] > 0)
+            for key, pos, s in zip(keys, positions, segs, strict=True)
+        ]
 
-    return jax.lax.cond(ties_left >= n_ties, keep_all_ties, keep_first_ties, list(keys))
+    return jax.lax.cond(jnp.all(ties_left >= n_ties), keep_all_ties, keep_first_ties, list(keys))
 
 
 def topk_mask(score: jax.Array, k: int | jax.Array) -> jax.Array:
@@ -130,7 +184,7 @@ def topk_mask(score: jax.Array, k: int | jax.Array) -> jax.Array:
 
     ``k`` may be traced. Reference: the first ``k`` entries of a stable descending argsort.
     """
-    return _select([sortable_key(score)], k)[0]
+    return _select([sortable_key(score)], [0], k)[0]
 
 
 def sparsity_mask(score: jax.Array, sparsity: float | jax.Array) -> jax.Array:
@@ -153,10 +207,13 @@ def layerwise(scores: Any, sparsities: Any, prunable: Any) -> Any:
     s_leaves, treedef = _leaves(scores)
     sp_leaves = treedef.flatten_up_to(sparsities)
     pr_leaves = treedef.flatten_up_to(prunable)
-    out = [
-        sparsity_mask(sc, sp) if pr else jnp.bool_(True)
-        for sc, sp, pr in zip(s_leaves, sp_leaves, pr_leaves, strict=True)
-    ]
+    idx = [i for i, p in enumerate(pr_leaves) if p]
+    out: list[Any] = [jnp.bool_(True)] * len(s_leaves)
+    if idx:  # one selection for all leaves: a segment per leaf
+        k = jnp.stack([num_kept(s_leaves[i].size, sp_leaves[i]) for i in idx])
+        keys = [sortable_key(s_leaves[i]) for i in idx]
+        for i, m in zip(idx, _select(keys, list(range(len(idx))), k), strict=True):
+            out[i] = m
     return treedef.unflatten(out)
 
 
@@ -200,7 +257,7 @@ def global_topk(
             sc = sc / jnp.maximum(norm(sc), jnp.finfo(jnp.float32).tiny)
         keys.append(sortable_key(sc))
     total = sum(int(np.prod(s_leaves[i].shape)) for i in idx)
-    kept = _select(keys, num_kept(total, sparsity)) if idx else []
+    kept = _select(keys, [0] * len(keys), num_kept(total, sparsity)) if idx else []
     out: list[Any] = [jnp.bool_(True)] * len(s_leaves)
     for i, m in zip(idx, kept, strict=True):
         out[i] = m
