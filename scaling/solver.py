@@ -8,14 +8,16 @@ Model. For data point i the predicted log-loss is ``LSE_k(u_ik)``, ``u_ik = M_ik
 four-term one. The penalty is ``sum_i w_i kappa(r_i) Huber_delta(r_i)`` with ``r = pred - obs``
 in log space (or ``exp(pred) - loss`` in linear space) and ``kappa`` the asymmetry weight.
 
-Method. Each iteration solves ``(H + lambda diag(H_irls)) step = -g`` for every live start
-(closed-form 5x5 / 7x7 systems), evaluates the objective and its derivatives at the trial point
-(one pass over the data), keeps the step only if it lowers the objective, and adapts ``lambda``
-per start (x10 down on success, x10 up on failure). ``H`` is the iteratively-reweighted
-Gauss-Newton matrix (Huber weights ``min(1, delta/|r|)``, a majoriser: robust far from the
-optimum) until ``lambda`` falls below ``exact_below``, then the exact Hessian (quadratic
-convergence near the optimum). Converged starts are removed from the batch (the work shrinks
-as starts finish, unlike a ``vmap`` that runs all of them to the slowest one's length).
+Method. Each iteration solves ``(H + lambda |diag H|) step = -g`` for every live start
+(batched 5x5 / 7x7 systems), evaluates the objective at the trial points (one pass over the
+data; derivatives are formed from the same pass only where the step is accepted), keeps a step
+only if it lowers the objective, and adapts ``lambda`` per start (/10 on success, x10 on
+failure). ``H`` is the iteratively-reweighted Gauss-Newton matrix (Huber weights
+``min(1, delta/|r|)``: a majoriser, robust far from the optimum) until ``lambda`` falls to
+``exact_below``, then the exact Hessian (fast convergence near the optimum). Converged starts
+leave the batch, so the work shrinks as starts finish (a ``vmap`` runs every start to the
+slowest one's length). BLAS is held to one thread while it runs (``threadpoolctl``, when
+installed): on a busy machine idle BLAS threads spin against the element-wise passes.
 """
 
 from __future__ import annotations
