@@ -35,16 +35,13 @@ def check_points(columns: Mapping[str, np.ndarray], loss: np.ndarray, n_free: in
         col = np.asarray(col, np.float64)
         if col.shape != loss.shape:
             raise ValueError(f"{name} must have the shape of loss {loss.shape}; got {col.shape}")
-        lo = 0.0 if name != "S" else -np.inf
-        ok = np.isfinite(col) & (col > lo) if name != "S" else np.isfinite(col) & (col >= 0)
         if name == "S":
-            ok &= col < 1
+            ok, valid = np.isfinite(col) & (col >= 0) & (col < 1), "in [0, 1)"
+        else:
+            ok, valid = np.isfinite(col) & (col > 0), "finite and > 0"
         if not ok.all():
-            rng = "[0, 1)" if name == "S" else "> 0 and finite"
-            raise ValueError(
-                f"{name} must be {rng}; bad value {col[~ok][0]} at row "
-                f"{int(np.flatnonzero(~ok)[0])}"
-            )
+            i = int(np.flatnonzero(~ok)[0])
+            raise ValueError(f"{name} must be {valid}; bad value {col[i]} at row {i}")
         if name in ("N", "D") and np.unique(col).size < 2:
             raise ValueError(f"{name} has a single distinct value ({col[0]}); the law needs >= 2")
     if loss.shape[0] < n_free:

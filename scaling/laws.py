@@ -44,8 +44,9 @@ class ChinchillaLaw:
     def __post_init__(self):
         for k in ("E", "A", "B", "alpha", "beta"):
             v = getattr(self, k)
-            if not np.isfinite(v) or v < 0:
-                raise ValueError(f"{k} must be finite and >= 0; got {v}")
+            coefficient = k in ("E", "A", "B")
+            if not np.isfinite(v) or (coefficient and v < 0):
+                raise ValueError(f"{k} must be finite{' and >= 0' if coefficient else ''}; got {v}")
 
     def predict(self, N, D) -> np.ndarray:
         N, D = _positive("N", N), _positive("D", D)

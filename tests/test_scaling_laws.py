@@ -54,6 +54,11 @@ def test_predict_is_the_formula_and_validates():
         ChinchillaLaw(E=1.0, A=1.0, B=1.0, alpha=0.0, beta=0.3).compute_optimal(1e20)
     with pytest.raises(ValueError, match="flops"):
         HOFFMANN.compute_optimal(0.0)
+    with pytest.raises(ValueError, match="A must be finite and >= 0"):
+        ChinchillaLaw(E=1.0, A=-1.0, B=1.0, alpha=0.3, beta=0.3)
+    # a fit may land on a negative exponent: it still predicts, but has no optimum
+    odd = ChinchillaLaw(E=1.0, A=1.0, B=1.0, alpha=-0.1, beta=0.3)
+    assert float(odd.predict(1e4, 1e4)) == pytest.approx(1.0 + 1e4**0.1 + 1e4**-0.3)
 
 
 def test_frantar_law_at_sparsity():
