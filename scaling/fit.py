@@ -4,8 +4,8 @@
 the **sum** of Huber(delta=1e-3) on ``log L - LSE(a - alpha log N, b - beta log D, e)``
 minimised from every point of a 4,500-point grid, best kept; the minimiser is the batched
 damped Newton of ``scaling.solver`` (all starts at once). ``fit_frantar`` fits the sparse law of
-Frantar et al. 2023 the same way. Bootstrap intervals and leave-one-out errors are in
-``scaling.uncertainty``.
+Frantar et al. 2023 the same way. Bootstrap intervals and leave-one-out errors
+(``bootstrap``, ``leave_one_out``) live in ``scaling.uncertainty`` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -18,6 +18,20 @@ import numpy as np
 from scaling import forms
 from scaling.laws import ChinchillaLaw, FrantarLaw
 from scaling.solver import Penalty, minimize
+from scaling.uncertainty import Bootstrap, LeaveOneOut, bootstrap, leave_one_out
+
+__all__ = [
+    "Bootstrap",
+    "ChinchillaFit",
+    "FrantarFit",
+    "LeaveOneOut",
+    "bootstrap",
+    "check_points",
+    "fit_chinchilla",
+    "fit_form",
+    "fit_frantar",
+    "leave_one_out",
+]
 
 
 def check_points(columns: Mapping[str, np.ndarray], loss: np.ndarray, n_free: int) -> None:

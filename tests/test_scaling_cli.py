@@ -80,3 +80,21 @@ def test_plots_of_a_sparse_fit(tmp_path):
     ]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+def test_cli_frantar_law_on_a_csv(tmp_path, shared_data, capsys):
+    rng = np.random.default_rng(1)
+    s = np.repeat([0.0, 0.5, 0.75], 12)
+    n = np.tile(np.geomspace(1, 100, 4).repeat(3), 3) * (1 - s)
+    d = np.tile([1.0, 3.0, 10.0], 12)
+    loss = ((1.3 * (1 - s) ** 0.8 + 2.0) * n**-0.4 + 0.3 * d**-0.9 + 4.5) * np.exp(
+        rng.normal(0, 0.002, s.size)
+    )
+    path = tmp_path / "sparse.csv"
+    rows = ["S,N,D,loss"] + [f"{a},{b},{c},{e}" for a, b, c, e in zip(s, n, d, loss, strict=True)]
+    path.write_text("\n".join(rows) + "\n")
+    assert main([str(path), "--law", "frantar", "--bootstrap", "10", "--grid", "coarse"]) == 0
+    out = capsys.readouterr().out
+    assert "FrantarFit" in out and "Bootstrap (10 replicates" in out
+    assert main([str(shared_data / "chinchilla_svg_extracted.csv"), "--law", "frantar"]) == 2
+    assert "sparsity column" in capsys.readouterr().err
