@@ -145,38 +145,51 @@ def _select(keys: Sequence[jax.Array], segs: Sequence[int], k: jax.Array) -> lis
     ``keys[i]`` belongs to segment ``segs[i]`` (layer-wise: one leaf per segment; global: all
     leaves in segment 0). Ties at a segment's threshold are kept in flat order: array by
     array, then flat index. Only when some tied entries must be dropped (one ``lax.cond`` for
-    all segments), the cut-off among them is found by a second radix select, on the
-    complemented flat positions of the tied entries (the lowest position has the largest key),
-    so no cumulative count is needed.
+    all segments, returning one position per segment), a running count of the ties finds the
+    last one kept. (A scatter-based branch, even never taken, slowed the whole step on CPU.)
     """
     n_seg = max(segs) + 1
     sizes = [0] * n_seg
     for key, s in zip(keys, segs, strict=True):
         sizes[s] += key.size
-    if max(sizes) >= 2**31:
-        raise ValueError(f"selection supports fewer than 2**31 entries per segment, got {sizes}")
+    if list(segs) != sorted(segs) or sum(sizes) >= 2**31:
+        raise ValueError(f"segments must be contiguous and hold < 2**31 entries, got {sizes}")
     k = jnp.asarray(k, jnp.int32).reshape(n_seg)
     k1 = jnp.maximum(k, 1)
     thresh, n_above, n_ties = _kth_largest_key(keys, segs, k1)
     ties_left = k1 - n_above  # in [1, n_ties]: tied entries still kept
 
-    def keep_all_ties(keys):
-        return [(key >= thresh[s]) & (k[s] > 0) for key, s in zip(keys, segs, strict=True)]
+    def positions(key, s, offset):
+        """Complemented flat positions (>= 2**31 > 0) of the tied entries, 0 elsewhere."""
+        pos = jax.lax.broadcasted_iota(jnp.uint32, (key.size,), 0) + np.uint32(offset)
+        return jnp.where(key == thresh[s], ~pos.reshape(key.shape), np.uint32(0))
 
-    def keep_first_ties(keys):
-        offsets, positions = [0] * n_seg, []
+    def offsets():
+        seen, out = [0] * n_seg, []
         for key, s in zip(keys, segs, strict=True):
-            pos = jnp.arange(offsets[s], offsets[s] + key.size, dtype=jnp.uint32)
-            # ~pos >= 2**31 > 0, the value of every entry that is not tied
-            positions.append(jnp.where(key == thresh[s], ~pos.reshape(key.shape), np.uint32(0)))
-            offsets[s] += key.size
-        cut, _, _ = _kth_largest_key(positions, segs, ties_left)
-        return [
-            ((key > thresh[s]) | (pos >= cut[s])) & (k[s] > 0)
-            for key, pos, s in zip(keys, positions, segs, strict=True)
-        ]
+            out.append(seen[s])
+            seen[s] += key.size
+        return out
 
-    return jax.lax.cond(jnp.all(ties_left >= n_ties), keep_all_ties, keep_first_ties, list(keys))
+    def tie_cut(keys):
+        # Rank of every tie in one running count over all arrays (segments are contiguous):
+        # the cut of segment s is the position of its ties_left[s]-th tie.
+        tie = jnp.concatenate([(key == thresh[s]).ravel() for key, s in zip(keys, segs,
+                                                                            strict=True)])
+        count = jnp.cumsum(tie, dtype=jnp.int32)
+        starts = np.cumsum([0] + sizes[:-1])
+        before = jnp.stack([count[st - 1] if st else jnp.int32(0) for st in starts])
+        first = jnp.searchsorted(count, before + ties_left, side="left").astype(jnp.int32)
+        return ~(first - jnp.asarray(starts, jnp.int32)).astype(jnp.uint32)
+
+    # Only scalars leave the cond: cut 0 keeps every tie (all positions are >= 0).
+    cut = jax.lax.cond(
+        jnp.all(ties_left >= n_ties), lambda keys: jnp.zeros(n_seg, jnp.uint32), tie_cut, list(keys)
+    )
+    return [
+        ((key > thresh[s]) | (positions(key, s, o) >= jnp.maximum(cut[s], 1))) & (k[s] > 0)
+        for key, s, o in zip(keys, segs, offsets(), strict=True)
+    ]
 
 
 def topk_mask(score: jax.Array, k: int | jax.Array) -> jax.Array:

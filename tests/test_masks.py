@@ -132,3 +132,25 @@ def test_block_mask_keeps_whole_tiles_by_l2_norm():
 def test_density():
     m = {"a": jnp.array([[True, False], [False, False]]), "b": jnp.bool_(True)}
     assert float(masks.density(m, {"a": True, "b": False})) == 0.25
+
+
+def test_layerwise_segments_match_per_leaf_argsort():
+    """One selection over many leaves (a segment each) equals per-leaf argsort references,
+    with heavy ties so that some leaves need the tie cut and others do not."""
+    rng = np.random.default_rng(3)
+    scores = {
+        "a": rng.integers(0, 3, size=(9, 7)).astype(np.float32),  # many ties
+        "b": rng.normal(size=(5, 11)).astype(np.float32),  # no ties
+        "c": np.full((4, 4), 0.5, np.float32),  # all tied
+        "bias": np.ones(3, np.float32),
+    }
+    prunable = {"a": True, "b": True, "c": True, "bias": False}
+    fn = jax.jit(lambda sc, sp: masks.layerwise(sc, sp, prunable))
+    for sp in [(0.3, 0.5, 0.25), (0.77, 0.1, 0.9), (0.0, 0.99, 0.5)]:
+        sparsities = {"a": sp[0], "b": sp[1], "c": sp[2], "bias": 0.0}
+        got = fn(scores, sparsities)
+        for name, s in zip("abc", sp, strict=True):
+            n = scores[name].size
+            k = n - int(np.round(np.float32(s) * np.float32(n)))
+            np.testing.assert_array_equal(np.asarray(got[name]), argsort_topk(scores[name], k))
+        assert bool(got["bias"])
