@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,14 +34,21 @@ def fake_grads(params, step):
     return jax.tree_util.tree_map(lambda p: jnp.cos(p * (step + 1.0)) + 0.1, params)
 
 
-def run(tx, params, steps):
-    state = tx.init(params)
+@functools.cache
+def jitted_step(tx):
+    """One compiled train step per transformation (reused across ``run`` calls)."""
 
     @jax.jit
     def step_fn(p, s, i):
         u, s = tx.update(fake_grads(p, i), s, p)
         return optax.apply_updates(p, u), s
 
+    return step_fn
+
+
+def run(tx, params, steps):
+    state = tx.init(params)
+    step_fn = jitted_step(tx)
     for i in range(steps):
         params, state = step_fn(params, state, i)
     return params, state
@@ -64,7 +73,7 @@ schedule_strategy = st.one_of(
 )
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(schedule_strategy, st.integers(1, 12), st.sampled_from(["uniform", "global", "erk"]))
 def test_property_exact_zeros_landing_and_moments(schedule, steps, alloc):
     params0 = mlp_params()
