@@ -11,11 +11,12 @@ One jitted train step per configuration (params and optimizer state donated):
 * ``2:4``: ``methods.nm(2, 4)``, N:M masks recomputed at every step.
 
 Timing is interleaved: for ``--rounds`` rounds, every configuration runs ``--steps`` steps in
-turn (round-robin), so machine noise hits all of them alike. The table reports the median
+turn (round-robin, the order reversed every other round), so machine noise hits all of them
+alike. The table reports the median
 step time of each configuration and the median over rounds of its ratio to plain optax
 measured in the same round.
 
-    JAX_PLATFORMS=cpu python benchmarks/mask_overhead.py [--rounds 15] [--steps 5]
+    JAX_PLATFORMS=cpu python benchmarks/mask_overhead.py [--rounds 30] [--steps 5]
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def make_step(tx: optax.GradientTransformation) -> Callable:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=15, help="round-robin rounds (default 15)")
+    ap.add_argument("--rounds", type=int, default=30, help="round-robin rounds (default 30)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per config per round")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
     args = ap.parse_args(argv)
@@ -113,8 +114,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"compiled {name:<18s} {compile_s:6.2f} s", flush=True)
 
     times: dict[str, list[float]] = {name: [] for name in cfgs}
-    for _ in range(args.rounds):
-        for name, run in runs.items():
+    order = list(runs)
+    for r in range(args.rounds):
+        for name in order if r % 2 == 0 else order[::-1]:  # alternate to cancel position bias
+            run = runs[name]
             step, params, state = run
             t0 = time.perf_counter()
             for _ in range(args.steps):
