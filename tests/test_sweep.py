@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import scaling.logs
 from sparsejax import cli, sweep
 
 RECIPE = '''
@@ -28,7 +29,7 @@ def get_config(arg=None):
 
 def sweep(add):
     add(**{"sparsity.method": "dense"})
-    add(**{"sparsity.method": "static", "sparsity.final": 0.5})
+    add(**{"sparsity.method": "static", "sparsity.final": 0.5, "train.steps": 6})
 '''
 
 
@@ -41,12 +42,18 @@ def test_sweep_runs_and_skips(tmp_path: Path, capsys):
                      "--noprogress"]) == 0
     meta = json.loads((out / "sweep.json").read_text())
     names = [r["name"] for r in meta["runs"]]
-    assert names == ["method-dense", "final-0.5_method-static"]
-    for name in names:
+    assert names == ["method-dense", "final-0.5_method-static_steps-6"]
+    for name, steps in zip(names, (4, 6), strict=True):
         summary = json.loads((out / name / "summary.json").read_text())
-        assert summary["status"] == "completed" and summary["step"] == 4
+        assert summary["status"] == "completed" and summary["step"] == steps
     sparse = json.loads((out / names[1] / "summary.json").read_text())
     assert 0.49 < sparse["sparsity"] < 0.51 and sparse["n_avg"] < sparse["n_params"]
+    # the scaling side reads the sweep dir the trainer wrote (N = n_avg, D = tokens)
+    table = scaling.logs.load_table(out, min_points=2)
+    dense = json.loads((out / names[0] / "summary.json").read_text())
+    assert sorted(table.N.tolist()) == sorted([sparse["n_avg"], dense["n_avg"]])
+    assert sorted(table.D.tolist()) == [4 * 4 * 32, 6 * 4 * 32]
+    assert sorted(table.loss.tolist()) == sorted([sparse["val_loss"], dense["val_loss"]])
     capsys.readouterr()
     assert cli.main(["sweep", "--config", str(recipe), "--workdir", str(out)]) == 0
     assert "skipped" in capsys.readouterr().out
