@@ -24,21 +24,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sparsejax import prunable as _prunable
+from sparsejax.checks import sparsity as _check_sparsity
 
 Predicate = _prunable.Predicate
 NAMES = ("uniform", "erk", "er")
-
-
-def _check_sparsity(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
-        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
-    value = float(value)
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value}")
-    return value
 
 
 def _check_power(power_scale: Any) -> float:

@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax.checks import sparsity as _check_sparsity
+
 
 class Schedule(NamedTuple):
     """A sparsity schedule: ``fn(step) -> sparsity`` and ``update_fn(step) -> bool``."""
@@ -58,15 +60,6 @@ class Schedule(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- checks
-
-
-def _check_sparsity(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
-        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
-    value = float(value)
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value}")
-    return value
 
 
 def _check_step(name: str, value: int, minimum: int = 0) -> int:
