@@ -16,7 +16,7 @@ from sparsejax.prunable import path_str
 
 
 def test_doctests():
-    assert doctest.testmod(A).failed == 0
+    assert doctest.testmod(A, extraglobs={"np": np}).failed == 0
 
 
 def ndim2(path, leaf):
