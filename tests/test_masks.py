@@ -51,10 +51,11 @@ def test_topk_matches_argsort(kind, shape):
 
 def test_sparsity_mask_exact_count_half_to_even():
     score = jnp.arange(10, dtype=jnp.float32)
+    sparsity_mask = jax.jit(masks.sparsity_mask)
     # round(0.25 * 10) = round(2.5) = 2 (half to even): 8 kept.
-    assert int(masks.sparsity_mask(score, 0.25).sum()) == 8
-    assert int(masks.sparsity_mask(score, 0.35).sum()) == 6  # round(3.5) = 4 pruned
-    np.testing.assert_array_equal(masks.sparsity_mask(score, 0.2), np.arange(10) >= 2)
+    assert int(sparsity_mask(score, 0.25).sum()) == 8
+    assert int(sparsity_mask(score, 0.35).sum()) == 6  # round(3.5) = 4 pruned
+    np.testing.assert_array_equal(sparsity_mask(score, 0.2), np.arange(10) >= 2)
 
 
 def test_global_topk_single_threshold_and_exact_count():
@@ -65,8 +66,9 @@ def test_global_topk_single_threshold_and_exact_count():
         "bias": np.ones(3, np.float32),
     }
     prunable = {"a": True, "b": True, "bias": False}
+    glob = jax.jit(lambda sc, s: masks.global_topk(sc, s, prunable))  # compiled once
     for s in [0.0, 0.3, 0.5, 0.77, 0.99]:
-        m = jax.jit(lambda sc, s: masks.global_topk(sc, s, prunable))(scores, s)
+        m = glob(scores, s)
         flat = np.concatenate([scores["a"].ravel(), scores["b"].ravel()])
         ref = argsort_topk(flat, flat.size - int(np.round(np.float32(s) * flat.size)))
         got = np.concatenate([np.asarray(m["a"]).ravel(), np.asarray(m["b"]).ravel()])
@@ -76,7 +78,7 @@ def test_global_topk_single_threshold_and_exact_count():
 
 def test_global_ties_across_leaves_keep_earlier_leaf():
     scores = {"a": np.ones((2, 2), np.float32), "b": np.ones((2, 2), np.float32)}
-    m = masks.global_topk(scores, 0.5, {"a": True, "b": True})
+    m = jax.jit(lambda sc: masks.global_topk(sc, 0.5, {"a": True, "b": True}))(scores)
     assert bool(m["a"].all()) and not bool(m["b"].any())
 
 
