@@ -10,17 +10,12 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from sparsejax import checks
 from sparsejax import scores as scores_lib
 from sparsejax.methods.base import MaskMethod, dense_masks, never
 from sparsejax.methods.gradual import check_allocation, select
 
 _NEEDS_GRADS = ("saliency",)
-
-
-def check_sparsity(sparsity: float, name: str = "sparsity") -> None:
-    """Raise ``ValueError`` unless ``0 <= sparsity < 1``."""
-    if not (isinstance(sparsity, int | float) and 0.0 <= float(sparsity) < 1.0):
-        raise ValueError(f"{name} must be a float in [0, 1), got {sparsity!r}")
 
 
 def static(
@@ -31,7 +26,7 @@ def static(
     power_scale: float = 1.0,
 ) -> MaskMethod:
     """Fixed masks at ``sparsity`` (exact counts) from ``score`` and ``allocation``."""
-    check_sparsity(sparsity)
+    checks.sparsity("sparsity", sparsity)
     score_fn = scores_lib.get(score)
     check_allocation(allocation)
     target = jnp.float32(sparsity)
