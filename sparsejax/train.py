@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -275,7 +276,7 @@ def _wandb_start(cfg: dict[str, Any] | None, run_dir: Path, config: dict[str, An
     import wandb  # imported lazily: heavy, and unused unless enabled
 
     id_file = run_dir / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
     return wandb.init(project=cfg.get("project", "sparsejax"), mode=cfg.get("mode", "offline"),
                       name=cfg.get("name") or run_dir.name, dir=str(run_dir), id=run_id,

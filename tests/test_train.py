@@ -204,3 +204,17 @@ def test_static_block_sparse_training_on_bsr_kernels(tmp_path):
     bad = load_recipe("gradual_magnitude", "model.linear=bsr")
     with pytest.raises(ValueError, match="model.linear"):
         configlib.validate(bad)
+
+
+@pytest.mark.slow
+def test_wandb_offline_logging(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    c = load_recipe("dense", TINY + ",steps=2")
+    c.train.log_every = 1
+    c.train.warmup_steps = 1
+    c.eval.every = 2
+    c.eval.batches = 1
+    c.wandb.enabled = True  # mode stays "offline": nothing touches the network
+    run_config(c, tmp_path / "wb")
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
