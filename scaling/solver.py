@@ -59,42 +59,56 @@ class SolveResult(NamedTuple):
     n_iter: np.ndarray  # shape=(B,), int64
 
 
-class _Block(NamedTuple):
-    """The non-zero columns of one term pair's outer products (a sparse slice of H)."""
+class _Term(NamedTuple):
+    """One log-sum-exp term: ``u = theta[:, cols] @ mt (+ offset)``; constant over points if
+    ``mt`` has a single column (then ``exp(u)`` is one number per start)."""
+
+    cols: np.ndarray  # parameters the term uses
+    mt: np.ndarray  # (len(cols), n) or (len(cols), 1) when the term is the same at every point
+    offset: np.ndarray | None  # (n,) or (1,)
+
+
+class _Pair(NamedTuple):
+    """Columns of the flattened (P P) matrix fed by ``sum_i c_i e_ik e_il (M_ik M_il^T + tr)``."""
 
     k: int
     j: int
-    cols: np.ndarray  # indices into the flattened (P P) Hessian
-    outer: np.ndarray  # (n, len(cols)): those columns of M_ik M_ij^T (+ its transpose if k != j)
+    cols: np.ndarray
+    outer: np.ndarray  # (n, len(cols)); (1, len(cols)) when both terms are constant
 
 
 class _Ops(NamedTuple):
     """Data-derived constants shared by all passes."""
 
-    design_t: np.ndarray  # (P, K n)
-    design_g: np.ndarray  # (K n, P)
-    pairs: tuple  # _Block per term pair k <= l: sum_i c_i p_ik p_il (M_ik M_il^T + ...)
-    diag: tuple  # _Block per term k: sum_i c_i p_ik M_ik M_ik^T (second-order part)
-    has_offset: bool
+    terms: tuple  # _Term per term
+    pairs: tuple  # _Pair per term pair k <= j (the Gauss-Newton part)
+    diag: tuple  # _Pair per term (k, k): the second-order part of the exact Hessian
+    grad: tuple  # (n, len(cols)) or (1, len(cols)) per term: M_k over its columns
+    n_par: int
 
 
-def _block(m, k, j):
+def _pair(m, k, j, const):
     o = np.einsum("np,nq->npq", m[k], m[j])
     o = (o if k == j else o + o.transpose(0, 2, 1)).reshape(m.shape[1], -1)
     cols = np.flatnonzero(np.any(o != 0, axis=0))
-    return _Block(k, j, cols, np.ascontiguousarray(o[:, cols]))
+    o = o[:1] if const[k] and const[j] else o
+    return _Pair(k, j, cols, np.ascontiguousarray(o[:, cols]))
 
 
 def _ops(model: LSEModel) -> _Ops:
-    m = model.design
-    k_terms, n, p = m.shape
-    return _Ops(
-        design_t=np.ascontiguousarray(m.reshape(k_terms * n, p).T),
-        design_g=m.reshape(k_terms * n, p),
-        pairs=tuple(_block(m, k, j) for k in range(k_terms) for j in range(k, k_terms)),
-        diag=tuple(_block(m, k, k) for k in range(k_terms)),
-        has_offset=bool(np.any(model.offset != 0)),
-    )
+    m, c = model.design, model.offset
+    k_terms = m.shape[0]
+    const = [bool(np.all(m[k] == m[k, :1]) and np.all(c[k] == c[k, 0])) for k in range(k_terms)]
+    terms, grad = [], []
+    for k in range(k_terms):
+        cols = np.flatnonzero(np.any(m[k] != 0, axis=0))
+        mk = m[k][:1] if const[k] else m[k]
+        off = c[k][:1] if const[k] else c[k]
+        terms.append(_Term(cols, np.ascontiguousarray(mk[:, cols].T), off if off.any() else None))
+        grad.append(np.ascontiguousarray(mk[:, cols]))
+    pairs = tuple(_pair(m, k, j, const) for k in range(k_terms) for j in range(k, k_terms))
+    diag = tuple(_pair(m, k, k, const) for k in range(k_terms))
+    return _Ops(tuple(terms), pairs, diag, tuple(grad), m.shape[2])
 
 
 def parameter_box(model: LSEModel) -> np.ndarray:
@@ -112,54 +126,79 @@ def parameter_box(model: LSEModel) -> np.ndarray:
 
 
 def _objective_parts(model, ops, pen, theta, weights):
-    """Residuals and objective; the softmax numerators ``ex`` and sums ``s`` for derivatives."""
-    k_terms, n, _ = model.design.shape
-    u = (theta @ ops.design_t).reshape(theta.shape[0], k_terms, n)
-    if ops.has_offset:
-        u += model.offset
-    ex = np.exp(u, out=u)
-    s = ex.sum(axis=1)
+    """Objective (B,) and what the derivatives need: term exponentials, sums, residuals."""
+    ex = []
+    s = None
+    for t in ops.terms:
+        u = theta[:, t.cols] @ t.mt
+        if t.offset is not None:
+            u += t.offset
+        e = np.exp(u, out=u)
+        ex.append(e)
+        if e.shape[1] > 1:
+            s = e.copy() if s is None else np.add(s, e, out=s)
+    for e in ex:
+        if e.shape[1] == 1:
+            s = np.add(s, e, out=s) if s is not None else e * np.ones_like(model.target)
     r = np.log(s) if pen.space == "log" else s.copy()
     r -= model.target
-    ar = np.abs(r)
-    m = np.minimum(ar, pen.delta)
-    huber = m * (ar - 0.5 * m)  # = 0.5 m^2 + delta (|r| - m): Huber_delta(r)
+    d1 = np.maximum(r, -pen.delta)  # rho'(r) = clip(r, -delta, delta)
+    np.minimum(d1, pen.delta, out=d1)
     if pen.asymmetry != 0.5:
         kappa = np.where(r < 0, 2.0 * pen.asymmetry, 2.0 * (1.0 - pen.asymmetry))
         weights = kappa if weights is None else weights * kappa
-    if weights is not None:
-        huber *= weights
-    return huber.sum(axis=1), r, ar, ex, s, weights
+    d1w = d1 if weights is None else d1 * weights
+    # Huber_delta(r) = rho'(r) (r - rho'(r) / 2)
+    f = np.einsum("bn,bn->b", d1w, r) - 0.5 * np.einsum("bn,bn->b", d1w, d1)
+    return f, (ex, s, r, d1w, weights)
 
 
-def _derivatives(model, ops, pen, parts, mode):
-    """Gradient (B,P) and the IRLS matrix or the exact Hessian (B,P,P) from objective parts."""
-    r, ar, ex, s, w = parts
-    k_terms, n, p = model.design.shape
-    b = r.shape[0]
-    ex *= (1.0 / s)[:, None, :]  # softmax p_ik (in place: the caller's copy is not reused)
-    d1 = np.clip(r, -pen.delta, pen.delta)  # rho'(r)
-    if mode == "irls":  # Huber weights min(1, delta/|r|): the quadratic majoriser's curvature
-        c2 = pen.delta / np.maximum(ar, pen.delta)
-    else:  # rho'' J J^T + rho' d2r, with d2(log-sum-exp) = sum_k p_k M_k M_k^T - J J^T
-        c2 = (ar <= pen.delta).astype(np.float64)
+def _derivatives(ops, pen, parts, exact):
+    """Gradient (B,P) and the IRLS matrix, or the exact Hessian on rows ``exact``, (B,P,P)."""
+    ex, s, r, d1w, w = parts
+    b, p = r.shape[0], ops.n_par
+    ar = np.abs(r)
+    c2 = np.maximum(ar, pen.delta)  # IRLS: Huber weights min(1, delta/|r|)
+    np.divide(pen.delta, c2, out=c2)
     if w is not None:
-        d1 *= w
         c2 *= w
-    if pen.space == "linear":  # dr = s J, d2r = s sum_k p_k M_k M_k^T
-        d1 *= s
-        c2 *= s * s
-    elif mode == "exact":
-        c2 -= d1
-    gp = ex * d1[:, None, :]
-    g = gp.reshape(b, k_terms * n) @ ops.design_g
-    pc = ex * c2[:, None, :]
+    if exact is not None and exact.any():  # rho'' - rho' (log) or rho'' (linear)
+        ce = (ar[exact] <= pen.delta) * (1.0 if w is None else _rows(w, exact))
+        c2[exact] = ce - d1w[exact] if pen.space == "log" else ce
+    if pen.space == "log":  # J = sum_k e_k M_k / s
+        inv = 1.0 / s
+        q = d1w * inv
+        c2 *= inv
+        c2 *= inv
+    else:  # dr = sum_k e_k M_k
+        q = d1w
+    q_sum, c_sum = q.sum(axis=1), c2.sum(axis=1)
+    g = np.zeros((b, p))
+    v = []
+    for t, e, gm in zip(ops.terms, ex, ops.grad, strict=True):
+        if e.shape[1] > 1:
+            v.append(q * e)
+            g[:, t.cols] += v[-1] @ gm
+        else:
+            v.append(q_sum[:, None] * e)
+            g[:, t.cols] += v[-1] * gm[0]
     h = np.zeros((b, p * p))
-    for blk in ops.pairs:  # sum_i c_i J_i J_i^T with J_i = sum_k p_ik M_ik
-        h[:, blk.cols] += (pc[:, blk.k] * ex[:, blk.j]) @ blk.outer
-    if mode == "exact":  # + sum_i rho'_i sum_k p_ik M_ik M_ik^T
-        for blk in ops.diag:
-            h[:, blk.cols] += gp[:, blk.k] @ blk.outer
+    ce = [c2 * e if e.shape[1] > 1 else None for e in ex]
+    for pr in ops.pairs:
+        ek, ej = ex[pr.k], ex[pr.j]
+        if ce[pr.k] is not None and ce[pr.j] is not None:
+            h[:, pr.cols] += (ce[pr.k] * ej) @ pr.outer
+        elif ce[pr.k] is not None:
+            h[:, pr.cols] += (ce[pr.k] @ pr.outer) * ej
+        elif ce[pr.j] is not None:
+            h[:, pr.cols] += (ce[pr.j] @ pr.outer) * ek
+        else:
+            h[:, pr.cols] += (c_sum[:, None] * ek * ej) * pr.outer[0]
+    if exact is not None and exact.any():  # + sum_i rho'_i sum_k e_ik M_ik M_ik^T (/ s)
+        hd = np.zeros((b, p * p))
+        for pr, vk in zip(ops.diag, v, strict=True):
+            hd[:, pr.cols] += vk @ pr.outer if vk.shape[1] > 1 else vk * pr.outer[0]
+        h += hd * exact[:, None]
     return g, h.reshape(b, p, p)
 
 
@@ -169,18 +208,17 @@ def _evaluate(model, ops, pen, theta, weights, f_old=None, exact_next=None):
     Returns ``(f, ok, g, h)``: g and h are filled on rows ``ok`` (IRLS matrix, or the exact
     Hessian on rows with ``exact_next``) and zero elsewhere.
     """
-    f, r, ar, ex, s, w = _objective_parts(model, ops, pen, theta, weights)
+    f, parts = _objective_parts(model, ops, pen, theta, weights)
     b, p = theta.shape
     ok = np.isfinite(f) if f_old is None else np.isfinite(f) & (f < f_old)
+    if ok.all():
+        g, h = _derivatives(ops, pen, parts, exact_next)
+        return f, ok, g, h
     g, h = np.zeros((b, p)), np.zeros((b, p, p))
-    exact_next = np.zeros(b, bool) if exact_next is None else exact_next
-    for mode, sel in (("exact", ok & exact_next), ("irls", ok & ~exact_next)):
-        if sel.any():
-            if sel.all():
-                parts = (r, ar, ex, s, w)
-            else:
-                parts = (r[sel], ar[sel], ex[sel], s[sel], _rows(w, sel))
-            g[sel], h[sel] = _derivatives(model, ops, pen, parts, mode)
+    if ok.any():
+        ex, s, r, d1w, w = parts
+        sub = ([e[ok] for e in ex], s[ok], r[ok], d1w[ok], _rows(w, ok))
+        g[ok], h[ok] = _derivatives(ops, pen, sub, None if exact_next is None else exact_next[ok])
     return f, ok, g, h
 
 
