@@ -35,3 +35,14 @@ def resolve_backend(backend: str) -> str:
     if backend == "interpret":
         return "interpret_tpu"
     return backend
+
+
+def check_operand(x, shape: tuple[int, int], dtype) -> None:
+    """``x`` must be ``(..., K)`` for a ``(K, N)`` matrix and share its dtype."""
+    k = shape[0]
+    if x.ndim < 1 or x.shape[-1] != k:
+        raise ValueError(
+            f"x must have shape (..., {k}) to multiply a {shape} matrix, got {x.shape}"
+        )
+    if x.dtype != dtype:
+        raise ValueError(f"dtype mismatch: x is {x.dtype} but w is {dtype}; cast one")

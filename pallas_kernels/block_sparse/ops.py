@@ -13,7 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.backend import resolve_backend
+from pallas_kernels.backend import check_operand, resolve_backend
 from pallas_kernels.block_sparse import kernel as K
 from pallas_kernels.block_sparse.cpu import bsr_matmul_cpu, sddmm_cpu
 from pallas_kernels.block_sparse.format import BSRLayout, BSRMatrix, layout_to_dense
@@ -124,12 +124,7 @@ def bsr_matmul(
             raise
         impl = "reference"  # "auto" with tiles the compiled kernel cannot take
     k, n = w.shape
-    if x.ndim < 1 or x.shape[-1] != k:
-        raise ValueError(
-            f"x must have shape (..., {k}) to multiply a {w.shape} matrix, got {x.shape}"
-        )
-    if x.dtype != w.values.dtype:
-        raise ValueError(f"dtype mismatch: x is {x.dtype} but w is {w.values.dtype}; cast one")
+    check_operand(x, w.shape, w.values.dtype)
     lead = x.shape[:-1]
     y = _bsr_jit(x.reshape(-1, k), w.values, w.layout, impl, tiles or K.BSRTiles())
     return y.reshape(*lead, n)

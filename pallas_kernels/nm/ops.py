@@ -14,7 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.backend import resolve_backend
+from pallas_kernels.backend import check_operand, resolve_backend
 from pallas_kernels.nm import kernel as K
 from pallas_kernels.nm.cpu import decompress, gather_kept, nm_matmul_cpu
 from pallas_kernels.nm.format import NMMatrix, code_layout
@@ -103,12 +103,7 @@ def nm_matmul(
         raise ValueError(f"w must be an NMMatrix, got {type(w).__name__}")
     impl = resolve_backend(backend)
     k, cols = w.shape
-    if x.ndim < 1 or x.shape[-1] != k:
-        raise ValueError(
-            f"x must have shape (..., {k}) to multiply a {w.shape} matrix, got {x.shape}"
-        )
-    if x.dtype != w.values.dtype:
-        raise ValueError(f"dtype mismatch: x is {x.dtype} but w is {w.values.dtype}; cast one")
+    check_operand(x, w.shape, w.values.dtype)
     lead = x.shape[:-1]
     y = _nm_jit(x.reshape(-1, k), w.values, w.codes, w.shape, w.n, w.m, impl, tiles or K.NMTiles())
     return y.reshape(*lead, cols)
