@@ -85,6 +85,7 @@ class _Ops(NamedTuple):
     diag: tuple  # _Pair per term (k, k): the second-order part of the exact Hessian
     grad: tuple  # (n, len(cols)) or (1, len(cols)) per term: M_k over its columns
     n_par: int
+    n_const: int  # terms constant over the points
     scatter: tuple  # 0/1 matrices from the concatenated blocks to g (P) and h (P P) columns
 
 
@@ -115,7 +116,7 @@ def _ops(model: LSEModel) -> _Ops:
         _scatter([b.cols for b in pairs], p * p),
         _scatter([b.cols for b in diag], p * p),
     )
-    return _Ops(tuple(terms), pairs, diag, tuple(grad), p, scatter)
+    return _Ops(tuple(terms), pairs, diag, tuple(grad), p, int(sum(const)), scatter)
 
 
 def _scatter(cols, width):
@@ -142,18 +143,21 @@ def parameter_box(model: LSEModel) -> np.ndarray:
 def _objective_parts(model, ops, pen, theta, weights):
     """Objective (B,) and what the derivatives need: term exponentials, sums, residuals."""
     ex = []
-    s = None
     for t in ops.terms:
         u = theta[:, t.cols] @ t.mt
         if t.offset is not None:
             u += t.offset
-        e = np.exp(u, out=u)
-        ex.append(e)
-        if e.shape[1] > 1:
-            s = e.copy() if s is None else np.add(s, e, out=s)
-    for e in ex:
-        if e.shape[1] == 1:
-            s = np.add(s, e, out=s) if s is not None else e * np.ones_like(model.target)
+        ex.append(np.exp(u, out=u))
+    var = [e for e in ex if e.shape[1] > 1]
+    const = sum(e for e in ex if e.shape[1] == 1)  # (B, 1), or 0 without constant terms
+    if not var:
+        s = const * np.ones_like(model.target)
+    else:
+        s = var[0] + var[1] if len(var) > 1 else var[0] + const
+        for e in var[2:]:
+            s += e
+        if len(var) > 1 and ops.n_const:
+            s += const
     r = np.log(s) if pen.space == "log" else s.copy()
     r -= model.target
     d1 = np.maximum(r, -pen.delta)  # rho'(r) = clip(r, -delta, delta)
@@ -172,20 +176,19 @@ def _derivatives(ops, pen, parts, exact):
     ex, s, r, d1w, w = parts
     b, p = r.shape[0], ops.n_par
     ar = np.abs(r)
-    c2 = np.maximum(ar, pen.delta)  # IRLS: Huber weights min(1, delta/|r|)
+    c2 = np.maximum(ar, pen.delta)  # IRLS: Huber weights min(1, delta/|r|) (/ s^2 in log space)
+    if pen.space == "log":  # J = sum_k e_k M_k / s
+        c2 *= s
+        c2 *= s
+        q = d1w / s
+    else:  # dr = sum_k e_k M_k
+        q = d1w
     np.divide(pen.delta, c2, out=c2)
     if w is not None:
         c2 *= w
     if exact is not None and exact.any():  # rho'' - rho' (log) or rho'' (linear)
         ce = (ar[exact] <= pen.delta) * (1.0 if w is None else _rows(w, exact))
-        c2[exact] = ce - d1w[exact] if pen.space == "log" else ce
-    if pen.space == "log":  # J = sum_k e_k M_k / s
-        inv = 1.0 / s
-        q = d1w * inv
-        c2 *= inv
-        c2 *= inv
-    else:  # dr = sum_k e_k M_k
-        q = d1w
+        c2[exact] = (ce - d1w[exact]) / s[exact] ** 2 if pen.space == "log" else ce
     ones = np.ones(r.shape[1])
     q_sum, c_sum = q @ ones, c2 @ ones
     v = [q * e if e.shape[1] > 1 else q_sum[:, None] * e for e in ex]
