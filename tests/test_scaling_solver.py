@@ -112,3 +112,40 @@ def test_weights_shape_and_penalty_are_validated():
         minimize(model, np.zeros((1, 5)), penalty=Penalty(asymmetry=1.0))
     with pytest.raises(ValueError, match="columns"):
         minimize(model, np.zeros((1, 4)))
+
+
+@pytest.mark.parametrize("space", ["log", "linear"])
+def test_four_term_model_with_offsets_mixed_batch_matches_finite_differences(space):
+    """Frantar form with ``g`` fixed (a constant term carried by the offset) and a batch that
+    mixes exact-Hessian and IRLS rows: each row equals its own single-row evaluation."""
+    rng = np.random.default_rng(2)
+    n = 30
+    data = {
+        "S": rng.choice([0.0, 0.5, 0.75], n),
+        "N": np.exp(rng.uniform(16, 21, n)),
+        "D": np.exp(rng.uniform(20, 25, n)),
+    }
+    loss = 2.0 + rng.uniform(0.1, 1.0, n)
+    target = np.log(loss) if space == "log" else loss
+    model, free, _ = forms.build_model(forms.FRANTAR, data, target, {"g": 1.5})
+    assert free.sum() == 6 and np.any(model.offset != 0)
+    pen = Penalty(delta=0.3, asymmetry=0.6, space=space)
+    theta = np.array([[4.0, 1.0, 3.0, 0.3, 5.0, 0.25], [3.5, 1.2, 2.5, 0.25, 4.0, 0.2]])
+    ops = _ops(model)
+    exact = np.array([True, False])
+    f, _, g, h = _evaluate(model, ops, pen, theta, None, exact_next=exact)
+    for i in range(2):
+        fi, _, gi, hi = _evaluate(
+            model, ops, pen, theta[i : i + 1], None, exact_next=exact[i : i + 1]
+        )
+        np.testing.assert_allclose(f[i], fi[0], rtol=1e-13)
+        np.testing.assert_allclose(h[i], hi[0], rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(g[i], _fd_grad(model, pen, theta[i], None), rtol=1e-5, atol=1e-9)
+    hess_fd = np.zeros((6, 6))
+    for j in range(6):
+        e = np.zeros(6)
+        e[j] = 1e-5
+        gp = _evaluate(model, ops, pen, (theta[0] + e)[None], None)[2][0]
+        gm = _evaluate(model, ops, pen, (theta[0] - e)[None], None)[2][0]
+        hess_fd[:, j] = (gp - gm) / 2e-5
+    np.testing.assert_allclose(h[0], hess_fd, rtol=1e-4, atol=1e-7)
