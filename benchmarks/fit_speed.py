@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import time
 from pathlib import Path
 
@@ -80,6 +81,7 @@ def main() -> None:
         fit = fit_chinchilla(N, D, loss, grid=starts)
         return time.perf_counter() - t, fit
 
+    load_before = os.getloadavg()
     times, fits, sp_time, sp_best = [], [], 0.0, []
     halves = np.array_split(starts, 2)
     for i in range(3):
@@ -106,7 +108,9 @@ def main() -> None:
         ),
         ("scipy L-BFGS-B loop", sp_time, sp.fun, np.exp(e), al, be, 1.0),
     ]
+    load_after = os.getloadavg()
     print(f"{len(starts)} starts, {len(loss)} points; batched runs: {np.round(times, 2)} s")
+    print(f"load average (1, 5, 15 min): before {load_before}, after {load_after}")
     print(
         f"| {'method':<22} | {'wall s':>8} | {'objective':>12} | {'E':>7} | {'alpha':>7} | "
         f"{'beta':>7} | {'speedup':>7} |"
