@@ -18,6 +18,13 @@ failure). ``H`` is the iteratively-reweighted Gauss-Newton matrix (Huber weights
 leave the batch, so the work shrinks as starts finish (a ``vmap`` runs every start to the
 slowest one's length). BLAS is held to one thread while it runs (``threadpoolctl``, when
 installed): on a busy machine idle BLAS threads spin against the element-wise passes.
+
+Cost. A pass touches each (start, point) pair a few dozen times, so it runs on slices of
+``_CHUNK`` start-points (cache-sized temporaries); a term that is the same at every point
+(``e`` in the Chinchilla law, ``log g`` in Frantar's) costs one ``exp`` per start, not per
+point; matrix entries come from one small matmul per term pair over the non-zero columns of
+``M_ik M_ij^T``. On the 240-point Chinchilla data the 4,500-start grid takes ~220k
+start-iterations (~49 per start, ~40% of them rejected trial steps).
 """
 
 from __future__ import annotations
@@ -60,8 +67,8 @@ class SolveResult(NamedTuple):
 
 
 class _Term(NamedTuple):
-    """One log-sum-exp term: ``u = theta[:, cols] @ mt (+ offset)``; constant over points if
-    ``mt`` has a single column (then ``exp(u)`` is one number per start)."""
+    """One log-sum-exp term: ``u = theta[:, cols] @ mt (+ offset)``; constant over the points
+    when ``mt`` has a single column (then ``exp(u)`` is one number per start)."""
 
     cols: np.ndarray  # parameters the term uses
     mt: np.ndarray  # (len(cols), n) or (len(cols), 1) when the term is the same at every point
