@@ -243,7 +243,8 @@ def run(
             log.write(record)
             if wb is not None:
                 wb.log({k: v for k, v in record.items() if v is not None}, step=done)
-            bar.update(done, loss=record["train_loss"], val=val_loss, sparsity=record["sparsity"],
+            bar.update(done, loss=record["train_loss"], val=val_loss,
+                       target=record["target_sparsity"], sparsity=record["sparsity"],
                        tok_s=round(batch_size * seq_len * (done - step_log) / (now - t_log)))
             if is_ckpt:
                 checkpoint.save(mngr, done, state)
