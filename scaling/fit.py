@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -62,11 +63,27 @@ def check_points(columns: Mapping[str, np.ndarray], loss: np.ndarray, n_free: in
         raise ValueError(f"{loss.shape[0]} points but {n_free} free parameters; need >= {n_free}")
 
 
+@dataclass(frozen=True, repr=False)
 class _FitTable:
-    """Shared behaviour of fit results: table repr, coefficient dict."""
+    """Shared fields and behaviour of fit results: table repr, coefficient dict.
 
-    _form: forms.Form
-    _order: tuple[str, ...]
+    Subclasses add the law's coefficients (construct with keywords)."""
+
+    _form: ClassVar[forms.Form]
+    _order: ClassVar[tuple[str, ...]]
+
+    objective: float
+    n_points: int
+    n_starts: int
+    n_converged: int
+    n_at_best: int
+    huber_delta: float
+    asymmetry: float
+    space: str
+    fixed: tuple[str, ...]
+    theta: np.ndarray = field(compare=False)  # full parameter vector of the best start
+    optima: np.ndarray = field(compare=False)  # distinct local optima, best first (internal)
+    data: dict = field(compare=False)  # the points fitted (N, D[, S]) and loss
 
     def coefficients(self) -> dict[str, float]:
         return {k: float(getattr(self, k)) for k in self._order}
@@ -100,18 +117,6 @@ class ChinchillaFit(_FitTable):
     B: float
     alpha: float
     beta: float
-    objective: float
-    n_points: int
-    n_starts: int
-    n_converged: int
-    n_at_best: int
-    huber_delta: float
-    asymmetry: float
-    space: str
-    fixed: tuple[str, ...]
-    theta: np.ndarray = field(compare=False)  # (a, b, e, alpha, beta)
-    optima: np.ndarray = field(compare=False)  # distinct local optima, best first (internal)
-    data: dict = field(compare=False)  # the points fitted: N, D, loss
     _form = forms.CHINCHILLA
     _order = ("E", "A", "B", "alpha", "beta")
 
@@ -134,18 +139,6 @@ class FrantarFit(_FitTable):
     e: float
     f: float
     g: float
-    objective: float
-    n_points: int
-    n_starts: int
-    n_converged: int
-    n_at_best: int
-    huber_delta: float
-    asymmetry: float
-    space: str
-    fixed: tuple[str, ...]
-    theta: np.ndarray = field(compare=False)
-    optima: np.ndarray = field(compare=False)
-    data: dict = field(compare=False)  # S, N, D, loss
     _form = forms.FRANTAR
     _order = ("a", "b", "c", "d", "e", "f", "g")
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import ml_collections
 
-SIZE_ALIASES = {"size": "model.size", "steps": "train.steps", "sparsity": "sparsity.final",
+KEY_ALIASES = {"size": "model.size", "steps": "train.steps", "sparsity": "sparsity.final",
                 "seed": "seed", "final": "sparsity.final"}
 
 
@@ -55,7 +55,7 @@ def set_key(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
     """Set ``config[dotted]`` (``"train.steps"``); strings are parsed to the key's type.
 
     Unknown keys raise ``ValueError`` naming the key."""
-    dotted = SIZE_ALIASES.get(dotted, dotted)
+    dotted = KEY_ALIASES.get(dotted, dotted)
     *parents, leaf = dotted.split(".")
     node = config
     for p in parents:

@@ -52,7 +52,6 @@ def make_train_step(graphdef, params_def, rest, tx, *, counts, prunable, fixed_f
     donated. ``counts`` are the model's :class:`accounting.ParamCounts` (total, prunable).
     ``structural_density``: the density of a model whose sparsity is built into its layers
     (BSR kernels), used when the optimizer holds no masks."""
-    total = counts
 
     def loss_of(params, x_BxL, y_BxL):
         model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(params_def,
@@ -65,12 +64,12 @@ def make_train_step(graphdef, params_def, rest, tx, *, counts, prunable, fixed_f
         params = optax.apply_updates(state.params, updates)
         masks = _masks_or_none(opt_state)
         if masks is None:
-            n_active = jnp.float32(total.total)
+            n_active = jnp.float32(counts.total)
             density = jnp.float32(1.0 if structural_density is None else structural_density)
         else:
             n_active = accounting.count_params(params, masks, prunable=prunable).active
             n_active = jnp.asarray(n_active, jnp.float32)
-            density = 1.0 - (total.total - n_active) / total.prunable
+            density = 1.0 - (counts.total - n_active) / counts.prunable
         t = state.step.astype(jnp.float32)
         new = TrainState(
             step=state.step + 1,
