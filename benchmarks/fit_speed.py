@@ -3,10 +3,12 @@
 Data: ../shared/data/chinchilla_svg_extracted.csv (Besiroglu et al. 2024), the 5 highest-loss
 points dropped (240 left). Both methods minimise the same objective (sum of Huber 1e-3 on
 log residuals, log-sum-exp parameterisation) from every start of DESIGN.md's grid and keep the
-best: ``scaling.fit_chinchilla`` (all starts at once) and a plain loop of
-``scipy.optimize.minimize(method="L-BFGS-B", jac=True)`` with the analytic gradient. They run
-interleaved in one process (batched, half the scipy loop, batched, other half, batched; the
-batched time is the median of its three runs), so machine load hits both alike.
+best: ``scaling.fit_chinchilla`` (all starts at once; its compiled numba passes, and its numpy
+passes for reference) and a plain loop of ``scipy.optimize.minimize(method="L-BFGS-B",
+jac=True)`` with the analytic gradient. They run interleaved in one process (numba, numpy, half
+the scipy loop, numba, numpy, other half, numba, numpy; the batched times are medians of three
+runs), so machine load hits all alike. The first fit of the process is timed apart ("cold"): it
+includes importing numba and compiling the kernels, or loading them from numba's disk cache.
 
     python benchmarks/fit_speed.py [--csv PATH] [--starts-every K]
 """
@@ -76,40 +78,37 @@ def main() -> None:
     starts = grid_starts(CHINCHILLA, "epoch", np.ones(5, bool))[:: args.starts_every]
     fg = scipy_objective(np.log(N), np.log(D), np.log(loss))
 
-    def batched():
+    def batched(backend):
         t = time.perf_counter()
-        fit = fit_chinchilla(N, D, loss, grid=starts)
+        fit = fit_chinchilla(N, D, loss, grid=starts, backend=backend)
         return time.perf_counter() - t, fit
 
     load_before = os.getloadavg()
-    times, fits, sp_time, sp_best = [], [], 0.0, []
+    cold, _ = batched("numba")
+    times = {"numba": [], "numpy": []}
+    fits, sp_time, sp_best = {}, 0.0, []
     halves = np.array_split(starts, 2)
     for i in range(3):
-        dt, fit = batched()
-        times.append(dt)
-        fits.append(fit)
+        for backend in times:
+            dt, fits[backend] = batched(backend)
+            times[backend].append(dt)
         if i < 2:
             t = time.perf_counter()
             sp_best.append(scipy_loop(fg, halves[i]))
             sp_time += time.perf_counter() - t
     sp = min(sp_best, key=lambda r: r.fun)
-    fit = fits[0]
-    ours_t = float(np.median(times))
+    fit = fits["numba"]
     a, b, e, al, be = sp.x
-    rows = [
-        (
-            "batched damped Newton",
-            ours_t,
-            fit.objective,
-            fit.E,
-            fit.alpha,
-            fit.beta,
-            sp_time / ours_t,
-        ),
-        ("scipy L-BFGS-B loop", sp_time, sp.fun, np.exp(e), al, be, 1.0),
-    ]
+    rows = []
+    for backend, label in (("numba", "batched Newton, numba"), ("numpy", "batched Newton, numpy")):
+        f_, t_ = fits[backend], float(np.median(times[backend]))
+        rows.append((label, t_, f_.objective, f_.E, f_.alpha, f_.beta, sp_time / t_))
+    rows.append(("scipy L-BFGS-B loop", sp_time, sp.fun, np.exp(e), al, be, 1.0))
     load_after = os.getloadavg()
-    print(f"{len(starts)} starts, {len(loss)} points; batched runs: {np.round(times, 2)} s")
+    print(
+        f"{len(starts)} starts, {len(loss)} points; runs (s): numba {np.round(times['numba'], 2)}"
+        f", numpy {np.round(times['numpy'], 2)}; first (cold) numba fit {cold:.2f} s"
+    )
     print(f"load average (1, 5, 15 min): before {load_before}, after {load_after}")
     print(
         f"| {'method':<22} | {'wall s':>8} | {'objective':>12} | {'E':>7} | {'alpha':>7} | "

@@ -175,14 +175,19 @@ def fit_form(
     space: str = "log",
     drop_highest: int = 0,
     max_iter: int = 400,
+    backend: str = "auto",
 ):
-    """Fit ``form`` from every grid start; returns the ``ChinchillaFit`` / ``FrantarFit``."""
+    """Fit ``form`` from every grid start; returns the ``ChinchillaFit`` / ``FrantarFit``.
+
+    ``backend`` picks the solver's evaluation passes (``scaling.solver.minimize``)."""
     if not huber_delta > 0:
         raise ValueError(f"huber_delta must be > 0; got {huber_delta}")
     if not 0 < asymmetry < 1:
         raise ValueError(f"asymmetry must be in (0, 1) (0.5 = symmetric); got {asymmetry}")
     if space not in ("log", "linear"):
         raise ValueError(f"space must be 'log' or 'linear'; got {space!r}")
+    if backend not in ("auto", "numba", "numpy"):
+        raise ValueError(f"backend must be 'auto', 'numba' or 'numpy'; got {backend!r}")
     fixed = dict(fixed or {})
     for name, value in fixed.items():
         forms.to_internal(form, name, value)
@@ -201,7 +206,13 @@ def fit_form(
     target = np.log(loss) if space == "log" else loss
     model, free, values = forms.build_model(form, data, target, fixed)
     starts = forms.grid_starts(form, grid, free)
-    res = minimize(model, starts, penalty=Penalty(huber_delta, asymmetry, space), max_iter=max_iter)
+    res = minimize(
+        model,
+        starts,
+        penalty=Penalty(huber_delta, asymmetry, space),
+        max_iter=max_iter,
+        backend=backend,
+    )
     full = np.tile(values, (starts.shape[0], 1))
     full[:, free] = res.theta
     i = int(np.nanargmin(np.where(np.isfinite(res.objective), res.objective, np.nan)))
@@ -235,6 +246,7 @@ def fit_chinchilla(
     fixed: Mapping[str, float] | None = None,
     asymmetry: float = 0.5,
     max_iter: int = 400,
+    backend: str = "auto",
 ) -> ChinchillaFit:
     """Fit ``L = E + A/N^alpha + B/D^beta`` (Hoffmann et al. 2022) as Besiroglu et al. 2024 do.
 
@@ -244,7 +256,8 @@ def fit_chinchilla(
     ``drop_highest`` drops that many highest-loss points first. ``fixed`` pins coefficients by
     their natural names (``{"alpha": 0.34, "E": 1.69}``). ``asymmetry`` in (0, 1) weighs points
     above the fit by ``2 asymmetry`` and below it by ``2 (1 - asymmetry)`` (0.5: plain Huber).
-    With N = N_avg for sparse runs this is the law of Jin et al. 2025.
+    With N = N_avg for sparse runs this is the law of Jin et al. 2025. ``backend``: "auto"
+    (compiled numba passes when numba imports), "numba" or "numpy".
     """
     return fit_form(
         forms.CHINCHILLA,
@@ -256,6 +269,7 @@ def fit_chinchilla(
         asymmetry=asymmetry,
         drop_highest=drop_highest,
         max_iter=max_iter,
+        backend=backend,
     )
 
 
@@ -272,6 +286,7 @@ def fit_frantar(
     fixed: Mapping[str, float] | None = None,
     asymmetry: float = 0.5,
     max_iter: int = 400,
+    backend: str = "auto",
 ) -> FrantarFit:
     """Fit the sparse law of Frantar et al. 2023, ``(a (1-S)^b + c) N^-d + e D^-f + g``.
 
@@ -290,4 +305,5 @@ def fit_frantar(
         space=space,
         drop_highest=drop_highest,
         max_iter=max_iter,
+        backend=backend,
     )

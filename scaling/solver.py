@@ -27,6 +27,8 @@ steps); ``benchmarks/fit_speed.py`` lists what was tried to cut them.
 from __future__ import annotations
 
 import contextlib
+import functools
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -88,19 +90,49 @@ def minimize(
     max_iter: int = 400,
     ftol: float = 1e-10,
     exact_below: float = 1e-6,
+    backend: str = "auto",
 ) -> SolveResult:
     """Minimise the penalised objective from every row of ``theta0`` (B, P), all at once.
 
     ``weights`` (n,) or (B, n) multiply each point's penalty (bootstrap counts, leave-one-out
     zeros). A start stops when an accepted step lowers its objective by at most ``ftol``
-    relative, or when no step is accepted even with a damping of 1e12.
+    relative, or when no step is accepted even with a damping of 1e12. ``backend`` picks the
+    evaluation passes: ``"numba"`` (``scaling.fused``: compiled, several times faster; the
+    first call per model structure compiles for a few seconds), ``"numpy"``
+    (``scaling.passes``) or ``"auto"`` (numba when it imports, else numpy with a warning).
     """
+    evaluate, steps = _evaluator(model, penalty, backend)
     limit = threadpool_limits(1, user_api="blas") if threadpool_limits else contextlib.nullcontext()
     with limit:
-        return _minimize(model, theta0, penalty, weights, max_iter, ftol, exact_below)
+        return _minimize(
+            model, theta0, penalty, weights, max_iter, ftol, exact_below, evaluate, steps
+        )
 
 
-def _minimize(model, theta0, penalty, weights, max_iter, ftol, exact_below):
+def _evaluator(model: LSEModel, penalty: Penalty, backend: str):
+    """``evaluate(theta, weights, f_old=None, exact_next=None) -> (f, ok, g, h)`` and
+    ``steps(h, g, lam)``: the damped Newton steps."""
+    if backend not in ("auto", "numba", "numpy"):
+        raise ValueError(f"backend must be 'auto', 'numba' or 'numpy'; got {backend!r}")
+    if backend != "numpy":
+        try:
+            from scaling import fused
+        except ImportError as err:
+            if backend == "numba":
+                raise ImportError(f"backend='numba' needs numba: {err}") from err
+            warnings.warn(
+                f"numba is unavailable ({err}); scaling fits use the slower numpy passes",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        else:
+            fops = fused.build_fused_ops(model)
+            return functools.partial(fused.evaluate_fused, fops, penalty), fused.damped_steps
+    ops = build_ops(model)
+    return functools.partial(evaluate_chunked, model, ops, penalty), _damped_steps
+
+
+def _minimize(model, theta0, penalty, weights, max_iter, ftol, exact_below, evaluate, steps):
     theta = np.array(np.atleast_2d(theta0), np.float64)
     b, p = theta.shape
     if model.design.shape[2] != p:
@@ -110,34 +142,27 @@ def _minimize(model, theta0, penalty, weights, max_iter, ftol, exact_below):
     if not 0.0 < penalty.asymmetry < 1.0 or not penalty.delta > 0:
         raise ValueError(f"penalty needs delta > 0 and 0 < asymmetry < 1; got {penalty}")
     w_all = check_weights(weights, b, model.target.shape[0])
-    ops = build_ops(model)
     hi = parameter_box(model)
     theta = np.clip(theta, -hi, hi)
-    f, _, g, h = evaluate_chunked(model, ops, penalty, theta, w_all)
+    f, _, g, h = evaluate(theta, w_all)
     exact = np.zeros(b, bool)  # which matrix h holds: the exact Hessian or the IRLS one
     lam = np.full(b, 1e-2)
     converged = np.zeros(b, bool)
     n_iter = np.zeros(b, np.int64)
     live = np.flatnonzero(np.isfinite(f))
-    eye = np.eye(p)
     for _ in range(max_iter):
         # a start whose exact-Hessian steps keep failing goes back to the robust IRLS matrix
         back = live[exact[live] & (lam[live] > 1e-3)]
         if back.size:
-            _, _, g[back], h[back] = evaluate_chunked(
-                model, ops, penalty, theta[back], select_rows(w_all, back)
-            )
+            _, _, g[back], h[back] = evaluate(theta[back], select_rows(w_all, back))
             exact[back] = False
         if live.size == 0:
             break
-        hl, la, fl = h[live], lam[live], f[live]
-        diag = np.abs(np.diagonal(hl, axis1=1, axis2=2)) + 1e-12
-        step = _solve(hl + (la[:, None] * diag)[:, :, None] * eye, -g[live])
+        la, fl = lam[live], f[live]
+        step = steps(h[live], g[live], la)
         trial = np.clip(theta[live] + step, -hi, hi)
         exact_next = la / 10.0 <= exact_below
-        ft, ok, gt, ht = evaluate_chunked(
-            model, ops, penalty, trial, select_rows(w_all, live), fl, exact_next
-        )
+        ft, ok, gt, ht = evaluate(trial, select_rows(w_all, live), fl, exact_next)
         done = (ok & (fl - ft <= ftol * np.abs(fl))) | (la > 1e12)
         acc = live[ok]
         theta[acc], f[acc], g[acc], h[acc] = trial[ok], ft[ok], gt[ok], ht[ok]
@@ -147,6 +172,12 @@ def _minimize(model, theta0, penalty, weights, max_iter, ftol, exact_below):
         converged[live[done]] = True
         live = live[~done]
     return SolveResult(theta=theta, objective=f, converged=converged, n_iter=n_iter)
+
+
+def _damped_steps(h: np.ndarray, g: np.ndarray, lam: np.ndarray) -> np.ndarray:
+    """Levenberg-Marquardt steps ``(H + lam |diag H|) step = -g`` for every row."""
+    diag = np.abs(np.diagonal(h, axis1=1, axis2=2)) + 1e-12
+    return _solve(h + (lam[:, None] * diag)[:, :, None] * np.eye(h.shape[1]), -g)
 
 
 def _solve(mat: np.ndarray, rhs: np.ndarray) -> np.ndarray:
