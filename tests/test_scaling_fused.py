@@ -150,3 +150,20 @@ def test_unwritable_cache_dir_compiles_in_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(fused, "_KERNELS", {})
     res = minimize(_one_term_model(), np.array([[0.1]]), backend="numba")
     assert res.theta[0, 0] == pytest.approx(0.7, rel=1e-6)
+
+
+def test_without_numba_auto_warns_and_numba_raises(monkeypatch):
+    import sys
+
+    model = _chinchilla(seed=6)
+    starts = forms.grid_starts(forms.CHINCHILLA, "coarse", np.ones(5, bool))[:20]
+    ref = minimize(model, starts, backend="numpy")
+    import scaling
+
+    monkeypatch.setitem(sys.modules, "scaling.fused", None)  # makes the import fail
+    monkeypatch.delattr(scaling, "fused")
+    with pytest.warns(RuntimeWarning, match="numba is unavailable"):
+        got = minimize(model, starts, backend="auto")
+    np.testing.assert_array_equal(got.objective, ref.objective)
+    with pytest.raises(ImportError, match="backend='numba' needs numba"):
+        minimize(model, starts, backend="numba")
