@@ -64,9 +64,10 @@ def build_fused_ops(model: LSEModel) -> FusedOps:
         np.ascontiguousarray(model.target, np.float64),
         (
             p,
-            tuple(tuple(_column(mv_arr[k, q]) for q in range(p)) for k in range(len(var))),
+            tuple(tuple(_column(mv_arr[k, q], True) for q in range(p)) for k in range(len(var))),
             tuple(
-                tuple(_column(mc_arr[k, q : q + 1]) for q in range(p)) for k in range(len(const))
+                tuple(_column(mc_arr[k, q : q + 1], False) for q in range(p))
+                for k in range(len(const))
             ),
         ),
     )
@@ -88,13 +89,15 @@ def _sums(ev, ec):  # pragma: no cover - compiled
     return s
 
 
-def _column(m: np.ndarray) -> str | float | None:
-    """How a design column enters the generated code: None (zero), a literal, or an array."""
+def _column(m: np.ndarray, varying: bool) -> str | float | None:
+    """How a design column enters the generated code: None (zero), 1.0 or -1.0 (a literal), or
+    "array" / "scalar" (read from the design: other values stay data, so new data with the same
+    structure reuses the compiled kernel)."""
     if not np.any(m):
         return None
-    if np.all(m == m[0]):
+    if np.all(m == m[0]) and m[0] in (1.0, -1.0):
         return float(m[0])
-    return "array"
+    return "array" if varying else "scalar"
 
 
 def _kernel_source(p: int, var_cols: tuple, const_cols: tuple, log_space: bool) -> str:
@@ -105,37 +108,37 @@ def _kernel_source(p: int, var_cols: tuple, const_cols: tuple, log_space: bool) 
     with all of them live at once (a loop per matrix entry is bound by one add chain).
     """
     pairs = [(q, t) for q in range(p) for t in range(q, p)]
+    terms = [("a", k, cols, "m") for k, cols in enumerate(var_cols)]
+    terms += [("b", k, cols, "cm") for k, cols in enumerate(const_cols)]
 
-    def term(k, q, kind):
-        col = var_cols[k][q] if kind == "v" else const_cols[k][q]
-        if col is None:
-            return None
-        a = f"a{k}" if kind == "v" else f"b{k}"
-        if col == "array":
-            return f"{a} * m{k}_{q}[i]"
-        return a if col == 1.0 else f"{a} * {col!r}"
+    def factor(cols, prefix, k, q):  # M_kq at point i
+        col = cols[q]
+        if col in ("array", "scalar"):
+            return f"{prefix}{k}_{q}" + ("[i]" if col == "array" else "")
+        return None if col is None else repr(col)
+
+    def times(a, *facs):  # LLVM folds the literal factors
+        return " * ".join([a] + [f for f in facs if f != "1.0"])
 
     def jac(q):
-        parts = [term(k, q, "v") for k in range(len(var_cols))]
-        parts += [term(k, q, "c") for k in range(len(const_cols))]
-        parts = [x for x in parts if x is not None]
+        parts = []
+        for a, k, cols, prefix in terms:
+            f = factor(cols, prefix, k, q)
+            if f is not None:
+                parts.append(times(f"{a}{k}", f))
         return " + ".join(parts) if parts else "0.0"
 
     def second(q, t):  # sum_k a_k M_kq M_kt over the terms using both columns
         out = []
-        for kind, cols in (("v", var_cols), ("c", const_cols)):
-            for k in range(len(cols)):
-                if cols[k][q] is None or cols[k][t] is None:
-                    continue
-                a = f"a{k}" if kind == "v" else f"b{k}"
-                fac = []
-                for c, idx in ((cols[k][q], q), (cols[k][t], t)):
-                    fac.append(f"m{k}_{idx}[i]" if c == "array" else repr(c))
-                out.append(f"{a} * {fac[0]} * {fac[1]}")
+        for a, k, cols, prefix in terms:
+            fq, ft = factor(cols, prefix, k, q), factor(cols, prefix, k, t)
+            if fq is not None and ft is not None:
+                out.append(times(f"{a}{k}", fq, ft))
         return " + ".join(out)
 
     lines = [
-        "def kernel(ev, ec, s, pred, target, w, mv, delta, kneg, kpos, f_old, exact, f, ok, g, h):",
+        "def kernel(ev, ec, s, pred, target, w, mv, mc, delta, kneg, kpos, f_old, exact, f, ok, g,"
+        " h):",
         "    b = pred.shape[0]",
         "    n = pred.shape[1]",
         "    wrows = w.shape[0]",
@@ -144,6 +147,10 @@ def _kernel_source(p: int, var_cols: tuple, const_cols: tuple, log_space: bool) 
         for q, c in enumerate(cols):
             if c == "array":
                 lines.append(f"    m{k}_{q} = mv[{k}, {q}]")
+    for k, cols in enumerate(const_cols):
+        for q, c in enumerate(cols):
+            if c == "scalar":
+                lines.append(f"    cm{k}_{q} = mc[{k}, {q}]")
     lines += [
         "    for r in range(b):",
         "        wr = w[r if wrows > 1 else 0]",
@@ -286,6 +293,7 @@ def _evaluate_block(fops, pen, theta, w2, f_old, exact):
         fops.target,
         w2,
         fops.mv,
+        fops.mc,
         float(pen.delta),
         2.0 * asym,
         2.0 * (1.0 - asym),

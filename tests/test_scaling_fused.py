@@ -32,6 +32,21 @@ def _frantar(seed=1, n=50, space="log"):
     return LSEModel(design, offset, np.log(loss) if space == "log" else loss)
 
 
+def _custom(seed=2, n=30, space="log"):
+    """Column kinds the built-in laws lack: a constant -1 column on a varying term (through its
+    offset) and non-unit columns on a term that is the same at every point."""
+    rng = np.random.default_rng(seed)
+    x, y = rng.uniform(1.0, 3.0, n), rng.uniform(0.0, 2.0, n)
+    design = np.zeros((3, n, 4))
+    design[0, :, 0], design[0, :, 1] = 1.0, -x
+    design[1, :, 2] = -1.0
+    design[2, :, 3], design[2, :, 2] = 0.5, 2.0
+    offset = np.zeros((3, n))
+    offset[1] = 0.3 * y
+    loss = np.exp(rng.normal(0.5, 0.2, n))
+    return LSEModel(design, offset, np.log(loss) if space == "log" else loss)
+
+
 def _assert_same(a, b, exact):
     f0, ok0, g0, h0 = a
     f1, ok1, g1, h1 = b
@@ -48,7 +63,7 @@ def _assert_same(a, b, exact):
     assert rel[exact].max(initial=0) < 3e-6
 
 
-@pytest.mark.parametrize("make", [_chinchilla, _frantar])
+@pytest.mark.parametrize("make", [_chinchilla, _frantar, _custom])
 @pytest.mark.parametrize("space", ["log", "linear"])
 @pytest.mark.parametrize("asym", [0.5, 0.7])
 def test_fused_passes_match_numpy_passes(make, space, asym):
@@ -58,6 +73,8 @@ def test_fused_passes_match_numpy_passes(make, space, asym):
     rng = np.random.default_rng(2)
     if make is _chinchilla:
         theta = rng.uniform([0, 0, -1, 0, 0], [25, 25, 1, 2, 2], (b, p))
+    elif make is _custom:
+        theta = rng.uniform(-1.0, 1.0, (b, p))
     else:
         theta = rng.uniform(-1.0, 3.0, (b, p)) * np.array([1, 0.5, 1, 0.3, 1, 0.3, 0.5])
     pen = Penalty(delta=1e-3 if space == "log" else 0.05, asymmetry=asym, space=space)
