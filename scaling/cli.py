@@ -49,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--huber-delta", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--loo", action="store_true", help="also report the leave-one-out error")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "numba", "numpy"),
+        default="auto",
+        help="solver passes: numba (compiled, default when installed) or numpy",
+    )
     return p
 
 
@@ -85,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 grid=args.grid,
                 huber_delta=args.huber_delta,
                 drop_highest=args.drop_highest,
+                backend=args.backend,
             )
         else:
             if table.S is None:
@@ -98,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 grid=grid,
                 huber_delta=args.huber_delta,
                 drop_highest=args.drop_highest,
+                backend=args.backend,
             )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -105,13 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(table.loss)} points from {args.source} (N = {table.n_key})")
     print(fit)
     if args.bootstrap:
-        boot = bootstrap(fit, n_boot=args.bootstrap, seed=args.seed, progress=_progress(sys.stderr))
+        boot = bootstrap(
+            fit,
+            n_boot=args.bootstrap,
+            seed=args.seed,
+            progress=_progress(sys.stderr),
+            backend=args.backend,
+        )
         print(boot)
     if args.law == "chinchilla" and fit.alpha > 0 and fit.beta > 0:
         a, b = fit.law.exponents
         print(f"compute-optimal exponents: N_opt ~ C^{a:.4f}, D_opt ~ C^{b:.4f}")
     if args.loo:
-        loo = leave_one_out(fit)
+        loo = leave_one_out(fit, backend=args.backend)
         print(
             f"leave-one-out: rms log error {loo.rmse_log:.4g}, "
             f"mean |relative error| {loo.mean_abs_rel:.4g}"

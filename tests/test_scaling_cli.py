@@ -98,3 +98,18 @@ def test_cli_frantar_law_on_a_csv(tmp_path, shared_data, capsys):
     assert "FrantarFit" in out and "Bootstrap (10 replicates" in out
     assert main([str(shared_data / "chinchilla_svg_extracted.csv"), "--law", "frantar"]) == 2
     assert "sparsity column" in capsys.readouterr().err
+
+
+def test_cli_backends_agree(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    n, d = np.geomspace(1e7, 1e9, 6).repeat(4), np.tile(np.geomspace(1e9, 1e11, 4), 6)
+    loss = (1.8 + 400 / n**0.34 + 900 / d**0.28) * np.exp(rng.normal(0, 0.003, n.size))
+    path = tmp_path / "runs.csv"
+    rows = "".join(f"{a},{b},{c}\n" for a, b, c in zip(n, d, loss, strict=True))
+    path.write_text("N,D,loss\n" + rows)
+    tables = []
+    for backend in ("numpy", "numba"):
+        assert main([str(path), "--grid", "coarse", "--loo", "--backend", backend]) == 0
+        out = capsys.readouterr().out
+        tables.append([ln for ln in out.splitlines() if ln.startswith("  ")][:5])
+    assert tables[0] == tables[1] and len(tables[0]) == 5
