@@ -11,6 +11,13 @@ runs), so machine load hits all alike. The first fit of the process is timed apa
 includes importing numba and compiling the kernels, or loading them from numba's disk cache.
 
     python benchmarks/fit_speed.py [--csv PATH] [--starts-every K]
+
+Tried and dropped (all reach the same ~218k start-iterations or cost more per iteration):
+Levenberg-Marquardt damping variants (gain-ratio updates, gentler factors, step caps,
+projected bounds, earlier or later exact-Hessian switches), a float32 first phase with a float64
+polish (the polish needs 60-80k iterations), and two processes or threads over the starts (no
+gain on a 2-vCPU machine; threads lose to GIL hand-offs). numba's own exp/log are scalar libm
+calls, slower than numpy's SIMD ones, so ``scaling.fused`` leaves those to numpy.
 """
 
 from __future__ import annotations
