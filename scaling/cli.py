@@ -13,6 +13,7 @@ from pathlib import Path
 
 from scaling import logs, plots
 from scaling.fit import fit_chinchilla, fit_frantar
+from scaling.solver import BACKENDS
 from scaling.uncertainty import bootstrap, leave_one_out
 
 
@@ -51,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--loo", action="store_true", help="also report the leave-one-out error")
     p.add_argument(
         "--backend",
-        choices=("auto", "numba", "numpy"),
+        choices=BACKENDS,
         default="auto",
         help="solver passes: numba (compiled, default when installed) or numpy",
     )

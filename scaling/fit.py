@@ -18,7 +18,7 @@ import numpy as np
 
 from scaling import forms
 from scaling.laws import ChinchillaLaw, FrantarLaw
-from scaling.solver import Penalty, minimize
+from scaling.solver import Penalty, check_backend, minimize
 from scaling.uncertainty import Bootstrap, LeaveOneOut, bootstrap, leave_one_out
 
 __all__ = [
@@ -186,8 +186,7 @@ def fit_form(
         raise ValueError(f"asymmetry must be in (0, 1) (0.5 = symmetric); got {asymmetry}")
     if space not in ("log", "linear"):
         raise ValueError(f"space must be 'log' or 'linear'; got {space!r}")
-    if backend not in ("auto", "numba", "numpy"):
-        raise ValueError(f"backend must be 'auto', 'numba' or 'numpy'; got {backend!r}")
+    check_backend(backend)
     fixed = dict(fixed or {})
     for name, value in fixed.items():
         forms.to_internal(form, name, value)

@@ -14,6 +14,7 @@ Kernels are compiled on first use (a few seconds) and cached on disk by numba.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -24,7 +25,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from scaling.passes import _CHUNK, LSEModel, Penalty
+from scaling.passes import LSEModel, Penalty, in_chunks
 
 # reassociation lets the point loops vectorise; no nnan/ninf: infinities must compare correctly
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
@@ -325,18 +326,8 @@ def evaluate_fused(
     w2 = np.ones((1, n)) if weights is None else np.ascontiguousarray(weights, np.float64)
     f_old = np.full(b, np.inf) if f_old is None else np.ascontiguousarray(f_old, np.float64)
     exact = np.zeros(b, np.bool_) if exact_next is None else np.ascontiguousarray(exact_next)
-    size = max(1, _CHUNK // n)
-    if b <= size:
-        return _evaluate_block(fops, pen, theta, w2, f_old, exact)
-    parts = []
-    for i in range(0, b, size):
-        sl = slice(i, i + size)
-        parts.append(
-            _evaluate_block(
-                fops, pen, theta[sl], w2 if w2.shape[0] == 1 else w2[sl], f_old[sl], exact[sl]
-            )
-        )
-    return tuple(np.concatenate([q[j] for q in parts]) for j in range(4))
+    fn = functools.partial(_evaluate_block, fops, pen)
+    return in_chunks(fn, n, theta, w2, f_old, exact)
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -15,6 +15,7 @@ point; matrix entries come from one small matmul per term pair over the non-zero
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -205,18 +206,22 @@ def evaluate(model, ops, pen, theta, weights, f_old=None, exact_next=None):
 
 
 def evaluate_chunked(model, ops, pen, theta, weights, f_old=None, exact_next=None):
-    k_terms, n, _ = model.design.shape
+    """``evaluate`` over slices of ``_CHUNK`` start-points (cache-sized temporaries)."""
+    fn = functools.partial(evaluate, model, ops, pen)
+    return in_chunks(fn, model.target.shape[0], theta, weights, f_old, exact_next)
+
+
+def in_chunks(fn, n, theta, weights, f_old=None, exact_next=None):
+    """``fn(theta, weights, f_old, exact_next) -> (f, ok, g, h)`` on slices of
+    ``_CHUNK // n`` starts, outputs concatenated (shared weights pass through whole)."""
     size = max(1, _CHUNK // n)
     if theta.shape[0] <= size:
-        return evaluate(model, ops, pen, theta, weights, f_old, exact_next)
+        return fn(theta, weights, f_old, exact_next)
     parts = []
     for i in range(0, theta.shape[0], size):
         sl = slice(i, i + size)
         parts.append(
-            evaluate(
-                model,
-                ops,
-                pen,
+            fn(
                 theta[sl],
                 select_rows(weights, sl),
                 None if f_old is None else f_old[sl],

@@ -50,6 +50,13 @@ from scaling.passes import (
 )
 
 _U_MAX = 650.0  # |u| bound kept by the parameter box: exp(u) never overflows in float64
+BACKENDS = ("auto", "numba", "numpy")
+
+
+def check_backend(backend: str) -> None:
+    """Raise ValueError unless ``backend`` is one of ``BACKENDS``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto', 'numba' or 'numpy'; got {backend!r}")
 
 
 class SolveResult(NamedTuple):
@@ -113,8 +120,7 @@ def minimize(
 def _evaluator(model: LSEModel, penalty: Penalty, backend: str):
     """``evaluate(theta, weights, f_old=None, exact_next=None) -> (f, ok, g, h)`` and
     ``steps(h, g, lam)``: the damped Newton steps."""
-    if backend not in ("auto", "numba", "numpy"):
-        raise ValueError(f"backend must be 'auto', 'numba' or 'numpy'; got {backend!r}")
+    check_backend(backend)
     if backend != "numpy":
         try:
             from scaling import fused
