@@ -1,10 +1,12 @@
 """Fast CPU path for block-sparse matmul (no interpreter).
 
-Because the block layout is static host metadata, the product unrolls into one small GEMM per
-stored block on static column slices of ``x``, summed per output block-column: XLA's CPU
-backend emits each as an Eigen/oneDNN GEMM, with no gather, scatter or padding. Measured
-against gather/segment-sum and padded batched-einsum variants (benchmarks/kernels.py), this
-was the fastest formulation on CPU; cost scales with the number of stored blocks.
+The forward product runs the native micro-kernel (``native.py``, an XLA FFI custom call)
+when numba is available and the block width is a multiple of 16; measured 5.8-8.1x faster
+than dense at 90% block sparsity where these XLA ops reach 2.3-6.4x. Otherwise it runs as XLA
+ops: because the block layout is static host metadata, the product unrolls into one small
+GEMM per stored block on static column slices of ``x``, summed per output block-column, with
+no gather, scatter or padding. Measured against gather/segment-sum and padded batched-einsum
+variants, this was the fastest XLA formulation on CPU; cost scales with the stored blocks.
 
 Its limit is XLA:CPU's small-GEMM rate ((2048x64)@(64x64) runs at ~55 GFLOP/s against ~150 for
 a dense 2048^3 product on 2 cores). Also measured and slower: one GEMM per input block-row
@@ -19,11 +21,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.block_sparse import native
 from pallas_kernels.block_sparse.format import BSRLayout
 
 
 def bsr_matmul_cpu(x: jax.Array, values: jax.Array, layout: BSRLayout) -> jax.Array:
-    """``x (M, K) @ W (K, N)`` for ``W`` given by packed ``values`` and static ``layout``."""
+    """``x (M, K) @ W (K, N)`` for ``W`` given by packed ``values`` and static ``layout``:
+    the native kernel where it applies, else :func:`bsr_matmul_xla`."""
+    if native.available() and native.column_tile(layout.block[1]) is not None:
+        return native.bsr_matmul_native(x, values, layout)
+    return bsr_matmul_xla(x, values, layout)
+
+
+def bsr_matmul_xla(x: jax.Array, values: jax.Array, layout: BSRLayout) -> jax.Array:
+    """The product as XLA ops: one small GEMM per stored block, summed per block-column."""
     bk, bn = layout.block
     nn = layout.grid[1]
     ptr = layout.col_ptr

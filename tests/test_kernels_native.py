@@ -1,0 +1,241 @@
+"""Native CPU block-sparse kernel (numba micro-kernel behind an XLA FFI custom call) and the
+XLA-ops CPU path, against float64 numpy products; the FFI handler's metadata answer against
+the C API struct layout."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+from pallas_kernels import BSRMatrix, bsr_matmul, ffi  # noqa: E402
+from pallas_kernels.block_sparse import native  # noqa: E402
+from pallas_kernels.block_sparse.cpu import bsr_matmul_xla  # noqa: E402
+
+
+def random_bsr(k, n, block, density, seed=0):
+    rng = np.random.default_rng(seed)
+    bk, bn = block
+    keep = rng.random((k // bk, n // bn)) < density
+    keep.flat[0] = density > 0  # at least one block unless all-zero is asked for
+    w = rng.standard_normal((k, n)) * np.kron(keep, np.ones(block))
+    return w.astype(np.float32)
+
+
+# (M, K, N, block, density): row tails (M not a multiple of the 6/12/24-row tiles, M=1,
+# M > 256-row tasks), column tiles 64/32/16 (bn 64, 128, 32, 48, 16), empty block-columns.
+CASES = [
+    (37, 128, 192, (32, 64), 0.5),
+    (300, 256, 256, (64, 64), 0.3),
+    (13, 256, 256, (128, 128), 0.6),
+    (1, 64, 96, (16, 32), 0.9),
+    (50, 96, 144, (32, 48), 0.4),
+    (25, 64, 64, (16, 16), 0.2),
+    (7, 128, 128, (64, 64), 0.0),
+]
+
+
+@pytest.mark.parametrize(("m", "k", "n", "block", "density"), CASES)
+def test_host_kernel_matches_float64(m, k, n, block, density):
+    w = random_bsr(k, n, block, density)
+    a = BSRMatrix.from_dense(w, block=block)
+    x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
+    y = native.bsr_matmul_host(x, np.asarray(a.values), a.layout.rows, a.layout.col_ptr, n)
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    np.testing.assert_allclose(y, ref, atol=1e-5 * (np.abs(ref).max(initial=0) + 1), rtol=0)
+
+
+@pytest.mark.parametrize(("m", "k", "n", "block", "density"), CASES)
+def test_ffi_call_matches_float64(m, k, n, block, density):
+    w = random_bsr(k, n, block, density, seed=3)
+    a = BSRMatrix.from_dense(w, block=block)
+    x = np.random.default_rng(4).standard_normal((m, k)).astype(np.float32)
+    y = jax.jit(lambda x, v: native.bsr_matmul_native(x, v, a.layout))(jnp.asarray(x), a.values)
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    assert y.shape == (m, n) and y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), ref, atol=1e-5 * (np.abs(ref).max() + 1), rtol=0)
+
+
+def test_cpu_backend_uses_the_custom_call_and_xla_ops_otherwise():
+    w16 = BSRMatrix.from_dense(random_bsr(64, 64, (16, 16), 0.5), block=(16, 16))
+    w8 = BSRMatrix.from_dense(random_bsr(64, 64, (8, 8), 0.5), block=(8, 8))
+    x = jnp.ones((4, 64))
+
+    def hlo(w):
+        return (
+            jax.jit(lambda x, v: bsr_matmul(x, BSRMatrix(v, w.layout), backend="cpu"))
+            .lower(x, w.values)
+            .as_text()
+        )
+
+    assert "sparsejax_bsr_matmul_f32" in hlo(w16)
+    assert "sparsejax_bsr_matmul_f32" not in hlo(w8)  # 8-wide blocks: XLA ops
+
+
+@pytest.mark.parametrize("block", [(8, 8), (16, 24), (32, 32)])
+def test_xla_path_matches_float64(block):
+    w = random_bsr(64, 96, block, 0.5, seed=5)
+    a = BSRMatrix.from_dense(w, block=block)
+    x = np.random.default_rng(6).standard_normal((9, 64)).astype(np.float32)
+    y = jax.jit(lambda x, v: bsr_matmul_xla(x, v, a.layout))(jnp.asarray(x), a.values)
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    np.testing.assert_allclose(np.asarray(y), ref, atol=1e-5 * (np.abs(ref).max() + 1), rtol=0)
+    z = bsr_matmul(jnp.asarray(x), a, backend="cpu")  # also the route for non-16 blocks
+    np.testing.assert_allclose(np.asarray(z), ref, atol=1e-5 * (np.abs(ref).max() + 1), rtol=0)
+
+
+def test_vmap_and_bf16_through_the_custom_call():
+    w = random_bsr(64, 128, (32, 64), 0.5, seed=7)
+    a = BSRMatrix.from_dense(w, block=(32, 64))
+    xs = np.random.default_rng(8).standard_normal((3, 5, 64)).astype(np.float32)
+    ys = jax.vmap(lambda x: bsr_matmul(x, a, backend="cpu"))(jnp.asarray(xs))
+    ref = xs.astype(np.float64) @ w.astype(np.float64)
+    np.testing.assert_allclose(np.asarray(ys), ref, atol=1e-4, rtol=0)
+    ab = BSRMatrix.from_dense(jnp.asarray(w, jnp.bfloat16), block=(32, 64))
+    xb = jnp.asarray(xs[0], jnp.bfloat16)
+    yb = bsr_matmul(xb, ab, backend="cpu")
+    refb = np.asarray(xb, np.float64) @ np.asarray(jnp.asarray(w, jnp.bfloat16), np.float64)
+    assert yb.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(yb, np.float64), refb, atol=0.1, rtol=2e-2)
+
+
+def test_concurrent_calls_are_serialised_not_crashed():
+    """Two independent custom calls in one program (XLA may run them at once) and calls from
+    several Python threads: numba's thread pool is entered by one launch at a time."""
+    w = random_bsr(256, 256, (64, 64), 0.5, seed=9)
+    a = BSRMatrix.from_dense(w, block=(64, 64))
+    rng = np.random.default_rng(10)
+    x1, x2 = (jnp.asarray(rng.standard_normal((200, 256)), jnp.float32) for _ in range(2))
+    both = jax.jit(lambda p, q: (bsr_matmul(p, a, backend="cpu"), bsr_matmul(q, a, backend="cpu")))
+    y1, y2 = both(x1, x2)
+    w64 = w.astype(np.float64)
+    ref1, ref2 = np.asarray(x1, np.float64) @ w64, np.asarray(x2, np.float64) @ w64
+    np.testing.assert_allclose(np.asarray(y1), ref1, atol=1e-3, rtol=0)
+    np.testing.assert_allclose(np.asarray(y2), ref2, atol=1e-3, rtol=0)
+    errors: list[float] = []
+    host = functools.partial(native.bsr_matmul_host, rows=a.layout.rows, n=256)
+
+    def work(i):
+        for _ in range(5):
+            if i % 2:
+                out = np.asarray(both(x1, x2)[0])
+            else:
+                out = host(np.asarray(x1), np.asarray(a.values), col_ptr=a.layout.col_ptr)
+            errors.append(float(np.abs(out - ref1).max()))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 20 and max(errors) < 1e-3
+
+
+class _ExtensionBase(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t), ("type", ctypes.c_int), ("next", ctypes.c_void_p)]
+
+
+class _ApiVersion(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("extension_start", ctypes.c_void_p),
+        ("major", ctypes.c_int),
+        ("minor", ctypes.c_int),
+    ]
+
+
+class _Metadata(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("api_version", _ApiVersion),
+        ("traits", ctypes.c_uint32),
+        ("state_type_id", ctypes.c_int64),
+    ]
+
+
+class _MetadataExtension(ctypes.Structure):
+    _fields_ = [("base", _ExtensionBase), ("metadata", ctypes.POINTER(_Metadata))]
+
+
+class _Args(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("extension_start", ctypes.c_void_p),
+        ("size", ctypes.c_int64),
+        ("types", ctypes.c_void_p),
+        ("args", ctypes.c_void_p),
+    ]
+
+
+class _CallFrame(ctypes.Structure):
+    """XLA_FFI_CallFrame as declared in jaxlib's include/xla/ffi/api/c_api.h."""
+
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("extension_start", ctypes.c_void_p),
+        ("api", ctypes.c_void_p),
+        ("ctx", ctypes.c_void_p),
+        ("stage", ctypes.c_int),
+        ("args", _Args),
+        ("rets", _Args),
+    ]
+
+
+def test_frame_offsets_match_the_c_api_layout():
+    assert _CallFrame.stage.offset == ffi.FRAME_STAGE
+    assert _CallFrame.args.offset + _Args.args.offset == ffi.FRAME_ARGS
+    assert _CallFrame.args.offset + _Args.size.offset == ffi.FRAME_NUM_ARGS
+    assert _CallFrame.rets.offset + _Args.args.offset == ffi.FRAME_RETS
+    assert _MetadataExtension.metadata.offset == ffi.EXTENSION_METADATA_PTR
+    assert _Metadata.api_version.offset == ffi.METADATA_VERSION
+    assert _Metadata.traits.offset == ffi.METADATA_TRAITS
+    assert ctypes.sizeof(_ApiVersion) == ffi.VERSION_STRUCT_SIZE
+
+
+def test_handler_answers_the_metadata_query():
+    major, minor = ffi.api_version()
+    text = (Path(jax.ffi.include_dir()) / "xla/ffi/api/c_api.h").read_text()
+    assert f"#define XLA_FFI_API_MINOR {minor}" in text
+    handler = native._make_handler(major, minor)
+    meta = _Metadata(struct_size=ctypes.sizeof(_Metadata), traits=7)
+    ext = _MetadataExtension(_ExtensionBase(ctypes.sizeof(_MetadataExtension), 1, None))
+    ext.metadata = ctypes.pointer(meta)
+    frame = _CallFrame(struct_size=ctypes.sizeof(_CallFrame), stage=0)
+    frame.extension_start = ctypes.addressof(ext)
+    call = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p)(handler.address)
+    assert call(ctypes.addressof(frame)) == 0
+    v = meta.api_version
+    assert (v.struct_size, v.extension_start, v.major, v.minor) == (24, None, major, minor)
+    assert meta.traits == 0
+    # Not a metadata query and not the execute stage: nothing is read, nothing fails.
+    frame.extension_start = None
+    assert call(ctypes.addressof(frame)) == 0
+
+
+def test_native_rejects_bad_operands():
+    a = BSRMatrix.from_dense(random_bsr(64, 64, (16, 16), 0.5), block=(16, 16))
+    with pytest.raises(ValueError, match=r"x must be \(M, 64\)"):
+        native.bsr_matmul_native(jnp.ones((4, 32)), a.values, a.layout)
+    b = BSRMatrix.from_dense(random_bsr(64, 64, (8, 8), 0.5), block=(8, 8))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        native.bsr_matmul_native(jnp.ones((4, 64)), b.values, b.layout)
+
+
+def test_host_kernel_rejects_inconsistent_tables():
+    a = BSRMatrix.from_dense(random_bsr(64, 64, (16, 16), 0.5), block=(16, 16))
+    x, v = np.ones((3, 64), np.float32), np.asarray(a.values)
+    rows, ptr = a.layout.rows, a.layout.col_ptr
+    with pytest.raises(ValueError, match="block-rows in"):
+        native.bsr_matmul_host(x, v, rows + 4, ptr, 64)
+    with pytest.raises(ValueError, match="offsets from 0"):
+        native.bsr_matmul_host(x, v, rows, ptr[:-1], 64)
+    with pytest.raises(ValueError, match="do not tile"):
+        native.bsr_matmul_host(np.ones((3, 60), np.float32), v, rows, ptr, 64)
