@@ -165,6 +165,11 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=None, help="write results as JSON here")
     a = p.parse_args(argv)
     print(f"devices: {jax.devices()}  jax {jax.__version__}  preset {a.preset}")
+    if a.preset == "cpu":
+        from pallas_kernels.block_sparse import native
+
+        path = "native FFI kernel" if native.available() else "XLA ops (numba missing)"
+        print(f"CPU BSR path for 64/128 blocks: {path}")
     print(HEADER, flush=True)
     results = run(a.preset, a.reps, a.ms, a.blocks, a.sparsities)
     print("\nSummary (speedup = median over interleaved rounds of dense_time / sparse_time)")
