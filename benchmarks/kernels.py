@@ -10,7 +10,10 @@ CPU (default): f32, 2048x2048 weights, M in {512, 2048}, blocks 64 and 128, bloc
 GPU: ``--preset gpu``: bf16, 8192x8192, M in {8192, 16}, backend "pallas" (Triton), BSR at
 0/50/75/90/95% with 128x128 blocks plus N:M 2:4.
 
-    python benchmarks/kernels.py [--preset cpu|gpu] [--out results.json]
+``--grad`` times forward + backward instead (dL/dx and dL/dW of ``sum(y * c)``, as in a
+training step; BSR dW only at the stored blocks, dense dW in full).
+
+    python benchmarks/kernels.py [--preset cpu|gpu] [--grad] [--out results.json]
 """
 
 from __future__ import annotations
@@ -80,31 +83,53 @@ def interleaved(fns: dict, args: dict, reps: int) -> dict[str, float]:
     return out
 
 
-def run(preset: str, reps: int | None = None, ms=None, blocks=None, sparsities=None) -> list:
+def _with_grad(matmul):
+    """``(x, w, c) -> (dL/dx, dL/dw)`` for ``L = sum(matmul(x, w) * c)``: one training step's
+    forward and backward through the layer."""
+
+    def loss(x, w, c):
+        return jnp.sum(matmul(x, w).astype(jnp.float32) * c)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+def run(
+    preset: str, reps: int | None = None, ms=None, blocks=None, sparsities=None, grad=False
+) -> list:
     cfg = dict(PRESETS[preset])
     reps = reps or cfg["reps"]
     dtype = jnp.dtype(cfg["dtype"])
     size = cfg["size"]
     rng = np.random.default_rng(0)
     dense_dot = jax.jit(lambda x, w: jnp.dot(x, w))
+    dense_grad = _with_grad(jnp.dot)
     results = []
     for m in ms or cfg["ms"]:
         x = jnp.asarray(rng.standard_normal((m, size)), dtype)
+        c = jnp.asarray(rng.standard_normal((m, size)), jnp.float32)
         for bk in blocks or cfg["blocks"]:
             for s in sparsities or cfg["sparsities"]:
                 mask = block_mask((size // bk, size // bk), s, rng)
                 w = rng.standard_normal((size, size)).astype(np.float32)
                 w = np.asarray(jnp.asarray(w * np.kron(mask, np.ones((bk, bk))), dtype))
                 sparse = BSRMatrix.from_dense(w, block=(bk, bk))
-                bsr = jax.jit(lambda x, a: bsr_matmul(x, a, backend=cfg["backend"]))
-                t = interleaved(
-                    {"dense": dense_dot, "sparse": bsr},
-                    {"dense": (x, jnp.asarray(w)), "sparse": (x, sparse)},
-                    reps,
-                )
+                if grad:
+                    lay = sparse.layout
+                    bsr = _with_grad(
+                        lambda x, v, lay=lay: bsr_matmul(
+                            x, BSRMatrix(v, lay), backend=cfg["backend"]
+                        )
+                    )
+                    fns = {"dense": dense_grad, "sparse": bsr}
+                    args = {"dense": (x, jnp.asarray(w), c), "sparse": (x, sparse.values, c)}
+                else:
+                    bsr = jax.jit(lambda x, a: bsr_matmul(x, a, backend=cfg["backend"]))
+                    fns = {"dense": dense_dot, "sparse": bsr}
+                    args = {"dense": (x, jnp.asarray(w)), "sparse": (x, sparse)}
+                t = interleaved(fns, args, reps)
                 results.append(
                     dict(
-                        kind="bsr",
+                        kind="bsr+bw" if grad else "bsr",
                         m=m,
                         size=size,
                         block=bk,
@@ -115,7 +140,7 @@ def run(preset: str, reps: int | None = None, ms=None, blocks=None, sparsities=N
                     )
                 )
                 print(_fmt(results[-1]), flush=True)
-        if cfg["nm"]:
+        if cfg["nm"] and not grad:
             w = rng.standard_normal((size, size)).astype(np.float32)
             sparse = NMMatrix.from_dense(jnp.asarray(w, dtype), 2, 4, prune=True)
             dense_w = sparse.to_dense()
@@ -142,7 +167,7 @@ def run(preset: str, reps: int | None = None, ms=None, blocks=None, sparsities=N
 
 
 def _fmt(r: dict) -> str:
-    block = f"{r['block']}" if r["kind"] == "bsr" else "-"
+    block = f"{r['block']}" if r["kind"].startswith("bsr") else "-"
     return (
         f"{r['kind']:<6} {r['m']:>6} {r['size']:>6} {block:>6} {100 * r['sparsity']:>8.0f} "
         f"{r['dense_ms']:>10.2f} {r['sparse_ms']:>10.2f} {r['speedup']:>8.2f}x"
@@ -162,6 +187,11 @@ def main(argv=None) -> None:
     p.add_argument("--ms", type=int, nargs="*", default=None)
     p.add_argument("--blocks", type=int, nargs="*", default=None)
     p.add_argument("--sparsities", type=float, nargs="*", default=None)
+    p.add_argument(
+        "--grad",
+        action="store_true",
+        help="time forward + backward (dL/dx and dL/dW, as in a training step), BSR only",
+    )
     p.add_argument("--out", type=Path, default=None, help="write results as JSON here")
     a = p.parse_args(argv)
     print(f"devices: {jax.devices()}  jax {jax.__version__}  preset {a.preset}")
@@ -171,7 +201,7 @@ def main(argv=None) -> None:
         path = "native FFI kernel" if native.available() else "XLA ops (numba missing)"
         print(f"CPU BSR path for 64/128 blocks: {path}")
     print(HEADER, flush=True)
-    results = run(a.preset, a.reps, a.ms, a.blocks, a.sparsities)
+    results = run(a.preset, a.reps, a.ms, a.blocks, a.sparsities, a.grad)
     print("\nSummary (speedup = median over interleaved rounds of dense_time / sparse_time)")
     print(HEADER)
     for r in results:

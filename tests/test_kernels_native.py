@@ -64,6 +64,41 @@ def test_ffi_call_matches_float64(m, k, n, block, density):
     np.testing.assert_allclose(np.asarray(y), ref, atol=1e-5 * (np.abs(ref).max() + 1), rtol=0)
 
 
+# (M, K, N, block, density) for dW: all three column tiles (4/8/16-row tiles), M = 1 and odd.
+SDDMM_CASES = [
+    (37, 128, 192, (32, 64), 0.5),
+    (1, 64, 96, (16, 32), 0.9),
+    (50, 96, 144, (32, 48), 0.4),
+    (129, 256, 256, (128, 128), 0.6),
+]
+
+
+@pytest.mark.parametrize(("m", "k", "n", "block", "density"), SDDMM_CASES)
+def test_sddmm_matches_float64(m, k, n, block, density):
+    a = BSRMatrix.from_dense(random_bsr(k, n, block, density, seed=11), block=block)
+    rng = np.random.default_rng(12)
+    x, dy = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (m, n)))
+    full = x.astype(np.float64).T @ dy.astype(np.float64)
+    (bk, bn), lay = block, a.layout
+    pairs = zip(lay.rows, lay.cols, strict=True)
+    ref = np.stack([full[r * bk : (r + 1) * bk, c * bn : (c + 1) * bn] for r, c in pairs])
+    tol = 1e-5 * (np.abs(ref).max() + 1)
+    np.testing.assert_allclose(native.sddmm_host(x, dy, lay), ref, atol=tol, rtol=0)
+    y = jax.jit(lambda x, d: native.sddmm_native(x, d, lay))(jnp.asarray(x), jnp.asarray(dy))
+    assert y.shape == (lay.nnz, bk, bn)
+    np.testing.assert_allclose(np.asarray(y), ref, atol=tol, rtol=0)
+
+
+def test_cpu_backward_runs_native_sddmm():
+    w = BSRMatrix.from_dense(random_bsr(64, 96, (16, 32), 0.5), block=(16, 32))
+
+    def loss(x, v):
+        return jnp.sum(bsr_matmul(x, BSRMatrix(v, w.layout), backend="cpu"))
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(jnp.ones((5, 64)), w.values).as_text()
+    assert "sparsejax_bsr_sddmm_f32" in text and "sparsejax_bsr_matmul_f32" in text
+
+
 def test_cpu_backend_uses_the_custom_call_and_xla_ops_otherwise():
     w16 = BSRMatrix.from_dense(random_bsr(64, 64, (16, 16), 0.5), block=(16, 16))
     w8 = BSRMatrix.from_dense(random_bsr(64, 64, (8, 8), 0.5), block=(8, 8))
@@ -204,7 +239,7 @@ def test_handler_answers_the_metadata_query():
     major, minor = ffi.api_version()
     text = (Path(jax.ffi.include_dir()) / "xla/ffi/api/c_api.h").read_text()
     assert f"#define XLA_FFI_API_MINOR {minor}" in text
-    handler = native._make_handler(major, minor)
+    handler = native._bsr_handler(major, minor)
     meta = _Metadata(struct_size=ctypes.sizeof(_Metadata), traits=7)
     ext = _MetadataExtension(_ExtensionBase(ctypes.sizeof(_MetadataExtension), 1, None))
     ext.metadata = ctypes.pointer(meta)
@@ -225,8 +260,13 @@ def test_native_rejects_bad_operands():
     with pytest.raises(ValueError, match=r"x must be \(M, 64\)"):
         native.bsr_matmul_native(jnp.ones((4, 32)), a.values, a.layout)
     b = BSRMatrix.from_dense(random_bsr(64, 64, (8, 8), 0.5), block=(8, 8))
-    with pytest.raises(ValueError, match="multiple of 16"):
+    with pytest.raises(ValueError, match="multiples of 16"):
         native.bsr_matmul_native(jnp.ones((4, 64)), b.values, b.layout)
+    c = BSRMatrix.from_dense(random_bsr(48, 64, (24, 32), 0.5), block=(24, 32))
+    with pytest.raises(ValueError, match="sides must be multiples of 16"):
+        native.sddmm_native(jnp.ones((4, 48)), jnp.ones((4, 64)), c.layout)
+    with pytest.raises(ValueError, match=r"dy \(M, 64\)"):
+        native.sddmm_native(jnp.ones((4, 64)), jnp.ones((5, 64)), a.layout)
 
 
 def test_host_kernel_rejects_inconsistent_tables():

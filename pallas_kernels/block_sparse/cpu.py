@@ -52,7 +52,8 @@ def bsr_matmul_xla(x: jax.Array, values: jax.Array, layout: BSRLayout) -> jax.Ar
 
 
 def sddmm_cpu(x: jax.Array, dy: jax.Array, layout: BSRLayout) -> jax.Array:
-    """Blocks of ``x.T @ dy`` at the stored positions only: ``(nnz, bk, bn)``."""
+    """Blocks of ``x.T @ dy`` at the stored positions only, ``(nnz, bk, bn)``, as XLA ops (the
+    native SDDMM, ``native.sddmm_native``, serves blocks whose sides are multiples of 16)."""
     bk, bn = layout.block
     if layout.nnz == 0:
         return jnp.zeros((0, bk, bn), x.dtype)

@@ -1,21 +1,22 @@
-"""Native CPU kernel for block-sparse ``x @ W``: an AVX-512 register-blocked micro-kernel.
+"""Native CPU kernels for block-sparse ``x @ W`` and its ``dW`` (SDDMM), as XLA custom calls.
 
 XLA:CPU runs the small per-block GEMMs of the unrolled path (``cpu.py``) far below its dense
-rate, so on CPU the product is computed by a GEMM micro-kernel in the BLIS style (Van Zee &
-van de Geijn, "BLIS: A Framework for Rapidly Instantiating BLAS Functionality", 2015): each
-call keeps an ``MR x CW`` tile of ``Y`` in vector registers and runs over every stored block of
-one output block-column, ``k`` by ``k``: load ``CW/16`` vectors of the block row, broadcast one
-element of ``x`` per tile row, fused multiply-add. Output tiles are written once; there is no
-gather, padding or summation pass. The micro-kernel is emitted as LLVM vector IR through a
-numba intrinsic (16-lane ``<16 x float>`` FMAs, which LLVM lowers to AVX-512 or to pairs of
-AVX2 ops) and driven by a ``prange`` over (row tile, output block-column) tasks.
+rate, so on CPU both products run register-blocked micro-kernels (``microkernel.py``), driven
+by numba ``prange`` loops over independent output tiles:
 
-JAX calls it as an XLA FFI custom call (``pallas_kernels.ffi``), so it reads and writes XLA's
-buffers in place; ``jax.pure_callback`` would copy operands and result (~10 ms per 16 MB
-here, which alone cost a third of the 90%-sparse time at M=2048). Computes in f32; other
-dtypes are cast to f32 and back. Compiled on first use (a few seconds) and cached on disk by
-numba. Measured (benchmarks/kernels.py, 2048x2048, 2 cores): 5.8-8.1x faster than XLA's dense
-dot at 90% block sparsity, 1.0-1.3x at 0%.
+* forward: tasks are (256-row tile of ``x``, output block-column); each micro-kernel call
+  sums every stored block of its column in registers and writes its ``Y`` tile once (no
+  gather, padding or summation pass);
+* SDDMM (``dW``, Gray, Radford & Kingma, "GPU Kernels for Block-Sparse Weights", 2017): tasks
+  are (stored block, column tile); each walks the batch rows in 32-row chunks, and within a
+  chunk (L1-resident) runs every row tile of the block, accumulating into the output.
+
+JAX calls them as XLA FFI custom calls (``pallas_kernels.ffi``), so they read and write XLA's
+buffers in place; ``jax.pure_callback`` would copy operands and results (~10 ms per 16 MB
+here, a third of the 90%-sparse time at M=2048). They compute in f32 (other dtypes are cast
+to f32 and back), need block sides that are multiples of 16, and are compiled on first use
+(a few seconds) and cached on disk by numba. Measured (benchmarks/kernels.py, 2048x2048,
+2 cores): forward 5.1-8.6x faster than XLA's dense dot at 90% block sparsity, 1.0-1.3x at 0%.
 """
 
 from __future__ import annotations
@@ -28,21 +29,24 @@ from pallas_kernels import ffi
 
 try:
     import numba
-    from llvmlite import ir
     from numba import types
-    from numba.core import cgutils
-    from numba.extending import intrinsic
+
+    from pallas_kernels.block_sparse.microkernel import bsr_tile, sddmm_tile
 except ImportError:  # pragma: no cover - numba is a dependency; checked by available()
     numba = None
 
-# Output columns per micro-kernel call and rows per call for them (MR * CW/16 accumulators
-# stay in 24 of the 32 vector registers).
+# Column tile width -> rows per tile: forward tiles use 24 of the 32 vector registers for
+# accumulators; SDDMM tiles use 16 and their row count divides any multiple-of-16 block.
 TILES = {64: 6, 32: 12, 16: 24}
-_ROW_TILE = 256  # rows of x per task: its slice of x stays in L2 across block-columns
+SDDMM_TILES = {64: 4, 32: 8, 16: 16}
+_ROW_TILE = 256  # rows of x per forward task: its slice of x stays in L2 across block-columns
+_SDDMM_ROWS = 32  # batch rows per SDDMM step
+_BSR_TARGET = "sparsejax_bsr_matmul_f32"
+_SDDMM_TARGET = "sparsejax_bsr_sddmm_f32"
 
 
 def available() -> bool:
-    """Whether the native kernel can run here (numba imports, LP64 ABI)."""
+    """Whether the native kernels can run here (numba imports, LP64 ABI)."""
     return ffi.available()
 
 
@@ -52,104 +56,31 @@ def column_tile(bn: int) -> int | None:
 
 
 if numba is not None:
-    _F32 = ir.FloatType()
-    _I32 = ir.IntType(32)
-    _I64 = ir.IntType(64)
-    _VT = ir.VectorType(_F32, 16)
-
-    @intrinsic
-    def _micro(typingctx, x, vals, rows, z0, z1, m0, out, col, cc, mr, nv):
-        """``out[m0:m0+MR, col:col+16*NV] = sum_z x[m0:m0+MR, rows[z]*bk:...] @
-        vals[z][:, cc:cc+16*NV]`` over ``z0 <= z < z1`` (MR, NV literal ints)."""
-        if not isinstance(mr, types.IntegerLiteral) or not isinstance(nv, types.IntegerLiteral):
-            return None
-        n_rows, n_vec = mr.literal_value, nv.literal_value
-        sig = types.void(x, vals, rows, z0, z1, m0, out, col, cc, mr, nv)
-
-        def codegen(context, builder, signature, args):
-            xa, va, ra, oa = (
-                context.make_array(signature.args[i])(context, builder, args[i])
-                for i in (0, 1, 2, 6)
-            )
-            z0v, z1v, m0v, colv, ccv = args[3], args[4], args[5], args[7], args[8]
-            ldx = cgutils.unpack_tuple(builder, xa.shape)[1]
-            _, bk, bn = cgutils.unpack_tuple(builder, va.shape)
-            ldo = cgutils.unpack_tuple(builder, oa.shape)[1]
-            fma = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(_VT, [_VT] * 3), "llvm.fma.v16f32"
-            )
-            zero = ir.Constant(_VT, [0.0] * 16)
-            undef = ir.Constant(_VT, ir.Undefined)
-            splat0 = ir.Constant(ir.VectorType(_I32, 16), [0] * 16)
-            acc = [
-                [cgutils.alloca_once_value(builder, zero) for _ in range(n_vec)]
-                for _ in range(n_rows)
-            ]
-
-            def i64(v):
-                return ir.Constant(_I64, v)
-
-            def vec_ptr(base, index):
-                return builder.bitcast(builder.gep(base, [index]), _VT.as_pointer())
-
-            with cgutils.for_range(builder, builder.sub(z1v, z0v)) as zl:
-                z = builder.add(z0v, zl.index)
-                row = builder.sext(builder.load(builder.gep(ra.data, [z])), _I64)
-                x0 = builder.add(builder.mul(m0v, ldx), builder.mul(row, bk))
-                w0 = builder.add(builder.mul(builder.mul(z, bk), bn), ccv)
-                with cgutils.for_range(builder, bk) as kl:
-                    wk = builder.add(w0, builder.mul(kl.index, bn))
-                    w = [
-                        builder.load(vec_ptr(va.data, builder.add(wk, i64(16 * v))), align=4)
-                        for v in range(n_vec)
-                    ]
-                    xk = builder.add(x0, kl.index)
-                    for r in range(n_rows):
-                        xr = builder.add(xk, builder.mul(i64(r), ldx))
-                        s = builder.load(builder.gep(xa.data, [xr]))
-                        b = builder.shuffle_vector(
-                            builder.insert_element(undef, s, ir.Constant(_I32, 0)), undef, splat0
-                        )
-                        for v in range(n_vec):
-                            builder.store(
-                                builder.call(fma, [b, w[v], builder.load(acc[r][v])]), acc[r][v]
-                            )
-            for r in range(n_rows):
-                o = builder.add(builder.mul(builder.add(m0v, i64(r)), ldo), colv)
-                for v in range(n_vec):
-                    builder.store(
-                        builder.load(acc[r][v]),
-                        vec_ptr(oa.data, builder.add(o, i64(16 * v))),
-                        align=4,
-                    )
-            return context.get_dummy_value()
-
-        return sig, codegen
 
     @numba.njit(inline="always")
-    def _tile_rows(x, vals, rows, z0, z1, ms, me, out, col, cc, cw):
-        """Rows ``ms:me`` of one ``cw``-wide output column tile: full ``MR`` tiles, then rows."""
+    def _bsr_rows(x, vals, rows, z0, z1, ms, me, out, col, cc, cw):
+        """Rows ``ms:me`` of one ``cw``-wide output column tile: full tiles, then single rows."""
         m = ms
         if cw == 64:
             while m + 6 <= me:
-                _micro(x, vals, rows, z0, z1, m, out, col, cc, 6, 4)
+                bsr_tile(x, vals, rows, z0, z1, m, out, col, cc, 6, 4)
                 m += 6
             while m < me:
-                _micro(x, vals, rows, z0, z1, m, out, col, cc, 1, 4)
+                bsr_tile(x, vals, rows, z0, z1, m, out, col, cc, 1, 4)
                 m += 1
         elif cw == 32:
             while m + 12 <= me:
-                _micro(x, vals, rows, z0, z1, m, out, col, cc, 12, 2)
+                bsr_tile(x, vals, rows, z0, z1, m, out, col, cc, 12, 2)
                 m += 12
             while m < me:
-                _micro(x, vals, rows, z0, z1, m, out, col, cc, 1, 2)
+                bsr_tile(x, vals, rows, z0, z1, m, out, col, cc, 1, 2)
                 m += 1
         else:
             while m + 24 <= me:
-                _micro(x, vals, rows, z0, z1, m, out, col, cc, 24, 1)
+                bsr_tile(x, vals, rows, z0, z1, m, out, col, cc, 24, 1)
                 m += 24
             while m < me:
-                _micro(x, vals, rows, z0, z1, m, out, col, cc, 1, 1)
+                bsr_tile(x, vals, rows, z0, z1, m, out, col, cc, 1, 1)
                 m += 1
 
     @numba.njit(parallel=True, cache=True, boundscheck=False)
@@ -164,11 +95,59 @@ if numba is not None:
             me = min(m_total, ms + _ROW_TILE)
             z0, z1 = np.int64(col_ptr[j]), np.int64(col_ptr[j + 1])
             for cc in range(0, bn, cw):
-                _tile_rows(x, vals, rows, z0, z1, ms, me, out, j * bn + cc, cc, cw)
+                _bsr_rows(x, vals, rows, z0, z1, ms, me, out, j * bn + cc, cc, cw)
+
+    @numba.njit(inline="always")
+    def _sddmm_rows(x, dy, z, r, c, kr, cc, m0, m1, out, cw, init):
+        """One row tile of one stored block over batch rows ``m0:m1`` (literal tile sizes)."""
+        if cw == 64:
+            if init:
+                sddmm_tile(x, dy, z, r, c, kr, cc, m0, m1, out, 4, 4, 1)
+            else:
+                sddmm_tile(x, dy, z, r, c, kr, cc, m0, m1, out, 4, 4, 0)
+        elif cw == 32:
+            if init:
+                sddmm_tile(x, dy, z, r, c, kr, cc, m0, m1, out, 8, 2, 1)
+            else:
+                sddmm_tile(x, dy, z, r, c, kr, cc, m0, m1, out, 8, 2, 0)
+        elif init:
+            sddmm_tile(x, dy, z, r, c, kr, cc, m0, m1, out, 16, 1, 1)
+        else:
+            sddmm_tile(x, dy, z, r, c, kr, cc, m0, m1, out, 16, 1, 0)
+
+    @numba.njit(parallel=True, cache=True, boundscheck=False)
+    def _sddmm_host(x, dy, rows, cols, out, cw):
+        m_total = x.shape[0]
+        nnz, bk, bn = out.shape
+        if m_total == 0:
+            out[:] = 0.0
+            return
+        mr = 4 if cw == 64 else (8 if cw == 32 else 16)
+        n_chunks = bn // cw
+        for t in numba.prange(nnz * n_chunks):
+            z = np.int64(t // n_chunks)
+            cc = (t % n_chunks) * cw
+            r, c = np.int64(rows[z]), np.int64(cols[z])
+            # Batch rows in chunks whose x and dy slices stay in L1 across the row tiles.
+            for m0 in range(0, m_total, _SDDMM_ROWS):
+                m1 = min(m_total, m0 + _SDDMM_ROWS)
+                for kr in range(0, bk, mr):
+                    _sddmm_rows(x, dy, z, r, c, kr, cc, m0, m1, out, cw, m0 == 0)
+
+    @numba.njit(inline="always")
+    def _cw(bn):
+        return 64 if bn % 64 == 0 else (32 if bn % 32 == 0 else 16)
+
+
+def _check_block(block: tuple[int, int], sddmm: bool = False) -> None:
+    bk, bn = block
+    if column_tile(bn) is None or (sddmm and bk % 16):
+        sides = "sides" if sddmm else "columns"
+        raise ValueError(f"block {sides} must be multiples of 16 for the native kernel: {block}")
 
 
 def check_tables(x_shape, values_shape, rows, col_ptr, n: int) -> None:
-    """The kernel reads without bounds checks: operands and index tables must agree."""
+    """The kernels read without bounds checks: operands and index tables must agree."""
     nnz, bk, bn = values_shape
     if len(x_shape) != 2 or x_shape[1] % bk or n % bn:
         raise ValueError(f"x {x_shape} and N={n} do not tile into blocks ({bk}, {bn})")
@@ -181,96 +160,143 @@ def check_tables(x_shape, values_shape, rows, col_ptr, n: int) -> None:
         raise ValueError("col_ptr must be non-decreasing")
 
 
+def _launch(kernel, *args) -> None:
+    """Run a parallel kernel from Python, holding the lock the FFI handlers take."""
+    ffi.acquire_lock(ffi.LOCK, 1)
+    try:
+        kernel(*args)
+    finally:
+        ffi.release_lock(ffi.LOCK)
+
+
 def bsr_matmul_host(
     x: np.ndarray, values: np.ndarray, rows: np.ndarray, col_ptr: np.ndarray, n: int
 ) -> np.ndarray:
-    """Host (numpy) block-sparse product: ``x (M, K) f32`` times the blocks ``values (nnz, bk,
-    bn) f32`` stored at K block-rows ``rows`` in CSC order with offsets ``col_ptr``."""
-    cw = column_tile(values.shape[2])
-    if cw is None:
-        raise ValueError(f"block columns must be a multiple of 16, got {values.shape[2]}")
+    """Host (numpy) block-sparse product: ``x (M, K)`` times the blocks ``values (nnz, bk, bn)``
+    stored at K block-rows ``rows`` in CSC order with offsets ``col_ptr``; f32 ``(M, n)``."""
+    _check_block(values.shape[1:])
     check_tables(x.shape, values.shape, rows, col_ptr, n)
-    x = np.ascontiguousarray(x, np.float32)
-    values = np.ascontiguousarray(values, np.float32)
     out = np.empty((x.shape[0], n), np.float32)
-    ffi.acquire_lock(ffi.LOCK, 1)  # one parallel launch at a time, see pallas_kernels.ffi
-    try:
-        _bsr_host(
-            x,
-            values,
-            np.ascontiguousarray(rows, np.int32),
-            np.ascontiguousarray(col_ptr, np.int32),
-            out,
-            cw,
-        )
-    finally:
-        ffi.release_lock(ffi.LOCK)
+    args = (np.ascontiguousarray(a, t) for a, t in ((x, np.float32), (values, np.float32)))
+    tables = (np.ascontiguousarray(rows, np.int32), np.ascontiguousarray(col_ptr, np.int32))
+    _launch(_bsr_host, *args, *tables, out, column_tile(values.shape[2]))
     return out
 
 
-_FFI_TARGET = "sparsejax_bsr_matmul_f32"
+def sddmm_host(x: np.ndarray, dy: np.ndarray, layout) -> np.ndarray:
+    """Host (numpy) SDDMM: the blocks of ``x.T @ dy`` at ``layout``'s stored positions,
+    ``(nnz, bk, bn)`` f32 in its (CSC) order."""
+    _check_block(layout.block, sddmm=True)
+    _check_sddmm(x.shape, dy.shape, layout)
+    out = np.empty((layout.nnz, *layout.block), np.float32)
+    x, dy = (np.ascontiguousarray(a, np.float32) for a in (x, dy))
+    rows, cols = (np.ascontiguousarray(a, np.int32) for a in (layout.rows, layout.cols))
+    _launch(_sddmm_host, x, dy, rows, cols, out, column_tile(layout.block[1]))
+    return out
 
 
-def _make_handler(major: int, minor: int):
-    """FFI handler: operands ``x (M, K) f32, values (nnz, bk, bn) f32, rows (nnz,) i32,
-    col_ptr (nn + 1,) i32``; result ``(M, N) f32``."""
+def _check_sddmm(x_shape, dy_shape, layout) -> None:
+    k, n = layout.shape
+    if len(x_shape) != 2 or x_shape[1] != k or tuple(dy_shape) != (x_shape[0], n):
+        raise ValueError(
+            f"x must be (M, {k}) and dy (M, {n}) for a {layout.shape} layout, got "
+            f"{tuple(x_shape)} and {tuple(dy_shape)}"
+        )
+
+
+def _bsr_handler(major: int, minor: int):
+    """Operands ``x (M, K), values (nnz, bk, bn), rows (nnz,) i32, col_ptr (nn+1,) i32``;
+    result ``(M, N)``; all floats f32."""
     lock, acquire, release = ffi.LOCK, ffi.acquire_lock, ffi.release_lock
 
     @numba.cfunc(types.int64(types.int64))
     def handler(frame):
         if ffi.answer_metadata(frame, major, minor) or not ffi.is_execute(frame):
             return 0
-        bx, bv, br, bp, bo = (
-            ffi.arg(frame, 0),
-            ffi.arg(frame, 1),
-            ffi.arg(frame, 2),
-            ffi.arg(frame, 3),
-            ffi.ret(frame, 0),
-        )
-        m, k = ffi.dim(bx, 0), ffi.dim(bx, 1)
-        nnz, bk, bn = ffi.dim(bv, 0), ffi.dim(bv, 1), ffi.dim(bv, 2)
-        x = numba.carray(ffi.f32_pointer(ffi.data(bx)), (m, k))
+        bx, bv, br, bp = ffi.arg(frame, 0), ffi.arg(frame, 1), ffi.arg(frame, 2), ffi.arg(frame, 3)
+        bo = ffi.ret(frame, 0)
+        m, nnz, bk, bn = ffi.dim(bx, 0), ffi.dim(bv, 0), ffi.dim(bv, 1), ffi.dim(bv, 2)
+        x = numba.carray(ffi.f32_pointer(ffi.data(bx)), (m, ffi.dim(bx, 1)))
         vals = numba.carray(ffi.f32_pointer(ffi.data(bv)), (nnz, bk, bn))
         rows = numba.carray(ffi.i32_pointer(ffi.data(br)), (nnz,))
         col_ptr = numba.carray(ffi.i32_pointer(ffi.data(bp)), (ffi.dim(bp, 0),))
         out = numba.carray(ffi.f32_pointer(ffi.data(bo)), (m, ffi.dim(bo, 1)))
-        cw = 64 if bn % 64 == 0 else (32 if bn % 32 == 0 else 16)
         acquire(lock, 1)
-        _bsr_host(x, vals, rows, col_ptr, out, cw)
+        _bsr_host(x, vals, rows, col_ptr, out, _cw(bn))
         release(lock)
         return 0
 
     return handler
 
 
+def _sddmm_handler(major: int, minor: int):
+    """Operands ``x (M, K), dy (M, N), rows (nnz,) i32, cols (nnz,) i32``; result
+    ``(nnz, bk, bn)``; all floats f32."""
+    lock, acquire, release = ffi.LOCK, ffi.acquire_lock, ffi.release_lock
+
+    @numba.cfunc(types.int64(types.int64))
+    def handler(frame):
+        if ffi.answer_metadata(frame, major, minor) or not ffi.is_execute(frame):
+            return 0
+        bx, bd, br, bc = ffi.arg(frame, 0), ffi.arg(frame, 1), ffi.arg(frame, 2), ffi.arg(frame, 3)
+        bo = ffi.ret(frame, 0)
+        m, nnz, bk, bn = ffi.dim(bx, 0), ffi.dim(bo, 0), ffi.dim(bo, 1), ffi.dim(bo, 2)
+        x = numba.carray(ffi.f32_pointer(ffi.data(bx)), (m, ffi.dim(bx, 1)))
+        dy = numba.carray(ffi.f32_pointer(ffi.data(bd)), (m, ffi.dim(bd, 1)))
+        rows = numba.carray(ffi.i32_pointer(ffi.data(br)), (nnz,))
+        cols = numba.carray(ffi.i32_pointer(ffi.data(bc)), (nnz,))
+        out = numba.carray(ffi.f32_pointer(ffi.data(bo)), (nnz, bk, bn))
+        acquire(lock, 1)
+        _sddmm_host(x, dy, rows, cols, out, _cw(bn))
+        release(lock)
+        return 0
+
+    return handler
+
+
+def _ensure_registered() -> None:
+    """Compile the kernels and start numba's thread pool from Python (a launch from an XLA
+    thread cannot start it), then register both handlers."""
+    if ffi.registered(_BSR_TARGET) and ffi.registered(_SDDMM_TARGET):
+        return
+    one = np.ones((16, 16), np.float32)
+    tables = np.zeros(1, np.int32), np.array([0, 1], np.int32)
+    bsr_matmul_host(one, one[None], *tables, 16)
+    _launch(_sddmm_host, one, one, tables[0], tables[0], one[None].copy(), 16)
+    ffi.register(_BSR_TARGET, _bsr_handler)
+    ffi.register(_SDDMM_TARGET, _sddmm_handler)
+
+
 def bsr_matmul_native(x: jax.Array, values: jax.Array, layout) -> jax.Array:
     """``x (M, K) @ W (K, N)`` through the native kernel as an XLA custom call (f32 inside,
-    result in ``x.dtype``). ``layout.block[1]`` must be a multiple of 16."""
-    m, (k, n), bn = x.shape[0], layout.shape, layout.block[1]
-    if column_tile(bn) is None:
-        raise ValueError(f"block columns must be a multiple of 16, got {bn}")
+    result in ``x.dtype``). Block columns must be a multiple of 16."""
+    m, (k, n) = x.shape[0], layout.shape
+    _check_block(layout.block)
     if x.ndim != 2 or x.shape[1] != k or values.shape != (layout.nnz, *layout.block):
         raise ValueError(
-            f"x must be (M, {k}) and values ({layout.nnz}, {layout.block[0]}, {bn}), got "
-            f"{x.shape} and {values.shape}"
+            f"x must be (M, {k}) and values ({layout.nnz}, {layout.block[0]}, "
+            f"{layout.block[1]}), got {x.shape} and {values.shape}"
         )
     if m == 0 or layout.nnz == 0:
         return jnp.zeros((m, n), x.dtype)
     check_tables(x.shape, values.shape, layout.rows, layout.col_ptr, n)
-    if not ffi.registered(_FFI_TARGET):
-        # Compile the kernel and start numba's thread pool from Python (a launch from an XLA
-        # thread cannot start it), then register the handler.
-        bsr_matmul_host(
-            np.zeros((1, 16), np.float32),
-            np.zeros((1, 16, 16), np.float32),
-            np.zeros(1, np.int32),
-            np.array([0, 1], np.int32),
-            16,
-        )
-        ffi.register(_FFI_TARGET, _make_handler)
-    rows = jnp.asarray(np.ascontiguousarray(layout.rows, np.int32))
-    col_ptr = jnp.asarray(np.ascontiguousarray(layout.col_ptr, np.int32))
+    _ensure_registered()
+    rows, col_ptr = (jnp.asarray(np.asarray(a, np.int32)) for a in (layout.rows, layout.col_ptr))
     call = jax.ffi.ffi_call(
-        _FFI_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
+        _BSR_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
     )
     return call(x.astype(jnp.float32), values.astype(jnp.float32), rows, col_ptr).astype(x.dtype)
+
+
+def sddmm_native(x: jax.Array, dy: jax.Array, layout) -> jax.Array:
+    """Blocks of ``x.T @ dy`` at the stored positions, ``(nnz, bk, bn)`` in ``x.dtype``,
+    through the native kernel as an XLA custom call. Block sides must be multiples of 16."""
+    _check_block(layout.block, sddmm=True)
+    _check_sddmm(x.shape, dy.shape, layout)
+    if layout.nnz == 0 or x.shape[0] == 0:
+        return jnp.zeros((layout.nnz, *layout.block), x.dtype)
+    _ensure_registered()
+    rows, cols = (jnp.asarray(np.asarray(a, np.int32)) for a in (layout.rows, layout.cols))
+    out = jax.ShapeDtypeStruct((layout.nnz, *layout.block), jnp.float32)
+    call = jax.ffi.ffi_call(_SDDMM_TARGET, out, vmap_method="sequential")
+    return call(x.astype(jnp.float32), dy.astype(jnp.float32), rows, cols).astype(x.dtype)

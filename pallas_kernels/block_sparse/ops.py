@@ -74,6 +74,8 @@ def _sddmm(x, dy, layout: BSRLayout, impl: str, tiles: K.BSRTiles):
     if impl == "reference":
         return sddmm_reference(x, dy, layout)
     if impl == "cpu":
+        if native_applies(layout.block):
+            return native.sddmm_native(x, dy, layout)
         return sddmm_cpu(x, dy, layout)
     t = _row_tile(x.shape[0], tiles)
     fn = K.sddmm_prefetch if impl.endswith("tpu") else K.sddmm_gpu
