@@ -6,7 +6,12 @@ optimizer without ``sparsify``. Rounds alternate between the two (same process, 
 the ratio is measured side by side. Also measures this machine's dense f32 matmul FLOP/s and
 the model FLOP/s both steps achieve (6·N-style accounting of DESIGN.md: 3x forward FLOPs).
 
+With ``--bsr-block B`` it also times the same model on the block-sparse kernel layers
+(``pallas_kernels.layers.BSRLinear``, static random block mask of ``--bsr-density``; its
+model FLOP/s column counts dense-equivalent FLOPs).
+
     python benchmarks/train_throughput.py [--size tiny] [--rounds 8] [--steps 25]
+        [--bsr-block 32 --bsr-density 0.1]
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from sparsejax.models.gpt import GPT, GPTConfig
 from sparsejax.train import TrainState, make_train_step
 
 
-def build_step(cfg: GPTConfig, tx, batch: int, seq: int):
-    model = GPT(cfg, rngs=nnx.Rngs(0))
+def build_step(cfg: GPTConfig, tx, batch: int, seq: int, linear=None):
+    model = GPT(cfg, rngs=nnx.Rngs(0)) if linear is None else GPT(cfg, rngs=nnx.Rngs(0),
+                                                                  linear=linear)
     graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
     params_def = jax.tree_util.tree_structure(params_state)
     params = nnx.to_pure_dict(params_state)
@@ -63,6 +69,10 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--steps", type=int, default=25, help="steps per config per round")
+    p.add_argument("--bsr-block", type=int, default=0,
+                   help="also time the model on BSR kernel layers (static random block mask "
+                        "of density --bsr-density, blocks of this size); 0: skip")
+    p.add_argument("--bsr-density", type=float, default=0.1)
     args = p.parse_args()
 
     cfg = GPTConfig.from_variant(args.size, n_ctx=args.seq)
@@ -72,6 +82,12 @@ def main() -> None:
     sparse_tx = sparsify(inner, methods.gradual(sched, allocation="global"))
     configs = {"dense": build_step(cfg, inner, args.batch, args.seq),
                "sparse (gradual, every 100)": build_step(cfg, sparse_tx, args.batch, args.seq)}
+    if args.bsr_block:
+        from pallas_kernels.layers import bsr_linear_factory
+
+        factory = bsr_linear_factory((args.bsr_block,) * 2, args.bsr_density)
+        configs[f"bsr kernels (density {args.bsr_density:g})"] = build_step(
+            cfg, inner, args.batch, args.seq, linear=factory)
     corpus = data.load_corpus(None)
     batches = [data.get_batch(corpus.train, seed=0, step=i, batch_size=args.batch,
                               seq_len=args.seq) for i in range(args.steps)]
