@@ -14,6 +14,9 @@ addressing:
   reduction over the batch rows ``M``.
 
 ``MR`` and ``NV`` are literal ints, so each pair compiles to its own unrolled tile.
+
+Numba's disk cache of the drivers in ``native.py`` is keyed on that file only: after editing
+this one, touch ``native.py`` (or clear its ``__pycache__``) so the drivers recompile.
 """
 
 from __future__ import annotations

@@ -35,10 +35,10 @@ try:
 except ImportError:  # pragma: no cover - numba is a dependency; checked by available()
     numba = None
 
-# Column tile width -> rows per tile: forward tiles use 24 of the 32 vector registers for
-# accumulators; SDDMM tiles use 16 and their row count divides any multiple-of-16 block.
+# Column tile width -> rows per forward tile (24 of the 32 vector registers hold accumulators).
+# SDDMM tiles are 4x64, 8x32 or 16x16 (16 accumulators; the row counts divide any block side
+# that is a multiple of 16).
 TILES = {64: 6, 32: 12, 16: 24}
-SDDMM_TILES = {64: 4, 32: 8, 16: 16}
 _ROW_TILE = 256  # rows of x per forward task: its slice of x stays in L2 across block-columns
 _SDDMM_ROWS = 32  # batch rows per SDDMM step
 _BSR_TARGET = "sparsejax_bsr_matmul_f32"
@@ -202,6 +202,13 @@ def _check_sddmm(x_shape, dy_shape, layout) -> None:
             f"x must be (M, {k}) and dy (M, {n}) for a {layout.shape} layout, got "
             f"{tuple(x_shape)} and {tuple(dy_shape)}"
         )
+    rows, cols = np.asarray(layout.rows), np.asarray(layout.cols)
+    grid = layout.grid
+    if rows.shape != cols.shape or (
+        rows.size
+        and not (0 <= min(rows.min(), cols.min()) and rows.max() < grid[0] and cols.max() < grid[1])
+    ):
+        raise ValueError(f"layout rows/cols must index its {grid} block grid")
 
 
 def _bsr_handler(major: int, minor: int):
