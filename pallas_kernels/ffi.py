@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - numba is a dependency; checked by avai
 # {struct_size, extension_start, size, types, args}, rets {struct_size, ..., rets}, ...
 FRAME_EXTENSION, FRAME_STAGE, FRAME_NUM_ARGS, FRAME_ARGS, FRAME_RETS = 8, 32, 56, 72, 112
 # XLA_FFI_Buffer: struct_size, extension_start, dtype (enum, padded), data, rank, dims
-BUFFER_DATA, BUFFER_RANK, BUFFER_DIMS = 24, 32, 40
+BUFFER_DATA, BUFFER_DIMS = 24, 40
 # XLA_FFI_Extension_Base {struct_size, type, next}; XLA_FFI_Metadata_Extension adds metadata*;
 # XLA_FFI_Metadata {struct_size, api_version {struct_size, extension_start, major, minor}, traits}
 EXTENSION_TYPE, EXTENSION_METADATA_PTR = 8, 24
@@ -77,11 +77,29 @@ def registered(name: str) -> bool:
     return name in _registered
 
 
-def register(name: str, make_handler) -> None:
-    """Register ``make_handler(major, minor)`` (a numba ``cfunc``) as CPU FFI target ``name``
-    once per process; the cfunc object is kept alive here."""
+def make_handler(body, major: int, minor: int):
+    """A numba ``cfunc`` FFI handler: answers the metadata query with API ``(major, minor)``,
+    ignores stages other than execute, and runs the njit function ``body(frame)`` holding
+    :data:`LOCK`."""
+    lock, acquire, release = LOCK, acquire_lock, release_lock
+
+    @numba.cfunc(types.int64(types.int64))
+    def handler(frame):
+        if answer_metadata(frame, major, minor) or not is_execute(frame):
+            return 0
+        acquire(lock, 1)
+        body(frame)
+        release(lock)
+        return 0
+
+    return handler
+
+
+def register(name: str, body) -> None:
+    """Register :func:`make_handler` of ``body`` as CPU FFI target ``name`` once per process;
+    the cfunc object is kept alive here."""
     if name not in _registered:
-        handler = make_handler(*api_version())
+        handler = make_handler(body, *api_version())
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler.address), platform="cpu")
         _registered[name] = handler
 

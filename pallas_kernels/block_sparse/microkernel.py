@@ -68,12 +68,27 @@ if intrinsic is not None:
                 for v, cell in enumerate(row):
                     builder.store(builder.call(fma, [bcast, w[v], builder.load(cell)]), cell)
 
+    def _tile_ptrs(builder, out, base, row_stride, n_rows, n_vec):
+        """Vector pointers ``out + base + r*row_stride + 16v`` of an ``n_rows x 16n_vec`` tile."""
+        rows = [builder.add(base, builder.mul(_i64(r), row_stride)) for r in range(n_rows)]
+        return [
+            [_vec_ptr(builder, out, builder.add(o, _i64(16 * v))) for v in range(n_vec)]
+            for o in rows
+        ]
+
+    def _load_tile(builder, out, base, row_stride, n_rows, n_vec):
+        """Accumulators initialised from ``out[base + r*row_stride + 16v:][:16]``."""
+        ptrs = _tile_ptrs(builder, out, base, row_stride, n_rows, n_vec)
+        return [
+            [cgutils.alloca_once_value(builder, builder.load(p, align=4)) for p in row]
+            for row in ptrs
+        ]
+
     def _store_tile(builder, acc, out, base, row_stride):
         """``out[base + r*row_stride + 16v:][:16] = acc[r][v]``."""
-        for r, row in enumerate(acc):
-            o = builder.add(base, builder.mul(_i64(r), row_stride))
-            for v, cell in enumerate(row):
-                ptr = _vec_ptr(builder, out, builder.add(o, _i64(16 * v)))
+        ptrs = _tile_ptrs(builder, out, base, row_stride, len(acc), len(acc[0]))
+        for row, row_ptrs in zip(acc, ptrs, strict=True):
+            for cell, ptr in zip(row, row_ptrs, strict=True):
                 builder.store(builder.load(cell), ptr, align=4)
 
     def _literals(*args):
@@ -112,47 +127,21 @@ if intrinsic is not None:
 
         return sig, codegen
 
-    def _load_tile(builder, out, base, row_stride, n_rows, n_vec):
-        """Accumulators initialised from ``out[base + r*row_stride + 16v:][:16]``."""
-        return [
-            [
-                cgutils.alloca_once_value(
-                    builder,
-                    builder.load(
-                        _vec_ptr(
-                            builder,
-                            out,
-                            builder.add(
-                                builder.add(base, builder.mul(_i64(r), row_stride)), _i64(16 * v)
-                            ),
-                        ),
-                        align=4,
-                    ),
-                )
-                for v in range(n_vec)
-            ]
-            for r in range(n_rows)
-        ]
-
     @intrinsic
-    def sddmm_tile(typingctx, x, dy, z, row, col, kr, cc, m0, m1, out, mr, nv, init):
-        """``out[z, kr:kr+MR, cc:cc+16NV] (+)= x[m0:m1, row*bk+kr:][:, :MR].T @
-        dy[m0:m1, col*bn+cc:][:, :16NV]`` (``out``: ``(nnz, bk, bn)``); ``init`` (literal 0/1):
-        start from zero rather than from ``out``."""
-        sizes = _literals(mr, nv, init)
+    def sddmm_tile(typingctx, x, dy, z, row, col, kr, cc, m0, m1, out, mr, nv):
+        """``out[z, kr:kr+MR, cc:cc+16NV] += x[m0:m1, row*bk+kr:][:, :MR].T @
+        dy[m0:m1, col*bn+cc:][:, :16NV]`` (``out``: ``(nnz, bk, bn)``)."""
+        sizes = _literals(mr, nv)
         if sizes is None:
             return None
-        sig = types.void(x, dy, z, row, col, kr, cc, m0, m1, out, mr, nv, init)
+        sig = types.void(x, dy, z, row, col, kr, cc, m0, m1, out, mr, nv)
 
         def codegen(context, builder, signature, args):
             xa, da, oa = _arrays(context, builder, signature, args, (0, 1, 9))
             zv, rowv, colv, krv, ccv, m0v, m1v = (args[i] for i in range(2, 9))
             ldx, ldy, (_, bk, bn) = _dims(builder, xa)[1], _dims(builder, da)[1], _dims(builder, oa)
             o = builder.add(builder.mul(builder.add(builder.mul(zv, bk), krv), bn), ccv)
-            if sizes[2]:
-                acc = _zero_tile(builder, sizes[0], sizes[1])
-            else:
-                acc = _load_tile(builder, oa.data, o, bn, sizes[0], sizes[1])
+            acc = _load_tile(builder, oa.data, o, bn, *sizes)
             a_base = builder.add(builder.mul(m0v, ldx), builder.add(builder.mul(rowv, bk), krv))
             b_base = builder.add(builder.mul(m0v, ldy), builder.add(builder.mul(colv, bn), ccv))
             steps = builder.sub(m1v, m0v)

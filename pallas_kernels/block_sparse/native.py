@@ -29,7 +29,6 @@ from pallas_kernels import ffi
 
 try:
     import numba
-    from numba import types
 
     from pallas_kernels.block_sparse.microkernel import bsr_tile, sddmm_tile
 except ImportError:  # pragma: no cover - numba is a dependency; checked by available()
@@ -53,6 +52,12 @@ def available() -> bool:
 def column_tile(bn: int) -> int | None:
     """Widest micro-kernel column tile that divides ``bn`` (None: no native kernel)."""
     return next((cw for cw in TILES if bn % cw == 0), None)
+
+
+def supports(*sides: int) -> bool:
+    """Whether the native kernels run here for block sides ``sides`` (the forward needs the
+    block width, SDDMM and the transposed backward product need both sides)."""
+    return available() and all(column_tile(b) is not None for b in sides)
 
 
 if numba is not None:
@@ -98,41 +103,31 @@ if numba is not None:
                 _bsr_rows(x, vals, rows, z0, z1, ms, me, out, j * bn + cc, cc, cw)
 
     @numba.njit(inline="always")
-    def _sddmm_rows(x, dy, z, r, c, kr, cc, m0, m1, out, cw, init):
-        """One row tile of one stored block over batch rows ``m0:m1`` (literal tile sizes)."""
+    def _sddmm_rows(x, dy, z, r, c, kr, cc, m0, m1, out, cw):
+        """Add batch rows ``m0:m1`` into one row tile of one stored block (literal tile sizes)."""
         if cw == 64:
-            if init:
-                sddmm_tile(x, dy, z, r, c, kr, cc, m0, m1, out, 4, 4, 1)
-            else:
-                sddmm_tile(x, dy, z, r, c, kr, cc, m0, m1, out, 4, 4, 0)
+            sddmm_tile(x, dy, z, r, c, kr, cc, m0, m1, out, 4, 4)
         elif cw == 32:
-            if init:
-                sddmm_tile(x, dy, z, r, c, kr, cc, m0, m1, out, 8, 2, 1)
-            else:
-                sddmm_tile(x, dy, z, r, c, kr, cc, m0, m1, out, 8, 2, 0)
-        elif init:
-            sddmm_tile(x, dy, z, r, c, kr, cc, m0, m1, out, 16, 1, 1)
+            sddmm_tile(x, dy, z, r, c, kr, cc, m0, m1, out, 8, 2)
         else:
-            sddmm_tile(x, dy, z, r, c, kr, cc, m0, m1, out, 16, 1, 0)
+            sddmm_tile(x, dy, z, r, c, kr, cc, m0, m1, out, 16, 1)
 
     @numba.njit(parallel=True, cache=True, boundscheck=False)
     def _sddmm_host(x, dy, rows, cols, out, cw):
         m_total = x.shape[0]
         nnz, bk, bn = out.shape
-        if m_total == 0:
-            out[:] = 0.0
-            return
         mr = 4 if cw == 64 else (8 if cw == 32 else 16)
         n_chunks = bn // cw
         for t in numba.prange(nnz * n_chunks):
             z = np.int64(t // n_chunks)
             cc = (t % n_chunks) * cw
             r, c = np.int64(rows[z]), np.int64(cols[z])
+            out[z, :, cc : cc + cw] = 0.0
             # Batch rows in chunks whose x and dy slices stay in L1 across the row tiles.
             for m0 in range(0, m_total, _SDDMM_ROWS):
                 m1 = min(m_total, m0 + _SDDMM_ROWS)
                 for kr in range(0, bk, mr):
-                    _sddmm_rows(x, dy, z, r, c, kr, cc, m0, m1, out, cw, m0 == 0)
+                    _sddmm_rows(x, dy, z, r, c, kr, cc, m0, m1, out, cw)
 
     @numba.njit(inline="always")
     def _cw(bn):
@@ -211,15 +206,12 @@ def _check_sddmm(x_shape, dy_shape, layout) -> None:
         raise ValueError(f"layout rows/cols must index its {grid} block grid")
 
 
-def _bsr_handler(major: int, minor: int):
-    """Operands ``x (M, K), values (nnz, bk, bn), rows (nnz,) i32, col_ptr (nn+1,) i32``;
-    result ``(M, N)``; all floats f32."""
-    lock, acquire, release = ffi.LOCK, ffi.acquire_lock, ffi.release_lock
+if numba is not None:
 
-    @numba.cfunc(types.int64(types.int64))
-    def handler(frame):
-        if ffi.answer_metadata(frame, major, minor) or not ffi.is_execute(frame):
-            return 0
+    @numba.njit
+    def _bsr_call(frame):
+        """Operands ``x (M, K), values (nnz, bk, bn), rows (nnz,) i32, col_ptr (nn+1,) i32``;
+        result ``(M, N)``; all floats f32."""
         bx, bv, br, bp = ffi.arg(frame, 0), ffi.arg(frame, 1), ffi.arg(frame, 2), ffi.arg(frame, 3)
         bo = ffi.ret(frame, 0)
         m, nnz, bk, bn = ffi.dim(bx, 0), ffi.dim(bv, 0), ffi.dim(bv, 1), ffi.dim(bv, 2)
@@ -228,23 +220,12 @@ def _bsr_handler(major: int, minor: int):
         rows = numba.carray(ffi.i32_pointer(ffi.data(br)), (nnz,))
         col_ptr = numba.carray(ffi.i32_pointer(ffi.data(bp)), (ffi.dim(bp, 0),))
         out = numba.carray(ffi.f32_pointer(ffi.data(bo)), (m, ffi.dim(bo, 1)))
-        acquire(lock, 1)
         _bsr_host(x, vals, rows, col_ptr, out, _cw(bn))
-        release(lock)
-        return 0
 
-    return handler
-
-
-def _sddmm_handler(major: int, minor: int):
-    """Operands ``x (M, K), dy (M, N), rows (nnz,) i32, cols (nnz,) i32``; result
-    ``(nnz, bk, bn)``; all floats f32."""
-    lock, acquire, release = ffi.LOCK, ffi.acquire_lock, ffi.release_lock
-
-    @numba.cfunc(types.int64(types.int64))
-    def handler(frame):
-        if ffi.answer_metadata(frame, major, minor) or not ffi.is_execute(frame):
-            return 0
+    @numba.njit
+    def _sddmm_call(frame):
+        """Operands ``x (M, K), dy (M, N), rows (nnz,) i32, cols (nnz,) i32``; result
+        ``(nnz, bk, bn)``; all floats f32."""
         bx, bd, br, bc = ffi.arg(frame, 0), ffi.arg(frame, 1), ffi.arg(frame, 2), ffi.arg(frame, 3)
         bo = ffi.ret(frame, 0)
         m, nnz, bk, bn = ffi.dim(bx, 0), ffi.dim(bo, 0), ffi.dim(bo, 1), ffi.dim(bo, 2)
@@ -253,12 +234,12 @@ def _sddmm_handler(major: int, minor: int):
         rows = numba.carray(ffi.i32_pointer(ffi.data(br)), (nnz,))
         cols = numba.carray(ffi.i32_pointer(ffi.data(bc)), (nnz,))
         out = numba.carray(ffi.f32_pointer(ffi.data(bo)), (nnz, bk, bn))
-        acquire(lock, 1)
         _sddmm_host(x, dy, rows, cols, out, _cw(bn))
-        release(lock)
-        return 0
 
-    return handler
+
+def _bsr_handler(major: int, minor: int):
+    """The forward product's FFI handler (see :func:`pallas_kernels.ffi.make_handler`)."""
+    return ffi.make_handler(_bsr_call, major, minor)
 
 
 def _ensure_registered() -> None:
@@ -270,8 +251,8 @@ def _ensure_registered() -> None:
     tables = np.zeros(1, np.int32), np.array([0, 1], np.int32)
     bsr_matmul_host(one, one[None], *tables, 16)
     _launch(_sddmm_host, one, one, tables[0], tables[0], one[None].copy(), 16)
-    ffi.register(_BSR_TARGET, _bsr_handler)
-    ffi.register(_SDDMM_TARGET, _sddmm_handler)
+    ffi.register(_BSR_TARGET, _bsr_call)
+    ffi.register(_SDDMM_TARGET, _sddmm_call)
 
 
 def bsr_matmul_native(x: jax.Array, values: jax.Array, layout) -> jax.Array:
