@@ -4,10 +4,15 @@ downstream use (fine-tuning, export).
 A checkpoint holds one pytree: ``{"step", "params", "opt_state", "rng", "n_avg", "flops"}``,
 params as a pure nested dict (``nnx.to_pure_dict``), the optimizer state with its masks. Saves
 copy to host first, so donated device buffers are never read after the step that donates them.
+Each save records a SHA-256 of the saved arrays in the step's metadata; resuming
+(:func:`restore_newest`) checks it and falls back past damaged checkpoints.
 """
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +20,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sparsejax import checks
+
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "damaged_checkpoints"
 
 
 def manager(run_dir: str | Path, *, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
     """A CheckpointManager on ``run_dir/checkpoints`` keeping the last ``keep`` checkpoints."""
-    if not (isinstance(keep, int) and keep >= 1):
-        raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+    checks.integer("keep", keep, 1)
     directory = Path(run_dir).absolute() / CHECKPOINT_DIR
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
     return ocp.CheckpointManager(directory, options=options)
@@ -29,7 +36,19 @@ def manager(run_dir: str | Path, *, keep: int = 3, create: bool = True) -> ocp.C
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
     """Save ``state`` at ``step`` (host copy; the write itself may finish asynchronously)."""
-    mngr.save(int(step), args=ocp.args.StandardSave(jax.device_get(state)))
+    host = jax.device_get(state)
+    mngr.save(int(step), args=ocp.args.StandardSave(host),
+              custom_metadata={"sha256": digest(host)})
+
+
+def digest(tree: Any) -> str:
+    """SHA-256 over the leaves' dtypes, shapes and bytes (tree-flatten order)."""
+    h = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(tree):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def restore(mngr: ocp.CheckpointManager, like: Any, step: int | None = None) -> Any:
@@ -39,6 +58,67 @@ def restore(mngr: ocp.CheckpointManager, like: Any, step: int | None = None) -> 
         raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
     return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def restore_newest(run_dir: str | Path, like: Any, *, keep: int = 3) -> tuple[Any, int] | None:
+    """Restore the newest checkpoint of ``run_dir`` that restores and matches its checksum.
+
+    Returns ``(state, step)``, or ``None`` when the run dir holds no checkpoint. Newer damaged
+    checkpoints (unreadable, or data that does not match the checksum recorded at save) are
+    moved to ``RUN_DIR/damaged_checkpoints/`` with a warning naming them, so training can save
+    those steps again. When none restores, raises ``ValueError`` naming the run dir.
+    """
+    if not (Path(run_dir) / CHECKPOINT_DIR).is_dir():
+        return None
+    mngr = manager(run_dir, keep=keep, create=False)
+    steps = sorted(mngr.all_steps(), reverse=True)
+    mngr.close()
+    skipped: list[tuple[int, str]] = []
+    for step in steps:
+        mngr = manager(run_dir, keep=keep, create=False)  # a failed restore can spoil a manager
+        try:
+            state = restore(mngr, like, step)
+        except Exception as e:  # orbax/tensorstore raise many types for damaged files
+            skipped.append((step, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+            continue
+        finally:
+            mngr.close()
+        expected = _recorded_digest(run_dir, step)
+        if expected is None:
+            warnings.warn(f"checkpoint {step} of {run_dir} records no checksum; restored "
+                          "without verifying its data", stacklevel=2)
+        elif digest(state) != expected:
+            skipped.append((step, "data does not match the checksum recorded at save"))
+            continue
+        break
+    else:
+        why = "; ".join(f"step {s}: {r}" for s, r in skipped)
+        raise ValueError(f"run dir {run_dir}: no checkpoint restores ({why})")
+    if skipped:
+        damaged = Path(run_dir) / DAMAGED_DIR
+        damaged.mkdir(exist_ok=True)
+        for s, _ in skipped:
+            src = Path(run_dir).absolute() / CHECKPOINT_DIR / str(s)
+            dst = damaged / str(s)
+            n = 1
+            while dst.exists():
+                dst, n = damaged / f"{s}.{n}", n + 1
+            shutil.move(src, dst)
+        warnings.warn(
+            f"run dir {run_dir}: skipped damaged checkpoint(s) "
+            + "; ".join(f"step {s} ({r})" for s, r in skipped)
+            + f"; moved to {damaged}; resuming from step {step}", stacklevel=2)
+    return state, step
+
+
+def _recorded_digest(run_dir: str | Path, step: int) -> str | None:
+    mngr = manager(run_dir, create=False)
+    try:
+        return (mngr.metadata(step).custom_metadata or {}).get("sha256")
+    except Exception:  # a missing or unreadable _CHECKPOINT_METADATA: nothing recorded
+        return None
+    finally:
+        mngr.close()
 
 
 def latest_step(run_dir: str | Path) -> int | None:

@@ -16,3 +16,19 @@ def sparsity(name: str, value: Any) -> float:
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value}")
     return value
+
+
+def integer(name: str, value: Any, minimum: int = 0, maximum: int | None = None) -> int:
+    """``value`` as an int in ``[minimum, maximum]``, else ``ValueError`` naming ``name``."""
+    valid = f"an int >= {minimum}" if maximum is None else f"an int in [{minimum}, {maximum}]"
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ValueError(f"{name} must be {valid}, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be {valid}, got {value}")
+    return int(value)
+
+
+def positive_ints(**values: Any) -> None:
+    """Check every keyword is an int >= 1 (``ValueError`` naming the first that is not)."""
+    for name, value in values.items():
+        integer(name, value, 1)

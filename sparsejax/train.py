@@ -9,7 +9,9 @@ same arguments ends bitwise equal to an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sparsejax import accounting, checkpoint, data, runlog
+from sparsejax import accounting, checkpoint, checks, data, runlog
 from sparsejax.models.gpt import GPT, loss_fn
 from sparsejax.transforms import find_state
 
@@ -117,10 +119,28 @@ def _check_config_matches(run_dir: Path, config: dict[str, Any] | None) -> None:
                 f"workdir {run_dir} holds a run with a different config (keys {diff}); "
                 "use a new --workdir or the same config to resume"
             )
+    elif any((run_dir / checkpoint.CHECKPOINT_DIR).glob("*")):
+        raise ValueError(
+            f"workdir {run_dir} holds checkpoints but no config.json, so it cannot tell "
+            "whether they belong to this config; restore config.json or use a new --workdir"
+        )
     else:
         runlog.write_json(path, config)
 
 
+def _holding_run_lock(fn):
+    """Run ``fn(model, tx, corpus, workdir, ...)`` holding the run dir's lock file."""
+
+    @functools.wraps(fn)
+    def locked(model, tx, corpus, workdir, **kwargs):
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        with runlog.RunLock(Path(workdir)):
+            return fn(model, tx, corpus, workdir, **kwargs)
+
+    return locked
+
+
+@_holding_run_lock
 def run(
     model: GPT,
     tx: optax.GradientTransformation,
@@ -154,18 +174,27 @@ def run(
     ``structural_density``: for models whose layers are themselves sparse (BSR kernels), the
     kept fraction of their weights; logged as the density and used for the FLOP count.
     ``wandb``: ``{"enabled": bool, "project": str, "mode": "offline"|"online", "name": str}``.
+
+    A process holds ``RUN_DIR/lock`` while it trains (a second one raises
+    :class:`runlog.RunDirBusyError`). A finished run (``completed`` or ``diverged``) is
+    returned as found. The run stops at the first log step whose loss is not finite, with
+    status ``diverged``; ``KeyboardInterrupt`` leaves status ``interrupted`` at the last
+    checkpoint's step and propagates. ``wall_time_s`` adds up over resumptions.
     """
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len),
-                        ("eval_every", eval_every), ("eval_batches", eval_batches),
-                        ("log_every", log_every), ("checkpoint_every", checkpoint_every)):
-        if not (isinstance(value, int) and value >= 1):
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    checks.positive_ints(steps=steps, batch_size=batch_size, seq_len=seq_len,
+                         eval_every=eval_every, eval_batches=eval_batches, log_every=log_every,
+                         checkpoint_every=checkpoint_every)
     if seq_len > model.cfg.n_ctx:
         raise ValueError(f"seq_len ({seq_len}) must be <= the model's n_ctx ({model.cfg.n_ctx})")
     run_dir = Path(workdir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_config_matches(run_dir, config)
     t_start = time.perf_counter()
+    previous = runlog.read_json(run_dir / "summary.json") or {}
+    if previous.get("status") in ("completed", "diverged") and previous.get("steps") == steps:
+        return previous  # finished: nothing to train, nothing rewritten
+    wall_base = max([runlog.number(r.get("wall_time_s")) or 0.0
+                     for r in [previous, *runlog.read_metrics(run_dir)[-1:]]])
 
     graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
     params_def = jax.tree_util.tree_structure(params_state)
@@ -179,9 +208,10 @@ def run(
         flops=jnp.zeros((), jnp.float32), loss_sum=jnp.zeros((), jnp.float32),
         loss_count=jnp.zeros((), jnp.int32),
     )
+    restored = checkpoint.restore_newest(run_dir, state, keep=keep_checkpoints)
+    if restored is not None:
+        state = TrainState(*restored[0])
     mngr = checkpoint.manager(run_dir, keep=keep_checkpoints)
-    if mngr.latest_step() is not None:
-        state = TrainState(*checkpoint.restore(mngr, state))
     start = int(state.step)
 
     train_step = make_train_step(
@@ -196,7 +226,7 @@ def run(
     val_y = np.stack([b[1] for b in val])
 
     log = runlog.MetricsLog(run_dir, resume_step=start)
-    bar = runlog.Progress(steps, enabled=progress)
+    bar = runlog.Progress(steps, initial=start, enabled=progress)
     wb = _wandb_start(wandb, run_dir, config)
     summary_base = {"n_params": counts.total, "n_prunable": counts.prunable, "steps": steps,
                     "batch_size": batch_size, "seq_len": seq_len}
@@ -204,6 +234,7 @@ def run(
                                                  "step": start})
     record: dict[str, Any] = {}
     val_loss = None
+    diverged_at = None
     try:
         t_log, step_log = time.perf_counter(), start
         for step in range(start, steps):
@@ -232,6 +263,7 @@ def run(
                 "n_avg": float(state.n_avg),
                 "flops": float(state.flops),
                 "step_time_s": (now - t_log) / (done - step_log),
+                "wall_time_s": wall_base + now - t_start,
             }
             record["sparsity"] = 1.0 - record["density"]
             record["target_sparsity"] = (
@@ -240,6 +272,9 @@ def run(
             state = state._replace(loss_sum=jnp.zeros((), jnp.float32),
                                    loss_count=jnp.zeros((), jnp.int32))
             log.write(record)
+            if not all(math.isfinite(v) for v in (train_loss, val_loss) if v is not None):
+                diverged_at = done  # stop at the first non-finite loss
+                break
             if wb is not None:
                 wb.log({k: v for k, v in record.items() if v is not None}, step=done)
             bar.update(done, loss=record["train_loss"], val=val_loss,
@@ -249,9 +284,17 @@ def run(
                 checkpoint.save(mngr, done, state)
             t_log, step_log = time.perf_counter(), done
         mngr.wait_until_finished()
+    except KeyboardInterrupt:
+        mngr.wait_until_finished()
+        runlog.write_json(run_dir / "summary.json", {
+            **summary_base, **record, "status": "interrupted", "logged_step": record.get("step"),
+            "step": mngr.latest_step() or 0, "resumed_from": start,
+            "wall_time_s": wall_base + time.perf_counter() - t_start})
+        raise
     except BaseException:
-        runlog.write_json(run_dir / "summary.json", {**summary_base, **record,
-                                                     "status": "failed"})
+        runlog.write_json(run_dir / "summary.json", {
+            **summary_base, **record, "status": "failed",
+            "wall_time_s": wall_base + time.perf_counter() - t_start})
         raise
     finally:
         bar.close()
@@ -260,11 +303,18 @@ def run(
         if wb is not None:
             wb.finish()
     if not record:  # resumed a finished run: report the last logged values
-        record = (runlog.read_metrics(run_dir) or [{}])[-1]
-    wall = time.perf_counter() - t_start
-    summary = {**summary_base, **record, "status": "completed",
+        records = runlog.read_metrics(run_dir)
+        if not records:
+            raise ValueError(f"{run_dir} holds its final checkpoint but metrics.jsonl has no "
+                             "record to summarize; restore metrics.jsonl or use a new workdir")
+        record = records[-1]
+    wall = wall_base + time.perf_counter() - t_start
+    summary = {**summary_base, **record,
+               "status": "completed" if diverged_at is None else "diverged",
                "final_val_loss": record.get("val_loss"), "wall_time_s": wall,
                "resumed_from": start}
+    if diverged_at is not None:
+        summary["diverged_step"] = diverged_at
     runlog.write_json(run_dir / "summary.json", summary)
     return summary
 
