@@ -1,95 +1,187 @@
-"""Command line: ``sparsejax train | fit | export`` (also ``python -m sparsejax``).
+"""Command line: ``sparsejax train | sweep | status | fit | export`` (also ``python -m sparsejax``).
 
 ``sparsejax train --config configs/gradual_magnitude.py:size=tiny --workdir runs/x
 [--config.train.steps=200 --config.checkpoint.every=50 ...]`` trains (resuming when the
-workdir holds checkpoints); ``sparsejax fit SWEEP_DIR_OR_CSV`` fits a scaling law;
-``sparsejax export --format bsr|nm RUN_DIR`` packs a pruned checkpoint for the sparse kernels.
+workdir holds checkpoints); ``sparsejax sweep`` runs a recipe's ``sweep(add)`` with the same
+``--config.KEY=VALUE`` overrides; ``sparsejax status RUN_OR_SWEEP_DIR`` prints each run's
+status; ``sparsejax fit SWEEP_DIR_OR_CSV`` fits a scaling law; ``sparsejax export --format
+bsr|nm RUN_DIR`` packs a pruned checkpoint for the sparse kernels.
+
+Every command takes ``--help``. A bad key, value, file or run dir prints one line
+``sparsejax: error: ...`` and exits with status 2; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
-USAGE = """usage: sparsejax COMMAND [ARGS]
+USAGE = """usage: sparsejax [--debug] COMMAND [ARGS]   (sparsejax COMMAND --help for details)
 
 commands:
   train   --config FILE.py[:key=val,...] --workdir DIR [--config.KEY=VALUE ...]
+  sweep   --config FILE.py[:key=val,...] --workdir SWEEP_DIR [--config.KEY=VALUE ...] [--dry-run]
+  status  RUN_DIR|SWEEP_DIR
   fit     SWEEP_DIR_OR_CSV [--law chinchilla|frantar] [--bootstrap N] [--out DIR]
-  sweep   --config FILE.py[:arg] --workdir SWEEP_DIR [--set KEY=VALUE ...] [--dry-run]
   export  --format bsr|nm RUN_DIR [--out DIR] [--block BK,BN] [--n N --m M] [--force]
 """
+OVERRIDES_HELP = ("Overrides: --config.KEY=VALUE for any key of sparsejax.configlib.base(), "
+                  "e.g. --config.train.steps=200 --config.sparsity.final=0.75. "
+                  "FILE.py:arg takes key=val,... (dotted keys, or size, steps, final).")
+EXIT_USAGE, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
 
-def train_main(argv: list[str]) -> int:
-    """Parse ml_collections config flags, build the experiment, run it; print the result."""
+class UsageError(Exception):
+    """A bad command line: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, prog: str, **kwargs: Any):
+        super().__init__(prog=f"sparsejax {prog}", allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        raise UsageError(f"{self.prog.split()[-1]}: {message}")
+
+
+def _config_parser(prog: str, description: str, workdir_help: str) -> _Parser:
+    p = _Parser(prog, description=description, epilog=OVERRIDES_HELP)
+    p.add_argument("--config", required=True, metavar="FILE.py[:arg]", help="recipe file")
+    p.add_argument("--workdir", required=True, help=workdir_help)
+    p.add_argument("--noprogress", action="store_true", help="no progress bar")
+    return p
+
+
+def _parse_config(spec: str, overrides: list[str]) -> tuple[Any, dict[str, Any]]:
+    """The recipe's config with ``--config.KEY=VALUE`` overrides applied (ml_collections
+    ``config_flags``), and the overrides as ``{key: typed value}``."""
     from absl import flags
     from ml_collections import config_flags
 
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "Recipe file (configs/*.py[:arg]).",
-                                    flag_values=fv, lock_config=True)
-    flags.DEFINE_string("workdir", None, "Run directory (resumed if it holds checkpoints).",
-                        flag_values=fv)
-    flags.DEFINE_bool("progress", True, "Show progress output.", flag_values=fv)
-    try:
-        fv(["sparsejax train", *argv])
-    except flags.Error as e:
-        print(f"sparsejax train: {e}", file=sys.stderr)
-        return 2
-    if fv.config is None or not fv.workdir:
-        print("sparsejax train: --config and --workdir are required", file=sys.stderr)
-        return 2
-    from sparsejax import configlib, experiment
+    from sparsejax import configlib
 
-    config = fv.config
+    for item in overrides:
+        m = re.fullmatch(r"--config\.([A-Za-z0-9_.]+)=(.*)", item, re.S)
+        if m is None:
+            raise UsageError(f"unrecognized argument {item!r} (overrides look like "
+                             "--config.KEY=VALUE)")
+        configlib.check_key(m.group(1))
+    file = spec.partition(":")[0]
+    if not Path(file).is_file():
+        raise UsageError(f"--config: config file {file!r} does not exist")
+    argv = ["sparsejax", f"--config={spec}", *overrides]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "recipe", flag_values=fv, lock_config=True,
+                                    sys_argv=argv)
     try:
-        configlib.validate(config)
-    except ValueError as e:
-        print(f"sparsejax train: invalid config: {e}", file=sys.stderr)
-        return 2
-    print(f"run dir: {Path(fv.workdir).absolute()}", flush=True)
-    summary = experiment.run(config, fv.workdir, progress=fv.progress)
-    print(f"run dir: {Path(fv.workdir).absolute()}")
-    print(f"final validation loss: {summary['final_val_loss']:.4f} "
-          f"(step {summary['step']}, sparsity {summary['sparsity']:.3f}, "
-          f"N_avg {summary['n_avg']:.0f} of {summary['n_params']})")
+        fv(argv)
+    except flags.Error as e:
+        text = str(e).strip()
+        if "Traceback" in text:  # an error raised by the recipe: keep its last line
+            text = f"--config {spec}: " + text.splitlines()[-1].split(": ", 1)[-1]
+        raise UsageError(" ".join(text.split())) from e
+    return fv.config, dict(config_flags.get_override_values(fv["config"]))
+
+
+def _fmt(value: Any, spec: str = ".4f") -> str:
+    from sparsejax.runlog import number
+
+    return "n/a" if value is None else format(number(value), spec)
+
+
+def train_main(argv: list[str], command: str) -> int:
+    """Parse the config and its overrides, build the experiment, run it; print the result."""
+    p = _config_parser("train", "Train one run (resumes when the workdir holds checkpoints).",
+                       "run dir (resumed if it holds checkpoints)")
+    args, rest = p.parse_known_args(argv)
+    config, _ = _parse_config(args.config, rest)
+    from sparsejax import experiment
+
+    try:
+        summary = experiment.run(config, args.workdir, progress=not args.noprogress)
+    except KeyboardInterrupt:
+        return _interrupted(Path(args.workdir), command)
+    return _report(summary, Path(args.workdir))
+
+
+def _report(summary: dict[str, Any], run_dir: Path) -> int:
+    if summary["status"] == "diverged":
+        print(f"sparsejax: run diverged: loss {summary.get('train_loss')} at step "
+              f"{summary.get('diverged_step')}; status 'diverged' in {run_dir / 'summary.json'}",
+              file=sys.stderr)
+        return EXIT_RUN_FAILED
+    print(f"run dir: {run_dir.absolute()}")
+    print(f"final validation loss: {_fmt(summary.get('final_val_loss'))} "
+          f"(step {summary['step']}, sparsity {_fmt(summary.get('sparsity'), '.3f')}, "
+          f"N_avg {_fmt(summary.get('n_avg'), '.0f')} of {summary['n_params']})")
     return 0
 
 
-def sweep_main(argv: list[str]) -> int:
+def _interrupted(run_dir: Path, command: str) -> int:
+    from sparsejax import runlog
+
+    summary = runlog.read_json(run_dir / "summary.json") or {}
+    print(f"\nsparsejax: interrupted; status '{summary.get('status')}', last checkpoint at step "
+          f"{summary.get('step')} in {run_dir}\nrun the same command to resume: {command}",
+          file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def sweep_main(argv: list[str], command: str) -> int:
     """Run every run of a recipe's ``sweep(add)`` into one sweep dir."""
-    p = argparse.ArgumentParser(prog="sparsejax sweep")
-    p.add_argument("--config", required=True, help="recipe FILE.py[:arg] defining sweep(add)")
-    p.add_argument("--workdir", required=True, help="sweep dir (one run dir per run)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override applied to every run (repeatable)")
+    p = _config_parser("sweep", "Run every run a recipe's sweep(add) lists, one run dir each; "
+                       "the overrides apply to every run.", "sweep dir (one run dir per run)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
-    p.add_argument("--noprogress", action="store_true")
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
+    _, overrides = _parse_config(args.config, rest)
     from sparsejax import sweep
 
-    extra = {}
-    for item in args.set:
-        if "=" not in item:
-            p.error(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        extra[key] = value
     try:
-        entries = sweep.launch(args.config, args.workdir, extra=extra, dry_run=args.dry_run,
-                               progress=not args.noprogress)
-    except ValueError as e:
-        print(f"sparsejax sweep: {e}", file=sys.stderr)
-        return 2
+        entries = sweep.launch(args.config, args.workdir, extra=overrides,
+                               dry_run=args.dry_run, progress=not args.noprogress)
+    except KeyboardInterrupt:
+        print(f"\nsparsejax: sweep interrupted; run the same command to resume: {command}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     for e in entries:
-        print(f"{e['name']}: {e.get('status', 'planned')} {e.get('final_val_loss', '')}")
+        print(f"{e['name']}: {e.get('status', 'planned')} {_fmt(e.get('final_val_loss'))}")
+    diverged = [e["name"] for e in entries if e.get("status") == "diverged"]
+    if diverged:
+        print(f"sparsejax: diverged run(s): {', '.join(diverged)}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    return 0
+
+
+def status_main(argv: list[str]) -> int:
+    """Print status, step, loss and wall time of a run dir or of every run of a sweep dir."""
+    p = _Parser("status", description="Status, step, loss and wall time of each run; a run "
+                "left 'running' by a process that is gone reads as 'interrupted'.")
+    p.add_argument("path", metavar="RUN_DIR|SWEEP_DIR")
+    args = p.parse_args(argv)
+    from sparsejax import runlog
+
+    path = Path(args.path)
+    if not path.is_dir():
+        raise UsageError(f"status: {path} is not a directory")
+    runs = [path] if (path / "summary.json").is_file() else sorted(
+        d for d in path.iterdir() if (d / "summary.json").is_file())
+    if not runs:
+        raise UsageError(f"status: {path} holds no run (no summary.json in it or its "
+                         "subfolders)")
+    print(f"{'run':<32} {'status':<12} {'step':>8} {'loss':>8} {'wall_s':>9}")
+    for run in runs:
+        s = runlog.run_status(run)
+        print(f"{run.name:<32} {s['status']:<12} {s['step'] or 0:>8} {_fmt(s['loss']):>8} "
+              f"{_fmt(s['wall_time_s'], '.1f'):>9}")
     return 0
 
 
 def export_main(argv: list[str]) -> int:
     """Pack the latest checkpoint's prunable kernels as BSR or N:M matrices."""
-    p = argparse.ArgumentParser(prog="sparsejax export")
+    p = _Parser("export", description="Pack a run's pruned kernels for the sparse kernels.")
     p.add_argument("run_dir")
     p.add_argument("--format", required=True, choices=("bsr", "nm"))
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export)")
@@ -99,38 +191,62 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("--force", action="store_true", help="N:M: prune kernels that are not N:M")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
     args = p.parse_args(argv)
-    from pallas_kernels import export
-    from sparsejax import checkpoint
-
-    params, _ = checkpoint.load_for_finetuning(args.run_dir, dense=True, step=args.step)
     try:
         block = tuple(int(b) for b in args.block.split(","))
     except ValueError:
-        p.error(f"--block must be two ints BK,BN, got {args.block!r}")
+        raise UsageError(f"export: --block must be two ints BK,BN, got {args.block!r}") from None
+    from pallas_kernels import export
+    from sparsejax import checkpoint
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"export: run dir {run_dir} does not exist")
+    if checkpoint.latest_step(run_dir) is None:
+        raise UsageError(f"export: {run_dir} holds no checkpoint "
+                         f"({run_dir / checkpoint.CHECKPOINT_DIR})")
+    params, _ = checkpoint.load_for_finetuning(run_dir, dense=True, step=args.step)
     opts = {"block": block} if args.format == "bsr" else {"n": args.n, "m": args.m,
                                                             "force": args.force}
-    export.main(params, args.format, args.out or Path(args.run_dir) / "export", **opts)
+    export.main(params, args.format, args.out or run_dir / "export", **opts)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _dispatch(argv: list[str], command: str) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
-        return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    if command == "train":
-        return train_main(rest)
-    if command == "fit":
+        return 0 if argv else EXIT_USAGE
+    name, rest = argv[0], argv[1:]
+    if name == "train":
+        return train_main(rest, command)
+    if name == "sweep":
+        return sweep_main(rest, command)
+    if name == "status":
+        return status_main(rest)
+    if name == "export":
+        return export_main(rest)
+    if name == "fit":
         from scaling import cli as scaling_cli
 
         return scaling_cli.main(rest)
-    if command == "export":
-        return export_main(rest)
-    if command == "sweep":
-        return sweep_main(rest)
-    print(f"sparsejax: unknown command {command!r}\n{USAGE}", file=sys.stderr)
-    return 2
+    raise UsageError(f"unknown command {name!r} (commands: train, sweep, status, fit, export)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``sparsejax`` entry point; returns the exit status."""
+    from sparsejax.runlog import RunDirBusyError
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    command = shlex.join(["sparsejax", *argv])
+    try:
+        return _dispatch(argv, command)
+    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError,
+            RunDirBusyError) as e:
+        if debug:
+            raise
+        print(f"sparsejax: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

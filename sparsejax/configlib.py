@@ -7,12 +7,16 @@ values, never add keys: the base schema is the contract, and validation rejects 
 
 from __future__ import annotations
 
+import difflib
+import math
+import os
 from typing import Any
 
 import ml_collections
 
-KEY_ALIASES = {"size": "model.size", "steps": "train.steps", "sparsity": "sparsity.final",
-                "seed": "seed", "final": "sparsity.final"}
+KEY_ALIASES = {"size": "model.size", "steps": "train.steps", "final": "sparsity.final"}
+MAX_STEPS = 2**31 - 1  # the step counter is int32
+WINDOW_SOLVE_BYTES_PER_STEP = 24  # measured peak ~19.2 B/step (sparsity.by="compute" solve)
 
 
 def base() -> ml_collections.ConfigDict:
@@ -51,19 +55,27 @@ def _coerce(old: Any, text: str) -> Any:
     return text
 
 
+def check_key(dotted: str) -> str:
+    """``dotted`` if it names a leaf of the schema, else ``ValueError`` naming it (with the
+    closest valid keys)."""
+    keys = list(_flatten(base()))
+    if dotted not in keys:
+        close = difflib.get_close_matches(dotted, keys, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(map(repr, close))}?" if close else (
+            f"valid keys: {', '.join(keys)}")
+        raise ValueError(f"unknown config key {dotted!r} ({hint})")
+    return dotted
+
+
 def set_key(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
     """Set ``config[dotted]`` (``"train.steps"``); strings are parsed to the key's type.
 
     Unknown keys raise ``ValueError`` naming the key."""
-    dotted = KEY_ALIASES.get(dotted, dotted)
+    dotted = check_key(KEY_ALIASES.get(dotted, dotted))
     *parents, leaf = dotted.split(".")
     node = config
     for p in parents:
-        if p not in node:
-            raise ValueError(f"unknown config key {dotted!r}")
         node = node[p]
-    if leaf not in node:
-        raise ValueError(f"unknown config key {dotted!r}")
     try:
         node[leaf] = _coerce(node[leaf], value) if isinstance(value, str) else value
     except (ValueError, TypeError) as e:
@@ -71,8 +83,8 @@ def set_key(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
 
 
 def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-    """Apply ``"key=val,key2=val2"`` (dotted keys, or aliases ``size``, ``steps``,
-    ``sparsity``/``final``, ``seed``) to ``config``; unknown keys raise ``ValueError``."""
+    """Apply ``"key=val,key2=val2"`` (dotted keys, or the aliases ``size``, ``steps`` and
+    ``final`` for ``sparsity.final``) to ``config``; unknown keys raise ``ValueError``."""
     for item in (arg or "").split(","):
         if not item.strip():
             continue
@@ -134,9 +146,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in NON_NEGATIVE_INTS:
         v = got[key]
         _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, key, "an int >= 0", v)
-    for key in ("train.lr", "train.b1", "train.b2", "train.weight_decay", "train.grad_clip"):
-        _need(isinstance(got[key], int | float) and got[key] >= 0, key, "a float >= 0", got[key])
-    _need(0 < got["train.lr"], "train.lr", "a float > 0", got["train.lr"])
+    _need(got["train.steps"] <= MAX_STEPS, "train.steps", f"<= {MAX_STEPS} (int32 step counter)",
+          got["train.steps"])
+    for key in ("train.lr", "train.b1", "train.b2", "train.weight_decay", "train.grad_clip",
+                "train.min_lr_ratio", "data.val_fraction", "sparsity.final", "sparsity.start",
+                "sparsity.end", "sparsity.power_scale"):
+        v = got[key]
+        _need(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v), key,
+              "a finite float", v)
+    for key in ("train.weight_decay", "train.grad_clip"):
+        _need(got[key] >= 0, key, "a float >= 0", got[key])
+    _need(0 < got["train.lr"], "train.lr", "a finite float > 0", got["train.lr"])
+    for key in ("train.b1", "train.b2"):
+        _need(0 <= got[key] < 1, key, "a float in [0, 1)", got[key])
     _need(0 <= got["train.min_lr_ratio"] <= 1, "train.min_lr_ratio", "in [0, 1]",
           got["train.min_lr_ratio"])
     _need(0 < got["data.val_fraction"] < 1, "data.val_fraction", "in (0, 1)",
@@ -161,3 +183,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if got["sparsity.method"] != "dense":
         _need(got["sparsity.final"] > 0, "sparsity.final", "> 0 for a sparse method",
               got["sparsity.final"])
+    if (got["sparsity.method"] == "gradual" and got["sparsity.schedule"] == "window"
+            and got["sparsity.by"] == "compute"):
+        need, have = WINDOW_SOLVE_BYTES_PER_STEP * got["train.steps"], _physical_memory()
+        _need(need <= have, "train.steps", f"<= {have // WINDOW_SOLVE_BYTES_PER_STEP} on this "
+              f"machine (placing the sparsity window by compute takes about "
+              f"{WINDOW_SOLVE_BYTES_PER_STEP} bytes per step; {have / 2**30:.0f} GiB of memory; "
+              "sparsity.by='steps' needs none)", got["train.steps"])
+
+
+def _physical_memory() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

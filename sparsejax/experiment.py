@@ -1,10 +1,16 @@
-"""``build(config)``: turn a validated ConfigDict into the explicit pieces ``train.run`` takes.
+"""``build(config)``: turn a ConfigDict into the explicit pieces ``train.run`` takes.
 
-This is one of the two places that read a ConfigDict (the other is the CLI).
+This is one of the two places that read a ConfigDict (the other is the CLI), and the one place
+that validates it: :func:`check` checks the schema and ranges (``configlib.validate``) and then
+builds the objects whose constructors check the rest (model variant, schedules, optimizer),
+so a bad value fails before any data is loaded, with ``ValueError`` naming the config key.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import ml_collections
@@ -30,6 +36,7 @@ class Experiment(NamedTuple):
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> GPTConfig:
+    """The model's :class:`GPTConfig` (``model.size`` decoded by ``GPTConfig.from_variant``)."""
     m = config.model
     return GPTConfig.from_variant(
         m.size, n_ctx=m.n_ctx, pos=m.pos, tie_embeddings=m.tie_embeddings, dtype=m.dtype,
@@ -93,26 +100,59 @@ def optimizer(config: ml_collections.ConfigDict, schedule) -> tuple[Any, optax.S
     return tx, lr
 
 
-def build(config: ml_collections.ConfigDict) -> Experiment:
-    """Validate ``config`` and build model, optimizer, schedules and corpus."""
+@contextlib.contextmanager
+def _naming(keys: str) -> Iterator[None]:
+    """Prefix a constructor's ``ValueError`` with the config keys it was built from."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(f"config {keys}: {e}") from e
+
+
+class Checked(NamedTuple):
+    """The cheap pieces :func:`check` builds (``build`` reuses them)."""
+
+    model_cfg: GPTConfig  # vocab_size still the placeholder; build sets the corpus's
+    tx: optax.GradientTransformation
+    lr_schedule: optax.Schedule
+    sparsity_schedule: schedules.Schedule | None
+
+
+def check(config: ml_collections.ConfigDict) -> Checked:
+    """Validate ``config`` by building everything but the corpus and the model's weights.
+
+    Raises ``ValueError`` naming the config key(s) and the valid range."""
     configlib.validate(config)
+    with _naming("model.size"):
+        GPTConfig.from_variant(config.model.size)
+    with _naming("model.*"):
+        cfg = model_config(config, vocab_size=256)
+    with _naming("sparsity.*"):
+        schedule = sparsity_schedule(config)
+    with _naming("train.* / sparsity.*"):
+        tx, lr = optimizer(config, schedule)
+    return Checked(cfg, tx, lr, schedule)
+
+
+def build(config: ml_collections.ConfigDict) -> Experiment:
+    """Validate ``config`` (:func:`check`) and build model, optimizer, schedules and corpus."""
+    checked = check(config)
     corpus = data.load_corpus(
         config.data.source or None, cache_dir=config.data.cache_dir or None,
         val_fraction=config.data.val_fraction,
     )
-    cfg = model_config(config, corpus.vocab_size)
+    cfg = dataclasses.replace(checked.model_cfg, vocab_size=corpus.vocab_size)
     model = GPT(cfg, rngs=nnx.Rngs(config.seed), linear=linear_factory(config))
-    schedule = sparsity_schedule(config)
-    tx, lr = optimizer(config, schedule)
-    return Experiment(model, cfg, tx, lr, schedule, corpus, config)
+    return Experiment(model, cfg, checked.tx, checked.lr_schedule, checked.sparsity_schedule,
+                      corpus, config)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
         ) -> dict[str, Any]:
     """Build ``config`` and train it in ``workdir`` (resuming from its checkpoints)."""
-    from sparsejax import train
-
     exp = build(config)
+    from sparsejax import train  # after build: a bad config fails before the heavy imports
+
     t, ev = config.train, config.eval
     return train.run(
         exp.model, exp.tx, exp.corpus, workdir, steps=t.steps, batch_size=t.batch_size,

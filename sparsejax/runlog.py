@@ -34,6 +34,10 @@ LOCK_FILE = "lock"
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # "nan", "inf", "-inf"
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
     return value
 
 
@@ -45,8 +49,7 @@ def number(value: Any) -> float | None:
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:
     """Write atomically (temp file + rename) so a kill never leaves half a file."""
-    _write_atomic(path, json.dumps({k: _clean(v) for k, v in obj.items()}, indent=2,
-                                   sort_keys=True))
+    _write_atomic(path, json.dumps(_clean(obj), indent=2, sort_keys=True, allow_nan=False))
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -87,7 +90,7 @@ class MetricsLog:
         self._file: TextIO = self.path.open("a")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        self._file.write(json.dumps(_clean(record), allow_nan=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:

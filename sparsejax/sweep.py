@@ -49,7 +49,13 @@ def run_name(overrides: dict[str, Any]) -> str:
 
 def configs(recipe: str, extra: dict[str, Any] | None = None
             ) -> list[tuple[str, dict[str, Any], ml_collections.ConfigDict]]:
-    """``(name, overrides, validated config)`` for every run of the recipe's sweep."""
+    """``(name, overrides, validated config)`` for every run of the recipe's sweep.
+
+    ``extra`` (dotted key -> value, e.g. the command line's ``--config.KEY=VALUE``) applies to
+    every run after the run's own overrides. Every config is checked
+    (:func:`sparsejax.experiment.check`) before any run starts."""
+    from sparsejax import experiment
+
     module, arg = load_recipe(recipe)
     if not hasattr(module, "sweep"):
         raise ValueError(f"{recipe}: the recipe defines no sweep(add)")
@@ -58,7 +64,7 @@ def configs(recipe: str, extra: dict[str, Any] | None = None
         config = module.get_config(arg)
         for key, value in {**overrides, **(extra or {})}.items():
             configlib.set_key(config, key, value)
-        configlib.validate(config)
+        experiment.check(config)
         out.append((run_name(overrides), overrides, config))
     names = [n for n, _, _ in out]
     if len(set(names)) != len(names):
@@ -88,6 +94,6 @@ def launch(recipe: str, sweep_dir: str | Path, *, extra: dict[str, Any] | None =
         print(f"[{i + 1}/{len(runs)}] {name}", flush=True)
         summary = experiment.run(config, str(run_dir), progress=progress)
         entry["status"] = summary["status"]
-        entry["final_val_loss"] = summary["final_val_loss"]
+        entry["final_val_loss"] = summary.get("final_val_loss")
         runlog.write_json(sweep_dir / "sweep.json", {"recipe": recipe, "runs": entries})
     return entries
