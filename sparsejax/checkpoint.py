@@ -42,13 +42,20 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
 
 
 def digest(tree: Any) -> str:
-    """SHA-256 over the leaves' dtypes, shapes and bytes (tree-flatten order)."""
+    """SHA-256 over the leaves' paths, dtypes, shapes and bytes, in path order, so a state and
+    its raw (dict-shaped) restore give the same digest."""
     h = hashlib.sha256()
-    for leaf in jax.tree_util.tree_leaves(tree):
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    for name, leaf in sorted((_path_name(path), leaf) for path, leaf in leaves):
         a = np.ascontiguousarray(np.asarray(leaf))
-        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(f"{name}:{a.dtype.str}{a.shape}".encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+    parts = (getattr(k, "name", getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    return "/".join(str(p) for p in parts)
 
 
 def restore(mngr: ocp.CheckpointManager, like: Any, step: int | None = None) -> Any:

@@ -18,3 +18,33 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"reference data folder {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+# A tiny dense run for run-dir tests (status, checkpoints, CLI errors): 8 steps, checkpoints
+# at 2, 4, 6, 8.
+TINY = ("size=tiny,model.n_ctx=32,train.seq_len=32,train.batch_size=4,eval.batch_size=4,"
+        "eval.batches=1,train.warmup_steps=1,train.log_every=2,checkpoint.every=2,"
+        "checkpoint.keep=4")
+STEPS = 8
+
+
+def tiny_config(**overrides):
+    """The tiny config; keyword ``section__key=value`` overrides ``section.key``."""
+    from sparsejax import configlib
+
+    c = configlib.apply_arg(configlib.base(), TINY)
+    c.train.steps = STEPS
+    c.eval.every = STEPS
+    for key, value in overrides.items():
+        configlib.set_key(c, key.replace("__", "."), value)
+    return c
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> Path:
+    """A completed 8-step dense run with checkpoints at steps 2, 4, 6, 8 (do not modify)."""
+    from sparsejax import experiment
+
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    experiment.run(tiny_config(), str(run_dir), progress=False)
+    return run_dir

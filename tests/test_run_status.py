@@ -1,0 +1,197 @@
+"""Run status tells the truth: divergence, damaged checkpoints, missing config.json, SIGINT,
+the run-dir lock, ``sparsejax status``, cumulative wall time."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY, tiny_config
+
+from sparsejax import checkpoint, cli, experiment, runlog
+
+ROOT = Path(__file__).resolve().parents[1]
+def copy_run(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _data_file(step_dir: Path) -> Path:
+    files = [p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def damage(step_dir: Path, kind: str) -> None:
+    if kind == "empty":
+        shutil.rmtree(step_dir)
+        step_dir.mkdir()
+    elif kind == "no_METADATA":
+        next(step_dir.rglob("_METADATA")).unlink()
+    elif kind == "no_manifest":
+        for p in step_dir.rglob("manifest.ocdbt"):
+            p.unlink()
+    elif kind == "truncated":
+        f = _data_file(step_dir)
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif kind == "bitflip":
+        f = _data_file(step_dir)
+        b = bytearray(f.read_bytes())
+        b[len(b) // 2] ^= 0x04
+        f.write_bytes(bytes(b))
+    else:
+        raise AssertionError(kind)
+
+
+def _flat(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flat(v, f"{prefix}/{k}")
+    elif isinstance(tree, list | tuple):
+        for i, v in enumerate(tree):
+            yield from _flat(v, f"{prefix}/{i}")
+    else:
+        yield prefix, np.asarray(tree)
+
+
+@pytest.mark.parametrize("kind", ["empty", "no_METADATA", "no_manifest", "truncated", "bitflip"])
+def test_restore_skips_damaged_latest_checkpoint(finished_run, tmp_path, kind):
+    run_dir = copy_run(finished_run, tmp_path)
+    damage(run_dir / "checkpoints" / "8", kind)
+    like = checkpoint.load_raw(finished_run, step=6)
+    with pytest.warns(UserWarning, match="skipped damaged checkpoint.*step 8"):
+        state, step = checkpoint.restore_newest(run_dir, like, keep=4)
+    assert step == 6
+    for (ka, va), (kb, vb) in zip(_flat(like), _flat(state), strict=True):
+        assert ka == kb
+        np.testing.assert_array_equal(va, vb, err_msg=ka)
+    assert (run_dir / "damaged_checkpoints" / "8").is_dir()
+    assert checkpoint.latest_step(run_dir) == 6
+
+
+def test_no_checkpoint_restores_names_run_dir(finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    for step in (2, 4, 6, 8):
+        damage(run_dir / "checkpoints" / str(step), "no_METADATA")
+    with pytest.raises(ValueError, match=f"run dir {run_dir}: no checkpoint restores"):
+        checkpoint.restore_newest(run_dir, checkpoint.load_raw(finished_run), keep=4)
+    assert not (run_dir / "damaged_checkpoints").exists()  # nothing moved when none restores
+
+
+def test_training_resumes_past_damaged_checkpoint(finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    (run_dir / "summary.json").unlink()  # as if killed after the last checkpoint
+    damage(run_dir / "checkpoints" / "8", "bitflip")
+    with pytest.warns(UserWarning, match="step 8"):
+        summary = experiment.run(tiny_config(), str(run_dir), progress=False)
+    assert summary["status"] == "completed" and summary["resumed_from"] == 6
+    a, b = dict(_flat(checkpoint.load_raw(finished_run))), dict(_flat(checkpoint.load_raw(run_dir)))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_checkpoints_without_config_json_refused(finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    (run_dir / "config.json").unlink()
+    (run_dir / "summary.json").unlink()
+    with pytest.raises(ValueError, match="no config.json"):
+        experiment.run(tiny_config(**{"model__size": "XS"}), str(run_dir), progress=False)
+    assert not (run_dir / "config.json").exists()
+
+
+def test_rerun_of_completed_run_keeps_summary(finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    (run_dir / "metrics.jsonl").unlink()
+    before = (run_dir / "summary.json").read_bytes()
+    summary = experiment.run(tiny_config(), str(run_dir), progress=False)
+    assert summary["status"] == "completed"
+    assert (run_dir / "summary.json").read_bytes() == before
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_divergence_stops_with_status_diverged(tmp_path, capsys):
+    run_dir = tmp_path / "div"
+    args = ["train", f"--config={ROOT / 'configs' / 'dense.py'}:{TINY}", f"--workdir={run_dir}",
+            "--config.train.steps=40", "--config.train.lr=1e3", "--noprogress"]
+    assert cli.main(args) == 1
+    assert "diverged" in capsys.readouterr().err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["diverged_step"] < 40
+    records = runlog.read_metrics(run_dir)
+    assert records[-1]["step"] == summary["diverged_step"]  # stopped at the first bad log step
+    assert all(np.isfinite(r["train_loss"]) for r in records[:-1])
+    assert not np.isfinite(runlog.number(records[-1]["train_loss"]))
+    assert isinstance(records[-1]["train_loss"], str)  # "nan"/"inf": valid JSON
+    assert checkpoint.latest_step(run_dir) < summary["diverged_step"]
+    assert cli.main(args) == 1  # a rerun reports the same, without crashing or retraining
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+
+
+def test_stale_lock_taken_over_and_status_reads_interrupted(finished_run, tmp_path, capsys):
+    run_dir = copy_run(finished_run, tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run_dir / "lock").write_text(f"{dead.pid}\n")
+    summary = runlog.read_json(run_dir / "summary.json")
+    runlog.write_json(run_dir / "summary.json", {**summary, "status": "running"})
+    assert runlog.lock_owner(run_dir) is None
+    assert cli.main(["status", str(run_dir)]) == 0
+    line = capsys.readouterr().out.splitlines()[1].split()
+    assert line[:3] == ["run", "interrupted", "8"]
+    with runlog.RunLock(run_dir):  # the dead process's lock is taken over
+        assert runlog.lock_owner(run_dir) == os.getpid()
+        with pytest.raises(runlog.RunDirBusyError, match=str(os.getpid())):
+            runlog.RunLock(run_dir).__enter__()
+    assert not (run_dir / "lock").exists()
+
+
+def _cli_args(run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "sparsejax", "train",
+            f"--config={ROOT / 'configs' / 'dense.py'}:{TINY}", f"--workdir={run_dir}",
+            "--config.train.steps=120", "--config.checkpoint.every=10",
+            "--config.train.log_every=10", "--config.eval.every=120", "--noprogress"]
+
+
+def _env():
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.mark.slow
+def test_sigint_interrupts_lock_refuses_second_and_same_command_resumes(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_cli_args(run_dir), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / "10").is_dir():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGSTOP)  # hold it mid-run while a second trainer tries
+    try:  # a second trainer on the same run dir refuses, naming the first one's PID
+        assert cli.main(_cli_args(run_dir)[3:]) == 2
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sparsejax: error:") and str(proc.pid) in err and "\n" not in err
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "run the same command to resume" in err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert summary["step"] == checkpoint.latest_step(run_dir) >= 10
+    assert not (run_dir / "lock").exists()
+    out = subprocess.run(_cli_args(run_dir), env=_env(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    done = json.loads((run_dir / "summary.json").read_text())
+    assert done["status"] == "completed" and done["resumed_from"] == summary["step"]
+    assert done["wall_time_s"] > summary["wall_time_s"]  # cumulative over both sessions
