@@ -15,6 +15,7 @@ the others a scalar ``True``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax import axes as axes_lib
 from sparsejax import radix
+from sparsejax.axes import AxisSpec
+from sparsejax.prunable import path_str
 from sparsejax.radix import sortable_key
 
 
@@ -122,49 +126,100 @@ def global_topk(
     return treedef.unflatten(out)
 
 
-def check_nm(n: int, m: int, shape: Sequence[int] | None = None, axis: int = 0, name: str = ""):
-    """Validate an N:M pattern (and, given a shape, that M divides the chosen axis)."""
+def check_nm(
+    n: int, m: int, shape: Sequence[int] | None = None, axis: int | tuple[int, ...] = 0,
+    name: str = "",
+):
+    """Validate an N:M pattern (and, given a shape, that M divides the grouped axes)."""
     if not (isinstance(m, int) and m >= 1):
         raise ValueError(f"m must be an int >= 1, got {m!r}")
     if not (isinstance(n, int) and 0 <= n <= m):
         raise ValueError(f"n must be an int in [0, m={m}] (N <= M), got {n!r}")
     if shape is not None:
-        if not -len(shape) <= axis < len(shape):
-            raise ValueError(f"axis must be in [-{len(shape)}, {len(shape)}), got {axis}")
-        if shape[axis] % m:
+        leaf = jax.ShapeDtypeStruct(tuple(shape), jnp.bool_)
+        axes = axes_lib.contraction_axes((), leaf, _as_tuple(axis))
+        size = math.prod(shape[a] for a in axes)
+        if size % m:
             where = f" of leaf {name}" if name else ""
             raise ValueError(
-                f"m={m} must divide the size {shape[axis]} of axis {axis}{where} (shape {shape})"
+                f"m={m} must divide the size {size} of axis {axis}{where} (shape {tuple(shape)})"
             )
 
 
-def nm_mask(score: jax.Array, n: int, m: int, *, axis: int = 0) -> jax.Array:
+def _as_tuple(axis: int | tuple[int, ...]) -> tuple[int, ...]:
+    return axis if isinstance(axis, tuple) else (axis,)
+
+
+def nm_mask(score: jax.Array, n: int, m: int, *, axis: int | tuple[int, ...] = 0) -> jax.Array:
     """Keep the ``n`` largest of every ``m`` consecutive entries along ``axis``.
 
-    Axis 0 is the contraction (input) axis of a Flax ``(in, out)`` kernel (Mishra et al. 2021;
-    Zhou et al. 2021). Sort-free and transpose-free: the axis is split into ``(groups, m)`` in
-    place, and each of the ``m`` slices counts how many of the other ``m - 1`` beat it
-    (greater, or equal at a lower index) with elementwise comparisons that fuse into one pass;
-    an entry is kept when fewer than ``n`` beat it. Ties keep the lower index.
+    ``axis`` is an int or a tuple of consecutive axes, flattened in order (the
+    ``(prod(in_axes), rest)`` view of a kernel with several input axes). Axis 0 is the
+    contraction (input) axis of a Flax ``(in, out)`` kernel (Mishra et al. 2021; Zhou et al.
+    2021); see :mod:`sparsejax.axes` for other layers. Sort-free and transpose-free: the axis
+    is split into ``(groups, m)`` in place, and each of the ``m`` slices counts how many of the
+    other ``m - 1`` beat it (greater, or equal at a lower index) with elementwise comparisons
+    that fuse into one pass; an entry is kept when fewer than ``n`` beat it. Ties keep the
+    lower index.
     """
     check_nm(n, m, score.shape, axis)
-    axis = axis % score.ndim
     shape = score.shape
-    g = score.astype(jnp.float32).reshape(*shape[:axis], shape[axis] // m, m, *shape[axis + 1 :])
-    parts = [jax.lax.index_in_dim(g, i, axis + 1, keepdims=False) for i in range(m)]
+    axes = axes_lib.contraction_axes((), score, _as_tuple(axis))
+    a0, a1 = axes[0], axes[-1] + 1
+    size = math.prod(shape[a0:a1])
+    g = score.astype(jnp.float32).reshape(*shape[:a0], size // m, m, *shape[a1:])
+    parts = [jax.lax.index_in_dim(g, i, a0 + 1, keepdims=False) for i in range(m)]
     keep = []
     for i, a in enumerate(parts):
         beaten = [(b >= a) if j < i else (b > a) for j, b in enumerate(parts) if j != i]
         rank = sum((x.astype(jnp.int32) for x in beaten), jnp.zeros(a.shape, jnp.int32))
         keep.append(rank < n)
-    return jnp.stack(keep, axis=axis + 1).reshape(shape)
+    return jnp.stack(keep, axis=a0 + 1).reshape(shape)
 
 
-def nm_masks(scores: Any, n: int, m: int, prunable: Any, *, axis: int = 0) -> Any:
-    """:func:`nm_mask` on every prunable leaf (scalar ``True`` elsewhere)."""
-    return jax.tree_util.tree_map(
-        lambda s, p: nm_mask(s, n, m, axis=axis) if p else jnp.bool_(True), scores, prunable
+def nm_plan(
+    tree: Any, m: int, prunable: Any, *, axis: AxisSpec = "contraction",
+    skip_indivisible: bool = False,
+) -> axes_lib.Plan:
+    """Grouped axes of every prunable leaf of ``tree`` (:func:`sparsejax.axes.plan`): one
+    ``ValueError`` lists every leaf whose grouped size M does not divide, unless
+    ``skip_indivisible`` (then :attr:`Plan.skipped <sparsejax.axes.Plan>` names them)."""
+
+    def problem(shape, lay):
+        size = math.prod(shape[a] for a in lay.rows)
+        if size % m:
+            return f"m={m} does not divide {size} (axes {lay.rows} of shape {shape})"
+        return None
+
+    return axes_lib.plan(
+        tree, prunable, axis, problem, skip_indivisible=skip_indivisible, what=f"N:M (M={m})"
     )
+
+
+def nm_masks(
+    scores: Any, n: int, m: int, prunable: Any, *, axis: AxisSpec = "contraction",
+    skip_indivisible: bool = False,
+) -> Any:
+    """:func:`nm_mask` on every prunable leaf along its contraction axes (scalar ``True`` on
+    other leaves, an all-true array on leaves skipped by ``skip_indivisible``).
+
+    ``axis``: ``"contraction"`` (default; axis 0 of a Dense ``(in, out)`` kernel, ``Cin`` of
+    an HWIO conv / ConvTranspose kernel, ``d`` of attention query/key/value, ``(heads,
+    head_dim)`` of the attention output; :mod:`sparsejax.axes`), an int, a tuple of
+    consecutive axes, or ``{"path regex": axis}``.
+    """
+    check_nm(n, m)
+    plan = nm_plan(scores, m, prunable, axis=axis, skip_indivisible=skip_indivisible)
+
+    def leaf(path, s, p):
+        if not p:
+            return jnp.bool_(True)
+        name = path_str(path)
+        if name in plan.skipped:
+            return jnp.ones(jnp.shape(s), jnp.bool_)
+        return nm_mask(s, n, m, axis=plan.axes[name])
+
+    return jax.tree_util.tree_map_with_path(leaf, scores, prunable)
 
 
 def check_block(block: Sequence[int], shape: Sequence[int] | None = None, name: str = ""):
@@ -179,19 +234,74 @@ def check_block(block: Sequence[int], shape: Sequence[int] | None = None, name: 
             )
 
 
-def block_mask(score: jax.Array, sparsity: float | jax.Array, block: Sequence[int]) -> jax.Array:
-    """Keep whole ``block``-sized tiles of the last two dims, chosen by tile L2 norm.
+def block_mask(
+    score: jax.Array, sparsity: float | jax.Array, block: Sequence[int],
+    layout: axes_lib.Layout | None = None,
+) -> jax.Array:
+    """Keep whole ``block``-sized tiles of the ``(in, out)`` matrix, chosen by tile L2 norm.
 
-    Exactly ``t - round(s t)`` of the ``t`` tiles are kept (ties: lower tile index).
+    ``layout`` (:func:`sparsejax.axes.layout`) says which axes form the matrix; ``None``
+    means the last two dims (leading dims index separate matrices, e.g. the window positions
+    of an HWIO conv kernel). Exactly ``t - round(s t)`` of the ``t`` tiles are kept (ties:
+    lower tile index), all tiles of the leaf competing in one selection.
     """
-    check_block(block, score.shape)
+    shape = score.shape
+    if layout is None:
+        check_block(block, shape)
+        nd = len(shape)
+        layout = axes_lib.Layout(tuple(range(nd - 2)), (nd - 2,), (nd - 1,))
+    mat = axes_lib.to_matrix(score.astype(jnp.float32), layout)
+    check_block(block, mat.shape)
     bk, bn = block
-    *lead, k, n = score.shape
-    x = score.astype(jnp.float32).reshape(*lead, k // bk, bk, n // bn, bn)
+    *lead, k, n = mat.shape
+    x = mat.reshape(*lead, k // bk, bk, n // bn, bn)
     norms = jnp.sqrt(jnp.sum(jnp.square(x), axis=(-3, -1)))
     keep = sparsity_mask(norms, sparsity)
-    keep = jnp.broadcast_to(keep[..., :, None, :, None], x.shape)
-    return keep.reshape(score.shape)
+    keep = jnp.broadcast_to(keep[..., :, None, :, None], x.shape).reshape(mat.shape)
+    return axes_lib.from_matrix(keep, layout, shape)
+
+
+def block_plan(
+    tree: Any, block: Sequence[int], prunable: Any, *, axis: AxisSpec = "contraction",
+    skip_indivisible: bool = False,
+) -> axes_lib.Plan:
+    """Matrix layout of every prunable leaf (:func:`sparsejax.axes.plan`) for ``block``."""
+    check_block(block)
+    bk, bn = block
+
+    def problem(shape, lay):
+        rows = math.prod(shape[a] for a in lay.rows)
+        cols = math.prod(shape[a] for a in lay.cols)
+        if rows % bk or cols % bn:
+            return f"block {tuple(block)} does not tile its ({rows}, {cols}) matrix"
+        return None
+
+    return axes_lib.plan(
+        tree, prunable, axis, problem, skip_indivisible=skip_indivisible,
+        what=f"block {tuple(block)}",
+    )
+
+
+def block_masks(
+    scores: Any, sparsities: Any, block: Sequence[int], prunable: Any, *,
+    axis: AxisSpec = "contraction", skip_indivisible: bool = False,
+) -> Any:
+    """:func:`block_mask` on every prunable leaf, tiling the ``(in, out)`` matrix the layer
+    multiplies by (:func:`sparsejax.axes.layout`; ``sparsities`` is a per-leaf pytree)."""
+    plan = block_plan(scores, block, prunable, axis=axis, skip_indivisible=skip_indivisible)
+    s_leaves, treedef = jax.tree_util.tree_flatten_with_path(scores)
+    sp_leaves = treedef.flatten_up_to(sparsities)
+    pr_leaves = treedef.flatten_up_to(prunable)
+    out = []
+    for (path, s), sp, p in zip(s_leaves, sp_leaves, pr_leaves, strict=True):
+        name = path_str(path)
+        if not p:
+            out.append(jnp.bool_(True))
+        elif name in plan.skipped:
+            out.append(jnp.ones(jnp.shape(s), jnp.bool_))
+        else:
+            out.append(block_mask(s, sp, block, plan.layouts[name]))
+    return treedef.unflatten(out)
 
 
 def density(masks: Any, prunable: Any) -> jax.Array:

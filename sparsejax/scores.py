@@ -3,8 +3,8 @@
 Higher scores are kept. Every score is a pure jnp function, so it runs inside ``jit``.
 
 * :func:`magnitude` ``|w|`` (Han et al. 2015, "Learning both Weights and Connections").
-* :func:`random` ``U(0, 1)`` per entry, an independent stream per leaf (random pruning, e.g.
-  the static sparse phase of SPDF, Thangarasa et al. 2023).
+* :func:`random` ``U(0, 1)`` per entry, an independent stream per leaf keyed by its path
+  (random pruning, e.g. the static sparse phase of SPDF, Thangarasa et al. 2023).
 * :func:`saliency` ``|w * g|``: the connection sensitivity of SNIP (Lee et al. 2019) and the
   first-order Taylor importance of Molchanov et al. 2019.
 * :func:`gblm` ``|w| * (||x_j|| + alpha * |g|)`` (GBLM-Pruner, Das et al. 2023), given the
@@ -13,11 +13,14 @@ Higher scores are kept. Every score is a pure jnp function, so it runs inside ``
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from sparsejax import prunable as prunable_lib
 
 Score = Callable[[Any, Any, Any], Any]
 
@@ -37,8 +40,16 @@ def magnitude(params: Any, grads: Any = None, key: Any = None) -> Any:
     return jax.tree.map(lambda w: jnp.abs(w).astype(jnp.float32), params)
 
 
+def leaf_key(key: jax.Array, path: Any) -> jax.Array:
+    """``fold_in(key, crc32(path_str(path)) & 0x7FFFFFFF)``: a leaf's own key, a stable function
+    of its path alone (the same across runs, processes and tree edits elsewhere)."""
+    name = prunable_lib.path_str(path).encode()
+    return jax.random.fold_in(key, zlib.crc32(name) & 0x7FFFFFFF)
+
+
 def random(params: Any, grads: Any = None, key: Any = None) -> Any:
-    """Uniform ``U(0, 1)`` scores; each leaf draws from its own ``jax.random.split`` key.
+    """Uniform ``U(0, 1)`` scores; each leaf draws from :func:`leaf_key` of its path, so adding
+    or removing other leaves (a bias, a norm scale) does not change a leaf's scores.
 
     >>> s = random({"a": jnp.zeros((2, 2)), "b": jnp.zeros(3)}, key=jax.random.key(0))
     >>> s["a"].shape, s["b"].dtype
@@ -46,12 +57,9 @@ def random(params: Any, grads: Any = None, key: Any = None) -> Any:
     """
     del grads
     _require("key", key, "random")
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(key, max(len(leaves), 1))
-    scores = [
-        jax.random.uniform(k, jnp.shape(w), jnp.float32) for k, w in zip(keys, leaves, strict=False)
-    ]
-    return jax.tree_util.tree_unflatten(treedef, scores)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, w: jax.random.uniform(leaf_key(key, path), jnp.shape(w), jnp.float32), params
+    )
 
 
 def saliency(params: Any, grads: Any, key: Any = None) -> Any:

@@ -156,3 +156,21 @@ def test_layerwise_segments_match_per_leaf_argsort():
             k = n - int(np.round(np.float32(s) * np.float32(n)))
             np.testing.assert_array_equal(np.asarray(got[name]), argsort_topk(scores[name], k))
         assert bool(got["bias"])
+
+
+def test_nm_flattened_axes_group_rows_of_the_matrix():
+    """axis=(0, 1) on (heads, head_dim, d): groups of M consecutive rows of the
+    (heads*head_dim, d) matrix, here spanning heads (head_dim=2 < M=4)."""
+    rng = np.random.default_rng(4)
+    score = rng.normal(size=(4, 2, 3)).astype(np.float32)
+    got = np.asarray(jax.jit(lambda s: masks.nm_mask(s, 1, 4, axis=(0, 1)))(score))
+    flat = score.reshape(2, 4, 3)
+    ref = np.zeros(flat.shape, bool)
+    for g in range(2):
+        for c in range(3):
+            ref[g, np.argmax(flat[g, :, c]), c] = True
+    np.testing.assert_array_equal(got, ref.reshape(score.shape))
+    with pytest.raises(ValueError, match="must divide the size 6"):
+        masks.nm_mask(jnp.ones((3, 2, 4)), 2, 4, axis=(0, 1))
+    with pytest.raises(ValueError, match="consecutive"):
+        masks.nm_mask(jnp.ones((4, 2, 4)), 2, 4, axis=(0, 2))

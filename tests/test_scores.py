@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sparsejax import masks as masks_lib
 from sparsejax import scores as S
 
 
@@ -70,6 +71,33 @@ def test_random_is_keyed_uniform_and_distinct_per_leaf():
     assert not np.array_equal(s1["a"], other["a"])
     with pytest.raises(ValueError, match="key is required"):
         S.random(params)
+
+
+def test_random_scores_of_a_leaf_do_not_depend_on_other_leaves():
+    """Adding a non-prunable leaf (or any leaf) leaves every other leaf's scores, and so the
+    weights a random mask keeps, unchanged: keys come from each leaf's path."""
+    key = jax.random.key(7)
+    base = {"b": {"kernel": jnp.zeros((16, 8))}, "d": {"kernel": jnp.zeros((8, 4))}}
+    more = {
+        "a": {"bias": jnp.zeros(16), "kernel": jnp.zeros((4, 16))},  # flattens before "b"
+        "b": {"bias": jnp.zeros(8), "kernel": jnp.zeros((16, 8))},
+        "d": {"kernel": jnp.zeros((8, 4))},
+    }
+    s1, s2 = S.random(base, key=key), S.random(more, key=key)
+    for name in ("b", "d"):
+        np.testing.assert_array_equal(s1[name]["kernel"], s2[name]["kernel"])
+    pr1 = jax.tree.map(lambda x: x.ndim == 2, base)
+    pr2 = jax.tree.map(lambda x: x.ndim == 2, more)
+    sp1 = jax.tree.map(lambda _: 0.75, base)
+    sp2 = jax.tree.map(lambda _: 0.75, more)
+    m1 = masks_lib.layerwise(s1, sp1, pr1)
+    m2 = masks_lib.layerwise(s2, sp2, pr2)
+    for name in ("b", "d"):
+        np.testing.assert_array_equal(m1[name]["kernel"], m2[name]["kernel"])
+    assert int(m1["b"]["kernel"].sum()) == 32
+    # The key is a function of the path: renaming a leaf changes its draws.
+    renamed = S.random({"c": {"kernel": jnp.zeros((16, 8))}}, key=key)
+    assert not np.array_equal(renamed["c"]["kernel"], s1["b"]["kernel"])
 
 
 def gblm_reference(w, g, x, alpha):
