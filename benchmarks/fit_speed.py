@@ -1,23 +1,29 @@
-"""Wall time of the full 4,500-start Chinchilla fit: batched damped Newton vs a scipy loop.
+"""Wall time of the full 4,500-start Chinchilla fit (batched damped Newton vs a scipy loop) and
+of a 1,000-replicate bootstrap of it.
 
 Data: ../shared/data/chinchilla_svg_extracted.csv (Besiroglu et al. 2024), the 5 highest-loss
 points dropped (240 left). Both methods minimise the same objective (sum of Huber 1e-3 on
 log residuals, log-sum-exp parameterisation) from every start of DESIGN.md's grid and keep the
-best: ``scaling.fit_chinchilla`` (all starts at once; its compiled numba passes, and its numpy
-passes for reference) and a plain loop of ``scipy.optimize.minimize(method="L-BFGS-B",
-jac=True)`` with the analytic gradient. They run interleaved in one process (numba, numpy, half
-the scipy loop, numba, numpy, other half, numba, numpy; the batched times are medians of three
-runs), so machine load hits all alike. The first fit of the process is timed apart ("cold"): it
-includes importing numba and compiling the kernels, or loading them from numba's disk cache.
+best: ``scaling.fit_chinchilla`` (all starts at once, the compiled passes of ``scaling.passes``)
+and a plain loop of ``scipy.optimize.minimize(method="L-BFGS-B", jac=True)`` with the analytic
+gradient. The bootstrap row is ``scaling.bootstrap(fit, n_boot=1000)`` (resampled points, every
+replicate refitted from the fit's 8 best distinct optima). They run interleaved in one process
+(fit, bootstrap, half the scipy loop, fit, bootstrap, other half, fit, bootstrap; the batched
+times are medians of three runs), so machine load hits all alike; the load average is printed.
+The first fit of the process is timed apart ("cold"): it includes importing numba and compiling
+the kernels, or loading them from numba's disk cache.
 
-    python benchmarks/fit_speed.py [--csv PATH] [--starts-every K]
+    python benchmarks/fit_speed.py [--csv PATH] [--starts-every K] [--n-boot R]
 
 Tried and dropped (all reach the same ~218k start-iterations or cost more per iteration):
 Levenberg-Marquardt damping variants (gain-ratio updates, gentler factors, step caps,
 projected bounds, earlier or later exact-Hessian switches), a float32 first phase with a float64
 polish (the polish needs 60-80k iterations), and two processes or threads over the starts (no
 gain on a 2-vCPU machine; threads lose to GIL hand-offs). numba's own exp/log are scalar libm
-calls, slower than numpy's SIMD ones, so ``scaling.fused`` leaves those to numpy.
+calls, slower than numpy's SIMD ones, so ``scaling.passes`` leaves those to numpy. A jitted
+float64 JAX version of the same loop (``lax.while_loop``, per-start masks) reached the same
+optimum but ran 5.2-5.9 s warm and compiled in 20-30 s: XLA:CPU made the ~36 derivative
+reductions memory-bound and formed derivatives on rejected steps too.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from scipy.optimize import minimize as scipy_minimize
 
 from scaling.fit import fit_chinchilla
 from scaling.forms import CHINCHILLA, grid_starts
+from scaling.uncertainty import bootstrap
 
 DEFAULT_CSV = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "chinchilla_svg_extracted.csv"
@@ -80,53 +87,64 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--csv", type=Path, default=DEFAULT_CSV)
     ap.add_argument("--starts-every", type=int, default=1, help="use every K-th grid start")
+    ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates")
     args = ap.parse_args()
     N, D, loss = load(args.csv)
     starts = grid_starts(CHINCHILLA, "epoch", np.ones(5, bool))[:: args.starts_every]
     fg = scipy_objective(np.log(N), np.log(D), np.log(loss))
 
-    def batched(backend):
+    def timed(fn, *a, **kw):
         t = time.perf_counter()
-        fit = fit_chinchilla(N, D, loss, grid=starts, backend=backend)
-        return time.perf_counter() - t, fit
+        out = fn(*a, **kw)
+        return time.perf_counter() - t, out
 
     load_before = os.getloadavg()
-    cold, _ = batched("numba")
-    times = {"numba": [], "numpy": []}
-    fits, sp_time, sp_best = {}, 0.0, []
+    cold, _ = timed(fit_chinchilla, N, D, loss, grid=starts)
+    fit_times, boot_times, sp_time, sp_best = [], [], 0.0, []
     halves = np.array_split(starts, 2)
     for i in range(3):
-        for backend in times:
-            dt, fits[backend] = batched(backend)
-            times[backend].append(dt)
+        dt, fit = timed(fit_chinchilla, N, D, loss, grid=starts)
+        fit_times.append(dt)
+        dt, boot = timed(bootstrap, fit, n_boot=args.n_boot)
+        boot_times.append(dt)
         if i < 2:
-            t = time.perf_counter()
-            sp_best.append(scipy_loop(fg, halves[i]))
-            sp_time += time.perf_counter() - t
+            dt, best = timed(scipy_loop, fg, halves[i])
+            sp_best.append(best)
+            sp_time += dt
     sp = min(sp_best, key=lambda r: r.fun)
-    fit = fits["numba"]
     a, b, e, al, be = sp.x
-    rows = []
-    for backend, label in (("numba", "batched Newton, numba"), ("numpy", "batched Newton, numpy")):
-        f_, t_ = fits[backend], float(np.median(times[backend]))
-        rows.append((label, t_, f_.objective, f_.E, f_.alpha, f_.beta, sp_time / t_))
-    rows.append(("scipy L-BFGS-B loop", sp_time, sp.fun, np.exp(e), al, be, 1.0))
+    t_fit, t_boot = float(np.median(fit_times)), float(np.median(boot_times))
     load_after = os.getloadavg()
     print(
-        f"{len(starts)} starts, {len(loss)} points; runs (s): numba {np.round(times['numba'], 2)}"
-        f", numpy {np.round(times['numpy'], 2)}; first (cold) numba fit {cold:.2f} s"
+        f"{len(starts)} starts, {len(loss)} points; fit runs (s) {np.round(fit_times, 2)}, "
+        f"bootstrap runs (s) {np.round(boot_times, 2)}; first (cold) fit {cold:.2f} s"
     )
     print(f"load average (1, 5, 15 min): before {load_before}, after {load_after}")
     print(
-        f"| {'method':<22} | {'wall s':>8} | {'objective':>12} | {'E':>7} | {'alpha':>7} | "
+        f"| {'method':<28} | {'wall s':>8} | {'objective':>12} | {'E':>7} | {'alpha':>7} | "
         f"{'beta':>7} | {'speedup':>7} |"
     )
-    print("|" + "|".join("-" * w for w in (24, 10, 14, 9, 9, 9, 9)) + "|")
-    for name, wall, obj, e_, al_, be_, sx in rows:
+    print("|" + "|".join("-" * w for w in (30, 10, 14, 9, 9, 9, 9)) + "|")
+    rows = [
+        ("batched Newton (numba)", t_fit, fit.objective, fit.E, fit.alpha, fit.beta),
+        ("scipy L-BFGS-B loop", sp_time, sp.fun, np.exp(e), al, be),
+    ]
+    for name, wall, obj, e_, al_, be_ in rows:
         print(
-            f"| {name:<22} | {wall:>8.2f} | {obj:>12.6e} | {e_:>7.4f} | {al_:>7.4f} | "
-            f"{be_:>7.4f} | {sx:>6.1f}x |"
+            f"| {name:<28} | {wall:>8.2f} | {obj:>12.6e} | {e_:>7.4f} | {al_:>7.4f} | "
+            f"{be_:>7.4f} | {sp_time / wall:>6.1f}x |"
         )
+    ci = boot.ci()
+    print(
+        f"| {f'bootstrap, {args.n_boot} replicates':<28} | {t_boot:>8.2f} | {'':>12} | "
+        f"{boot.std()['E']:>7.4f} | {boot.std()['alpha']:>7.4f} | {boot.std()['beta']:>7.4f} | "
+        f"{'':>7} |"
+    )
+    print(
+        "(bootstrap row: std of E, alpha, beta over the replicates; 95% intervals "
+        + ", ".join(f"{k} [{ci[k][0]:.4g}, {ci[k][1]:.4g}]" for k in ("E", "alpha", "beta"))
+        + ")"
+    )
     same = abs(fit.objective - sp.fun) / sp.fun
     dpar = max(abs(fit.E / np.exp(e) - 1), abs(fit.alpha / al - 1), abs(fit.beta / be - 1))
     print(f"same optimum: objective rel. diff {same:.1e}, max param rel. diff {dpar:.1e}")

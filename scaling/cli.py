@@ -13,7 +13,6 @@ from pathlib import Path
 
 from scaling import logs, plots
 from scaling.fit import fit_chinchilla, fit_frantar
-from scaling.solver import BACKENDS
 from scaling.uncertainty import bootstrap, leave_one_out
 
 
@@ -50,11 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--huber-delta", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--loo", action="store_true", help="also report the leave-one-out error")
-    p.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        default="auto",
-        help="solver passes: numba (compiled, default when installed) or numpy",
+    p.add_argument(  # deprecated: the solver has a single (numba) implementation
+        "--backend", choices=("auto", "numba"), default=None, help=argparse.SUPPRESS
     )
     return p
 
@@ -79,6 +75,12 @@ def _progress(stream):
 def main(argv: list[str] | None = None) -> int:
     """Run ``sparsejax fit``; returns the exit status (0 ok, 2 bad input)."""
     args = _parser().parse_args(argv)
+    if args.backend is not None:
+        print(
+            "warning: --backend is deprecated and ignored (one compiled solver; numpy passes "
+            "were removed)",
+            file=sys.stderr,
+        )
     if args.bootstrap < 0 or args.bootstrap == 1:
         print("error: --bootstrap must be 0 or >= 2", file=sys.stderr)
         return 2
@@ -92,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
                 grid=args.grid,
                 huber_delta=args.huber_delta,
                 drop_highest=args.drop_highest,
-                backend=args.backend,
             )
         else:
             if table.S is None:
@@ -106,7 +107,6 @@ def main(argv: list[str] | None = None) -> int:
                 grid=grid,
                 huber_delta=args.huber_delta,
                 drop_highest=args.drop_highest,
-                backend=args.backend,
             )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -119,14 +119,13 @@ def main(argv: list[str] | None = None) -> int:
             n_boot=args.bootstrap,
             seed=args.seed,
             progress=_progress(sys.stderr),
-            backend=args.backend,
         )
         print(boot)
     if args.law == "chinchilla" and fit.alpha > 0 and fit.beta > 0:
         a, b = fit.law.exponents
         print(f"compute-optimal exponents: N_opt ~ C^{a:.4f}, D_opt ~ C^{b:.4f}")
     if args.loo:
-        loo = leave_one_out(fit, backend=args.backend)
+        loo = leave_one_out(fit)
         print(
             f"leave-one-out: rms log error {loo.rmse_log:.4g}, "
             f"mean |relative error| {loo.mean_abs_rel:.4g}"

@@ -18,7 +18,7 @@ import numpy as np
 
 from scaling import forms
 from scaling.laws import ChinchillaLaw, FrantarLaw
-from scaling.solver import Penalty, check_backend, minimize
+from scaling.solver import Penalty, minimize
 from scaling.uncertainty import Bootstrap, LeaveOneOut, bootstrap, leave_one_out
 
 __all__ = [
@@ -175,18 +175,14 @@ def fit_form(
     space: str = "log",
     drop_highest: int = 0,
     max_iter: int = 400,
-    backend: str = "auto",
 ):
-    """Fit ``form`` from every grid start; returns the ``ChinchillaFit`` / ``FrantarFit``.
-
-    ``backend`` picks the solver's evaluation passes (``scaling.solver.minimize``)."""
+    """Fit ``form`` from every grid start; returns the ``ChinchillaFit`` / ``FrantarFit``."""
     if not huber_delta > 0:
         raise ValueError(f"huber_delta must be > 0; got {huber_delta}")
     if not 0 < asymmetry < 1:
         raise ValueError(f"asymmetry must be in (0, 1) (0.5 = symmetric); got {asymmetry}")
     if space not in ("log", "linear"):
         raise ValueError(f"space must be 'log' or 'linear'; got {space!r}")
-    check_backend(backend)
     fixed = dict(fixed or {})
     for name, value in fixed.items():
         forms.to_internal(form, name, value)
@@ -210,7 +206,6 @@ def fit_form(
         starts,
         penalty=Penalty(huber_delta, asymmetry, space),
         max_iter=max_iter,
-        backend=backend,
     )
     full = np.tile(values, (starts.shape[0], 1))
     full[:, free] = res.theta
@@ -245,7 +240,6 @@ def fit_chinchilla(
     fixed: Mapping[str, float] | None = None,
     asymmetry: float = 0.5,
     max_iter: int = 400,
-    backend: str = "auto",
 ) -> ChinchillaFit:
     """Fit ``L = E + A/N^alpha + B/D^beta`` (Hoffmann et al. 2022) as Besiroglu et al. 2024 do.
 
@@ -255,8 +249,7 @@ def fit_chinchilla(
     ``drop_highest`` drops that many highest-loss points first. ``fixed`` pins coefficients by
     their natural names (``{"alpha": 0.34, "E": 1.69}``). ``asymmetry`` in (0, 1) weighs points
     above the fit by ``2 asymmetry`` and below it by ``2 (1 - asymmetry)`` (0.5: plain Huber).
-    With N = N_avg for sparse runs this is the law of Jin et al. 2025. ``backend``: "auto"
-    (compiled numba passes when numba imports), "numba" or "numpy".
+    With N = N_avg for sparse runs this is the law of Jin et al. 2025.
     """
     return fit_form(
         forms.CHINCHILLA,
@@ -268,7 +261,6 @@ def fit_chinchilla(
         asymmetry=asymmetry,
         drop_highest=drop_highest,
         max_iter=max_iter,
-        backend=backend,
     )
 
 
@@ -285,7 +277,6 @@ def fit_frantar(
     fixed: Mapping[str, float] | None = None,
     asymmetry: float = 0.5,
     max_iter: int = 400,
-    backend: str = "auto",
 ) -> FrantarFit:
     """Fit the sparse law of Frantar et al. 2023, ``(a (1-S)^b + c) N^-d + e D^-f + g``.
 
@@ -304,5 +295,4 @@ def fit_frantar(
         space=space,
         drop_highest=drop_highest,
         max_iter=max_iter,
-        backend=backend,
     )

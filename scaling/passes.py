@@ -1,26 +1,35 @@
-"""Evaluation passes of the batched solver (``scaling.solver``): the penalised objective, its
-gradient and the IRLS / exact Hessian matrix for many starts at once, in float64 numpy.
+"""Evaluation passes of the batched solver (``scaling.solver``), compiled once with numba.
 
 Model. For data point i the predicted log-loss is ``LSE_k(u_ik)``, ``u_ik = M_ik . theta + c_ik``
 (every term linear in the parameters). The penalty is ``sum_i w_i kappa(r_i) Huber_delta(r_i)``
-with ``r = pred - obs`` in log space (or ``exp(pred) - loss`` in linear space) and ``kappa`` the
-asymmetry weight.
+with ``r = pred - obs`` in log space (``log sum_k exp(u_k) - log L``) or linear space
+(``sum_k exp(u_k) - L``), ``kappa`` the asymmetry weight (``2 asymmetry`` where ``r < 0``, i.e.
+the point lies above the fit, else ``2 (1 - asymmetry)``).
 
-Cost. A pass touches each (start, point) pair a few dozen times, so it runs on slices of
-``_CHUNK`` start-points (cache-sized temporaries); a term that is the same at every point
-(``e`` in the Chinchilla law, ``log g`` in Frantar's) costs one ``exp`` per start, not per
-point; matrix entries come from one small matmul per term pair over the non-zero columns of
-``M_ik M_ij^T``.
+``evaluate`` gives the objective at every start and, where a trial step is accepted, the
+gradient and either the IRLS (Gauss-Newton with Huber weights ``min(1, delta/|r|)``) matrix or
+the exact Hessian. One hand-written kernel serves every law: it reads the design matrix as data
+(which parameters each term uses come from its non-zero columns), so no code is generated per
+law. numpy computes the exponentials and logarithms (its SIMD ``exp``/``log`` are several times
+faster than numba's scalar libm calls); the kernel does everything after them, one start at a
+time over point-contiguous rows that stay in L1 cache. A term that is the same at every point
+(``e`` in the Chinchilla law, ``log g`` in Frantar's) costs one ``exp`` per start.
+
+Compiled on first use (a few seconds) and cached on disk by numba (``cache=True``: next to this
+file, or under ``NUMBA_CACHE_DIR``). numba's cache loads pickled code: its directory must be
+writable only by the user.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
+import numba
 import numpy as np
 
-_CHUNK = 16_000  # starts x points per pass: cache-sized temporaries are much faster
+_CHUNK = 16_000  # starts x points per pass: cache-sized temporaries
+# reassociation lets the point loops vectorise; no nnan/ninf: infinities must compare correctly
+_FAST = {"reassoc", "contract", "nsz", "arcp"}
 
 
 class LSEModel(NamedTuple):
@@ -39,199 +48,259 @@ class Penalty(NamedTuple):
     space: str = "log"  # "log": r = log pred - log obs; "linear": r = pred - obs
 
 
-class _Term(NamedTuple):
-    """One log-sum-exp term: ``u = theta[:, cols] @ mt (+ offset)``; constant over the points
-    when ``mt`` has a single column (then ``exp(u)`` is one number per start)."""
+class Ops(NamedTuple):
+    """The model split for the kernel: terms varying over the points and constant terms."""
 
-    cols: np.ndarray  # parameters the term uses
-    mt: np.ndarray  # (len(cols), n) or (len(cols), 1) when the term is the same at every point
-    offset: np.ndarray | None  # (n,) or (1,)
-
-
-class _Pair(NamedTuple):
-    """Columns of the flattened (P P) matrix fed by ``sum_i c_i e_ik e_il (M_ik M_il^T + tr)``."""
-
-    k: int
-    j: int
-    cols: np.ndarray
-    outer: np.ndarray  # (n, len(cols)); (1, len(cols)) when both terms are constant
+    mv: np.ndarray  # (Kv, P, n): design of the varying terms, points last
+    vcols: tuple  # per varying term: the columns it uses (int64 array)
+    vmt: tuple  # per varying term: mv[k, vcols[k]], (len(cols), n)
+    cv: np.ndarray  # (Kv, n): their offsets
+    mc: np.ndarray  # (Kc, P): design of the constant terms
+    cc: np.ndarray  # (Kc,): their offsets
+    vpairs: np.ndarray  # (m, 2) int64: (k, q) with column q of varying term k non-zero
+    cpairs: np.ndarray  # (m, 2) int64: the same for the constant terms
+    vtrip: np.ndarray  # (m, 3) int64: (k, q, t), q <= t, both columns of varying term k used
+    ctrip: np.ndarray  # (m, 3) int64: the same for the constant terms
+    target: np.ndarray  # (n,)
 
 
-class _Ops(NamedTuple):
-    """Data-derived constants shared by all passes."""
-
-    terms: tuple  # _Term per term
-    pairs: tuple  # _Pair per term pair k <= j (the Gauss-Newton part)
-    diag: tuple  # _Pair per term (k, k): the second-order part of the exact Hessian
-    grad: tuple  # (n, len(cols)) or (1, len(cols)) per term: M_k over its columns
-    n_par: int
-    n_const: int  # terms constant over the points
-    scatter: tuple  # 0/1 matrices from the concatenated blocks to g (P) and h (P P) columns
+def _pairs(used: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(k, q) and (k, q, t >= q) index lists over the used columns ``used`` (K, P) of each term."""
+    pairs = [(k, q) for k in range(used.shape[0]) for q in np.flatnonzero(used[k])]
+    trip = [(k, q, t) for k, q in pairs for t in np.flatnonzero(used[k]) if t >= q]
+    return np.array(pairs, np.int64).reshape(-1, 2), np.array(trip, np.int64).reshape(-1, 3)
 
 
-def _pair(m, k, j, const):
-    o = np.einsum("np,nq->npq", m[k], m[j])
-    o = (o if k == j else o + o.transpose(0, 2, 1)).reshape(m.shape[1], -1)
-    cols = np.flatnonzero(np.any(o != 0, axis=0))
-    o = o[:1] if const[k] and const[j] else o
-    return _Pair(k, j, cols, np.ascontiguousarray(o[:, cols]))
-
-
-def build_ops(model: LSEModel) -> _Ops:
+def build_ops(model: LSEModel) -> Ops:
+    """Split ``model`` into varying and constant terms and list the columns each term uses."""
     m, c = model.design, model.offset
-    k_terms = m.shape[0]
-    const = [bool(np.all(m[k] == m[k, :1]) and np.all(c[k] == c[k, 0])) for k in range(k_terms)]
-    terms, grad = [], []
-    for k in range(k_terms):
-        cols = np.flatnonzero(np.any(m[k] != 0, axis=0))
-        mk = m[k][:1] if const[k] else m[k]
-        off = c[k][:1] if const[k] else c[k]
-        terms.append(_Term(cols, np.ascontiguousarray(mk[:, cols].T), off if off.any() else None))
-        grad.append(np.ascontiguousarray(mk[:, cols]))
-    pairs = tuple(_pair(m, k, j, const) for k in range(k_terms) for j in range(k, k_terms))
-    diag = tuple(_pair(m, k, k, const) for k in range(k_terms))
-    p = m.shape[2]
-    scatter = (
-        _scatter([t.cols for t in terms], p),
-        _scatter([b.cols for b in pairs], p * p),
-        _scatter([b.cols for b in diag], p * p),
+    k_terms, n, p = m.shape
+    const = np.array([np.all(m[k] == m[k, :1]) and np.all(c[k] == c[k, 0]) for k in range(k_terms)])
+    mv = np.ascontiguousarray(m[~const].transpose(0, 2, 1), np.float64).reshape(-1, p, n)
+    mc = np.ascontiguousarray(m[const, 0], np.float64).reshape(-1, p)
+    vpairs, vtrip = _pairs(np.any(mv != 0, axis=2))
+    cpairs, ctrip = _pairs(mc != 0)
+    vcols = tuple(np.flatnonzero(np.any(mv[k] != 0, axis=1)) for k in range(mv.shape[0]))
+    return Ops(
+        mv=mv,
+        vcols=vcols,
+        vmt=tuple(np.ascontiguousarray(mv[k, c]) for k, c in enumerate(vcols)),
+        cv=np.ascontiguousarray(c[~const], np.float64).reshape(-1, n),
+        mc=mc,
+        cc=np.ascontiguousarray(c[const, 0], np.float64),
+        vpairs=vpairs,
+        cpairs=cpairs,
+        vtrip=vtrip,
+        ctrip=ctrip,
+        target=np.ascontiguousarray(model.target, np.float64),
     )
-    return _Ops(tuple(terms), pairs, diag, tuple(grad), p, int(sum(const)), scatter)
 
 
-def _scatter(cols, width):
-    idx = np.concatenate(cols)
-    out = np.zeros((idx.size, width))
-    out[np.arange(idx.size), idx] = 1.0
-    return out
+@numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
+def _kernel(  # pragma: no cover - compiled
+    ev,
+    ec,
+    s,
+    pred,
+    mv,
+    mc,
+    vpairs,
+    cpairs,
+    vtrip,
+    ctrip,
+    target,
+    w,
+    delta,
+    kneg,
+    kpos,
+    log_space,
+    f_old,
+    exact,
+    f,
+    ok,
+    g,
+    h,
+):
+    """The objective of every start into ``f``; where it beats ``f_old`` (``ok``), the gradient
+    into ``g`` and the IRLS matrix, or the exact Hessian where ``exact``, into ``h``. Loops over
+    points run on 1-D rows, so they vectorise."""
+    kv, b, n = ev.shape
+    p = g.shape[1]
+    dw, cw, inv, cj = np.empty(n), np.empty(n), np.empty(n), np.empty(n)
+    jac = np.empty((p, n))
+    for r in range(b):
+        wr, pr, sr = w[r if w.shape[0] > 1 else 0], pred[r], s[r]
+        fs = 0.0
+        for i in range(n):  # objective: sum w kappa Huber(r), Huber = rho'(r) (r - rho'(r) / 2)
+            res = pr[i] - target[i]
+            d = min(max(res, -delta), delta)
+            fs += wr[i] * (kneg if res < 0.0 else kpos) * d * (res - 0.5 * d)
+        f[r] = fs
+        ok[r] = fs < f_old[r] and np.isfinite(fs)
+        if not ok[r]:
+            continue
+        ex = exact[r]
+        # per-point weights: w kappa rho'(r) (dw) and of J J^T (cw): the exact Hessian's
+        # rho''(r) (less rho'(r) in log space, from d^2 log s), or IRLS's min(1, delta / |r|)
+        for i in range(n):
+            res = pr[i] - target[i]
+            d = min(max(res, -delta), delta)
+            wk = wr[i] * (kneg if res < 0.0 else kpos)
+            dw[i] = wk * d
+            if ex:
+                cw[i] = wk * (1.0 if abs(res) <= delta else 0.0) - (dw[i] if log_space else 0.0)
+            else:
+                cw[i] = wk * delta / max(abs(res), delta)
+        for i in range(n):
+            inv[i] = 1.0 / sr[i] if log_space else 1.0  # d log s = ds / s in log space
+        jac[:, :] = 0.0  # J_q = sum_k e_k M_kq (/ s in log space: each e_k / s <= 1)
+        for m in range(vpairs.shape[0]):
+            jq, ek, mkq = jac[vpairs[m, 1]], ev[vpairs[m, 0], r], mv[vpairs[m, 0], vpairs[m, 1]]
+            for i in range(n):
+                jq[i] += ek[i] * inv[i] * mkq[i]
+        for m in range(cpairs.shape[0]):
+            k, q = cpairs[m, 0], cpairs[m, 1]
+            jq, cq = jac[q], ec[k, r] * mc[k, q]
+            for i in range(n):
+                jq[i] += cq * inv[i]
+        for q in range(p):
+            jq, acc = jac[q], 0.0
+            for i in range(n):
+                acc += dw[i] * jq[i]
+                cj[i] = cw[i] * jq[i]
+            g[r, q] = acc
+            for t in range(q, p, 2):  # two sums per pass: fewer loads, two add chains
+                t1 = min(t + 1, p - 1)
+                jt, jt1, s0, s1 = jac[t], jac[t1], 0.0, 0.0
+                for i in range(n):
+                    s0 += cj[i] * jt[i]
+                    s1 += cj[i] * jt1[i]
+                h[r, q, t] = h[r, t, q] = s0
+                h[r, q, t1] = h[r, t1, q] = s1
+        if not ex:
+            continue
+        for m in range(vtrip.shape[0]):  # + sum_i rho'_i sum_k e_ik M_ik M_ik^T (/ s)
+            k, q, t = vtrip[m, 0], vtrip[m, 1], vtrip[m, 2]
+            ek, mq, mt, acc = ev[k, r], mv[k, q], mv[k, t], 0.0
+            for i in range(n):
+                acc += dw[i] * ek[i] * inv[i] * mq[i] * mt[i]
+            h[r, q, t] += acc
+            if q != t:
+                h[r, t, q] += acc
+        if ctrip.shape[0]:
+            sdi = 0.0
+            for i in range(n):
+                sdi += dw[i] * inv[i]
+            for m in range(ctrip.shape[0]):
+                k, q, t = ctrip[m, 0], ctrip[m, 1], ctrip[m, 2]
+                acc = ec[k, r] * mc[k, q] * mc[k, t] * sdi
+                h[r, q, t] += acc
+                if q != t:
+                    h[r, t, q] += acc
 
 
-def objective_parts(model, ops, pen, theta, weights):
-    """Objective (B,) and what the derivatives need: term exponentials, sums, residuals."""
-    ex = []
-    for t in ops.terms:
-        u = theta[:, t.cols] @ t.mt
-        if t.offset is not None:
-            u += t.offset
-        ex.append(np.exp(u, out=u))
-    var = [e for e in ex if e.shape[1] > 1]
-    const = sum(e for e in ex if e.shape[1] == 1)  # (B, 1), or 0 without constant terms
-    if not var:
-        s = const * np.ones_like(model.target)
-    else:
-        s = var[0] + var[1] if len(var) > 1 else var[0] + const
-        for e in var[2:]:
-            s += e
-        if len(var) > 1 and ops.n_const:
-            s += const
-    r = np.log(s) if pen.space == "log" else s.copy()
-    r -= model.target
-    d1 = np.maximum(r, -pen.delta)  # rho'(r) = clip(r, -delta, delta)
-    np.minimum(d1, pen.delta, out=d1)
-    if pen.asymmetry != 0.5:
-        kappa = np.where(r < 0, 2.0 * pen.asymmetry, 2.0 * (1.0 - pen.asymmetry))
-        weights = kappa if weights is None else weights * kappa
-    d1w = d1 if weights is None else d1 * weights
-    # Huber_delta(r) = rho'(r) (r - rho'(r) / 2)
-    f = np.einsum("bn,bn->b", d1w, r) - 0.5 * np.einsum("bn,bn->b", d1w, d1)
-    return f, (ex, s, r, d1w, weights)
-
-
-def derivatives(ops, pen, parts, exact):
-    """Gradient (B,P) and the IRLS matrix, or the exact Hessian on rows ``exact``, (B,P,P)."""
-    ex, s, r, d1w, w = parts
-    b, p = r.shape[0], ops.n_par
-    ar = np.abs(r)
-    c2 = np.maximum(ar, pen.delta)  # IRLS: Huber weights min(1, delta/|r|) (/ s^2 in log space)
-    if pen.space == "log":  # J = sum_k e_k M_k / s
-        c2 *= s
-        c2 *= s
-        q = d1w / s
-    else:  # dr = sum_k e_k M_k
-        q = d1w
-    np.divide(pen.delta, c2, out=c2)
-    if w is not None:
-        c2 *= w
-    if exact is not None and exact.any():  # rho'' - rho' (log) or rho'' (linear)
-        ce = (ar[exact] <= pen.delta) * (1.0 if w is None else select_rows(w, exact))
-        c2[exact] = (ce - d1w[exact]) / s[exact] ** 2 if pen.space == "log" else ce
-    ones = np.ones(r.shape[1])
-    q_sum, c_sum = q @ ones, c2 @ ones
-    v = [q * e if e.shape[1] > 1 else q_sum[:, None] * e for e in ex]
-    g = np.concatenate(
-        [vk @ gm if vk.shape[1] > 1 else vk * gm[0] for vk, gm in zip(v, ops.grad, strict=True)],
-        axis=1,
-    )
-    g = g @ ops.scatter[0]
-    ce = [c2 * e if e.shape[1] > 1 else None for e in ex]
-    hs = []
-    for pr in ops.pairs:
-        ek, ej = ex[pr.k], ex[pr.j]
-        if ce[pr.k] is not None and ce[pr.j] is not None:
-            hs.append((ce[pr.k] * ej) @ pr.outer)
-        elif ce[pr.k] is not None:
-            hs.append((ce[pr.k] @ pr.outer) * ej)
-        elif ce[pr.j] is not None:
-            hs.append((ce[pr.j] @ pr.outer) * ek)
-        else:
-            hs.append((c_sum[:, None] * ek * ej) * pr.outer[0])
-    h = np.concatenate(hs, axis=1) @ ops.scatter[1]
-    if exact is not None and exact.any():  # + sum_i rho'_i sum_k e_ik M_ik M_ik^T (/ s)
-        hd = [
-            vk @ pr.outer if vk.shape[1] > 1 else vk * pr.outer[0]
-            for pr, vk in zip(ops.diag, v, strict=True)
-        ]
-        h += (np.concatenate(hd, axis=1) @ ops.scatter[2]) * exact[:, None]
-    return g, h.reshape(b, p, p)
-
-
-def evaluate(model, ops, pen, theta, weights, f_old=None, exact_next=None):
-    """Objective at ``theta`` (B,); gradient and matrix where it beats ``f_old`` (all if None).
-
-    Returns ``(f, ok, g, h)``: g and h are filled on rows ``ok`` (IRLS matrix, or the exact
-    Hessian on rows with ``exact_next``) and zero elsewhere.
-    """
-    f, parts = objective_parts(model, ops, pen, theta, weights)
+def _evaluate_block(ops, pen, theta, w, f_old, exact):
     b, p = theta.shape
-    ok = np.isfinite(f) if f_old is None else np.isfinite(f) & (f < f_old)
-    if ok.all():
-        g, h = derivatives(ops, pen, parts, exact_next)
-        return f, ok, g, h
+    n = ops.target.shape[0]
+    ev = np.empty((len(ops.vcols), b, n))
+    for k, (cols, mt) in enumerate(zip(ops.vcols, ops.vmt, strict=True)):
+        np.matmul(theta[:, cols], mt, out=ev[k])
+        if ops.cv[k].any():
+            ev[k] += ops.cv[k]
+        np.exp(ev[k], out=ev[k])
+    ec = np.exp(theta @ ops.mc.T + ops.cc).T.copy()  # (Kc, b)
+    s = np.empty((b, n))
+    s[:] = ec.sum(axis=0)[:, None]
+    for k in range(ev.shape[0]):
+        s += ev[k]
+    log_space = pen.space == "log"
+    pred = np.log(s) if log_space else s
+    f, ok = np.empty(b), np.empty(b, np.bool_)
     g, h = np.zeros((b, p)), np.zeros((b, p, p))
-    if ok.any():
-        ex, s, r, d1w, w = parts
-        sub = ([e[ok] for e in ex], s[ok], r[ok], d1w[ok], select_rows(w, ok))
-        g[ok], h[ok] = derivatives(ops, pen, sub, None if exact_next is None else exact_next[ok])
+    asym = float(pen.asymmetry)
+    _kernel(
+        ev, ec, s, pred, ops.mv, ops.mc, ops.vpairs, ops.cpairs, ops.vtrip, ops.ctrip,
+        ops.target, w, float(pen.delta), 2.0 * asym, 2.0 * (1.0 - asym), log_space,
+        f_old, exact, f, ok, g, h,
+    )  # fmt: skip
     return f, ok, g, h
 
 
-def evaluate_chunked(model, ops, pen, theta, weights, f_old=None, exact_next=None):
-    """``evaluate`` over slices of ``_CHUNK`` start-points (cache-sized temporaries)."""
-    fn = functools.partial(evaluate, model, ops, pen)
-    return in_chunks(fn, model.target.shape[0], theta, weights, f_old, exact_next)
+def evaluate(
+    ops: Ops,
+    pen: Penalty,
+    theta: np.ndarray,
+    weights: np.ndarray | None,
+    f_old: np.ndarray | None = None,
+    exact_next: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Objective at ``theta`` (B, P); gradient and matrix where it beats ``f_old`` (all if None).
 
-
-def in_chunks(fn, n, theta, weights, f_old=None, exact_next=None):
-    """``fn(theta, weights, f_old, exact_next) -> (f, ok, g, h)`` on slices of
-    ``_CHUNK // n`` starts, outputs concatenated (shared weights pass through whole)."""
+    ``weights``: None, (1, n) or (B, n) (``check_weights``). Returns ``(f, ok, g, h)``: ``g``
+    (B, P) and ``h`` (B, P, P) are filled on rows ``ok`` (the IRLS matrix, or the exact Hessian
+    on rows with ``exact_next``) and zero elsewhere. Runs on slices of ``_CHUNK // n`` starts.
+    """
+    theta = np.ascontiguousarray(theta, np.float64)
+    b, n = theta.shape[0], ops.target.shape[0]
+    w = np.ones((1, n)) if weights is None else np.ascontiguousarray(weights, np.float64)
+    f_old = np.full(b, np.inf) if f_old is None else np.ascontiguousarray(f_old, np.float64)
+    exact = np.zeros(b, np.bool_) if exact_next is None else np.ascontiguousarray(exact_next)
     size = max(1, _CHUNK // n)
-    if theta.shape[0] <= size:
-        return fn(theta, weights, f_old, exact_next)
     parts = []
-    for i in range(0, theta.shape[0], size):
+    for i in range(0, b, size):
         sl = slice(i, i + size)
-        parts.append(
-            fn(
-                theta[sl],
-                select_rows(weights, sl),
-                None if f_old is None else f_old[sl],
-                None if exact_next is None else exact_next[sl],
-            )
-        )
+        parts.append(_evaluate_block(ops, pen, theta[sl], select_rows(w, sl), f_old[sl], exact[sl]))
     return tuple(np.concatenate([q[j] for q in parts]) for j in range(4))
 
 
-def check_weights(weights, b, n):
+@numba.njit(cache=True, error_model="numpy")
+def damped_steps(h, g, lam):  # pragma: no cover - compiled
+    """Levenberg-Marquardt steps ``(H + lam |diag H|) step = -g`` for every row, by Gaussian
+    elimination with partial pivoting; a singular or non-finite system gives a zero step."""
+    b, p = g.shape
+    out = np.zeros((b, p))
+    a = np.empty((p, p))
+    x = np.empty(p)
+    for r in range(b):
+        for i in range(p):
+            for j in range(p):
+                a[i, j] = h[r, i, j]
+            a[i, i] += lam[r] * (abs(h[r, i, i]) + 1e-12)
+            x[i] = -g[r, i]
+        if not (np.all(np.isfinite(a)) and np.all(np.isfinite(x))):
+            continue
+        singular = False
+        for c in range(p):
+            piv = c
+            for i in range(c + 1, p):
+                if abs(a[i, c]) > abs(a[piv, c]):
+                    piv = i
+            if a[piv, c] == 0.0:
+                singular = True
+                break
+            if piv != c:
+                for j in range(p):
+                    a[c, j], a[piv, j] = a[piv, j], a[c, j]
+                x[c], x[piv] = x[piv], x[c]
+            for i in range(c + 1, p):
+                m = a[i, c] / a[c, c]
+                for j in range(c, p):
+                    a[i, j] -= m * a[c, j]
+                x[i] -= m * x[c]
+        if singular:
+            continue
+        for i in range(p - 1, -1, -1):
+            acc = x[i]
+            for j in range(i + 1, p):
+                acc -= a[i, j] * out[r, j]
+            out[r, i] = acc / a[i, i]
+        if not np.all(np.isfinite(out[r])):
+            out[r] = 0.0
+    return out
+
+
+def check_weights(weights, b: int, n: int) -> np.ndarray | None:
+    """Weights as None, (1, n) or (b, n), finite and >= 0 (else ValueError)."""
     if weights is None:
         return None
     w = np.asarray(weights, np.float64)

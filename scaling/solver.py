@@ -19,17 +19,14 @@ leave the batch, so the work shrinks as starts finish (a ``vmap`` runs every sta
 slowest one's length). BLAS is held to one thread while it runs (``threadpoolctl``, when
 installed): on a busy machine idle BLAS threads spin against the element-wise passes.
 
-Cost. The evaluation passes live in ``scaling.passes`` (numpy) and ``scaling.fused`` (numba,
-the default: 3-4x faster per iteration). On the 240-point Chinchilla data the
-4,500-start grid takes ~220k start-iterations (~49 per start, ~40% of them rejected trial
-steps); ``benchmarks/fit_speed.py`` lists what was tried to cut them.
+Cost. The evaluation passes (``scaling.passes``) are one compiled numba kernel for every law. On
+the 240-point Chinchilla data the 4,500-start grid takes ~220k start-iterations (~49 per start,
+~40% of them rejected trial steps); ``benchmarks/fit_speed.py`` lists what was tried to cut them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -44,19 +41,14 @@ from scaling.passes import (
     Penalty,
     build_ops,
     check_weights,
-    evaluate_chunked,
-    objective_parts,
+    damped_steps,
+    evaluate,
     select_rows,
 )
 
+__all__ = ["LSEModel", "Penalty", "SolveResult", "minimize", "objective", "parameter_box"]
+
 _U_MAX = 650.0  # |u| bound kept by the parameter box: exp(u) never overflows in float64
-BACKENDS = ("auto", "numba", "numpy")
-
-
-def check_backend(backend: str) -> None:
-    """Raise ValueError unless ``backend`` is one of ``BACKENDS``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be 'auto', 'numba' or 'numpy'; got {backend!r}")
 
 
 class SolveResult(NamedTuple):
@@ -86,7 +78,8 @@ def objective(
     """The penalised objective at each row of ``theta`` (B, P)."""
     theta = np.atleast_2d(np.asarray(theta, np.float64))
     w = check_weights(weights, theta.shape[0], model.target.shape[0])
-    return objective_parts(model, build_ops(model), penalty, theta, w)[0]
+    never = np.full(theta.shape[0], -np.inf)  # no row beats it: no derivatives are formed
+    return evaluate(build_ops(model), penalty, theta, w, never)[0]
 
 
 def minimize(
@@ -98,48 +91,19 @@ def minimize(
     max_iter: int = 400,
     ftol: float = 1e-10,
     exact_below: float = 1e-6,
-    backend: str = "auto",
 ) -> SolveResult:
     """Minimise the penalised objective from every row of ``theta0`` (B, P), all at once.
 
     ``weights`` (n,) or (B, n) multiply each point's penalty (bootstrap counts, leave-one-out
     zeros). A start stops when an accepted step lowers its objective by at most ``ftol``
-    relative, or when no step is accepted even with a damping of 1e12. ``backend`` picks the
-    evaluation passes: ``"numba"`` (``scaling.fused``: compiled, several times faster; the
-    first call per model structure compiles for a few seconds), ``"numpy"``
-    (``scaling.passes``) or ``"auto"`` (numba when it imports, else numpy with a warning).
+    relative, or when no step is accepted even with a damping of 1e12.
     """
-    evaluate, steps = _evaluator(model, penalty, backend)
     limit = threadpool_limits(1, user_api="blas") if threadpool_limits else contextlib.nullcontext()
     with limit:
-        return _minimize(
-            model, theta0, penalty, weights, max_iter, ftol, exact_below, evaluate, steps
-        )
+        return _minimize(model, theta0, penalty, weights, max_iter, ftol, exact_below)
 
 
-def _evaluator(model: LSEModel, penalty: Penalty, backend: str):
-    """``evaluate(theta, weights, f_old=None, exact_next=None) -> (f, ok, g, h)`` and
-    ``steps(h, g, lam)``: the damped Newton steps."""
-    check_backend(backend)
-    if backend != "numpy":
-        try:
-            from scaling import fused
-        except ImportError as err:
-            if backend == "numba":
-                raise ImportError(f"backend='numba' needs numba: {err}") from err
-            warnings.warn(
-                f"numba is unavailable ({err}); scaling fits use the slower numpy passes",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        else:
-            fops = fused.build_fused_ops(model)
-            return functools.partial(fused.evaluate_fused, fops, penalty), fused.damped_steps
-    ops = build_ops(model)
-    return functools.partial(evaluate_chunked, model, ops, penalty), _damped_steps
-
-
-def _minimize(model, theta0, penalty, weights, max_iter, ftol, exact_below, evaluate, steps):
+def _minimize(model, theta0, penalty, weights, max_iter, ftol, exact_below):
     theta = np.array(np.atleast_2d(theta0), np.float64)
     b, p = theta.shape
     if model.design.shape[2] != p:
@@ -148,10 +112,13 @@ def _minimize(model, theta0, penalty, weights, max_iter, ftol, exact_below, eval
         )
     if not 0.0 < penalty.asymmetry < 1.0 or not penalty.delta > 0:
         raise ValueError(f"penalty needs delta > 0 and 0 < asymmetry < 1; got {penalty}")
+    if penalty.space not in ("log", "linear"):
+        raise ValueError(f"penalty.space must be 'log' or 'linear'; got {penalty.space!r}")
     w_all = check_weights(weights, b, model.target.shape[0])
     hi = parameter_box(model)
     theta = np.clip(theta, -hi, hi)
-    f, _, g, h = evaluate(theta, w_all)
+    ops = build_ops(model)
+    f, _, g, h = evaluate(ops, penalty, theta, w_all)
     exact = np.zeros(b, bool)  # which matrix h holds: the exact Hessian or the IRLS one
     lam = np.full(b, 1e-2)
     converged = np.zeros(b, bool)
@@ -161,15 +128,15 @@ def _minimize(model, theta0, penalty, weights, max_iter, ftol, exact_below, eval
         # a start whose exact-Hessian steps keep failing goes back to the robust IRLS matrix
         back = live[exact[live] & (lam[live] > 1e-3)]
         if back.size:
-            _, _, g[back], h[back] = evaluate(theta[back], select_rows(w_all, back))
+            _, _, g[back], h[back] = evaluate(ops, penalty, theta[back], select_rows(w_all, back))
             exact[back] = False
         if live.size == 0:
             break
         la, fl = lam[live], f[live]
-        step = steps(h[live], g[live], la)
+        step = damped_steps(h[live], g[live], la)
         trial = np.clip(theta[live] + step, -hi, hi)
         exact_next = la / 10.0 <= exact_below
-        ft, ok, gt, ht = evaluate(trial, select_rows(w_all, live), fl, exact_next)
+        ft, ok, gt, ht = evaluate(ops, penalty, trial, select_rows(w_all, live), fl, exact_next)
         done = (ok & (fl - ft <= ftol * np.abs(fl))) | (la > 1e12)
         acc = live[ok]
         theta[acc], f[acc], g[acc], h[acc] = trial[ok], ft[ok], gt[ok], ht[ok]
@@ -179,25 +146,3 @@ def _minimize(model, theta0, penalty, weights, max_iter, ftol, exact_below, eval
         converged[live[done]] = True
         live = live[~done]
     return SolveResult(theta=theta, objective=f, converged=converged, n_iter=n_iter)
-
-
-def _damped_steps(h: np.ndarray, g: np.ndarray, lam: np.ndarray) -> np.ndarray:
-    """Levenberg-Marquardt steps ``(H + lam |diag H|) step = -g`` for every row."""
-    diag = np.abs(np.diagonal(h, axis1=1, axis2=2)) + 1e-12
-    return _solve(h + (lam[:, None] * diag)[:, :, None] * np.eye(h.shape[1]), -g)
-
-
-def _solve(mat: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """Batched solve; singular or non-finite systems give a zero step (rejected, damping grows)."""
-    good = np.all(np.isfinite(mat), axis=(1, 2)) & np.all(np.isfinite(rhs), axis=1)
-    out = np.zeros_like(rhs)
-    if good.any():
-        try:
-            out[good] = np.linalg.solve(mat[good], rhs[good][..., None])[..., 0]
-        except np.linalg.LinAlgError:
-            for i in np.flatnonzero(good):
-                try:
-                    out[i] = np.linalg.solve(mat[i], rhs[i])
-                except np.linalg.LinAlgError:
-                    out[i] = 0.0
-    return np.where(np.isfinite(out), out, 0.0)

@@ -31,12 +31,9 @@ def _setup(fit):
     return form, model, free, values, starts
 
 
-def refit_weighted(
-    fit, weights: np.ndarray, *, n_starts: int = 8, backend: str = "auto"
-) -> tuple[np.ndarray, np.ndarray]:
+def refit_weighted(fit, weights: np.ndarray, *, n_starts: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Refit ``fit``'s law under each row of ``weights`` (R, n); returns thetas (R, P) and
-    objectives (R,). Starts: the ``n_starts`` best distinct optima of the full fit.
-    ``backend``: the solver's passes (``scaling.solver.minimize``)."""
+    objectives (R,). Starts: the ``n_starts`` best distinct optima of the full fit."""
     form, model, free, values, starts = _setup(fit)
     starts = starts[:n_starts]
     r, k = weights.shape[0], starts.shape[0]
@@ -46,7 +43,6 @@ def refit_weighted(
         theta0,
         penalty=Penalty(fit.huber_delta, fit.asymmetry, fit.space),
         weights=np.repeat(weights, k, axis=0),
-        backend=backend,
     )
     obj = np.where(np.isfinite(res.objective), res.objective, np.inf).reshape(r, k)
     best = np.argmin(obj, axis=1)
@@ -91,12 +87,10 @@ def bootstrap(
     n_starts: int = 8,
     chunk: int = 100,
     progress: Callable[[int, int], None] | None = None,
-    backend: str = "auto",
 ) -> Bootstrap:
     """Percentile bootstrap of a ``ChinchillaFit`` / ``FrantarFit`` by resampling its points.
 
-    ``progress(done, total)`` is called after every ``chunk`` replicates; ``backend`` picks the
-    solver's passes.
+    ``progress(done, total)`` is called after every ``chunk`` replicates.
     """
     if n_boot < 2 or chunk < 1:
         raise ValueError(f"n_boot must be >= 2 and chunk >= 1; got {n_boot}, {chunk}")
@@ -107,7 +101,7 @@ def bootstrap(
         r = min(chunk, n_boot - start)
         counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(r)])
         w = counts.astype(np.float64)
-        thetas.append(refit_weighted(fit, w, n_starts=n_starts, backend=backend)[0])
+        thetas.append(refit_weighted(fit, w, n_starts=n_starts)[0])
         if progress is not None:
             progress(start + r, n_boot)
     theta = np.concatenate(thetas)
@@ -124,11 +118,11 @@ class LeaveOneOut(NamedTuple):
     mean_abs_rel: float  # mean |predicted / observed - 1|
 
 
-def leave_one_out(fit, *, n_starts: int = 8, backend: str = "auto") -> LeaveOneOut:
+def leave_one_out(fit, *, n_starts: int = 8) -> LeaveOneOut:
     """Refit without each point in turn (all n refits batched) and predict the held-out point."""
     loss = fit.data["loss"]
     n = loss.shape[0]
-    theta, _ = refit_weighted(fit, 1.0 - np.eye(n), n_starts=n_starts, backend=backend)
+    theta, _ = refit_weighted(fit, 1.0 - np.eye(n), n_starts=n_starts)
     form = fit._form
     design = form.design({k: fit.data[k] for k in form.columns})  # (K, n, P)
     u = np.einsum("knp,np->kn", design, theta)

@@ -56,7 +56,12 @@ def test_cli_on_a_sweep_dir_and_bad_input(tmp_path, capsys):
                 "val_loss": float(law.predict(n * 0.5, t)),
             }
             (run / "summary.json").write_text(json.dumps(rec))
-    assert main([str(tmp_path / "sweep"), "--bootstrap", "0", "--grid", "coarse"]) == 0
+    bad = tmp_path / "sweep" / "r9"  # the trainer's summary of a diverged run
+    bad.mkdir()
+    rec = {"status": "diverged", "diverged_step": 40, "tokens": 1e7, "n_avg": 5e4}
+    (bad / "summary.json").write_text(json.dumps({**rec, "val_loss": "nan"}))
+    with pytest.warns(UserWarning, match=r"skipped 1 diverged run\(s\): r9 \(step 40"):
+        assert main([str(tmp_path / "sweep"), "--bootstrap", "0", "--grid", "coarse"]) == 0
     text = capsys.readouterr().out
     assert "N = n_avg" in text and "9 points" in text
     assert main([str(tmp_path / "nowhere.csv")]) == 2
@@ -100,7 +105,9 @@ def test_cli_frantar_law_on_a_csv(tmp_path, shared_data, capsys):
     assert "sparsity column" in capsys.readouterr().err
 
 
-def test_cli_backends_agree(tmp_path, capsys):
+def test_cli_backend_flag_is_deprecated_and_numpy_refused(tmp_path, capsys):
+    """One solver implementation: ``--backend numba``/``auto`` still run (with a warning and
+    the same table), ``--backend numpy`` is refused by argparse (exit 2)."""
     rng = np.random.default_rng(2)
     n, d = np.geomspace(1e7, 1e9, 6).repeat(4), np.tile(np.geomspace(1e9, 1e11, 4), 6)
     loss = (1.8 + 400 / n**0.34 + 900 / d**0.28) * np.exp(rng.normal(0, 0.003, n.size))
@@ -108,8 +115,12 @@ def test_cli_backends_agree(tmp_path, capsys):
     rows = "".join(f"{a},{b},{c}\n" for a, b, c in zip(n, d, loss, strict=True))
     path.write_text("N,D,loss\n" + rows)
     tables = []
-    for backend in ("numpy", "numba"):
-        assert main([str(path), "--grid", "coarse", "--loo", "--backend", backend]) == 0
-        out = capsys.readouterr().out
-        tables.append([ln for ln in out.splitlines() if ln.startswith("  ")][:5])
+    for extra in ([], ["--backend", "numba"]):
+        assert main([str(path), "--grid", "coarse", "--bootstrap", "0", *extra]) == 0
+        captured = capsys.readouterr()
+        tables.append([ln for ln in captured.out.splitlines() if ln.startswith("  ")][:5])
+        assert ("--backend is deprecated" in captured.err) == bool(extra)
     assert tables[0] == tables[1] and len(tables[0]) == 5
+    with pytest.raises(SystemExit) as exit_:
+        main([str(path), "--backend", "numpy"])
+    assert exit_.value.code == 2 and "invalid choice: 'numpy'" in capsys.readouterr().err

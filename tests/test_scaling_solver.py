@@ -41,15 +41,15 @@ def test_gradient_and_exact_hessian_match_finite_differences(space, asym):
     theta = np.array([6.0, 7.5, 0.55, 0.34, 0.31])
     w = np.random.default_rng(1).uniform(0.5, 2.0, model.target.shape[0])
     ops = build_ops(model)
-    f, _, g, h = evaluate(model, ops, pen, theta[None], w[None], exact_next=np.array([True]))
+    f, _, g, h = evaluate(ops, pen, theta[None], w[None], exact_next=np.array([True]))
     np.testing.assert_allclose(f[0], objective(model, theta, penalty=pen, weights=w)[0])
     np.testing.assert_allclose(g[0], _fd_grad(model, pen, theta, w), rtol=1e-5, atol=1e-9)
     hess_fd = np.zeros((5, 5))
     for j in range(5):
         e = np.zeros(5)
         e[j] = 1e-5
-        gp = evaluate(model, ops, pen, (theta + e)[None], w[None])[2][0]
-        gm = evaluate(model, ops, pen, (theta - e)[None], w[None])[2][0]
+        gp = evaluate(ops, pen, (theta + e)[None], w[None])[2][0]
+        gm = evaluate(ops, pen, (theta - e)[None], w[None])[2][0]
         hess_fd[:, j] = (gp - gm) / 2e-5
     np.testing.assert_allclose(h[0], hess_fd, rtol=1e-4, atol=1e-7)
 
@@ -58,7 +58,7 @@ def test_irls_matrix_is_weighted_gauss_newton():
     model = _chinchilla_model()
     pen = Penalty(delta=1e-3)
     theta = np.array([6.0, 7.5, 0.55, 0.34, 0.31])
-    _, _, _, h = evaluate(model, build_ops(model), pen, theta[None], None)
+    _, _, _, h = evaluate(build_ops(model), pen, theta[None], None)
     # independent: J = d log-pred / d theta, weights min(1, delta/|r|)
     u = np.einsum("knp,p->kn", model.design, theta)
     p = np.exp(u - u.max(0))
@@ -134,11 +134,9 @@ def test_four_term_model_with_offsets_mixed_batch_matches_finite_differences(spa
     theta = np.array([[4.0, 1.0, 3.0, 0.3, 5.0, 0.25], [3.5, 1.2, 2.5, 0.25, 4.0, 0.2]])
     ops = build_ops(model)
     exact = np.array([True, False])
-    f, _, g, h = evaluate(model, ops, pen, theta, None, exact_next=exact)
+    f, _, g, h = evaluate(ops, pen, theta, None, exact_next=exact)
     for i in range(2):
-        fi, _, gi, hi = evaluate(
-            model, ops, pen, theta[i : i + 1], None, exact_next=exact[i : i + 1]
-        )
+        fi, _, gi, hi = evaluate(ops, pen, theta[i : i + 1], None, exact_next=exact[i : i + 1])
         np.testing.assert_allclose(f[i], fi[0], rtol=1e-13)
         np.testing.assert_allclose(h[i], hi[0], rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(g[i], _fd_grad(model, pen, theta[i], None), rtol=1e-5, atol=1e-9)
@@ -146,7 +144,7 @@ def test_four_term_model_with_offsets_mixed_batch_matches_finite_differences(spa
     for j in range(6):
         e = np.zeros(6)
         e[j] = 1e-5
-        gp = evaluate(model, ops, pen, (theta[0] + e)[None], None)[2][0]
-        gm = evaluate(model, ops, pen, (theta[0] - e)[None], None)[2][0]
+        gp = evaluate(ops, pen, (theta[0] + e)[None], None)[2][0]
+        gm = evaluate(ops, pen, (theta[0] - e)[None], None)[2][0]
         hess_fd[:, j] = (gp - gm) / 2e-5
     np.testing.assert_allclose(h[0], hess_fd, rtol=1e-4, atol=1e-7)
