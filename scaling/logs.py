@@ -5,6 +5,8 @@ A sweep dir (DESIGN.md, "Run directory") holds one run dir per run, each with a
 n_active, n_avg, flops, sparsity, density, ...), plus an optional ``sweep.json``. A row is one
 run: ``loss = val_loss``, ``D = tokens`` and ``N`` the chosen count: ``n_avg`` (the average
 parameter count over training, Jin et al. 2025; the default), ``n_params`` or ``n_active``.
+Diverged runs (status ``"diverged"``, a ``"diverged": true`` flag, or a non-finite val_loss,
+which summaries store as the string ``"nan"``/``"inf"``) are skipped with a warning naming them.
 A CSV or DataFrame either has the columns ``N, D, loss`` (and optionally ``S``/``sparsity``)
 or the summary keys above.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import warnings
 from pathlib import Path
@@ -83,6 +86,19 @@ def _finish(n, d, loss, s, names, n_key, has_s, min_points):
     return table
 
 
+def _diverged(rec: dict[str, Any]) -> bool:
+    """Status ``diverged``, a true ``diverged`` flag, or a non-finite (``"nan"``) val_loss."""
+    if rec.get("status") == "diverged" or rec.get("diverged") is True:
+        return True
+    lv = rec.get("val_loss", rec.get("final_val_loss"))
+    if lv is None or isinstance(lv, bool):
+        return False
+    try:
+        return not math.isfinite(float(lv))
+    except (TypeError, ValueError):
+        return False  # not a number: _num names the field
+
+
 def from_sweep_dir(
     path: str | Path,
     *,
@@ -91,21 +107,30 @@ def from_sweep_dir(
     min_points: int = 5,
 ) -> ScalingTable:
     """One row per run dir with a ``summary.json``; runs whose status is not in ``statuses``
-    are skipped with a warning (pass ``statuses=("completed", "running")`` to keep more)."""
+    are skipped with a warning (pass ``statuses=("completed", "running")`` to keep more), and
+    so are diverged runs (``_diverged``), whatever ``statuses`` says: they have no usable loss."""
     root = Path(path)
     if not root.is_dir():
         raise ValueError(f"sweep dir {root} does not exist or is not a directory")
-    records, names, skipped = [], [], []
+    records, names, skipped, diverged = [], [], [], []
     for sub in sorted(p for p in root.iterdir() if (p / "summary.json").is_file()):
         try:
             rec = json.loads((sub / "summary.json").read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{sub / 'summary.json'} is not valid JSON: {err}") from None
+        if _diverged(rec):
+            step = rec.get("diverged_step", rec.get("step"))
+            diverged.append(f"{sub.name} (step {step}, val_loss {rec.get('val_loss')})")
+            continue
         if rec.get("status") not in statuses:
             skipped.append(f"{sub.name} ({rec.get('status')})")
             continue
         records.append(rec)
         names.append(sub.name)
+    if diverged:
+        warnings.warn(
+            f"skipped {len(diverged)} diverged run(s): {', '.join(diverged)}", stacklevel=2
+        )
     if skipped:
         warnings.warn(
             f"skipped {len(skipped)} run(s) not in {statuses}: {', '.join(skipped)}", stacklevel=2

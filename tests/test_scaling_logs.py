@@ -78,6 +78,28 @@ def test_unfinished_runs_are_skipped_with_a_warning(tmp_path):
         assert len(load_table(sweep, statuses=("completed", "running", "failed")).loss) == 8
 
 
+def test_diverged_runs_are_skipped_with_a_warning_naming_them(tmp_path):
+    """The trainer's diverged summaries (status "diverged", loss stored as the string "nan"),
+    a "diverged" flag and a completed run with a "nan" val_loss: none reaches the fit."""
+    recs = _records() + _records()[:2]
+    recs[6].update(status="diverged", val_loss="nan", train_loss="nan", diverged_step=120)
+    recs[7].update(diverged=True, val_loss=9.0)
+    recs[2]["val_loss"] = "nan"
+    sweep = _sweep(tmp_path, recs)
+    with pytest.warns(UserWarning, match="skipped 3 diverged run") as rec:
+        table = load_table(sweep)
+    message = str(rec[0].message)
+    assert "run06 (step 120, val_loss nan)" in message and "run07" in message
+    assert "run02" in message and "run00" not in message
+    assert table.names == ("run00", "run01", "run03", "run04", "run05")
+    np.testing.assert_allclose(table.loss, [recs[i]["val_loss"] for i in (0, 1, 3, 4, 5)])
+    with pytest.warns(UserWarning, match="diverged"):  # skipped even when the status is asked
+        assert len(load_table(sweep, statuses=("completed", "diverged")).loss) == 5
+    only = _sweep(tmp_path / "only", [recs[6]])
+    with pytest.warns(UserWarning, match="run00"), pytest.raises(ValueError, match="no run dir"):
+        load_table(only)
+
+
 def test_errors_name_the_problem(tmp_path):
     recs = _records()
     recs[2]["val_loss"] = None
@@ -92,9 +114,9 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match=r"loss must be finite and > 0.*\(run run03\)"):
         load_table(_sweep(tmp_path / "c", recs))
     recs = _records()
-    recs[0]["val_loss"] = "nan"  # how the trainer's writer stores NaN
-    with pytest.raises(ValueError, match="finite"):
-        load_table(_sweep(tmp_path / "d", recs))
+    recs[0]["val_loss"] = "inf"  # how the trainer's writer stores inf: a diverged run
+    with pytest.warns(UserWarning, match=r"skipped 1 diverged run\(s\): run00"):
+        assert len(load_table(_sweep(tmp_path / "d", recs)).loss) == 5
     with pytest.raises(ValueError, match="free parameters"):
         load_table(_sweep(tmp_path / "e", _records()[:4]))
     same_n = [_summary(1e5, 0.6, 0.75, int(t)) for t in (1e7, 2e7, 4e7, 8e7, 1.6e8)]
