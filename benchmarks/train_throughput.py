@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from sparsejax import accounting, data, methods, schedules, sparsify
+from sparsejax import SparsifyState, accounting, data, methods, schedules, sparsify
 from sparsejax.models.gpt import GPT, GPTConfig
 from sparsejax.train import TrainState, make_train_step
 
@@ -36,15 +36,19 @@ def build_step(cfg: GPTConfig, tx, batch: int, seq: int, linear=None):
     graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
     params_def = jax.tree_util.tree_structure(params_state)
     params = nnx.to_pure_dict(params_state)
-    counts = accounting.count_params(params)
+    opt_state = tx.init(params)
+    sparse = isinstance(opt_state, tuple) and any(
+        isinstance(x, SparsifyState) for x in jax.tree_util.tree_leaves(
+            opt_state, is_leaf=lambda x: isinstance(x, SparsifyState)))
     f0 = accounting.train_flops_per_token(cfg.n_layer, cfg.d_model, cfg.d_ff, seq,
                                           cfg.vocab_size)
     half = accounting.train_flops_per_token(cfg.n_layer, cfg.d_model, cfg.d_ff, seq,
                                             cfg.vocab_size, sparsity=0.5)
-    step = make_train_step(graphdef, params_def, rest, tx, counts=counts, prunable=None,
+    step = make_train_step(graphdef, params_def, rest, tx,
                            fixed_flops=2 * half - f0, dense_flops=2 * (f0 - half),
-                           tokens_per_step=float(batch * seq))
-    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
+                           tokens_per_step=float(batch * seq), sparse=sparse,
+                           structural=accounting.structural_stats(model, params))
+    state = TrainState(jnp.zeros((), jnp.int32), params, opt_state,
                        jax.random.PRNGKey(0), jnp.zeros((), jnp.float32),
                        jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
                        jnp.zeros((), jnp.int32))

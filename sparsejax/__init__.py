@@ -11,29 +11,39 @@ Mask transforms compose with Optax::
     )
 """
 
-from sparsejax import allocation, masks, methods, prunable, schedules, scores
-from sparsejax.transforms import (
-    SparsifyState,
+from sparsejax import allocation, axes, masks, methods, prunable, schedules, scores
+from sparsejax.prunable import describe
+from sparsejax.state import (
+    SparsityStats,
     apply_masks,
+    check,
     find_state,
     forward_params,
     masks_of,
-    sparsify,
+    prune,
+    sparsity_stats,
 )
+from sparsejax.transforms import SparsifyState, sparsify
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SparsifyState",
+    "SparsityStats",
     "allocation",
     "apply_masks",
+    "axes",
+    "check",
+    "describe",
     "find_state",
     "forward_params",
     "masks",
     "masks_of",
     "methods",
     "prunable",
+    "prune",
     "schedules",
     "scores",
     "sparsify",
+    "sparsity_stats",
 ]

@@ -76,6 +76,34 @@ def count_params(
     return ParamCounts(total, prunable_n, total - n_pruned)
 
 
+def structural_stats(model: Any, params: Any) -> Any:
+    """:class:`sparsejax.SparsityStats` of a model trained without masks: dense, or with
+    layers that are sparse by construction (``pallas_kernels.layers.BSRLinear``/``NMLinear``:
+    any module with ``sparse_kernel()`` and a ``values`` Param). Their dense-equivalent size
+    counts as prunable and their stored values as active, so N and the FLOP count of a
+    kernel-sparse run follow its real layers, not a config value."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sparsejax.state import SparsityStats
+
+    n_stored = sum(int(np.prod(np.shape(x), dtype=np.int64))
+                   for x in jax.tree_util.tree_leaves(params))
+    dense = stored = 0
+    for _, module in nnx.iter_graph(model):
+        if hasattr(module, "sparse_kernel") and hasattr(module, "values"):
+            dense += int(np.prod(module.sparse_kernel().shape, dtype=np.int64))
+            stored += int(np.prod(np.shape(module.values[...]), dtype=np.int64))
+    sparsity = 1.0 - stored / dense if dense else 0.0
+    return SparsityStats(
+        target_sparsity=jnp.float32(sparsity),
+        sparsity=jnp.float32(sparsity),
+        n_params=n_stored + dense - stored,
+        n_prunable=dense,
+        n_active=jnp.int32(n_stored),
+    )
+
+
 def _check_dims(**dims: Any) -> None:
     for name, value in dims.items():
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:

@@ -25,7 +25,8 @@ from flax import nnx
 
 from sparsejax import accounting, checkpoint, checks, data, runlog
 from sparsejax.models.gpt import GPT, loss_fn
-from sparsejax.transforms import find_state
+from sparsejax.state import SparsityStats, check, find_state, prune, violations_report
+from sparsejax.state import sparsity_stats as _sparsity_stats
 
 
 class TrainState(NamedTuple):
@@ -48,12 +49,23 @@ def _flops_coefficients(model: GPT, seq_len: int) -> tuple[float, float]:
     return f0 - dense_part, dense_part
 
 
-def make_train_step(graphdef, params_def, rest, tx, *, counts, prunable, fixed_flops,
-                    dense_flops, tokens_per_step, structural_density=None):
+def _is_sparse(opt_state: Any) -> bool:
+    try:
+        find_state(opt_state)
+    except ValueError as err:
+        if "no sparsify state" in str(err):
+            return False
+        raise  # a composition that cannot keep the zeros: refuse before training
+    return True
+
+
+def make_train_step(graphdef, params_def, rest, tx, *, fixed_flops, dense_flops,
+                    tokens_per_step, sparse: bool, structural: SparsityStats):
     """The jitted step ``(state, inputs_BxL, targets_BxL) -> (state, metrics)``; ``state`` is
-    donated. ``counts`` are the model's :class:`accounting.ParamCounts` (total, prunable).
-    ``structural_density``: the density of a model whose sparsity is built into its layers
-    (BSR kernels), used when the optimizer holds no masks."""
+    donated. Sparsity, counts and the target come from the optimizer state
+    (:func:`sparsejax.sparsity_stats`, the single source of truth); ``structural`` stands in
+    when the optimizer holds no masks (dense runs, and layers that are sparse by construction:
+    :func:`accounting.structural_stats`)."""
 
     def loss_of(params, x_BxL, y_BxL):
         model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(params_def,
@@ -64,35 +76,27 @@ def make_train_step(graphdef, params_def, rest, tx, *, counts, prunable, fixed_f
         loss, grads = jax.value_and_grad(loss_of)(state.params, x_BxL, y_BxL)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        masks = _masks_or_none(opt_state)
-        if masks is None:
-            n_active = jnp.float32(counts.total)
-            density = jnp.float32(1.0 if structural_density is None else structural_density)
+        if sparse:
+            stats = _sparsity_stats(opt_state, params)
+            violations = sum(jax.tree_util.tree_leaves(check(params, opt_state)))
         else:
-            n_active = accounting.count_params(params, masks, prunable=prunable).active
-            n_active = jnp.asarray(n_active, jnp.float32)
-            density = 1.0 - (counts.total - n_active) / counts.prunable
-        t = state.step.astype(jnp.float32)
+            stats, violations = structural, jnp.int32(0)
+        n_active = jnp.asarray(stats.n_active, jnp.float32)
+        density = 1.0 - stats.sparsity
         new = TrainState(
             step=state.step + 1,
             params=params,
             opt_state=opt_state,
             rng=state.rng,
-            n_avg=state.n_avg + (n_active - state.n_avg) / (t + 1.0),
+            n_avg=accounting.n_avg_update(state.n_avg, n_active, state.step.astype(jnp.float32)),
             flops=state.flops + tokens_per_step * (fixed_flops + dense_flops * density),
             loss_sum=state.loss_sum + loss,
             loss_count=state.loss_count + 1,
         )
-        return new, {"n_active": n_active, "density": density}
+        return new, {"n_active": n_active, "density": density, "violations": violations,
+                     "target_sparsity": stats.target_sparsity}
 
     return jax.jit(step, donate_argnums=0)
-
-
-def _masks_or_none(opt_state):
-    try:
-        return find_state(opt_state).masks
-    except ValueError:
-        return None
 
 
 def make_eval_step(graphdef, params_def, rest):
@@ -152,27 +156,26 @@ def run(
     seq_len: int,
     seed: int = 0,
     lr_schedule: optax.Schedule | None = None,
-    sparsity_schedule: Any = None,
     eval_every: int = 100,
     eval_batches: int = 4,
     eval_batch_size: int | None = None,
     log_every: int = 10,
     checkpoint_every: int = 100,
     keep_checkpoints: int = 3,
-    prunable: Any = None,
     config: dict[str, Any] | None = None,
     wandb: dict[str, Any] | None = None,
     progress: bool = True,
-    structural_density: float | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with ``tx`` on ``corpus`` for ``steps`` steps; returns the summary.
 
     The run dir ``workdir`` receives ``config.json`` (``config``, when given), ``metrics.jsonl``,
     ``summary.json`` and ``checkpoints/``. If it already holds checkpoints, training resumes
-    from the latest one (the config must match). ``sparsity_schedule`` (a
-    :class:`sparsejax.schedules.Schedule`) is only used to log the target sparsity.
-    ``structural_density``: for models whose layers are themselves sparse (BSR kernels), the
-    kept fraction of their weights; logged as the density and used for the FLOP count.
+    from the latest one (the config must match). Sparsity, its target and the parameter
+    counts are read from the optimizer state (:func:`sparsejax.sparsity_stats`), or from the
+    model's layers when they are sparse by construction (BSR kernels); right after ``tx.init``
+    the params are pruned with :func:`sparsejax.prune`, so step 0 already runs sparse. At
+    every log step :func:`sparsejax.check` must find every pruned weight at 0, else the run
+    fails naming the leaves.
     ``wandb``: ``{"enabled": bool, "project": str, "mode": "offline"|"online", "name": str}``.
 
     A process holds ``RUN_DIR/lock`` while it trains (a second one raises
@@ -200,10 +203,16 @@ def run(
     params_def = jax.tree_util.tree_structure(params_state)
     params = nnx.to_pure_dict(params_state)
     del params_state
-    counts = accounting.count_params(params, prunable=prunable)
     fixed_flops, dense_flops = _flops_coefficients(model, seq_len)
+    opt_state = tx.init(params)
+    sparse = _is_sparse(opt_state)
+    if sparse:  # masks take effect before the first forward pass
+        params = prune(params, opt_state)
+        counts = _sparsity_stats(opt_state, params)
+    else:
+        counts = accounting.structural_stats(model, params)
     state = TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
         rng=jax.random.PRNGKey(seed), n_avg=jnp.zeros((), jnp.float32),
         flops=jnp.zeros((), jnp.float32), loss_sum=jnp.zeros((), jnp.float32),
         loss_count=jnp.zeros((), jnp.int32),
@@ -215,9 +224,8 @@ def run(
     start = int(state.step)
 
     train_step = make_train_step(
-        graphdef, params_def, rest, tx, counts=counts, prunable=prunable,
-        fixed_flops=fixed_flops, dense_flops=dense_flops,
-        tokens_per_step=float(batch_size * seq_len), structural_density=structural_density,
+        graphdef, params_def, rest, tx, fixed_flops=fixed_flops, dense_flops=dense_flops,
+        tokens_per_step=float(batch_size * seq_len), sparse=sparse, structural=counts,
     )
     evaluate = make_eval_step(graphdef, params_def, rest)
     val = data.eval_batches(corpus.val, batch_size=eval_batch_size or batch_size,
@@ -228,7 +236,7 @@ def run(
     log = runlog.MetricsLog(run_dir, resume_step=start)
     bar = runlog.Progress(steps, initial=start, enabled=progress)
     wb = _wandb_start(wandb, run_dir, config)
-    summary_base = {"n_params": counts.total, "n_prunable": counts.prunable, "steps": steps,
+    summary_base = {"n_params": counts.n_params, "n_prunable": counts.n_prunable, "steps": steps,
                     "batch_size": batch_size, "seq_len": seq_len}
     runlog.write_json(run_dir / "summary.json", {**summary_base, "status": "running",
                                                  "step": start})
@@ -258,7 +266,7 @@ def run(
                 "val_loss": val_loss,
                 "lr": float(lr_schedule(step)) if lr_schedule is not None else None,
                 "density": float(metrics["density"]),
-                "n_params": counts.total,
+                "n_params": counts.n_params,
                 "n_active": int(metrics["n_active"]),
                 "n_avg": float(state.n_avg),
                 "flops": float(state.flops),
@@ -266,9 +274,13 @@ def run(
                 "wall_time_s": wall_base + now - t_start,
             }
             record["sparsity"] = 1.0 - record["density"]
-            record["target_sparsity"] = (
-                float(sparsity_schedule(step)) if sparsity_schedule is not None else 0.0
-            )
+            record["target_sparsity"] = float(metrics["target_sparsity"])
+            if int(metrics["violations"]):  # a weight that should be 0 is not: stop here
+                raise ValueError(
+                    f"step {done}: {int(metrics['violations'])} pruned weights are not 0 ("
+                    f"{violations_report(check(state.params, state.opt_state))}); the "
+                    "optimizer does not keep its masks exact (see README, 'Composition rules')"
+                )
             state = state._replace(loss_sum=jnp.zeros((), jnp.float32),
                                    loss_count=jnp.zeros((), jnp.int32))
             log.write(record)

@@ -2,14 +2,19 @@
 
 DESIGN.md, "Optimizer side". One update:
 
-1. on mask-update steps (``lax.cond``), compute new masks with the method (it may read
-   params and grads), and zero the inner optimizer's state (Adam moments, accumulated
-   gradients, ...) at every position whose mask changed, so dropped and regrown weights
-   carry no stale moments;
-2. mask the gradients, so pruned weights accumulate no moments;
-3. run ``inner``;
-4. return ``where(mask, updates, -params)`` so that ``optax.apply_updates`` lands pruned
+1. count the pruned weights that are not 0 (a transform *after* ``sparsify`` changed its
+   updates, or params were edited outside the optimizer); by default a non-zero count raises;
+2. on mask-update steps (the method's declared :class:`~sparsejax.methods.Cadence`,
+   ``lax.cond``), compute new masks with the method (it may read params and grads), and zero
+   the inner optimizer's state (Adam moments, accumulated gradients, ...) at every position
+   whose mask changed, so dropped and regrown weights carry no stale moments;
+3. mask the gradients, so pruned weights accumulate no moments;
+4. run ``inner``;
+5. return ``where(mask, updates, -params)`` so that ``optax.apply_updates`` lands pruned
    weights at exactly 0: after every step ``params == params * mask``.
+
+Composition rule: nothing that changes updates may run after ``sparsify`` (README,
+"Composition rules"); transforms that rescale updates go *inside* it.
 """
 
 from __future__ import annotations
@@ -21,7 +26,14 @@ import jax.numpy as jnp
 import optax
 
 from sparsejax import prunable as prunable_lib
-from sparsejax.methods.base import MaskMethod, always, never
+from sparsejax.methods.base import MaskMethod, check_method
+
+COMPOSE_HINT = (
+    "Transforms that change updates go inside sparsify: "
+    "sparsify(optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr)), method); "
+    "wrappers that only skip or accumulate steps (MultiSteps, apply_if_finite, masked, "
+    "multi_transform, inject_hyperparams) may go outside. See README, 'Composition rules'."
+)
 
 
 class SparsifyState(NamedTuple):
@@ -32,13 +44,18 @@ class SparsifyState(NamedTuple):
     key: jax.Array  # shape=(2,), uint32: base PRNG key; step t uses fold_in(key, t)
     method_state: Any  # the mask method's own state
     inner_state: Any  # the wrapped transformation's state
+    target_sparsity: jax.Array  # shape=(), float32: the method's target for the latest step
+    violations: jax.Array  # shape=(), int32: pruned weights found non-zero by the latest update
 
 
-def _map_param_shaped(state: Any, params: Any, fn) -> Any:
-    """Apply ``fn(state_leaf, param_leaf_index)`` to every params-shaped subtree of ``state``.
+def map_param_shaped(state: Any, params: Any, fn) -> Any:
+    """Apply ``fn(state_leaf, i)`` (``i``: index of the param leaf) to every params-shaped
+    subtree of ``state``: one whose tree structure equals that of ``params`` and whose leaves
+    have the params' shapes (Adam's ``mu``/``nu``, MultiSteps' accumulators, ...).
 
-    A subtree counts as params-shaped when its tree structure equals that of ``params`` and
-    its leaves have the params' shapes (Adam's ``mu``/``nu``, MultiSteps' accumulators, ...).
+    ``optax.tree_utils.tree_map_params`` finds the same subtrees by calling ``inner.init`` on a
+    placeholder, which inits that read their params' shapes or dtypes (``optax.contrib.muon``,
+    schedule-free) cannot run; matching by structure and shape works for every optimizer.
     """
     p_leaves, p_def = jax.tree_util.tree_flatten(params)
     shapes = [jnp.shape(x) for x in p_leaves]
@@ -58,32 +75,59 @@ def _map_param_shaped(state: Any, params: Any, fn) -> Any:
     return jax.tree_util.tree_map(apply, state, is_leaf=matches)
 
 
+def count_violations(params: Any, masks: Any) -> Any:
+    """Per leaf: how many weights the mask prunes are not exactly 0 (int32; 0 off masks)."""
+    return jax.tree_util.tree_map(
+        lambda p, m: jnp.sum((p != 0) & ~m, dtype=jnp.int32) if jnp.ndim(m) else jnp.int32(0),
+        params, masks,
+    )
+
+
+def _raise_violations(n, step) -> None:
+    raise ValueError(
+        f"sparsify: {int(n)} pruned weights were not 0 when update {int(step)} began: a "
+        "transform after sparsify changed its updates (e.g. optax.chain(sparsify(...), "
+        "optax.clip_by_global_norm(...)), optax.lookahead(sparsify(...))) or params were "
+        f"edited outside the optimizer. {COMPOSE_HINT}"
+    )
+
+
 def sparsify(
     inner: optax.GradientTransformation,
     method: MaskMethod,
     *,
     prunable: prunable_lib.Predicate | None = None,
     seed: int = 0,
+    on_violation: str = "raise",
 ) -> optax.GradientTransformationExtraArgs:
     """Train only the unmasked weights of ``params`` with ``inner``; masks come from ``method``.
 
     Args:
-      inner: any Optax transformation (``optax.adamw(...)``, a chain, inject_hyperparams...).
-      method: a :class:`sparsejax.methods.MaskMethod` (``gradual``, ``static``, ``nm``).
+      inner: any Optax transformation (``optax.adamw(...)``, a chain, inject_hyperparams,
+        ``optax.contrib`` optimizers...). Anything that rescales updates (clipping, schedules,
+        ``reduce_on_plateau``) belongs here, inside ``sparsify``.
+      method: a :class:`sparsejax.methods.MaskMethod` (``gradual``, ``static``, ``nm``,
+        ``fixed``).
       prunable: predicate ``(path, leaf) -> bool`` choosing prunable leaves (default:
-        ``ndim >= 2`` and no ``embed/norm/bias/pos`` in the path).
+        :func:`sparsejax.prunable.default_prunable`).
       seed: seed of the PRNG key used by random scores (step t uses ``fold_in(key, t)``).
+      on_violation: what an update does when it finds pruned weights that are not 0 (only
+        possible when something outside ``sparsify`` changed them): ``"raise"`` (default; the
+        error surfaces from the jitted step as a ``JaxRuntimeError`` quoting the message) or
+        ``"count"`` (only record it in the state's ``violations``; :func:`sparsejax.check`
+        and the training loop read it).
 
-    ``update`` requires ``params``. Masks are in the state: see :func:`masks_of`.
+    ``update`` requires ``params``. Masks are in the state: see :func:`sparsejax.masks_of`;
+    call :func:`sparsejax.prune` after ``init`` so the first forward pass is already sparse.
     """
-    if not isinstance(method, MaskMethod):
-        raise ValueError(f"method must be a sparsejax MaskMethod, got {type(method)!r}")
+    check_method(method)
     if not hasattr(inner, "init") or not hasattr(inner, "update"):
         raise ValueError(f"inner must be an optax GradientTransformation, got {type(inner)!r}")
+    if on_violation not in ("raise", "count"):
+        raise ValueError(f"on_violation must be 'raise' or 'count', got {on_violation!r}")
     pred = prunable_lib.resolve(prunable)
     inner = optax.with_extra_args_support(inner)
-    fixed = method.is_update_step is never
-    every_step = method.is_update_step is always
+    cadence = method.cadence
     # jit once per transform: initial masks may need a full selection (slow op-by-op), and
     # a single jitted function is compiled once per params structure, not once per init.
     init_masks = jax.jit(lambda p, k: method.init(p, k, pred))
@@ -92,12 +136,15 @@ def sparsify(
         prunable_lib.check_selects_something(params, pred)
         key = jax.random.PRNGKey(seed)
         masks, method_state = init_masks(params, jax.random.fold_in(key, 0x7FFFFFFF))
+        target = method.target(jnp.int32(0)) if cadence.fixed else jnp.zeros([], jnp.float32)
         return SparsifyState(
             count=jnp.zeros([], jnp.int32),
             masks=masks,
             key=key,
             method_state=method_state,
             inner_state=inner.init(params),
+            target_sparsity=jnp.asarray(target, jnp.float32),
+            violations=jnp.zeros([], jnp.int32),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -106,33 +153,43 @@ def sparsify(
         tree = prunable_lib.prunable_tree(params, pred)
         step = state.count
         masks, method_state, inner_state = state.masks, state.method_state, state.inner_state
+        target = state.target_sparsity
 
-        if not fixed:
+        # Before the first update params may still be dense (init does not touch them).
+        per_leaf = count_violations(params, masks)
+        violations = jnp.where(step > 0, sum(jax.tree_util.tree_leaves(per_leaf)), 0)
+        if on_violation == "raise":
+            jax.lax.cond(violations > 0,
+                         lambda n, t: jax.debug.callback(_raise_violations, n, t),
+                         lambda n, t: None, violations, step)
+
+        if not cadence.fixed:
 
             def recompute(old, mstate):
                 key = jax.random.fold_in(state.key, step)
                 return method.update(params, updates, old, mstate, step, key, pred)
 
-            if every_step:  # no cond: it would only add copies of its operands
+            if cadence.every_step:  # no cond: it would only add copies of its operands
                 new, method_state = recompute(masks, method_state)
             else:  # only masks go through the cond; the moment reset below is elementwise
                 new, method_state = jax.lax.cond(
-                    method.is_update_step(step), recompute, lambda m, s: (m, s),
+                    cadence.is_update_step(step), recompute, lambda m, s: (m, s),
                     masks, method_state,
                 )
             # Zero the inner state where the mask changed: the identity on steps without an
             # update, and it fuses with the inner update instead of being copied by a cond.
             same = jax.tree_util.tree_leaves(jax.tree_util.tree_map(jnp.equal, masks, new))
             pr = jax.tree_util.tree_leaves(tree)
-            inner_state = _map_param_shaped(
+            inner_state = map_param_shaped(
                 inner_state,
                 params,
                 lambda x, i: jnp.where(same[i], x, jnp.zeros_like(x)) if pr[i] else x,
             )
             masks = new
+            target = jnp.asarray(method.target(step), jnp.float32)
 
         def mask_grad(g, m, pr):
-            return jnp.where(m, g, jnp.zeros_like(g)) if pr else g
+            return jnp.where(m, g, jnp.zeros_like(g)) if pr and not method.straight_through else g
 
         grads = jax.tree_util.tree_map(mask_grad, updates, masks, tree)
         new_updates, inner_state = inner.update(grads, inner_state, params, **extra_args)
@@ -140,40 +197,17 @@ def sparsify(
         def land(u, m, p, pr):
             return jnp.where(m, u, -p).astype(u.dtype) if pr else u
 
-        new_updates = jax.tree_util.tree_map(land, new_updates, masks, params, tree)
+        if not method.straight_through:  # straight-through methods keep dense weights
+            new_updates = jax.tree_util.tree_map(land, new_updates, masks, params, tree)
         new_state = SparsifyState(
             count=optax.safe_increment(step),
             masks=masks,
             key=state.key,
             method_state=method_state,
             inner_state=inner_state,
+            target_sparsity=target,
+            violations=jnp.asarray(violations, jnp.int32),
         )
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def find_state(opt_state: Any) -> SparsifyState:
-    """The (first) :class:`SparsifyState` inside an arbitrary optimizer state."""
-    leaves = jax.tree_util.tree_leaves(
-        opt_state, is_leaf=lambda x: isinstance(x, SparsifyState)
-    )
-    for leaf in leaves:
-        if isinstance(leaf, SparsifyState):
-            return leaf
-    raise ValueError("opt_state holds no sparsify state: was the optimizer built with sparsify?")
-
-
-def masks_of(opt_state: Any) -> Any:
-    """The current masks held in ``opt_state`` (anywhere inside chains, MultiSteps, ...)."""
-    return find_state(opt_state).masks
-
-
-def apply_masks(params: Any, masks: Any) -> Any:
-    """``params * masks`` with scalar ``True`` masks on non-prunable leaves."""
-    return jax.tree_util.tree_map(lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), params, masks)
-
-
-def forward_params(params: Any, opt_state: Any) -> Any:
-    """Params as the forward pass should see them: masked by the masks in ``opt_state``."""
-    return apply_masks(params, masks_of(opt_state))

@@ -1,8 +1,29 @@
 """Mask methods for :func:`sparsejax.sparsify` (one file per method family)."""
 
-from sparsejax.methods.base import MaskMethod, dense_masks
+from sparsejax.methods.base import (
+    Cadence,
+    MaskMethod,
+    always,
+    dense_masks,
+    following,
+    never,
+    periodic,
+)
+from sparsejax.methods.fixed import fixed
 from sparsejax.methods.gradual import gradual
 from sparsejax.methods.nm import nm
 from sparsejax.methods.static import static
 
-__all__ = ["MaskMethod", "dense_masks", "gradual", "nm", "static"]
+__all__ = [
+    "Cadence",
+    "MaskMethod",
+    "always",
+    "dense_masks",
+    "fixed",
+    "following",
+    "gradual",
+    "never",
+    "nm",
+    "periodic",
+    "static",
+]

@@ -1,15 +1,20 @@
 """The ``MaskMethod`` protocol: how a pruning method plugs into :func:`sparsejax.sparsify`.
 
-A method is a NamedTuple of pure functions (optax style, DESIGN.md "Optimizer side"):
+A method is a NamedTuple of pure functions plus declared data (optax style, DESIGN.md
+"Optimizer side"):
 
 - ``init(params, key, prunable) -> (masks, state)``
 - ``update(params, grads, masks, state, step, key, prunable) -> (masks, state)``, called only
-  on steps where ``is_update_step(step)`` is true (under ``lax.cond``);
-- ``is_update_step(step) -> bool scalar`` (jittable). Two sentinels let ``sparsify`` skip the
-  ``cond``: :func:`never` (masks fixed after ``init``) and :func:`always` (every step).
+  on the steps its :class:`Cadence` names (under ``lax.cond``, or unconditionally when the
+  cadence is every step);
+- ``cadence``: *when* masks are recomputed: :data:`never` (fixed after ``init``),
+  :data:`always` (every step), :func:`periodic` or :func:`following` a sparsity schedule;
+- ``target(step) -> float32 scalar``: the sparsity the method aims at during ``step`` (what
+  the training loop logs as the target; measured sparsity comes from the masks).
 
 ``prunable`` is the predicate ``(path, leaf) -> bool`` resolved by ``sparsify``. Masks are
-pytrees shaped like params: prunable leaves hold bool arrays, others a scalar ``True``.
+pytrees shaped like params: prunable leaves hold bool arrays of the leaf's shape, others a
+scalar ``True``.
 """
 
 from __future__ import annotations
@@ -26,13 +31,125 @@ Params = Any
 Masks = Any
 
 
+class Cadence(NamedTuple):
+    """The steps on which a method recomputes its masks.
+
+    ``update_every=None``: never after ``init``. Otherwise every ``update_every`` steps from
+    ``begin_step`` up to (not including) ``end_step`` (``None``: forever). When ``schedule`` is
+    given, its own ``is_update_step`` decides (schedules place updates irregularly, e.g.
+    ``polynomial`` also updates at ``end_step``, ``iterative`` at listed steps); the other
+    fields then describe the schedule's window.
+    """
+
+    update_every: int | None  # None: masks fixed after init
+    begin_step: int = 0
+    end_step: int | None = None  # first step after the updates; None: no end
+    schedule: Any = None  # a sparsejax.schedules.Schedule whose update steps are followed
+
+    @property
+    def fixed(self) -> bool:
+        """True when masks never change after ``init``."""
+        return self.update_every is None
+
+    @property
+    def every_step(self) -> bool:
+        """True when masks are recomputed at every step (``sparsify`` then skips the cond)."""
+        return (self.update_every == 1 and self.begin_step == 0 and self.end_step is None
+                and (self.schedule is None or self.schedule.end_step is None))
+
+    def is_update_step(self, step: jax.Array) -> jax.Array:
+        """Whether masks are recomputed at ``step`` (jittable bool scalar)."""
+        step = jnp.asarray(step)
+        if self.fixed:
+            return jnp.zeros(step.shape, jnp.bool_)
+        if self.schedule is not None:
+            return jnp.asarray(self.schedule.is_update_step(step))
+        ok = (step >= self.begin_step) & ((step - self.begin_step) % self.update_every == 0)
+        return ok if self.end_step is None else ok & (step < self.end_step)
+
+
+never = Cadence(update_every=None)
+"""Cadence of a method whose masks are fixed after ``init``."""
+
+always = Cadence(update_every=1)
+"""Cadence of a method that recomputes its masks at every step."""
+
+
+def periodic(update_every: int, begin_step: int = 0, end_step: int | None = None) -> Cadence:
+    """Every ``update_every`` steps from ``begin_step``, before ``end_step`` (if given)."""
+    if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+        raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
+    if isinstance(begin_step, bool) or not isinstance(begin_step, int) or begin_step < 0:
+        raise ValueError(f"begin_step must be an int >= 0, got {begin_step!r}")
+    if end_step is not None and (not isinstance(end_step, int) or end_step <= begin_step):
+        raise ValueError(f"end_step must be None or an int > begin_step, got {end_step!r}")
+    return Cadence(update_every, begin_step, end_step)
+
+
+def following(schedule: Any) -> Cadence:
+    """The update steps of a :class:`sparsejax.schedules.Schedule` (declared by the schedule)."""
+    return Cadence(schedule.update_every, schedule.begin_step, schedule.end_step, schedule)
+
+
+def constant_target(sparsity: float) -> Callable[[jax.Array], jax.Array]:
+    """``target`` of a method aiming at one sparsity throughout."""
+    value = float(sparsity)
+    return lambda step: jnp.full(jnp.shape(step), value, jnp.float32)
+
+
 class MaskMethod(NamedTuple):
-    """Pure functions that compute masks; see the module docstring for the signatures."""
+    """Pure functions that compute masks, with their declared cadence and target sparsity."""
 
     init: Callable[..., tuple[Masks, Any]]
     update: Callable[..., tuple[Masks, Any]]
-    is_update_step: Callable[[jax.Array], jax.Array]
+    cadence: Cadence
+    target: Callable[[jax.Array], jax.Array] = constant_target(0.0)
     name: str = "custom"
+    straight_through: bool = False  # grads of pruned weights reach the inner optimizer
+
+
+def check_method(method: Any) -> MaskMethod:
+    """Raise ``ValueError`` unless ``method`` is a well-formed :class:`MaskMethod`."""
+    if not isinstance(method, MaskMethod):
+        raise ValueError(f"method must be a sparsejax MaskMethod, got {type(method)!r}")
+    if not isinstance(method.cadence, Cadence):
+        raise ValueError(
+            f"method {method.name!r}: cadence must be a sparsejax.methods.Cadence (never, always, "
+            f"periodic(...), following(schedule)), got {type(method.cadence)!r}"
+        )
+    return method
+
+
+def resolve_score(score: Any) -> Callable[..., Any]:
+    """A score given by name (``"magnitude"``, ``"random"``, ``"saliency"``) or as a callable
+    ``score(params, grads, key) -> pytree`` (e.g. ``scores.gblm_score(act_norms)``)."""
+    from sparsejax import scores as scores_lib
+
+    if isinstance(score, str):
+        return scores_lib.get(score)
+    if score is scores_lib.gblm:
+        raise ValueError(
+            "score=scores.gblm needs activation norms: pass scores.gblm_score(act_norms) or "
+            "functools.partial(scores.gblm, act_norms=...)"
+        )
+    if not callable(score):
+        raise ValueError(f"score must be a name or a callable (params, grads, key), got {score!r}")
+    return score
+
+
+def score_name(score: Any) -> str:
+    """A short name of a score for method names and logs."""
+    return score if isinstance(score, str) else getattr(score, "__name__", "custom")
+
+
+def needs_grads(score: Any) -> bool:
+    """Whether a score reads gradients (so a one-shot mask from it waits for step 0)."""
+    from sparsejax import scores as scores_lib
+
+    if isinstance(score, str):
+        return score == "saliency"
+    fn = getattr(score, "func", score)  # functools.partial
+    return fn is not scores_lib.magnitude and fn is not scores_lib.random
 
 
 def dense_masks(params: Params, prunable: prunable_lib.Predicate) -> Masks:
@@ -48,13 +165,3 @@ def restrict_to_active(scores: Any, masks: Masks, prunable_tree: Any) -> Any:
     return jax.tree_util.tree_map(
         lambda s, m, pr: jnp.where(m, s, -1.0) if pr else s, scores, masks, prunable_tree
     )
-
-
-def always(step: jax.Array) -> jax.Array:
-    """``is_update_step`` of a method that recomputes its masks at every step (no ``cond``)."""
-    return jnp.asarray(step) >= 0  # the step count never goes negative
-
-
-def never(step: jax.Array) -> jax.Array:
-    """``is_update_step`` of a method whose masks are fixed after ``init``."""
-    return jnp.zeros((), jnp.bool_) & (jnp.asarray(step) < 0)

@@ -7,25 +7,39 @@ magnitude). Pruned weights never regrow: already-pruned entries rank below every
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 
 from sparsejax import allocation as allocation_lib
 from sparsejax import masks as masks_lib
 from sparsejax import prunable as prunable_lib
-from sparsejax import scores as scores_lib
-from sparsejax.methods.base import MaskMethod, always, dense_masks, restrict_to_active
+from sparsejax.methods.base import (
+    MaskMethod,
+    always,
+    dense_masks,
+    following,
+    resolve_score,
+    restrict_to_active,
+    score_name,
+)
 from sparsejax.schedules import Schedule
 
 ALLOCATIONS = ("uniform", "erk", "er", "global")
 
+Selection = Callable[[Any, jax.Array, Any], Any]  # (scores, sparsity, prunable_tree) -> masks
 
-def check_allocation(allocation: str) -> None:
-    """Raise ``ValueError`` for an unknown allocation name."""
+
+def check_allocation(allocation: str | Selection) -> None:
+    """Raise ``ValueError`` for an unknown allocation name (callables are selections)."""
+    if callable(allocation):
+        return
     if allocation not in ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+        raise ValueError(
+            f"allocation must be one of {ALLOCATIONS} or a callable "
+            f"(scores, sparsity, prunable_tree) -> masks, got {allocation!r}"
+        )
 
 
 def select(
@@ -34,12 +48,16 @@ def select(
     params: Any,
     prunable: prunable_lib.Predicate,
     *,
-    allocation: str,
+    allocation: str | Selection,
     power_scale: float = 1.0,
     normalize: str | None = None,
 ) -> Any:
-    """Exact masks at total ``sparsity`` from ``scores`` with the named allocation."""
+    """Exact masks at total ``sparsity`` from ``scores`` with the named allocation, or with a
+    selection callable ``(scores, sparsity, prunable_tree) -> masks`` (e.g.
+    ``functools.partial(masks.global_topk, normalize="l2")``)."""
     tree = prunable_lib.prunable_tree(params, prunable)
+    if callable(allocation):
+        return allocation(scores, sparsity, tree)
     if allocation == "global":
         return masks_lib.global_topk(scores, sparsity, tree, normalize=normalize)
     alloc = allocation_lib.allocator(allocation, params, prunable=prunable, power_scale=power_scale)
@@ -49,8 +67,8 @@ def select(
 def gradual(
     schedule: Schedule,
     *,
-    score: str = "magnitude",
-    allocation: str = "uniform",
+    score: str | Callable[..., Any] = "magnitude",
+    allocation: str | Selection = "uniform",
     power_scale: float = 1.0,
     normalize: str | None = None,
 ) -> MaskMethod:
@@ -58,16 +76,18 @@ def gradual(
 
     Args:
       schedule: a :class:`sparsejax.schedules.Schedule` (``constant``, ``polynomial``,
-        ``geometric``, ``window``, ...); it also says on which steps masks are recomputed.
-      score: ``"magnitude"`` (|w|), ``"saliency"`` (|w g|) or ``"random"``.
-      allocation: ``"uniform"``, ``"erk"``, ``"er"`` (per-leaf sparsities) or ``"global"``
-        (one threshold across all prunable leaves).
+        ``geometric``, ``window``, ...); it also declares on which steps masks are recomputed.
+      score: ``"magnitude"`` (|w|), ``"saliency"`` (|w g|), ``"random"``, or a callable
+        ``score(params, grads, key) -> pytree`` such as ``scores.gblm_score(act_norms)``.
+      allocation: ``"uniform"``, ``"erk"``, ``"er"`` (per-leaf sparsities), ``"global"``
+        (one threshold across all prunable leaves), or a selection callable
+        ``(scores, sparsity, prunable_tree) -> masks``.
       power_scale: ERK/ER exponent.
       normalize: per-leaf score normalization for ``"global"`` (see ``masks.global_topk``).
     """
     if not isinstance(schedule, Schedule):
         raise ValueError(f"schedule must be a sparsejax.schedules.Schedule, got {type(schedule)}")
-    score_fn = scores_lib.get(score)
+    score_fn = resolve_score(score)
     check_allocation(allocation)
     masks_lib.check_normalize(normalize)
     if normalize is not None and allocation != "global":
@@ -86,9 +106,9 @@ def gradual(
         )
         return new, state
 
-    # constant(s, update_every=1) updates at every step: the `always` sentinel skips the cond.
-    every_step = schedule.end_step is None and schedule.update_every == 1
-    every_step = every_step and schedule.begin_step == 0
-    every_step = every_step and bool(np.all(schedule.is_update_step(np.arange(64))))
-    is_update_step = always if every_step else schedule.is_update_step
-    return MaskMethod(init, update, is_update_step, name=f"gradual/{score}/{allocation}")
+    cadence = following(schedule)
+    if cadence.every_step:  # constant(s) at every step: declared by the schedule's fields
+        cadence = always
+    alloc_name = allocation if isinstance(allocation, str) else "custom"
+    return MaskMethod(init, update, cadence, target=schedule.fn,
+                      name=f"gradual/{score_name(score)}/{alloc_name}")

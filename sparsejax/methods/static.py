@@ -8,26 +8,42 @@ Liu et al. 2022, "The Unreasonable Effectiveness of Random Pruning"), the sparse
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax.numpy as jnp
 
 from sparsejax import checks
-from sparsejax import scores as scores_lib
-from sparsejax.methods.base import MaskMethod, dense_masks, never
-from sparsejax.methods.gradual import check_allocation, select
-
-_NEEDS_GRADS = ("saliency",)
+from sparsejax.methods.base import (
+    MaskMethod,
+    constant_target,
+    dense_masks,
+    needs_grads,
+    never,
+    periodic,
+    resolve_score,
+    score_name,
+)
+from sparsejax.methods.gradual import Selection, check_allocation, select
 
 
 def static(
     sparsity: float,
     *,
-    score: str = "random",
-    allocation: str = "erk",
+    score: str | Callable[..., Any] = "random",
+    allocation: str | Selection = "erk",
     power_scale: float = 1.0,
 ) -> MaskMethod:
-    """Fixed masks at ``sparsity`` (exact counts) from ``score`` and ``allocation``."""
+    """Fixed masks at ``sparsity`` (exact counts) from ``score`` and ``allocation``.
+
+    Scores that need no gradient (``"random"``, ``"magnitude"``) are applied in ``init``, so
+    ``sparsejax.prune(params, opt_state)`` gives sparse weights before the first forward pass.
+    A score that reads gradients (``"saliency"``: SNIP, or any other callable) is applied at
+    step 0 from that step's gradient: SNIP scores connections on a dense forward/backward pass
+    by definition; every weight update is sparse from step 0 on.
+    """
     checks.sparsity("sparsity", sparsity)
-    score_fn = scores_lib.get(score)
+    score_fn = resolve_score(score)
     check_allocation(allocation)
     target = jnp.float32(sparsity)
 
@@ -35,10 +51,10 @@ def static(
         sc = score_fn(params, grads, key)
         return select(sc, target, params, prunable, allocation=allocation, power_scale=power_scale)
 
-    needs_grads = score in _NEEDS_GRADS
+    at_step_zero = needs_grads(score)
 
     def init(params, key, prunable):
-        if needs_grads:  # SNIP-style: wait for the first gradient (step 0)
+        if at_step_zero:  # SNIP-style: wait for the first gradient (step 0)
             return dense_masks(params, prunable), ()
         return compute(params, None, key, prunable), ()
 
@@ -46,9 +62,8 @@ def static(
         del masks, step
         return compute(params, grads, key, prunable), state
 
-    def at_step_zero(step):
-        return jnp.asarray(step) == 0
-
+    alloc_name = allocation if isinstance(allocation, str) else "custom"
     return MaskMethod(
-        init, update, at_step_zero if needs_grads else never, name=f"static/{score}/{allocation}"
+        init, update, periodic(1, 0, 1) if at_step_zero else never,
+        target=constant_target(sparsity), name=f"static/{score_name(score)}/{alloc_name}",
     )

@@ -1,0 +1,190 @@
+"""Reading a sparse optimizer state: masks, pruning params at init, exactness checks, stats.
+
+The optimizer state is the single source of truth for sparsity (DESIGN.md, "Optimizer
+side"): :func:`sparsity_stats` reports the method's target and the measured sparsity with
+the prunable and active counts that the masks define, and the training loop logs exactly
+that. Every function here finds the :class:`~sparsejax.transforms.SparsifyState` anywhere
+inside chains, wrappers and ``flax.nnx.Optimizer`` states, and refuses a state whose
+composition cannot keep pruned weights at exactly 0 (README, "Composition rules").
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sparsejax import prunable as prunable_lib
+from sparsejax.transforms import COMPOSE_HINT, SparsifyState, count_violations
+
+
+class SparsityStats(NamedTuple):
+    """What the masks in an optimizer state say about a model (jittable)."""
+
+    target_sparsity: jax.Array  # shape=(), float32: the method's target for the latest step
+    sparsity: jax.Array  # shape=(), float32: pruned fraction of the prunable entries
+    n_params: int  # every parameter entry
+    n_prunable: int  # entries of the leaves the masks cover (the predicate sparsify used)
+    n_active: jax.Array  # shape=(), int32 (float32 from 2**31 on): n_params minus pruned
+
+
+def _child(node: Any, key: Any) -> Any:
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return node[key.idx]
+    if isinstance(key, jax.tree_util.DictKey):
+        return node[key.key]
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return getattr(node, key.name)
+    raise LookupError(key)  # flattened custom nodes: their children cannot be addressed
+
+
+def _composition_problems(opt_state: Any, path: tuple) -> list[str]:
+    """Why the SparsifyState at ``path`` inside ``opt_state`` cannot stay exact."""
+    problems, node, parent = [], opt_state, None
+    for key in path:
+        if isinstance(node, optax.LookaheadState):
+            problems.append("optax.lookahead wraps sparsify (its slow weights revive pruned ones)")
+        if type(node) is tuple and isinstance(key, jax.tree_util.SequenceKey):
+            if key.idx < len(node) - 1:  # optax.chain's state is a plain tuple
+                problems.append(
+                    f"sparsify is transform {key.idx + 1} of {len(node)} in an optax.chain: the "
+                    f"{len(node) - key.idx - 1} after it change its updates"
+                )
+        if (type(node) is dict and isinstance(key, jax.tree_util.DictKey)
+                and not isinstance(parent, optax.MultiTransformState)):
+            keys = list(node)
+            if keys.index(key.key) < len(keys) - 1:  # optax.named_chain's state is a dict
+                problems.append(f"sparsify ({key.key!r}) is not last in an optax.named_chain")
+        try:
+            parent, node = node, _child(node, key)
+        except (LookupError, AttributeError, TypeError, IndexError):
+            break
+    return problems
+
+
+def find_state(opt_state: Any) -> SparsifyState:
+    """The (first) :class:`SparsifyState` inside an arbitrary optimizer state.
+
+    Raises ``ValueError`` when there is none, or when the state shows a composition that
+    breaks the zeros (``sparsify`` followed by other transforms in a chain, wrapped by
+    ``optax.lookahead``).
+    """
+    found = jax.tree_util.tree_flatten_with_path(
+        opt_state, is_leaf=lambda x: isinstance(x, SparsifyState)
+    )[0]
+    for path, leaf in found:
+        if isinstance(leaf, SparsifyState):
+            problems = _composition_problems(opt_state, path)
+            if problems:
+                raise ValueError(
+                    "sparsify cannot keep pruned weights at 0 in this optimizer: "
+                    + "; ".join(problems) + ". " + COMPOSE_HINT
+                )
+            return leaf
+    raise ValueError("opt_state holds no sparsify state: was the optimizer built with sparsify?")
+
+
+def masks_of(opt_state: Any) -> Any:
+    """The current masks held in ``opt_state`` (anywhere inside chains, MultiSteps, ...)."""
+    return find_state(opt_state).masks
+
+
+def _is_masked_node(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def _over_masks(fn, masks: Any, params: Any, outside) -> list:
+    """``fn(mask, leaf)`` per mask leaf; ``outside(subtree)`` where ``sparsify`` ran under
+    ``optax.masked``/``multi_transform`` and its masks hold a ``MaskedNode``. Flat list."""
+    out = jax.tree_util.tree_map(
+        lambda m, p: ("outside", outside(p)) if _is_masked_node(m) else ("in", fn(m, p)),
+        masks, params, is_leaf=_is_masked_node,
+    )
+    return jax.tree_util.tree_leaves(out, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
+                                     and x[0] in ("in", "outside"))
+
+
+def apply_masks(params: Any, masks: Any) -> Any:
+    """``params * masks`` with scalar ``True`` masks on non-prunable leaves (leaves outside
+    the masks' reach under ``optax.masked``/``multi_transform`` are returned unchanged)."""
+    return jax.tree_util.tree_map(
+        lambda m, p: p if _is_masked_node(m) else jnp.where(m, p, jnp.zeros_like(p)),
+        masks, params, is_leaf=_is_masked_node,
+    )
+
+
+def prune(params: Any, opt_state: Any) -> Any:
+    """``params`` with the masks of ``opt_state`` applied: call it right after ``tx.init`` so
+    the first forward pass of a static-sparse run is already sparse.
+
+    >>> # state = tx.init(params); params = sparsejax.prune(params, state)
+    """
+    return apply_masks(params, masks_of(opt_state))
+
+
+def forward_params(params: Any, opt_state: Any) -> Any:
+    """Params as the forward pass should see them: masked by the masks in ``opt_state``."""
+    return prune(params, opt_state)
+
+
+def check(params: Any, opt_state: Any) -> Any:
+    """Per leaf of ``params``: how many weights the masks prune are not exactly 0.
+
+    All zeros means ``params == params * mask``. Raises ``ValueError`` for a composition that
+    cannot stay exact (see :func:`find_state`). Jittable.
+    """
+    return jax.tree_util.tree_map(
+        lambda m, p: jax.tree_util.tree_map(lambda _: jnp.int32(0), p) if _is_masked_node(m)
+        else count_violations(p, m),
+        masks_of(opt_state), params, is_leaf=_is_masked_node,
+    )
+
+
+def violations_report(per_leaf: Any, limit: int = 5) -> str:
+    """``"a/kernel: 3, b/kernel: 1"`` for the leaves of a :func:`check` result that are > 0."""
+    rows = [(prunable_lib.path_str(p), int(v))
+            for p, v in jax.tree_util.tree_flatten_with_path(per_leaf)[0] if int(v)]
+    text = ", ".join(f"{name}: {v}" for name, v in rows[:limit])
+    return text + (f" (and {len(rows) - limit} more leaves)" if len(rows) > limit else "")
+
+
+def sparsity_stats(opt_state: Any, params: Any) -> SparsityStats:
+    """Target and measured sparsity, with the counts the masks define (jittable).
+
+    A leaf is prunable when its mask has the leaf's shape (``sparsify`` gives every other
+    leaf a scalar ``True``), so the counts follow the predicate ``sparsify`` was built with.
+    """
+    state = find_state(opt_state)
+    n_params = n_prunable = 0
+    kept = []
+
+    def inside(m, p):
+        size = int(np.prod(np.shape(p), dtype=np.int64))
+        if not np.ndim(m):
+            return size, 0, None
+        if np.shape(m) != np.shape(p):
+            raise ValueError(f"masks: a mask of shape {np.shape(m)} on a leaf {np.shape(p)}")
+        return size, size, jnp.sum(m, dtype=jnp.int32)
+
+    def outside(p):
+        return sum(int(np.prod(np.shape(x), dtype=np.int64))
+                   for x in jax.tree_util.tree_leaves(p)), 0, None
+
+    for _, (size, prunable_size, n) in _over_masks(inside, state.masks, params, outside):
+        n_params += size
+        n_prunable += prunable_size
+        if n is not None:
+            kept.append(n)
+    n_kept = sum(kept) if kept else jnp.int32(0)
+    sparsity = 1.0 - n_kept / max(n_prunable, 1) if n_prunable else jnp.float32(0.0)
+    return SparsityStats(
+        target_sparsity=state.target_sparsity,
+        sparsity=jnp.asarray(sparsity, jnp.float32),
+        n_params=n_params,
+        n_prunable=n_prunable,
+        n_active=jnp.asarray(n_params - n_prunable + n_kept,
+                             jnp.int32 if n_params < 2**31 else jnp.float32),
+    )
