@@ -9,8 +9,9 @@ dense size to build is ``N_avg / rho``.
 
 Average density (continuous time, fraction ``u`` of the window elapsed, ``q = 1 - s``):
 - ``geometric`` (the Journey-Matters schedule): density ``q^u``, window mean ``(1 - q) / -ln q``;
-- ``linear``: density ``1 - s u``, mean ``1 - s/2``;
-- ``cubic`` (Zhu & Gupta 2017): sparsity ``s (1 - (1 - u)^3)``, mean density ``1 - 3 s / 4``.
+- ``polynomial`` (Zhu & Gupta 2017): sparsity ``s (1 - (1 - u)^p)``, mean density
+  ``1 - s p / (p + 1)`` (``power=3``, the default, is the cubic schedule; ``power=1`` linear).
+The kind names are those of ``sparsejax.schedules``.
 With ``by="steps"`` the window is placed by fraction of steps:
 ``rho = start + (end - start) m + (1 - end) q``. With ``by="compute"`` (Journey Matters' "start
 at 25%, end at 75%" of compute) the fractions are of cumulative density-weighted compute, and
@@ -20,28 +21,16 @@ share divided by its mean density).
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import numpy as np
 
 from scaling.laws import ChinchillaLaw
+from sparsejax.schedules import WINDOW_KINDS, window_average_density, window_mean_density
 
-KINDS = ("geometric", "linear", "cubic")
+__all__ = ["KINDS", "SparsePlan", "average_density", "plan_sparse", "window_mean_density"]
 
-
-def window_mean_density(final_sparsity: float, kind: str = "geometric") -> float:
-    """Mean density inside the pruning window (from 1 down to ``1 - final_sparsity``)."""
-    if not 0 <= final_sparsity < 1:
-        raise ValueError(f"final_sparsity must be in [0, 1); got {final_sparsity}")
-    q = 1.0 - final_sparsity
-    if kind == "geometric":
-        return 1.0 if final_sparsity == 0 else (1.0 - q) / -math.log(q)
-    if kind == "linear":
-        return 1.0 - final_sparsity / 2.0
-    if kind == "cubic":
-        return 1.0 - 0.75 * final_sparsity
-    raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
+KINDS = WINDOW_KINDS
 
 
 def average_density(
@@ -51,17 +40,13 @@ def average_density(
     *,
     kind: str = "geometric",
     by: str = "compute",
+    power: float = 3.0,
 ) -> float:
-    """Average density over training of a dense-to-sparse window schedule (see module doc)."""
-    if not 0 <= start <= end <= 1:
-        raise ValueError(f"need 0 <= start <= end <= 1; got start={start}, end={end}")
-    m = window_mean_density(final_sparsity, kind)
-    q = 1.0 - final_sparsity
-    if by == "steps":
-        return start + (end - start) * m + (1.0 - end) * q
-    if by == "compute":
-        return 1.0 / (start + (end - start) / m + (1.0 - end) / q)
-    raise ValueError(f"by must be 'steps' or 'compute'; got {by!r}")
+    """Average density over training of a dense-to-sparse window schedule (see module doc):
+    :func:`sparsejax.schedules.window_average_density`, the one implementation."""
+    if not 0 <= final_sparsity < 1:
+        raise ValueError(f"final_sparsity must be in [0, 1); got {final_sparsity}")
+    return window_average_density(final_sparsity, start, end, kind=kind, by=by, power=power)
 
 
 class SparsePlan(NamedTuple):
@@ -83,11 +68,12 @@ def plan_sparse(
     *,
     kind: str = "geometric",
     by: str = "compute",
+    power: float = 3.0,
 ) -> SparsePlan:
     """Dense size, tokens and N_avg minimising an N_avg law's loss for a training budget."""
     if not (np.isfinite(flops) and flops > 0):
         raise ValueError(f"flops must be finite and > 0; got {flops}")
-    rho = average_density(final_sparsity, start, end, kind=kind, by=by)
+    rho = average_density(final_sparsity, start, end, kind=kind, by=by, power=power)
     opt = law.compute_optimal(flops)
     n_avg, tokens = float(opt.N), float(opt.D)
     n_dense = n_avg / rho

@@ -269,8 +269,9 @@ def window(
         b, e = round(start * T), round(end * T)
     elif by == "compute":
         q = 1.0 - s_f
-        w = 1.0 - s_f * 3 / 4 if kind == "polynomial" else (-s_f / math.log(q) if s_f else 1.0)
-        b, e = _solve_by_compute(T, q, start, end, w, makers[kind])
+        w = window_mean_density(s_f, kind)
+        c = T * window_average_density(s_f, start, end, kind=kind, by="compute")
+        b, e = _solve_by_compute(T, q, start, end, w, c, makers[kind])
     else:
         raise ValueError(f"by must be one of ['compute', 'steps'], got {by!r}")
     if not 0 <= b < e <= T:
@@ -278,7 +279,73 @@ def window(
     return makers[kind](b, e)
 
 
-def _solve_by_compute(T, q, start, end, w, make) -> tuple[int, int]:
+WINDOW_KINDS = ("geometric", "polynomial")
+
+
+def window_mean_density(final_sparsity: float, kind: str = "geometric", *,
+                        power: float = 3.0) -> float:
+    """Mean density inside a pruning window from density 1 down to ``q = 1 - final_sparsity``,
+    in continuous time (``u``: fraction of the window elapsed):
+
+    * ``geometric`` (Journey Matters): density ``q^u``, mean ``(1 - q) / -ln q``;
+    * ``polynomial`` (Zhu & Gupta 2017): sparsity ``s (1 - (1 - u)^p)``, mean density
+      ``1 - s p / (p + 1)`` (``power=3``: the cubic schedule, ``power=1``: linear).
+
+    >>> round(window_mean_density(0.5, "polynomial"), 6)
+    0.625
+    """
+    s = float(final_sparsity)
+    if not 0.0 <= s < 1.0:
+        raise ValueError(f"final_sparsity must be in [0, 1), got {final_sparsity!r}")
+    if kind == "geometric":
+        return 1.0 if s == 0 else s / -math.log1p(-s)
+    if kind == "polynomial":
+        if not (isinstance(power, int | float) and power > 0):
+            raise ValueError(f"power must be > 0, got {power!r}")
+        return 1.0 - s * power / (power + 1.0)
+    hint = {"cubic": " (the cubic schedule is kind='polynomial', power=3)",
+            "linear": " (linear is kind='polynomial', power=1)"}.get(kind, "")
+    raise ValueError(f"kind must be one of {list(WINDOW_KINDS)}, got {kind!r}{hint}")
+
+
+def window_average_density(
+    final_sparsity: float,
+    start: float = 0.25,
+    end: float = 0.75,
+    *,
+    kind: str = "geometric",
+    by: str = "compute",
+    power: float = 3.0,
+) -> float:
+    """Average density over training of a dense-to-sparse window schedule, continuous limit.
+
+    The window runs from fraction ``start`` to ``end`` of training, dense before and at
+    ``q = 1 - final_sparsity`` after; ``m`` is :func:`window_mean_density`.
+    ``by="steps"``: ``rho = start + (end - start) m + (1 - end) q``. ``by="compute"`` (Journey
+    Matters' "25% to 75% of compute"; each phase's step share is its compute share divided by
+    its mean density): ``rho = 1 / (start + (end - start) / m + (1 - end) / q)``. This is the
+    one closed form behind :func:`window` (placing a window by compute) and
+    ``scaling.plan_sparse``; :func:`average_density` is the exact mean of a discrete schedule,
+    which approaches it as the number of steps grows (tested).
+
+    >>> round(window_average_density(0.5, by="steps"), 6)
+    0.735674
+    """
+    for name, v in (("start", start), ("end", end)):
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ValueError(f"{name} must be a float in [0, 1], got {v!r}")
+    if not 0.0 <= start <= end <= 1.0:
+        raise ValueError(f"need 0 <= start <= end <= 1, got start={start}, end={end}")
+    m = window_mean_density(final_sparsity, kind, power=power)
+    q = 1.0 - float(final_sparsity)
+    if by == "steps":
+        return start + (end - start) * m + (1.0 - end) * q
+    if by == "compute":
+        return 1.0 / (start + (end - start) / m + (1.0 - end) / q)
+    raise ValueError(f"by must be one of ['compute', 'steps'], got {by!r}")
+
+
+def _solve_by_compute(T, q, start, end, w, c, make) -> tuple[int, int]:
     """Integer window ``(b, e)`` placing ``start``/``end`` of the total compute (see window)."""
     sums: dict[int, float] = {}
 
@@ -295,7 +362,7 @@ def _solve_by_compute(T, q, start, end, w, make) -> tuple[int, int]:
         total = b + window_sum(length) + (T - b - length) * q
         return max(abs(b - start * total), abs(b + window_sum(length) - end * total))
 
-    c = T * q / (1.0 - end + q * start + q * (end - start) / w)  # continuous solution
+    # c: steps-equivalent compute of the continuous solution (T times its average density)
     b, length = clamp(round(start * c), round((end - start) * c / w))
     seen = set()
     while (b, length) not in seen and len(seen) < 100:  # fixed-point iteration on integers

@@ -275,3 +275,15 @@ BAD = [
 def test_bad_input_raises(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("kind", ["geometric", "polynomial"])
+@pytest.mark.parametrize("by", ["steps", "compute"])
+def test_one_average_density_discrete_approaches_continuous(kind, by):
+    """``average_density`` of a concrete many-step window schedule (exact mean over steps)
+    converges to the closed form ``window_average_density`` that ``window`` and
+    ``scaling.plan_sparse`` share."""
+    closed = S.window_average_density(0.6, 0.25, 0.75, kind=kind, by=by)
+    errors = [abs(S.average_density(S.window(T, 0.6, kind=kind, by=by), T) - closed)
+              for T in (400, 4000)]
+    assert errors[1] < 2e-3 and errors[1] < errors[0]
