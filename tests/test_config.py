@@ -1,0 +1,104 @@
+"""Configs: recipes validate; bad keys and values fail in one place (experiment.check), naming
+the key and the valid range."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from sparsejax import configlib, experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_recipe(name: str, arg: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
+@pytest.mark.parametrize(
+    "arg, match",
+    [
+        ("bogus=1", "unknown config key"),
+        ("train.stepz=3", "unknown config key"),
+        ("steps=abc", "train.steps"),
+    ],
+)
+def test_config_arg_errors(arg, match):
+    with pytest.raises(ValueError, match=match):
+        load_recipe("base", arg)
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("train.steps", 0, "train.steps"),
+        ("sparsity.final", 1.0, "sparsity.final"),
+        ("sparsity.allocation", "nope", "sparsity.allocation"),
+        ("train.seq_len", 4096, "train.seq_len"),
+        ("train.lr", -1.0, "train.lr"),
+        ("sparsity.start", 0.9, "sparsity.start"),
+    ],
+)
+def test_config_value_errors(key, value, match):
+    c = load_recipe("gradual_magnitude", "")
+    section, leaf = key.split(".")
+    c[section][leaf] = value
+    with pytest.raises(ValueError, match=match):
+        experiment.check(c)
+
+
+def test_config_unknown_key_added():
+    c = load_recipe("base", "")
+    c.train.unlock()
+    c.train.extra = 1
+    with pytest.raises(ValueError, match="train.extra"):
+        experiment.check(c)
+
+
+def test_recipes_validate():
+    for name in ("base", "dense", "gradual_magnitude", "static_random"):
+        experiment.check(load_recipe(name, "size=tiny"))
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("train.lr", float("inf"), "train.lr must be a finite float"),
+        ("train.lr", float("nan"), "train.lr must be a finite float"),
+        ("train.lr", 0.0, r"train.lr must be a finite float > 0"),
+        ("train.b1", 1.0, r"train.b1 must be a float in \[0, 1\)"),
+        ("train.b2", -0.5, r"train.b2 must be a float in \[0, 1\)"),
+        ("train.steps", 99_999_999_999, "train.steps must be <= 2147483647"),
+        ("model.size", "tinyy", "config model.size: variant must be one of"),
+    ],
+)
+def test_training_value_errors(key, value, match):
+    c = load_recipe("dense", "")
+    configlib.set_key(c, key, value)
+    with pytest.raises(ValueError, match=match):
+        experiment.check(c)
+
+
+def test_window_solve_memory_bound():
+    c = load_recipe("gradual_magnitude", "")
+    c.train.steps = 2_000_000_000  # the compute-placed window solve would need ~48 GB
+    limit = configlib._physical_memory() // configlib.WINDOW_SOLVE_BYTES_PER_STEP
+    if c.train.steps <= limit:
+        pytest.skip(f"this machine could hold the solve for {c.train.steps} steps")
+    with pytest.raises(ValueError, match="train.steps must be <= .* bytes per step"):
+        experiment.check(c)
+    c.sparsity.by = "steps"  # no solve: accepted
+    experiment.check(c)
+
+
+def test_one_alias_per_key():
+    assert load_recipe("base", "final=0.5").sparsity.final == 0.5
+    assert load_recipe("base", "sparsity.final=0.25").sparsity.final == 0.25
+    with pytest.raises(ValueError, match="unknown config key 'sparsity'"):
+        load_recipe("base", "sparsity=0.5")
+    assert sorted(configlib.KEY_ALIASES) == ["final", "size", "steps"]
