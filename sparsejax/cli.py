@@ -123,9 +123,12 @@ def _report(summary: dict[str, Any], run_dir: Path) -> int:
 def _interrupted(run_dir: Path, command: str) -> int:
     from sparsejax import runlog
 
-    summary = runlog.read_json(run_dir / "summary.json") or {}
-    print(f"\nsparsejax: interrupted; status '{summary.get('status')}', last checkpoint at step "
-          f"{summary.get('step')} in {run_dir}\nrun the same command to resume: {command}",
+    if (run_dir / "summary.json").is_file():
+        s = runlog.run_status(run_dir)
+        where = f"status '{s['status']}', last checkpoint at step {s['step']} in {run_dir}"
+    else:
+        where = f"before training started in {run_dir}"
+    print(f"\nsparsejax: interrupted; {where}\nrun the same command to resume: {command}",
           file=sys.stderr)
     return EXIT_INTERRUPTED
 
@@ -195,8 +198,7 @@ def export_main(argv: list[str]) -> int:
         block = tuple(int(b) for b in args.block.split(","))
     except ValueError:
         raise UsageError(f"export: --block must be two ints BK,BN, got {args.block!r}") from None
-    from pallas_kernels import export
-    from sparsejax import checkpoint
+    from sparsejax import checkpoint, export
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
