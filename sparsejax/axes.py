@@ -258,8 +258,8 @@ def plan(
         raise ValueError(f"{what}: per-leaf axis regexes {unused} match no prunable leaf")
     if bad:
         raise ValueError(
-            f"{what}: {len(bad)} prunable leaves do not fit (pass skip_indivisible=True to leave "
-            "them dense, or choose their axes with axis={'path regex': axis}):\n  "
-            + "\n  ".join(bad)
+            f"{what}: {len(bad)} prunable leaves do not fit: " + "; ".join(bad)
+            + " (pass skip_indivisible=True to leave them dense, or choose their axes with "
+            "axis={'path regex': axis})"
         )
     return out

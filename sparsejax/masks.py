@@ -192,7 +192,8 @@ def nm_plan(
         return None
 
     return axes_lib.plan(
-        tree, prunable, axis, problem, skip_indivisible=skip_indivisible, what=f"N:M (M={m})"
+        tree, prunable, axis, problem, skip_indivisible=skip_indivisible,
+        what=f"N:M (m={m} must divide the grouped axes)",
     )
 
 
@@ -278,7 +279,7 @@ def block_plan(
 
     return axes_lib.plan(
         tree, prunable, axis, problem, skip_indivisible=skip_indivisible,
-        what=f"block {tuple(block)}",
+        what=f"block {tuple(block)} (must tile the (in, out) matrix)",
     )
 
 
