@@ -4,17 +4,19 @@ A layer computes ``y = x @ W`` over the *contraction* (input) axes of its kernel
 ``axis="contraction"`` finds them from the leaf's rank and, where the rank is ambiguous, from
 its path (Flax linen and NNX conventions):
 
-=============================================  =====================  ===================
-layer                                          kernel                 contraction axes
-=============================================  =====================  ===================
-``Dense`` / ``nnx.Linear`` (any 2-D leaf)      ``(in, out)``          ``(0,)``
-``Conv``, ``ConvTranspose`` (any 4-D leaf)     ``(H, W, Cin, Cout)``  ``(2,)`` (``Cin``)
-a ``conv*`` module of other rank (1-D, 3-D)    ``(*window, Cin, Cout)``  ``(-2,)``
-attention ``query``/``key``/``value``          ``(d, heads, head_dim)``  ``(0,)``
-attention ``out``                              ``(heads, head_dim, d)``  ``(0, 1)``
-=============================================  =====================  ===================
+==========================================  ========================  ====================
+layer                                       kernel                    contraction axes
+==========================================  ========================  ====================
+``Dense`` / ``nnx.Linear`` (any 2-D leaf)   ``(in, out)``             ``(0,)``
+``Conv``, ``ConvTranspose`` (any 4-D leaf)  ``(H, W, Cin, Cout)``     ``(2,)`` (``Cin``)
+a ``conv*`` module of another rank          ``(*window, Cin, Cout)``  ``(ndim - 2,)``
+attention ``query``/``key``/``value``       ``(d, heads, head_dim)``  ``(0,)``
+attention ``out``                           ``(heads, head_dim, d)``  ``(0, 1)`` flattened
+==========================================  ========================  ====================
 
-The attention rows cover linen ``MultiHeadDotProductAttention`` and ``nnx.MultiHeadAttention``
+Linen ``ConvTranspose(transpose_kernel=True)`` stores ``(H, W, Cout, Cin)``: pass ``axis=-1``
+for such leaves (the shape alone cannot tell). The attention rows cover linen
+``MultiHeadDotProductAttention`` and ``nnx.MultiHeadAttention``
 (3-D kernels whose module is named ``query``, ``key``, ``value`` or ``out``). Any other kernel
 (``DenseGeneral`` with several input or output axes, custom layers) raises ``ValueError``
 naming the leaf: pass an explicit ``axis`` (an int, or a tuple of consecutive axes that are
@@ -56,6 +58,11 @@ class Layout(NamedTuple):
     cols: tuple[int, ...]
 
 
+def _what(path: Sequence[Any], shape: Sequence[int]) -> str:
+    name = path_str(path)
+    return f"leaf {name!r} of shape {tuple(shape)}" if name else f"array of shape {tuple(shape)}"
+
+
 def _module(path: Sequence[Any]) -> str:
     parts = components(path)
     return parts[-2] if len(parts) >= 2 else ""
@@ -76,7 +83,7 @@ def default_axes(path: Sequence[Any], shape: Sequence[int]) -> tuple[int, ...]:
     if ndim == 3 and module in ATTENTION_IN:
         return ATTENTION_IN[module]
     raise ValueError(
-        f"leaf {path_str(path)!r} of shape {tuple(shape)}: its contraction axes are not known "
+        f"{_what(path, shape)}: its contraction axes are not known "
         "(the default knows 2-D (in, out) kernels, HWIO/conv* kernels and attention "
         "query/key/value/out kernels); pass an explicit axis, e.g. axis=0 or axis=(0, 1) for "
         f"flattened input axes, or per-leaf axes axis={{{path_str(path)!r}: 0}}"
@@ -112,13 +119,13 @@ def _normalize(path: Sequence[Any], shape: Sequence[int], axes: tuple[int, ...])
     ndim = len(shape)
     if not all(-ndim <= a < ndim for a in axes):
         raise ValueError(
-            f"leaf {path_str(path)!r} of shape {tuple(shape)}: axis {axes} out of range "
+            f"{_what(path, shape)}: axis {axes} out of range "
             f"[-{ndim}, {ndim})"
         )
     out = tuple(int(a) % ndim for a in axes)
     if out != tuple(range(out[0], out[0] + len(out))):
         raise ValueError(
-            f"leaf {path_str(path)!r}: flattened contraction axes must be consecutive and "
+            f"{_what(path, shape)}: flattened contraction axes must be consecutive and "
             f"increasing, got {axes}"
         )
     return out
