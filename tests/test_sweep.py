@@ -57,6 +57,10 @@ def test_sweep_runs_and_skips(tmp_path: Path, capsys):
     assert sorted(table.D.tolist()) == [4 * 4 * 32, 6 * 4 * 32]
     assert sorted(table.loss.tolist()) == sorted([sparse["val_loss"], dense["val_loss"]])
     capsys.readouterr()
+    assert cli.main(["status", str(out)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert sorted((r[0], r[1], r[2]) for r in rows) == sorted(
+        [(names[0], "completed", "4"), (names[1], "completed", "6")])
     assert cli.main(["sweep", "--config", f"{recipe}:size=tiny", "--workdir", str(out),
                      "--config.train.warmup_steps=2"]) == 0
     assert "skipped" in capsys.readouterr().out

@@ -83,10 +83,12 @@ def _env():
 
 
 @pytest.mark.slow
-def test_sigkill_resume_is_bitwise_equal(tmp_path):
+def test_sigkill_resume_is_bitwise_equal(tmp_path, capsys):
+    from sparsejax import cli
+
     steps = 20
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    subprocess.run(_cli(ref, steps), check=True, env=_env(), capture_output=True)
+    assert cli.main(_cli(ref, steps)[3:]) == 0  # in this process: the same command
 
     proc = subprocess.Popen(_cli(killed, steps), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -102,9 +104,9 @@ def test_sigkill_resume_is_bitwise_equal(tmp_path):
     assert json.loads((killed / "summary.json").read_text())["status"] == "running"
     assert runlog.run_status(killed)["status"] == "interrupted"  # its process is gone
     assert runlog.run_status(killed)["step"] == checkpoint.latest_step(killed)
-    out = subprocess.run(_cli(killed, steps), check=True, env=_env(), capture_output=True,
-                         text=True)
-    assert "final validation loss" in out.stdout
+    capsys.readouterr()
+    assert cli.main(_cli(killed, steps)[3:]) == 0  # the same command resumes
+    assert "final validation loss" in capsys.readouterr().out
 
     a, b = checkpoint.load_raw(ref), checkpoint.load_raw(killed)
     flat_a = dict(_flatten(a))
@@ -122,8 +124,6 @@ def test_sigkill_resume_is_bitwise_equal(tmp_path):
     assert strip(runlog.read_metrics(ref)) == strip(runlog.read_metrics(killed))
 
     # the pruned checkpoint exports to BSR for the sparse kernels (in-process CLI call)
-    from sparsejax import cli
-
     assert cli.main(["export", "--format", "bsr", str(ref), "--block", "16,16"]) == 0
     assert (ref / "export" / "export_bsr.npz").exists()
 
