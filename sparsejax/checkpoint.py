@@ -46,7 +46,7 @@ def digest(tree: Any) -> str:
     its raw (dict-shaped) restore give the same digest."""
     h = hashlib.sha256()
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    for name, leaf in sorted((_path_name(path), leaf) for path, leaf in leaves):
+    for name, leaf in sorted(((_path_name(p), leaf) for p, leaf in leaves), key=lambda t: t[0]):
         a = np.ascontiguousarray(np.asarray(leaf))
         h.update(f"{name}:{a.dtype.str}{a.shape}".encode())
         h.update(a.tobytes())
