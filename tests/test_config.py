@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sparsejax import configlib, experiment
@@ -60,9 +61,36 @@ def test_config_unknown_key_added():
         experiment.check(c)
 
 
-def test_recipes_validate():
-    for name in ("base", "dense", "gradual_magnitude", "static_random"):
-        experiment.check(load_recipe(name, "size=tiny"))
+RECIPES = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipes_validate(name):
+    """Every recipe builds, and what it builds is what it says: model size, optimizer kind,
+    mask method and its target sparsity; and a bad value in it is rejected by name."""
+    import sparsejax
+
+    c = load_recipe(name, "size=tiny")
+    checked = experiment.check(c)
+    assert checked.model_cfg.n_layer == 2 and checked.model_cfg.d_model == 64  # tiny
+    params = {"w": {"kernel": np.ones((8, 8), np.float32)}}
+    state = checked.tx.init(params)
+    if c.sparsity.method == "dense":
+        with pytest.raises(ValueError, match="no sparsify state"):
+            sparsejax.find_state(state)
+        assert checked.sparsity_schedule is None
+    else:
+        final = float(checked.sparsity_schedule(c.train.steps - 1))
+        assert final == pytest.approx(c.sparsity.final)
+        stats = sparsejax.sparsity_stats(state, params)
+        assert stats.n_prunable == 64
+        # static masks exist from init; gradual ones start dense
+        at_init = c.sparsity.final if c.sparsity.method == "static" else 0.0
+        assert float(stats.sparsity) == pytest.approx(at_init)
+    assert float(checked.lr_schedule(c.train.warmup_steps)) == pytest.approx(c.train.lr)
+    configlib.set_key(c, "train.b2", 1.5)
+    with pytest.raises(ValueError, match="train.b2"):
+        experiment.check(c)
 
 
 @pytest.mark.parametrize(
