@@ -8,6 +8,7 @@ import doctest
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import linen as nn
 from flax import nnx
@@ -159,3 +160,18 @@ def test_describe_lists_every_leaf_with_reason_and_totals():
 
 def test_doctests():
     assert doctest.testmod(P).failed == 0
+
+
+def test_integer_leaf_is_never_masked_by_sparsify():
+    params = {
+        "Dense_0": {"kernel": jnp.arange(64.0).reshape(8, 8) + 1.0},
+        "counts": jnp.arange(1, 65, dtype=jnp.int32).reshape(8, 8),  # would be pruned before
+    }
+    tx = sparsejax.sparsify(optax.sgd(0.1), sparsejax.methods.static(0.5, score="magnitude"))
+    state = tx.init(params)
+    masks = sparsejax.masks_of(state)
+    assert masks["counts"].shape == () and bool(masks["counts"])
+    assert int(masks["Dense_0"]["kernel"].sum()) == 32
+    pruned = sparsejax.prune(params, state)
+    np.testing.assert_array_equal(pruned["counts"], params["counts"])
+    assert pruned["counts"].dtype == jnp.int32
