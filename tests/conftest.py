@@ -5,9 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import hypothesis
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# Property tests draw the same examples on every run (CI is reproducible); a test may still
+# ask for more examples with its own @settings.
+hypothesis.settings.register_profile("sparsejax", derandomize=True, deadline=None)
+hypothesis.settings.load_profile("sparsejax")
 
 SHARED_DATA = Path(os.environ.get("SPARSEJAX_SHARED_DATA")
                    or Path(__file__).resolve().parents[1].parent / "shared" / "data")
