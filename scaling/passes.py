@@ -54,7 +54,7 @@ class Ops(NamedTuple):
     mv: np.ndarray  # (Kv, P, n): design of the varying terms, points last
     vcols: tuple  # per varying term: the columns it uses (int64 array)
     vmt: tuple  # per varying term: mv[k, vcols[k]], (len(cols), n)
-    cv: np.ndarray  # (Kv, n): their offsets
+    voff: tuple  # per varying term: its offset (n,), or None where it is zero
     mc: np.ndarray  # (Kc, P): design of the constant terms
     cc: np.ndarray  # (Kc,): their offsets
     vpairs: np.ndarray  # (m, 2) int64: (k, q) with column q of varying term k non-zero
@@ -81,11 +81,12 @@ def build_ops(model: LSEModel) -> Ops:
     vpairs, vtrip = _pairs(np.any(mv != 0, axis=2))
     cpairs, ctrip = _pairs(mc != 0)
     vcols = tuple(np.flatnonzero(np.any(mv[k] != 0, axis=1)) for k in range(mv.shape[0]))
+    cv = np.ascontiguousarray(c[~const], np.float64).reshape(-1, n)
     return Ops(
         mv=mv,
         vcols=vcols,
-        vmt=tuple(np.ascontiguousarray(mv[k, c]) for k, c in enumerate(vcols)),
-        cv=np.ascontiguousarray(c[~const], np.float64).reshape(-1, n),
+        vmt=tuple(np.ascontiguousarray(mv[k, cols]) for k, cols in enumerate(vcols)),
+        voff=tuple(row if row.any() else None for row in cv),
         mc=mc,
         cc=np.ascontiguousarray(c[const, 0], np.float64),
         vpairs=vpairs,
@@ -203,10 +204,10 @@ def _evaluate_block(ops, pen, theta, w, f_old, exact):
     b, p = theta.shape
     n = ops.target.shape[0]
     ev = np.empty((len(ops.vcols), b, n))
-    for k, (cols, mt) in enumerate(zip(ops.vcols, ops.vmt, strict=True)):
+    for k, (cols, mt, off) in enumerate(zip(ops.vcols, ops.vmt, ops.voff, strict=True)):
         np.matmul(theta[:, cols], mt, out=ev[k])
-        if ops.cv[k].any():
-            ev[k] += ops.cv[k]
+        if off is not None:
+            ev[k] += off
         np.exp(ev[k], out=ev[k])
     ec = np.exp(theta @ ops.mc.T + ops.cc).T.copy()  # (Kc, b)
     s = np.empty((b, n))
@@ -251,52 +252,6 @@ def evaluate(
         sl = slice(i, i + size)
         parts.append(_evaluate_block(ops, pen, theta[sl], select_rows(w, sl), f_old[sl], exact[sl]))
     return tuple(np.concatenate([q[j] for q in parts]) for j in range(4))
-
-
-@numba.njit(cache=True, error_model="numpy")
-def damped_steps(h, g, lam):  # pragma: no cover - compiled
-    """Levenberg-Marquardt steps ``(H + lam |diag H|) step = -g`` for every row, by Gaussian
-    elimination with partial pivoting; a singular or non-finite system gives a zero step."""
-    b, p = g.shape
-    out = np.zeros((b, p))
-    a = np.empty((p, p))
-    x = np.empty(p)
-    for r in range(b):
-        for i in range(p):
-            for j in range(p):
-                a[i, j] = h[r, i, j]
-            a[i, i] += lam[r] * (abs(h[r, i, i]) + 1e-12)
-            x[i] = -g[r, i]
-        if not (np.all(np.isfinite(a)) and np.all(np.isfinite(x))):
-            continue
-        singular = False
-        for c in range(p):
-            piv = c
-            for i in range(c + 1, p):
-                if abs(a[i, c]) > abs(a[piv, c]):
-                    piv = i
-            if a[piv, c] == 0.0:
-                singular = True
-                break
-            if piv != c:
-                for j in range(p):
-                    a[c, j], a[piv, j] = a[piv, j], a[c, j]
-                x[c], x[piv] = x[piv], x[c]
-            for i in range(c + 1, p):
-                m = a[i, c] / a[c, c]
-                for j in range(c, p):
-                    a[i, j] -= m * a[c, j]
-                x[i] -= m * x[c]
-        if singular:
-            continue
-        for i in range(p - 1, -1, -1):
-            acc = x[i]
-            for j in range(i + 1, p):
-                acc -= a[i, j] * out[r, j]
-            out[r, i] = acc / a[i, i]
-        if not np.all(np.isfinite(out[r])):
-            out[r] = 0.0
-    return out
 
 
 def check_weights(weights, b: int, n: int) -> np.ndarray | None:

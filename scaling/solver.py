@@ -1,5 +1,5 @@
 """Batched robust fits of log-sum-exp-linear models: a damped Newton (Levenberg-Marquardt) loop
-run on thousands of starts at once, in float64 (numpy, with the inner passes compiled by numba).
+run on thousands of starts at once, in float64 (a numpy loop around compiled numba passes).
 
 Model. For data point i the predicted log-loss is ``LSE_k(u_ik)``, ``u_ik = M_ik . theta + c_ik``
 (every term linear in the parameters). Hoffmann et al. 2022's law
@@ -19,9 +19,10 @@ leave the batch, so the work shrinks as starts finish (a ``vmap`` runs every sta
 slowest one's length). BLAS is held to one thread while it runs (``threadpoolctl``, when
 installed): on a busy machine idle BLAS threads spin against the element-wise passes.
 
-Cost. The evaluation passes (``scaling.passes``) are one compiled numba kernel for every law. On
-the 240-point Chinchilla data the 4,500-start grid takes ~220k start-iterations (~49 per start,
-~40% of them rejected trial steps); ``benchmarks/fit_speed.py`` lists what was tried to cut them.
+Cost. The evaluation passes (``scaling.passes``) are one hand-written numba kernel for every law,
+the batched step solve (``damped_steps``) another. On the 240-point Chinchilla data the
+4,500-start grid takes ~220k start-iterations (~49 per start, ~40% of them rejected trial steps);
+``benchmarks/fit_speed.py`` lists what was tried to cut them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import contextlib
 from typing import NamedTuple
 
+import numba
 import numpy as np
 
 try:  # a busy machine makes idle BLAS threads spin against the element-wise passes
@@ -41,12 +43,19 @@ from scaling.passes import (
     Penalty,
     build_ops,
     check_weights,
-    damped_steps,
     evaluate,
     select_rows,
 )
 
-__all__ = ["LSEModel", "Penalty", "SolveResult", "minimize", "objective", "parameter_box"]
+__all__ = [
+    "LSEModel",
+    "Penalty",
+    "SolveResult",
+    "damped_steps",
+    "minimize",
+    "objective",
+    "parameter_box",
+]
 
 _U_MAX = 650.0  # |u| bound kept by the parameter box: exp(u) never overflows in float64
 
@@ -146,3 +155,49 @@ def _minimize(model, theta0, penalty, weights, max_iter, ftol, exact_below):
         converged[live[done]] = True
         live = live[~done]
     return SolveResult(theta=theta, objective=f, converged=converged, n_iter=n_iter)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def damped_steps(h, g, lam):  # pragma: no cover - compiled
+    """Levenberg-Marquardt steps ``(H + lam |diag H|) step = -g`` for every row, by Gaussian
+    elimination with partial pivoting; a singular or non-finite system gives a zero step."""
+    b, p = g.shape
+    out = np.zeros((b, p))
+    a = np.empty((p, p))
+    x = np.empty(p)
+    for r in range(b):
+        for i in range(p):
+            for j in range(p):
+                a[i, j] = h[r, i, j]
+            a[i, i] += lam[r] * (abs(h[r, i, i]) + 1e-12)
+            x[i] = -g[r, i]
+        if not (np.all(np.isfinite(a)) and np.all(np.isfinite(x))):
+            continue
+        singular = False
+        for c in range(p):
+            piv = c
+            for i in range(c + 1, p):
+                if abs(a[i, c]) > abs(a[piv, c]):
+                    piv = i
+            if a[piv, c] == 0.0:
+                singular = True
+                break
+            if piv != c:
+                for j in range(p):
+                    a[c, j], a[piv, j] = a[piv, j], a[c, j]
+                x[c], x[piv] = x[piv], x[c]
+            for i in range(c + 1, p):
+                m = a[i, c] / a[c, c]
+                for j in range(c, p):
+                    a[i, j] -= m * a[c, j]
+                x[i] -= m * x[c]
+        if singular:
+            continue
+        for i in range(p - 1, -1, -1):
+            acc = x[i]
+            for j in range(i + 1, p):
+                acc -= a[i, j] * out[r, j]
+            out[r, i] = acc / a[i, i]
+        if not np.all(np.isfinite(out[r])):
+            out[r] = 0.0
+    return out

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from scaling import forms
-from scaling.passes import LSEModel, Penalty, build_ops, damped_steps, evaluate
-from scaling.solver import objective
+from scaling.passes import LSEModel, Penalty, build_ops, evaluate
+from scaling.solver import damped_steps, objective
 
 
 def _chinchilla(seed=0, n=60, space="log"):
