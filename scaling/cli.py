@@ -77,12 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.backend is not None:
         print(
-            "warning: --backend is deprecated and ignored (one compiled solver; numpy passes "
-            "were removed)",
+            "sparsejax: warning: --backend is deprecated and ignored (one compiled solver; the "
+            "numpy passes were removed)",
             file=sys.stderr,
         )
     if args.bootstrap < 0 or args.bootstrap == 1:
-        print("error: --bootstrap must be 0 or >= 2", file=sys.stderr)
+        print("sparsejax: error: --bootstrap must be 0 or >= 2", file=sys.stderr)
         return 2
     try:
         table = logs.load_table(args.source, n_key=args.n_key)
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 drop_highest=args.drop_highest,
             )
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"sparsejax: error: {err}", file=sys.stderr)
         return 2
     print(f"{len(table.loss)} points from {args.source} (N = {table.n_key})")
     print(fit)
