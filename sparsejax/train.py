@@ -295,11 +295,13 @@ def run(
             t_log, step_log = time.perf_counter(), done
         mngr.wait_until_finished()
     except KeyboardInterrupt:
-        mngr.wait_until_finished()
-        runlog.write_json(run_dir / "summary.json", {
-            **summary_base, **record, "status": "interrupted", "logged_step": record.get("step"),
-            "step": mngr.latest_step() or 0, "resumed_from": start,
-            "wall_time_s": wall_base + time.perf_counter() - t_start})
+        try:
+            mngr.wait_until_finished()  # a save in flight completes (or fails) first
+        finally:
+            runlog.write_json(run_dir / "summary.json", {
+                **summary_base, **record, "status": "interrupted",
+                "logged_step": record.get("step"), "step": mngr.latest_step() or 0,
+                "resumed_from": start, "wall_time_s": wall_base + time.perf_counter() - t_start})
         raise
     except BaseException:
         runlog.write_json(run_dir / "summary.json", {
