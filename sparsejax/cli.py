@@ -243,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["sparsejax", *argv])
     try:
         return _dispatch(argv, command)
-    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError,
-            RunDirBusyError) as e:
+    except (UsageError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            IsADirectoryError, PermissionError, RunDirBusyError) as e:
         if debug:
             raise
         print(f"sparsejax: error: {' '.join(str(e).split())}", file=sys.stderr)

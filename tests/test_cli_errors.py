@@ -69,6 +69,9 @@ def test_missing_arguments_and_commands(capsys, tmp_path):
     assert "no checkpoint" in one_error_line(capsys, ["export", "--format", "bsr", str(tmp_path)])
     assert "is not a directory" in one_error_line(capsys, ["status", str(tmp_path / "missing")])
     assert "holds no run" in one_error_line(capsys, ["status", str(tmp_path)])
+    (tmp_path / "file").write_text("")
+    assert str(tmp_path / "file") in one_error_line(capsys, ["train", DENSE,
+                                                             f"--workdir={tmp_path / 'file'}"])
 
 
 def test_export_nm_on_unstructured_weights(capsys, finished_run, tmp_path):
