@@ -97,7 +97,7 @@ def test_linen_cnn_params_and_integer_step_leaf():
             x = nn.LayerNorm()(x)
             return nn.Dense(2)(x.reshape(x.shape[0], -1))
 
-    params = Net().init(jax.random.key(0), jnp.ones((1, 4, 4, 3)))["params"]
+    params = jax.eval_shape(Net().init, jax.random.key(0), jnp.ones((1, 4, 4, 3)))["params"]
     params = {**params, "step": jnp.zeros((2, 2), jnp.int32)}
     flags = jax.tree_util.tree_flatten_with_path(P.prunable_tree(params))[0]
     got = {P.path_str(p) for p, f in flags if f}

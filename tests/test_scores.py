@@ -90,8 +90,8 @@ def test_random_scores_of_a_leaf_do_not_depend_on_other_leaves():
     pr2 = jax.tree.map(lambda x: x.ndim == 2, more)
     sp1 = jax.tree.map(lambda _: 0.75, base)
     sp2 = jax.tree.map(lambda _: 0.75, more)
-    m1 = masks_lib.layerwise(s1, sp1, pr1)
-    m2 = masks_lib.layerwise(s2, sp2, pr2)
+    m1 = jax.jit(lambda s: masks_lib.layerwise(s, sp1, pr1))(s1)
+    m2 = jax.jit(lambda s: masks_lib.layerwise(s, sp2, pr2))(s2)
     for name in ("b", "d"):
         np.testing.assert_array_equal(m1[name]["kernel"], m2[name]["kernel"])
     assert int(m1["b"]["kernel"].sum()) == 32
