@@ -196,9 +196,10 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     print(f"devices: {jax.devices()}  jax {jax.__version__}  preset {a.preset}")
     if a.preset == "cpu":
-        from pallas_kernels.block_sparse import native
+        from pallas_kernels.cpu import native
 
-        path = "native FFI kernel" if native.available() else "XLA ops (numba missing)"
+        reason = native.unavailable_reason()
+        path = f"XLA ops ({reason})" if reason else "native FFI kernels"
         print(f"CPU BSR path for 64/128 blocks: {path}")
     print(HEADER, flush=True)
     results = run(a.preset, a.reps, a.ms, a.blocks, a.sparsities, a.grad)

@@ -12,9 +12,10 @@ Sources understood by :func:`load_corpus`:
 * a ``.bin`` file: ``uint16`` tokens, memory-mapped (never loaded into RAM); vocab is
   ``max + 1`` unless given; the last ``val_fraction`` is validation.
 
-Concatenated corpora are cached as ``.npy`` files in ``cache_dir`` (``$SPARSEJAX_CACHE`` or
-``~/.cache/sparsejax``), keyed by a fingerprint of every source file (relative path, size,
-mtime), so a hit reads no source file; the corpus name carries the sha256 of the bytes.
+Concatenated corpora are cached as ``.npy`` files in ``cache_dir`` (``$SPARSEJAX_CACHE_DIR``
+or ``~/.cache/sparsejax``, the folder the compiled CPU kernels also use), keyed by a
+fingerprint of every source file (relative path, size, mtime), so a hit reads no source
+file; the corpus name carries the sha256 of the bytes.
 Batches are pure functions of ``(seed, step)``: resuming needs no iterator state.
 """
 
@@ -52,7 +53,7 @@ def stdlib_root() -> Path:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("SPARSEJAX_CACHE") or Path.home() / ".cache" / "sparsejax")
+    return Path(os.environ.get("SPARSEJAX_CACHE_DIR") or Path.home() / ".cache" / "sparsejax")
 
 
 def stdlib_files(root: Path) -> list[str]:

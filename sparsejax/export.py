@@ -3,7 +3,9 @@
 ``export_params`` converts, ``save_export``/``load_export`` persist to one ``.npz`` file
 (numpy arrays plus a JSON ``__meta__`` entry; bfloat16 stored bit-exactly as uint16), and
 ``summary_table`` lists shape, density and compressed vs dense bytes per leaf. ``main`` is
-the entry point for ``sparsejax export --format bsr|nm RUN_DIR``.
+the entry point for ``sparsejax export --format bsr|nm RUN_DIR``. The formats are
+``pallas_kernels``' (which never imports ``sparsejax``); which leaves are prunable is
+``sparsejax.prunable``'s rule.
 """
 
 from __future__ import annotations

@@ -104,6 +104,42 @@ def test_gradients_match_reference_autodiff(backend, dtype, sparsity):
     np.testing.assert_allclose(f64(dv), f64(rv), atol=tolerance(dtype, f64(rv)), rtol=0)
 
 
+def _native_or_skip():
+    from pallas_kernels.cpu import native
+
+    if native.unavailable_reason():
+        pytest.skip(native.unavailable_reason())
+
+
+# Every backend that runs on CPU; "auto" at 75% block density with 8x8 blocks takes the
+# densify + GEMM path (guarded by an all-finite check on x).
+CPU_BACKENDS = ["reference", "cpu", "cpu_xla", "cpu_native", "interpret", "interpret_gpu", "auto"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(("block", "density"), [((16, 32), 0.5), ((8, 8), 0.75)])
+def test_structural_zeros_contribute_nothing_not_even_nan(backend, block, density):
+    """A NaN or inf in x reaches only the output columns with a stored block in its
+    block-row, on every backend (as in other sparse libraries; dense x @ W would spread it)."""
+    if backend == "cpu_native":
+        _native_or_skip()
+    k, n = 64, 96
+    w = block_sparse(k, n, block, 1 - density, seed=5)
+    a = BSRMatrix.from_dense(w, block=block)
+    x = np.random.default_rng(6).standard_normal((4, k))
+    x[0, 3], x[1, 17], x[2, 40], x[3, 41] = np.nan, np.inf, -np.inf, np.nan
+    (bk, bn), ref = block, np.zeros((4, n))
+    with np.errstate(invalid="ignore"):
+        for r, c in zip(a.layout.rows, a.layout.cols, strict=True):
+            rs, cs = slice(r * bk, (r + 1) * bk), slice(c * bn, (c + 1) * bn)
+            ref[:, cs] += x[:, rs] @ w[rs, cs]
+        assert np.isfinite(ref).sum() > np.isfinite(x @ w).sum()  # the case tells them apart
+    y = jax.jit(functools.partial(bsr_matmul, backend=backend))(jnp.asarray(x, jnp.float32), a)
+    np.testing.assert_allclose(f64(y), ref, atol=1e-4, rtol=0)  # NaN and inf where ref has them
+    y = bsr_matmul_reference(jnp.asarray(x, jnp.float32), a)
+    np.testing.assert_allclose(f64(y), ref, atol=1e-4, rtol=0)
+
+
 def test_packing_drops_zero_blocks_and_roundtrips():
     (k, n), block = SHAPES[0]
     w = block_sparse(k, n, block, 0.5)

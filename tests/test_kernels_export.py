@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import BSRMatrix, NMMatrix
-from pallas_kernels.export import export_params, load_export, main, save_export, summary_table
+from sparsejax.export import export_params, load_export, main, save_export, summary_table
 
 
 def make_params():

@@ -1,13 +1,10 @@
-"""Native CPU block-sparse kernel (numba micro-kernel behind an XLA FFI custom call) and the
-XLA-ops CPU path, against float64 numpy products; the FFI handler's metadata answer against
-the C API struct layout."""
+"""Native CPU block-sparse kernels (numba micro-kernels behind XLA FFI custom calls) and the
+XLA-ops CPU path, against float64 numpy products. The safety checks around them (C API
+header, CPU features, handler errors, disk cache) are in test_kernels_cpu_safety.py."""
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import threading
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,9 +13,14 @@ import pytest
 
 pytest.importorskip("numba")
 
-from pallas_kernels import BSRMatrix, bsr_matmul, ffi  # noqa: E402
-from pallas_kernels.block_sparse import native  # noqa: E402
-from pallas_kernels.block_sparse.cpu import bsr_matmul_xla  # noqa: E402
+from pallas_kernels import BSRMatrix, bsr_matmul  # noqa: E402
+from pallas_kernels.cpu import native  # noqa: E402
+from pallas_kernels.cpu.bsr import bsr_matmul_xla  # noqa: E402
+
+# The custom calls run only where the native kernels do (AVX-512F, a matching FFI header).
+needs_native = pytest.mark.skipif(
+    native.unavailable_reason() is not None, reason=str(native.unavailable_reason())
+)
 
 
 def random_bsr(k, n, block, density, seed=0):
@@ -43,16 +45,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("m", "k", "n", "block", "density"), CASES)
-def test_host_kernel_matches_float64(m, k, n, block, density):
-    w = random_bsr(k, n, block, density)
-    a = BSRMatrix.from_dense(w, block=block)
-    x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
-    y = native.bsr_matmul_host(x, np.asarray(a.values), a.layout.rows, a.layout.col_ptr, n)
-    ref = x.astype(np.float64) @ w.astype(np.float64)
-    np.testing.assert_allclose(y, ref, atol=1e-5 * (np.abs(ref).max(initial=0) + 1), rtol=0)
-
-
+@needs_native
 @pytest.mark.parametrize(("m", "k", "n", "block", "density"), CASES)
 def test_ffi_call_matches_float64(m, k, n, block, density):
     w = random_bsr(k, n, block, density, seed=3)
@@ -73,6 +66,7 @@ SDDMM_CASES = [
 ]
 
 
+@needs_native
 @pytest.mark.parametrize(("m", "k", "n", "block", "density"), SDDMM_CASES)
 def test_sddmm_matches_float64(m, k, n, block, density):
     a = BSRMatrix.from_dense(random_bsr(k, n, block, density, seed=11), block=block)
@@ -83,12 +77,12 @@ def test_sddmm_matches_float64(m, k, n, block, density):
     pairs = zip(lay.rows, lay.cols, strict=True)
     ref = np.stack([full[r * bk : (r + 1) * bk, c * bn : (c + 1) * bn] for r, c in pairs])
     tol = 1e-5 * (np.abs(ref).max() + 1)
-    np.testing.assert_allclose(native.sddmm_host(x, dy, lay), ref, atol=tol, rtol=0)
     y = jax.jit(lambda x, d: native.sddmm_native(x, d, lay))(jnp.asarray(x), jnp.asarray(dy))
     assert y.shape == (lay.nnz, bk, bn)
     np.testing.assert_allclose(np.asarray(y), ref, atol=tol, rtol=0)
 
 
+@needs_native
 def test_cpu_backward_runs_native_sddmm():
     w = BSRMatrix.from_dense(random_bsr(64, 96, (16, 32), 0.5), block=(16, 32))
 
@@ -99,6 +93,7 @@ def test_cpu_backward_runs_native_sddmm():
     assert "sparsejax_bsr_sddmm_f32" in text and "sparsejax_bsr_matmul_f32" in text
 
 
+@needs_native
 def test_cpu_backend_uses_the_custom_call_and_xla_ops_otherwise():
     w16 = BSRMatrix.from_dense(random_bsr(64, 64, (16, 16), 0.5), block=(16, 16))
     w8 = BSRMatrix.from_dense(random_bsr(64, 64, (8, 8), 0.5), block=(8, 8))
@@ -115,6 +110,49 @@ def test_cpu_backend_uses_the_custom_call_and_xla_ops_otherwise():
     assert "sparsejax_bsr_matmul_f32" not in hlo(w8)  # 8-wide blocks: XLA ops
 
 
+def dense_grads(x, w, cot):
+    """float64 numpy ``dL/dx`` and ``dL/dW`` of ``sum((x @ w) * cot)``."""
+    return cot @ w.T, x.T @ cot
+
+
+@pytest.mark.parametrize("path", ["cpu_native", "cpu_xla"])
+@pytest.mark.parametrize(("block", "density"), [((16, 32), 0.5), ((32, 64), 0.3), ((64, 16), 0.9)])
+def test_each_cpu_path_matches_float64(path, block, density):
+    """Each CPU path forced by name: forward, dX and dW (at the stored blocks) against float64
+    numpy; ``cpu_native`` must put the custom calls in the program, ``cpu_xla`` none."""
+    if path == "cpu_native" and native.unavailable_reason():
+        pytest.skip(native.unavailable_reason())
+    k, n = 128, 192
+    w = random_bsr(k, n, block, density, seed=21)
+    a = BSRMatrix.from_dense(w, block=block)
+    rng = np.random.default_rng(22)
+    x, cot = rng.standard_normal((33, k)), rng.standard_normal((33, n))
+
+    def loss(x, v):
+        y = bsr_matmul(x, BSRMatrix(v, a.layout), backend=path)
+        return jnp.sum(y * jnp.asarray(cot, jnp.float32)), y
+
+    fn = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+    xj = jnp.asarray(x, jnp.float32)
+    (dx, dv), y = fn(xj, a.values)
+    x64, w64 = np.asarray(xj, np.float64), w.astype(np.float64)
+    rx, rw = dense_grads(x64, w64, cot)
+    (bk, bn), lay = block, a.layout
+    rv = np.stack(
+        [
+            rw[r * bk : (r + 1) * bk, c * bn : (c + 1) * bn]
+            for r, c in zip(lay.rows, lay.cols, strict=True)
+        ]
+    )
+    for got, want in ((y, x64 @ w64), (dx, rx), (dv, rv)):
+        np.testing.assert_allclose(
+            np.asarray(got), want, atol=1e-4 * (np.abs(want).max() + 1), rtol=0
+        )
+    hlo = fn.lower(xj, a.values).as_text()
+    assert ("sparsejax_bsr_matmul_f32" in hlo) == (path == "cpu_native")
+    assert ("sparsejax_bsr_sddmm_f32" in hlo) == (path == "cpu_native" and native.fits(*block))
+
+
 @pytest.mark.parametrize("block", [(8, 8), (16, 24), (32, 32)])
 def test_xla_path_matches_float64(block):
     w = random_bsr(64, 96, block, 0.5, seed=5)
@@ -127,6 +165,7 @@ def test_xla_path_matches_float64(block):
     np.testing.assert_allclose(np.asarray(z), ref, atol=1e-5 * (np.abs(ref).max() + 1), rtol=0)
 
 
+@needs_native
 def test_vmap_and_bf16_through_the_custom_call():
     w = random_bsr(64, 128, (32, 64), 0.5, seed=7)
     a = BSRMatrix.from_dense(w, block=(32, 64))
@@ -142,6 +181,7 @@ def test_vmap_and_bf16_through_the_custom_call():
     np.testing.assert_allclose(np.asarray(yb, np.float64), refb, atol=0.1, rtol=2e-2)
 
 
+@needs_native
 def test_concurrent_calls_are_serialised_not_crashed():
     """Two independent custom calls in one program (XLA may run them at once) and calls from
     several Python threads: numba's thread pool is entered by one launch at a time."""
@@ -156,14 +196,11 @@ def test_concurrent_calls_are_serialised_not_crashed():
     np.testing.assert_allclose(np.asarray(y1), ref1, atol=1e-3, rtol=0)
     np.testing.assert_allclose(np.asarray(y2), ref2, atol=1e-3, rtol=0)
     errors: list[float] = []
-    host = functools.partial(native.bsr_matmul_host, rows=a.layout.rows, n=256)
+    one = jax.jit(lambda p: bsr_matmul(p, a, backend="cpu"))
 
     def work(i):
         for _ in range(5):
-            if i % 2:
-                out = np.asarray(both(x1, x2)[0])
-            else:
-                out = host(np.asarray(x1), np.asarray(a.values), col_ptr=a.layout.col_ptr)
+            out = np.asarray(both(x1, x2)[0] if i % 2 else one(x1))
             errors.append(float(np.abs(out - ref1).max()))
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
@@ -172,87 +209,6 @@ def test_concurrent_calls_are_serialised_not_crashed():
     for t in threads:
         t.join()
     assert len(errors) == 20 and max(errors) < 1e-3
-
-
-class _ExtensionBase(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t), ("type", ctypes.c_int), ("next", ctypes.c_void_p)]
-
-
-class _ApiVersion(ctypes.Structure):
-    _fields_ = [
-        ("struct_size", ctypes.c_size_t),
-        ("extension_start", ctypes.c_void_p),
-        ("major", ctypes.c_int),
-        ("minor", ctypes.c_int),
-    ]
-
-
-class _Metadata(ctypes.Structure):
-    _fields_ = [
-        ("struct_size", ctypes.c_size_t),
-        ("api_version", _ApiVersion),
-        ("traits", ctypes.c_uint32),
-        ("state_type_id", ctypes.c_int64),
-    ]
-
-
-class _MetadataExtension(ctypes.Structure):
-    _fields_ = [("base", _ExtensionBase), ("metadata", ctypes.POINTER(_Metadata))]
-
-
-class _Args(ctypes.Structure):
-    _fields_ = [
-        ("struct_size", ctypes.c_size_t),
-        ("extension_start", ctypes.c_void_p),
-        ("size", ctypes.c_int64),
-        ("types", ctypes.c_void_p),
-        ("args", ctypes.c_void_p),
-    ]
-
-
-class _CallFrame(ctypes.Structure):
-    """XLA_FFI_CallFrame as declared in jaxlib's include/xla/ffi/api/c_api.h."""
-
-    _fields_ = [
-        ("struct_size", ctypes.c_size_t),
-        ("extension_start", ctypes.c_void_p),
-        ("api", ctypes.c_void_p),
-        ("ctx", ctypes.c_void_p),
-        ("stage", ctypes.c_int),
-        ("args", _Args),
-        ("rets", _Args),
-    ]
-
-
-def test_frame_offsets_match_the_c_api_layout():
-    assert _CallFrame.stage.offset == ffi.FRAME_STAGE
-    assert _CallFrame.args.offset + _Args.args.offset == ffi.FRAME_ARGS
-    assert _CallFrame.args.offset + _Args.size.offset == ffi.FRAME_NUM_ARGS
-    assert _CallFrame.rets.offset + _Args.args.offset == ffi.FRAME_RETS
-    assert _MetadataExtension.metadata.offset == ffi.EXTENSION_METADATA_PTR
-    assert _Metadata.api_version.offset == ffi.METADATA_VERSION
-    assert _Metadata.traits.offset == ffi.METADATA_TRAITS
-    assert ctypes.sizeof(_ApiVersion) == ffi.VERSION_STRUCT_SIZE
-
-
-def test_handler_answers_the_metadata_query():
-    major, minor = ffi.api_version()
-    text = (Path(jax.ffi.include_dir()) / "xla/ffi/api/c_api.h").read_text()
-    assert f"#define XLA_FFI_API_MINOR {minor}" in text
-    handler = native._bsr_handler(major, minor)
-    meta = _Metadata(struct_size=ctypes.sizeof(_Metadata), traits=7)
-    ext = _MetadataExtension(_ExtensionBase(ctypes.sizeof(_MetadataExtension), 1, None))
-    ext.metadata = ctypes.pointer(meta)
-    frame = _CallFrame(struct_size=ctypes.sizeof(_CallFrame), stage=0)
-    frame.extension_start = ctypes.addressof(ext)
-    call = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p)(handler.address)
-    assert call(ctypes.addressof(frame)) == 0
-    v = meta.api_version
-    assert (v.struct_size, v.extension_start, v.major, v.minor) == (24, None, major, minor)
-    assert meta.traits == 0
-    # Not a metadata query and not the execute stage: nothing is read, nothing fails.
-    frame.extension_start = None
-    assert call(ctypes.addressof(frame)) == 0
 
 
 def test_native_rejects_bad_operands():
@@ -267,15 +223,3 @@ def test_native_rejects_bad_operands():
         native.sddmm_native(jnp.ones((4, 48)), jnp.ones((4, 64)), c.layout)
     with pytest.raises(ValueError, match=r"dy \(M, 64\)"):
         native.sddmm_native(jnp.ones((4, 64)), jnp.ones((5, 64)), a.layout)
-
-
-def test_host_kernel_rejects_inconsistent_tables():
-    a = BSRMatrix.from_dense(random_bsr(64, 64, (16, 16), 0.5), block=(16, 16))
-    x, v = np.ones((3, 64), np.float32), np.asarray(a.values)
-    rows, ptr = a.layout.rows, a.layout.col_ptr
-    with pytest.raises(ValueError, match="block-rows in"):
-        native.bsr_matmul_host(x, v, rows + 4, ptr, 64)
-    with pytest.raises(ValueError, match="offsets from 0"):
-        native.bsr_matmul_host(x, v, rows, ptr[:-1], 64)
-    with pytest.raises(ValueError, match="do not tile"):
-        native.bsr_matmul_host(np.ones((3, 60), np.float32), v, rows, ptr, 64)

@@ -13,23 +13,26 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.backend import check_operand, resolve_backend
+from pallas_kernels.backend import BACKENDS, check_operand, resolve_backend
 from pallas_kernels.block_sparse import kernel as K
-from pallas_kernels.block_sparse import native
-from pallas_kernels.block_sparse.cpu import bsr_matmul_cpu, sddmm_cpu
 from pallas_kernels.block_sparse.format import BSRLayout, BSRMatrix, layout_to_dense
-from pallas_kernels.block_sparse.reference import sddmm_reference
+from pallas_kernels.block_sparse.reference import bsr_product, sddmm_reference
+from pallas_kernels.cpu import native
+from pallas_kernels.cpu.bsr import bsr_matmul_xla, sddmm_xla
 
-# "auto" on CPU: the native kernel wherever it applies (benchmarks/kernels.py: 1.0-1.3x of a
+# The two CPU paths, which "cpu" chooses between; named, they force one.
+CPU_PATHS = ("cpu_native", "cpu_xla")
+# "auto" on CPU: the native kernels wherever they run (benchmarks/kernels.py: 1.0-1.3x of a
 # dense GEMM even at 0% block sparsity); else the unrolled XLA path only where it beats a dense
 # GEMM (~1x at 50% block density) and where unrolling stays cheap to compile.
 CPU_MAX_DENSITY = 0.5
 CPU_MAX_BLOCKS = 4096
 
 
-def native_applies(block: tuple[int, int]) -> bool:
-    """Whether forward and backward (transposed blocks) both run the native CPU kernel."""
-    return native.supports(*block)
+def cpu_path() -> str:
+    """The CPU path ``backend="cpu"`` takes here: ``"cpu_native"`` where the native kernels
+    run (:func:`pallas_kernels.cpu.native.unavailable_reason`), else ``"cpu_xla"``."""
+    return "cpu_xla" if native.unavailable_reason() else "cpu_native"
 
 
 def check_compiled_block(impl: str, block: tuple[int, int]) -> None:
@@ -52,15 +55,31 @@ def _pad_rows(a: jax.Array, bm: int) -> jax.Array:
     return a if pad == 0 else jnp.pad(a, ((0, pad), (0, 0)))
 
 
+def _dense(x, values, layout: BSRLayout):
+    """Densify + one GEMM where every entry of ``x`` is finite (then ``0 * x`` is exactly 0,
+    so the result is the block-sparse one), else :func:`bsr_product`."""
+
+    def gemm(x, values):
+        w = layout_to_dense(values, layout)
+        return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+    return jax.lax.cond(
+        jnp.isfinite(x).all(), gemm, lambda x, v: bsr_product(x, v, layout), x, values
+    )
+
+
 def _forward(x, values, layout: BSRLayout, impl: str, tiles: K.BSRTiles):
     m = x.shape[0]
     if layout.nnz == 0:
         return jnp.zeros((m, layout.shape[1]), x.dtype)
     if impl == "reference":
-        dense = layout_to_dense(values, layout)
-        return jnp.dot(x, dense, preferred_element_type=jnp.float32).astype(x.dtype)
-    if impl == "cpu":
-        return bsr_matmul_cpu(x, values, layout)
+        return bsr_product(x, values, layout)
+    if impl == "dense":
+        return _dense(x, values, layout)
+    if impl == "cpu_native" and native.fits(layout.block[1]):
+        return native.bsr_matmul_native(x, values, layout)
+    if impl in CPU_PATHS:
+        return bsr_matmul_xla(x, values, layout)
     t = _row_tile(m, tiles)
     fn = K.bsr_matmul_prefetch if impl.endswith("tpu") else K.bsr_matmul_gpu
     y = fn(_pad_rows(x, t.bm), values, layout=layout, tiles=t, interpret=impl.startswith("int"))
@@ -71,12 +90,12 @@ def _sddmm(x, dy, layout: BSRLayout, impl: str, tiles: K.BSRTiles):
     bk, bn = layout.block
     if layout.nnz == 0:
         return jnp.zeros((0, bk, bn), x.dtype)
-    if impl == "reference":
+    if impl in ("reference", "dense"):
         return sddmm_reference(x, dy, layout)
-    if impl == "cpu":
-        if native_applies(layout.block):
-            return native.sddmm_native(x, dy, layout)
-        return sddmm_cpu(x, dy, layout)
+    if impl == "cpu_native" and native.fits(*layout.block):
+        return native.sddmm_native(x, dy, layout)
+    if impl in CPU_PATHS:
+        return sddmm_xla(x, dy, layout)
     t = _row_tile(x.shape[0], tiles)
     fn = K.sddmm_prefetch if impl.endswith("tpu") else K.sddmm_gpu
     interpret = impl.startswith("int")
@@ -106,34 +125,54 @@ _bsr.defvjp(_bsr_fwd, _bsr_bwd)
 _bsr_jit = jax.jit(_bsr, static_argnums=(2, 3, 4))
 
 
-def bsr_matmul(
-    x: jax.Array, w: BSRMatrix, *, backend: str = "auto", tiles: K.BSRTiles | None = None
-) -> jax.Array:
-    """Block-sparse ``x @ W`` for ``x`` of shape ``(..., K)`` and ``W`` a ``(K, N)`` BSRMatrix.
-
-    ``backend``: ``"auto"`` (on CPU the native kernel for blocks that are multiples of 16,
-    else the XLA-ops path or, above 50% block density, densify + GEMM; the Pallas kernel on
-    GPU/TPU),
-    ``"pallas"`` (compiled kernel: Triton on GPU, Mosaic on TPU), ``"interpret"`` (TPU-style
-    kernel in Pallas interpret mode), ``"interpret_gpu"`` (GPU-style kernel interpreted),
-    ``"cpu"`` or ``"reference"``. Differentiable in ``x`` and ``w.values``.
-    """
-    if not isinstance(w, BSRMatrix):
-        raise ValueError(f"w must be a BSRMatrix, got {type(w).__name__}")
+def _resolve(backend: str, w: BSRMatrix) -> str:
+    """The implementation a backend name runs for ``w`` (see :func:`bsr_matmul`)."""
+    if backend == "cpu_native":
+        reason = native.unavailable_reason()
+        if reason:
+            raise ValueError(f"backend='cpu_native': {reason}; use backend='cpu'")
+        return backend
+    if backend == "cpu_xla":
+        return backend
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS + CPU_PATHS}, got {backend!r}")
     impl = resolve_backend(backend)
-    if (
-        backend == "auto"
-        and impl == "cpu"
-        and not native_applies(w.block)
-        and (w.layout.density > CPU_MAX_DENSITY or w.layout.nnz > CPU_MAX_BLOCKS)
-    ):
-        impl = "reference"  # densify + one GEMM: faster than the XLA path here, quick to compile
+    if impl == "cpu":
+        impl = cpu_path()
+        if backend == "auto" and not (impl == "cpu_native" and native.fits(*w.block)):
+            dense = w.layout.density > CPU_MAX_DENSITY or w.layout.nnz > CPU_MAX_BLOCKS
+            impl = "dense" if dense else "cpu_xla"  # dense: faster here, quick to compile
     try:
         check_compiled_block(impl, w.block)
     except ValueError:
         if backend != "auto":
             raise
-        impl = "reference"  # "auto" with tiles the compiled kernel cannot take
+        impl = "dense"  # "auto" with tiles the compiled kernel cannot take
+    return impl
+
+
+def bsr_matmul(
+    x: jax.Array, w: BSRMatrix, *, backend: str = "auto", tiles: K.BSRTiles | None = None
+) -> jax.Array:
+    """Block-sparse ``x @ W`` for ``x`` of shape ``(..., K)`` and ``W`` a ``(K, N)`` BSRMatrix.
+
+    Blocks that are not stored are structural zeros, as in other sparse libraries: they
+    contribute nothing, so a NaN or inf in ``x`` reaches only the output columns with a stored
+    block in its block-row (a dense ``x @ w.to_dense()`` would put NaN in every column, since
+    ``inf * 0`` is NaN). Every backend computes this.
+
+    ``backend``: ``"auto"`` (on CPU the native kernels for blocks that are multiples of 16,
+    else the XLA-ops path or, above 50% block density, densify + GEMM guarded by an
+    all-finite check on ``x``; the Pallas kernel on GPU/TPU), ``"pallas"`` (compiled kernel:
+    Triton on GPU, Mosaic on TPU), ``"interpret"`` (TPU-style kernel in Pallas interpret
+    mode), ``"interpret_gpu"`` (GPU-style kernel interpreted), ``"cpu"`` (the native kernels
+    where they run -- numba, AVX-512F, a jaxlib whose FFI header matches -- else the XLA-ops
+    path; ``"cpu_native"`` and ``"cpu_xla"`` force one of the two) or ``"reference"``.
+    Differentiable in ``x`` and ``w.values``.
+    """
+    if not isinstance(w, BSRMatrix):
+        raise ValueError(f"w must be a BSRMatrix, got {type(w).__name__}")
+    impl = _resolve(backend, w)
     k, n = w.shape
     check_operand(x, w.shape, w.values.dtype)
     lead = x.shape[:-1]

@@ -15,8 +15,8 @@ addressing:
 
 ``MR`` and ``NV`` are literal ints, so each pair compiles to its own unrolled tile.
 
-Numba's disk cache of the drivers in ``native.py`` is keyed on that file only: after editing
-this one, touch ``native.py`` (or clear its ``__pycache__``) so the drivers recompile.
+The disk cache of the drivers in ``native.py`` is keyed on both files (``cache.py``), so
+editing this one recompiles them.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ try:
     from numba import types
     from numba.core import cgutils
     from numba.extending import intrinsic
-except ImportError:  # pragma: no cover - numba is a dependency; checked by native.available()
+except ImportError:  # pragma: no cover - numba is a dependency; checked by ffi.available()
     intrinsic = None
 
 if intrinsic is not None:

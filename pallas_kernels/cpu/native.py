@@ -1,6 +1,6 @@
 """Native CPU kernels for block-sparse ``x @ W`` and its ``dW`` (SDDMM), as XLA custom calls.
 
-XLA:CPU runs the small per-block GEMMs of the unrolled path (``cpu.py``) far below its dense
+XLA:CPU runs the small per-block GEMMs of the XLA-ops path (``bsr.py``) far below its dense
 rate, so on CPU both products run register-blocked micro-kernels (``microkernel.py``), driven
 by numba ``prange`` loops over independent output tiles:
 
@@ -11,27 +11,36 @@ by numba ``prange`` loops over independent output tiles:
   are (stored block, column tile); each walks the batch rows in 32-row chunks, and within a
   chunk (L1-resident) runs every row tile of the block, accumulating into the output.
 
-JAX calls them as XLA FFI custom calls (``pallas_kernels.ffi``), so they read and write XLA's
-buffers in place; ``jax.pure_callback`` would copy operands and results (~10 ms per 16 MB
-here, a third of the 90%-sparse time at M=2048). They compute in f32 (other dtypes are cast
-to f32 and back), need block sides that are multiples of 16, and are compiled on first use
-(a few seconds) and cached on disk by numba. Measured (benchmarks/kernels.py, 2048x2048,
-2 cores): forward 5.1-8.6x faster than XLA's dense dot at 90% block sparsity, 1.0-1.3x at 0%.
+JAX calls them as XLA FFI custom calls (``ffi.py``), so they read and write XLA's buffers in
+place; ``jax.pure_callback`` would copy operands and results (~10 ms per 16 MB here, a third
+of the 90%-sparse time at M=2048). They compute in f32 (other dtypes are cast to f32 and
+back), need block sides that are multiples of 16, and are compiled on first use (a few
+seconds) and cached on disk in a private per-user folder (``cache.py``).
+
+Where they run (:func:`unavailable_reason` is None): numba imports, the ABI is LP64, the CPU
+has AVX-512F (the tiles keep 24 of its 32 vector registers busy; elsewhere, ARM included,
+the ops take the XLA-ops path), and the running jaxlib's FFI header matches
+:mod:`pallas_kernels.cpu.abi`. Measured (benchmarks/kernels.py, 2048x2048, 2 cores): forward
+5.1-8.6x faster than XLA's dense dot at 90% block sparsity, 1.0-1.3x at 0%.
 """
 
 from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import ffi
+from pallas_kernels.cpu import abi, cache, ffi
 
 try:
     import numba
 
-    from pallas_kernels.block_sparse.microkernel import bsr_tile, sddmm_tile
-except ImportError:  # pragma: no cover - numba is a dependency; checked by available()
+    from pallas_kernels.cpu.microkernel import bsr_tile, sddmm_tile
+except ImportError:  # pragma: no cover - numba is a dependency; checked by ffi.available()
     numba = None
 
 # Column tile width -> rows per forward tile (24 of the 32 vector registers hold accumulators).
@@ -44,9 +53,25 @@ _BSR_TARGET = "sparsejax_bsr_matmul_f32"
 _SDDMM_TARGET = "sparsejax_bsr_sddmm_f32"
 
 
-def available() -> bool:
-    """Whether the native kernels can run here (numba imports, LP64 ABI)."""
-    return ffi.available()
+@functools.cache
+def host_has_avx512() -> bool:
+    """Whether this CPU has AVX-512F (from LLVM's host feature list, as numba compiles for)."""
+    from llvmlite import binding
+
+    return bool(binding.get_host_cpu_features().get("avx512f", False))
+
+
+def unavailable_reason() -> str | None:
+    """Why the native kernels do not run here (None: they do). The first call where the
+    checks pass compiles and registers the kernels; a jaxlib whose FFI header differs from
+    the handlers' layout, or that refuses them, is reported once, as a warning."""
+    if not ffi.available():
+        return "numba is missing"
+    if not host_has_avx512():
+        return "the CPU has no AVX-512F (the micro-kernels are tuned for it)"
+    if not abi.header_ok():
+        return "the ABI is not LP64 or this jaxlib's XLA FFI header differs from the handlers'"
+    return _register()
 
 
 def column_tile(bn: int) -> int | None:
@@ -54,10 +79,10 @@ def column_tile(bn: int) -> int | None:
     return next((cw for cw in TILES if bn % cw == 0), None)
 
 
-def supports(*sides: int) -> bool:
-    """Whether the native kernels run here for block sides ``sides`` (the forward needs the
-    block width, SDDMM and the transposed backward product need both sides)."""
-    return available() and all(column_tile(b) is not None for b in sides)
+def fits(*sides: int) -> bool:
+    """Whether blocks with these sides suit the kernels (the forward needs the block width,
+    SDDMM and the transposed backward product need both sides to be multiples of 16)."""
+    return all(column_tile(b) is not None for b in sides)
 
 
 if numba is not None:
@@ -88,7 +113,7 @@ if numba is not None:
                 bsr_tile(x, vals, rows, z0, z1, m, out, col, cc, 1, 1)
                 m += 1
 
-    @numba.njit(parallel=True, cache=True, boundscheck=False)
+    @numba.njit(parallel=True, boundscheck=False)
     def _bsr_host(x, vals, rows, col_ptr, out, cw):
         m_total = x.shape[0]
         bn = vals.shape[2]
@@ -112,7 +137,7 @@ if numba is not None:
         else:
             sddmm_tile(x, dy, z, r, c, kr, cc, m0, m1, out, 16, 1)
 
-    @numba.njit(parallel=True, cache=True, boundscheck=False)
+    @numba.njit(parallel=True, boundscheck=False)
     def _sddmm_host(x, dy, rows, cols, out, cw):
         m_total = x.shape[0]
         nnz, bk, bn = out.shape
@@ -141,18 +166,100 @@ def _check_block(block: tuple[int, int], sddmm: bool = False) -> None:
         raise ValueError(f"block {sides} must be multiples of 16 for the native kernel: {block}")
 
 
-def check_tables(x_shape, values_shape, rows, col_ptr, n: int) -> None:
-    """The kernels read without bounds checks: operands and index tables must agree."""
-    nnz, bk, bn = values_shape
-    if len(x_shape) != 2 or x_shape[1] % bk or n % bn:
-        raise ValueError(f"x {x_shape} and N={n} do not tile into blocks ({bk}, {bn})")
-    rows, col_ptr = np.asarray(rows), np.asarray(col_ptr)
-    if rows.shape != (nnz,) or (nnz and not 0 <= rows.min() <= rows.max() < x_shape[1] // bk):
-        raise ValueError(f"rows must be {nnz} block-rows in [0, {x_shape[1] // bk})")
-    if col_ptr.shape != (n // bn + 1,) or col_ptr[0] != 0 or col_ptr[-1] != nnz:
-        raise ValueError(f"col_ptr must have {n // bn + 1} offsets from 0 to {nnz}")
-    if np.any(np.diff(col_ptr) < 0):
-        raise ValueError("col_ptr must be non-decreasing")
+# What each handler checks before it runs (check code i reports message i - 1).
+BSR_ERRORS = tuple(
+    f"{_BSR_TARGET}: {m}"
+    for m in (
+        "operands must be x f32[M, K], values f32[nnz, bk, bn], rows s32[nnz], col_ptr "
+        "s32[N/bn + 1]; result f32[M, N]",
+        "shapes disagree or bk does not divide K, bn N, or bn is not a multiple of 16",
+        "col_ptr must rise from 0 to nnz",
+        "rows must index the K/bk block-rows",
+    )
+)
+SDDMM_ERRORS = tuple(
+    f"{_SDDMM_TARGET}: {m}"
+    for m in (
+        "operands must be x f32[M, K], dy f32[M, N], rows s32[nnz], cols s32[nnz]; result "
+        "f32[nnz, bk, bn]",
+        "shapes disagree or bk does not divide K, bn N, or a block side is not a multiple of 16",
+        "rows and cols must index the (K/bk, N/bn) block grid",
+    )
+)
+
+if numba is not None:
+    _F32, _S32 = abi.DTYPE_F32, abi.DTYPE_S32
+    dim = ffi.dim
+
+    @numba.njit
+    def _i32(buffer, n):
+        return numba.carray(ffi.i32_pointer(ffi.data(buffer)), (n,))
+
+    @numba.njit
+    def _f32(buffer, shape):
+        return numba.carray(ffi.f32_pointer(ffi.data(buffer)), shape)
+
+    @numba.njit
+    def _buffers(frame):
+        """The four operand buffers and the result buffer."""
+        b = ffi.buffer
+        return b(frame, 0), b(frame, 1), b(frame, 2), b(frame, 3), b(frame, 4)
+
+    @numba.njit
+    def _in_range(values, hi):
+        for v in values:
+            if v < 0 or v >= hi:
+                return False
+        return True
+
+    @numba.njit
+    def _bsr_check(frame):
+        """0 if the forward kernel can run on the frame's buffers, else a :data:`BSR_ERRORS`
+        code."""
+        if not ffi.signature_ok(frame, (_F32, _F32, _S32, _S32, _F32), (2, 3, 1, 1, 2), 4):
+            return 1
+        bx, bv, br, bp, bo = _buffers(frame)
+        (m, k), (nnz, bk, bn), n = (dim(bx, 0), dim(bx, 1)), ffi.dims3(bv), dim(bo, 1)
+        if bk <= 0 or bn <= 0 or bn % 16 or k % bk or n % bn or dim(bo, 0) != m:
+            return 2
+        if dim(br, 0) != nnz or dim(bp, 0) != n // bn + 1:
+            return 2
+        ptr = _i32(bp, n // bn + 1)
+        if ptr[0] != 0 or ptr[n // bn] != nnz:
+            return 3
+        for j in range(n // bn):
+            if ptr[j + 1] < ptr[j]:
+                return 3
+        return 0 if _in_range(_i32(br, nnz), k // bk) else 4
+
+    @numba.njit
+    def _bsr_run(frame):
+        bx, bv, br, bp, bo = _buffers(frame)
+        (m, k), (nnz, bk, bn), n = (dim(bx, 0), dim(bx, 1)), ffi.dims3(bv), dim(bo, 1)
+        x, vals, out = _f32(bx, (m, k)), _f32(bv, (nnz, bk, bn)), _f32(bo, (m, n))
+        _bsr_host(x, vals, _i32(br, nnz), _i32(bp, n // bn + 1), out, _cw(bn))
+
+    @numba.njit
+    def _sddmm_check(frame):
+        """0 if the SDDMM kernel can run on the frame's buffers, else a :data:`SDDMM_ERRORS`
+        code."""
+        if not ffi.signature_ok(frame, (_F32, _F32, _S32, _S32, _F32), (2, 2, 1, 1, 3), 4):
+            return 1
+        bx, bd, br, bc, bo = _buffers(frame)
+        (m, k), n, (nnz, bk, bn) = (dim(bx, 0), dim(bx, 1)), dim(bd, 1), ffi.dims3(bo)
+        if bk <= 0 or bn <= 0 or bk % 16 or bn % 16 or k % bk or n % bn or dim(bd, 0) != m:
+            return 2
+        if dim(br, 0) != nnz or dim(bc, 0) != nnz:
+            return 2
+        ok = _in_range(_i32(br, nnz), k // bk) and _in_range(_i32(bc, nnz), n // bn)
+        return 0 if ok else 3
+
+    @numba.njit
+    def _sddmm_run(frame):
+        bx, bd, br, bc, bo = _buffers(frame)
+        (m, k), n, (nnz, bk, bn) = (dim(bx, 0), dim(bx, 1)), dim(bd, 1), ffi.dims3(bo)
+        x, dy, out = _f32(bx, (m, k)), _f32(bd, (m, n)), _f32(bo, (nnz, bk, bn))
+        _sddmm_host(x, dy, _i32(br, nnz), _i32(bc, nnz), out, _cw(bn))
 
 
 def _launch(kernel, *args) -> None:
@@ -164,95 +271,40 @@ def _launch(kernel, *args) -> None:
         ffi.release_lock(ffi.LOCK)
 
 
-def bsr_matmul_host(
-    x: np.ndarray, values: np.ndarray, rows: np.ndarray, col_ptr: np.ndarray, n: int
-) -> np.ndarray:
-    """Host (numpy) block-sparse product: ``x (M, K)`` times the blocks ``values (nnz, bk, bn)``
-    stored at K block-rows ``rows`` in CSC order with offsets ``col_ptr``; f32 ``(M, n)``."""
-    _check_block(values.shape[1:])
-    check_tables(x.shape, values.shape, rows, col_ptr, n)
-    out = np.empty((x.shape[0], n), np.float32)
-    args = (np.ascontiguousarray(a, t) for a, t in ((x, np.float32), (values, np.float32)))
-    tables = (np.ascontiguousarray(rows, np.int32), np.ascontiguousarray(col_ptr, np.int32))
-    _launch(_bsr_host, *args, *tables, out, column_tile(values.shape[2]))
-    return out
+@functools.cache
+def _register() -> str | None:
+    """Give the drivers a disk cache where that is safe, compile them and start numba's
+    thread pool from Python (a launch from an XLA thread cannot start it), then register both
+    handlers; returns why that failed (after one warning), e.g. an XLA that does not support
+    :data:`abi.WRITTEN_FOR`."""
+    here = Path(__file__).parent
+    path = cache.kernel_cache_dir(here / "native.py", here / "microkernel.py")
+    if path is not None:
+        cache.enable((_bsr_host, _sddmm_host), path)
+    one, zero, ptr = np.ones((1, 16, 16), np.float32), np.zeros(1, np.int32), np.arange(2)
+    try:
+        _launch(_bsr_host, one[0], one, zero, ptr.astype(np.int32), one[0].copy(), 16)
+        _launch(_sddmm_host, one[0], one[0], zero, zero, one.copy(), 16)
+        ffi.register(_BSR_TARGET, _bsr_check, _bsr_run, BSR_ERRORS)
+        ffi.register(_SDDMM_TARGET, _sddmm_check, _sddmm_run, SDDMM_ERRORS)
+    except Exception as err:  # any failure means: use the XLA-ops path
+        reason = f"registering the FFI handlers failed: {err}"
+        msg = f"native CPU kernels disabled, using the XLA-ops path: {reason}"
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        return reason
+    return None
 
 
-def sddmm_host(x: np.ndarray, dy: np.ndarray, layout) -> np.ndarray:
-    """Host (numpy) SDDMM: the blocks of ``x.T @ dy`` at ``layout``'s stored positions,
-    ``(nnz, bk, bn)`` f32 in its (CSC) order."""
-    _check_block(layout.block, sddmm=True)
-    _check_sddmm(x.shape, dy.shape, layout)
-    out = np.empty((layout.nnz, *layout.block), np.float32)
-    x, dy = (np.ascontiguousarray(a, np.float32) for a in (x, dy))
-    rows, cols = (np.ascontiguousarray(a, np.int32) for a in (layout.rows, layout.cols))
-    _launch(_sddmm_host, x, dy, rows, cols, out, column_tile(layout.block[1]))
-    return out
+def _call(target: str, out_shape, *operands) -> jax.Array:
+    reason = unavailable_reason()
+    if reason:
+        raise RuntimeError(f"the native CPU kernels cannot run here: {reason}")
+    out = jax.ShapeDtypeStruct(out_shape, jnp.float32)
+    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*operands)
 
 
-def _check_sddmm(x_shape, dy_shape, layout) -> None:
-    k, n = layout.shape
-    if len(x_shape) != 2 or x_shape[1] != k or tuple(dy_shape) != (x_shape[0], n):
-        raise ValueError(
-            f"x must be (M, {k}) and dy (M, {n}) for a {layout.shape} layout, got "
-            f"{tuple(x_shape)} and {tuple(dy_shape)}"
-        )
-    rows, cols = np.asarray(layout.rows), np.asarray(layout.cols)
-    grid = layout.grid
-    if rows.shape != cols.shape or (
-        rows.size
-        and not (0 <= min(rows.min(), cols.min()) and rows.max() < grid[0] and cols.max() < grid[1])
-    ):
-        raise ValueError(f"layout rows/cols must index its {grid} block grid")
-
-
-if numba is not None:
-
-    @numba.njit
-    def _bsr_call(frame):
-        """Operands ``x (M, K), values (nnz, bk, bn), rows (nnz,) i32, col_ptr (nn+1,) i32``;
-        result ``(M, N)``; all floats f32."""
-        bx, bv, br, bp = ffi.arg(frame, 0), ffi.arg(frame, 1), ffi.arg(frame, 2), ffi.arg(frame, 3)
-        bo = ffi.ret(frame, 0)
-        m, nnz, bk, bn = ffi.dim(bx, 0), ffi.dim(bv, 0), ffi.dim(bv, 1), ffi.dim(bv, 2)
-        x = numba.carray(ffi.f32_pointer(ffi.data(bx)), (m, ffi.dim(bx, 1)))
-        vals = numba.carray(ffi.f32_pointer(ffi.data(bv)), (nnz, bk, bn))
-        rows = numba.carray(ffi.i32_pointer(ffi.data(br)), (nnz,))
-        col_ptr = numba.carray(ffi.i32_pointer(ffi.data(bp)), (ffi.dim(bp, 0),))
-        out = numba.carray(ffi.f32_pointer(ffi.data(bo)), (m, ffi.dim(bo, 1)))
-        _bsr_host(x, vals, rows, col_ptr, out, _cw(bn))
-
-    @numba.njit
-    def _sddmm_call(frame):
-        """Operands ``x (M, K), dy (M, N), rows (nnz,) i32, cols (nnz,) i32``; result
-        ``(nnz, bk, bn)``; all floats f32."""
-        bx, bd, br, bc = ffi.arg(frame, 0), ffi.arg(frame, 1), ffi.arg(frame, 2), ffi.arg(frame, 3)
-        bo = ffi.ret(frame, 0)
-        m, nnz, bk, bn = ffi.dim(bx, 0), ffi.dim(bo, 0), ffi.dim(bo, 1), ffi.dim(bo, 2)
-        x = numba.carray(ffi.f32_pointer(ffi.data(bx)), (m, ffi.dim(bx, 1)))
-        dy = numba.carray(ffi.f32_pointer(ffi.data(bd)), (m, ffi.dim(bd, 1)))
-        rows = numba.carray(ffi.i32_pointer(ffi.data(br)), (nnz,))
-        cols = numba.carray(ffi.i32_pointer(ffi.data(bc)), (nnz,))
-        out = numba.carray(ffi.f32_pointer(ffi.data(bo)), (nnz, bk, bn))
-        _sddmm_host(x, dy, rows, cols, out, _cw(bn))
-
-
-def _bsr_handler(major: int, minor: int):
-    """The forward product's FFI handler (see :func:`pallas_kernels.ffi.make_handler`)."""
-    return ffi.make_handler(_bsr_call, major, minor)
-
-
-def _ensure_registered() -> None:
-    """Compile the kernels and start numba's thread pool from Python (a launch from an XLA
-    thread cannot start it), then register both handlers."""
-    if ffi.registered(_BSR_TARGET) and ffi.registered(_SDDMM_TARGET):
-        return
-    one = np.ones((16, 16), np.float32)
-    tables = np.zeros(1, np.int32), np.array([0, 1], np.int32)
-    bsr_matmul_host(one, one[None], *tables, 16)
-    _launch(_sddmm_host, one, one, tables[0], tables[0], one[None].copy(), 16)
-    ffi.register(_BSR_TARGET, _bsr_call)
-    ffi.register(_SDDMM_TARGET, _sddmm_call)
+def _table(a) -> jax.Array:
+    return jnp.asarray(np.asarray(a, np.int32))
 
 
 def bsr_matmul_native(x: jax.Array, values: jax.Array, layout) -> jax.Array:
@@ -267,24 +319,19 @@ def bsr_matmul_native(x: jax.Array, values: jax.Array, layout) -> jax.Array:
         )
     if m == 0 or layout.nnz == 0:
         return jnp.zeros((m, n), x.dtype)
-    check_tables(x.shape, values.shape, layout.rows, layout.col_ptr, n)
-    _ensure_registered()
-    rows, col_ptr = (jnp.asarray(np.asarray(a, np.int32)) for a in (layout.rows, layout.col_ptr))
-    call = jax.ffi.ffi_call(
-        _BSR_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
-    )
-    return call(x.astype(jnp.float32), values.astype(jnp.float32), rows, col_ptr).astype(x.dtype)
+    f32 = (x.astype(jnp.float32), values.astype(jnp.float32))
+    y = _call(_BSR_TARGET, (m, n), *f32, _table(layout.rows), _table(layout.col_ptr))
+    return y.astype(x.dtype)
 
 
 def sddmm_native(x: jax.Array, dy: jax.Array, layout) -> jax.Array:
     """Blocks of ``x.T @ dy`` at the stored positions, ``(nnz, bk, bn)`` in ``x.dtype``,
     through the native kernel as an XLA custom call. Block sides must be multiples of 16."""
+    (k, n), out = layout.shape, (layout.nnz, *layout.block)
     _check_block(layout.block, sddmm=True)
-    _check_sddmm(x.shape, dy.shape, layout)
+    if x.ndim != 2 or x.shape[1] != k or dy.shape != (x.shape[0], n):
+        raise ValueError(f"x must be (M, {k}) and dy (M, {n}), got {x.shape} and {dy.shape}")
     if layout.nnz == 0 or x.shape[0] == 0:
-        return jnp.zeros((layout.nnz, *layout.block), x.dtype)
-    _ensure_registered()
-    rows, cols = (jnp.asarray(np.asarray(a, np.int32)) for a in (layout.rows, layout.cols))
-    out = jax.ShapeDtypeStruct((layout.nnz, *layout.block), jnp.float32)
-    call = jax.ffi.ffi_call(_SDDMM_TARGET, out, vmap_method="sequential")
-    return call(x.astype(jnp.float32), dy.astype(jnp.float32), rows, cols).astype(x.dtype)
+        return jnp.zeros(out, x.dtype)
+    f32 = (x.astype(jnp.float32), dy.astype(jnp.float32))
+    return _call(_SDDMM_TARGET, out, *f32, _table(layout.rows), _table(layout.cols)).astype(x.dtype)

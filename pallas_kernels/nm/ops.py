@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.backend import check_operand, resolve_backend
+from pallas_kernels.cpu.nm import decompress, gather_kept, nm_matmul_cpu
 from pallas_kernels.nm import kernel as K
-from pallas_kernels.nm.cpu import decompress, gather_kept, nm_matmul_cpu
 from pallas_kernels.nm.format import NMMatrix, code_layout
 
 
