@@ -96,9 +96,7 @@ def optimizer(config: ml_collections.ConfigDict, schedule) -> tuple[Any, optax.S
         optax.adamw(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay),
     )
     method = mask_method(config, schedule)
-    # The training loop checks exactness at every log step and names the leaves itself.
-    tx = inner if method is None else sparsify(inner, method, seed=config.seed,
-                                               on_violation="count")
+    tx = inner if method is None else sparsify(inner, method, seed=config.seed)
     return tx, lr
 
 

@@ -68,9 +68,9 @@ def _composition_problems(opt_state: Any, path: tuple) -> list[str]:
 def find_state(opt_state: Any) -> SparsifyState:
     """The (first) :class:`SparsifyState` inside an arbitrary optimizer state.
 
-    Raises ``ValueError`` when there is none, or when the state shows a composition that
+    Raises ``ValueError`` when there is none, when the state shows a composition that
     breaks the zeros (``sparsify`` followed by other transforms in a chain, wrapped by
-    ``optax.lookahead``).
+    ``optax.lookahead``), or when an update found pruned weights that were not 0.
     """
     found = jax.tree_util.tree_flatten_with_path(
         opt_state, is_leaf=lambda x: isinstance(x, SparsifyState)
@@ -82,6 +82,13 @@ def find_state(opt_state: Any) -> SparsifyState:
                 raise ValueError(
                     "sparsify cannot keep pruned weights at 0 in this optimizer: "
                     + "; ".join(problems) + ". " + COMPOSE_HINT
+                )
+            n = leaf.violations
+            if not isinstance(n, jax.core.Tracer) and int(n) > 0:
+                raise ValueError(
+                    f"sparsify: {int(n)} pruned weights were not 0 when update "
+                    f"{int(leaf.count) - 1} began: a transform after sparsify changed its "
+                    "updates or params were edited outside the optimizer. " + COMPOSE_HINT
                 )
             return leaf
     raise ValueError("opt_state holds no sparsify state: was the optimizer built with sparsify?")

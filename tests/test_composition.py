@@ -135,9 +135,10 @@ def test_exact(name):
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
 def test_refused_when_stepping(name):
-    """A user who never calls prune/check is stopped by the update itself."""
+    """With ``on_violation="raise"`` the update itself stops a user who never inspects the
+    state (the default counts, and any read of the state raises: test_core_v2)."""
     lookahead = is_lookahead(name)
-    tx = REFUSED[name]()
+    tx = REFUSED[name](on_violation="raise")
     p, state = init(tx, lookahead)
     step = make_step(tx, lookahead)
     with pytest.raises(Exception, match="inside sparsify") as err:  # noqa: B017
@@ -152,7 +153,7 @@ def test_refused_at_first_look_and_really_broken(name):
     """``prune``/``check`` refuse the state right after init; and the refusal is not
     over-cautious: counting instead of raising shows pruned weights that are not 0."""
     lookahead = is_lookahead(name)
-    tx = REFUSED[name](on_violation="count")
+    tx = REFUSED[name]()
     p, state = init(tx, lookahead)
     for fn in (sparsejax.prune, sparsejax.check):
         with pytest.raises(ValueError, match="inside sparsify"):
