@@ -15,17 +15,21 @@ faster than numba's scalar libm calls); the kernel does everything after them, o
 time over point-contiguous rows that stay in L1 cache. A term that is the same at every point
 (``e`` in the Chinchilla law, ``log g`` in Frantar's) costs one ``exp`` per start.
 
-Compiled on first use (a few seconds) and cached on disk by numba (``cache=True``: next to this
-file, or under ``NUMBA_CACHE_DIR``). numba's cache loads pickled code: its directory must be
-writable only by the user.
+Compiled on first use (a few seconds) and cached on disk by numba in a private per-user folder
+under ``$SPARSEJAX_CACHE_DIR`` (default ``~/.cache/sparsejax``; ``pallas_kernels.cpu.cache``):
+numba's cache loads pickled code, so a folder that others can write is refused (one warning,
+no disk cache).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple
 
 import numba
 import numpy as np
+
+from pallas_kernels.cpu import cache as kernel_cache
 
 _CHUNK = 16_000  # starts x points per pass: cache-sized temporaries
 # reassociation lets the point loops vectorise; no nnan/ninf: infinities must compare correctly
@@ -97,7 +101,7 @@ def build_ops(model: LSEModel) -> Ops:
     )
 
 
-@numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
+@numba.njit(fastmath=_FAST, error_model="numpy")
 def _kernel(  # pragma: no cover - compiled
     ev,
     ec,
@@ -270,3 +274,8 @@ def check_weights(weights, b: int, n: int) -> np.ndarray | None:
 def select_rows(w, idx):
     """Rows ``idx`` of per-start weights (shared weights pass through)."""
     return w if w is None or w.shape[0] == 1 else w[idx]
+
+
+_CACHE = kernel_cache.kernel_cache_dir(Path(__file__), what="compiled scaling-law passes")
+if _CACHE is not None:  # a private per-user folder under $SPARSEJAX_CACHE_DIR (pickled code)
+    kernel_cache.enable([_kernel], _CACHE)

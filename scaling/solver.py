@@ -28,10 +28,13 @@ the batched step solve (``damped_steps``) another. On the 240-point Chinchilla d
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import NamedTuple
 
 import numba
 import numpy as np
+
+from pallas_kernels.cpu import cache as kernel_cache
 
 try:  # a busy machine makes idle BLAS threads spin against the element-wise passes
     from threadpoolctl import threadpool_limits
@@ -157,7 +160,7 @@ def _minimize(model, theta0, penalty, weights, max_iter, ftol, exact_below):
     return SolveResult(theta=theta, objective=f, converged=converged, n_iter=n_iter)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(error_model="numpy")
 def damped_steps(h, g, lam):  # pragma: no cover - compiled
     """Levenberg-Marquardt steps ``(H + lam |diag H|) step = -g`` for every row, by Gaussian
     elimination with partial pivoting; a singular or non-finite system gives a zero step."""
@@ -201,3 +204,8 @@ def damped_steps(h, g, lam):  # pragma: no cover - compiled
         if not np.all(np.isfinite(out[r])):
             out[r] = 0.0
     return out
+
+
+_CACHE = kernel_cache.kernel_cache_dir(Path(__file__), what="compiled scaling-law solves")
+if _CACHE is not None:  # a private per-user folder under $SPARSEJAX_CACHE_DIR (pickled code)
+    kernel_cache.enable([damped_steps], _CACHE)

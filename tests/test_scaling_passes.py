@@ -4,6 +4,8 @@ exact Hessian and the damped Newton steps."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -163,3 +165,29 @@ def test_damped_steps_match_numpy_solve_including_degenerate_systems():
         np.testing.assert_allclose(got[i], np.linalg.solve(mat, -g[i]), rtol=1e-8, atol=1e-10)
     assert not got[61:63].any() and np.all(np.isfinite(got))
     np.testing.assert_allclose(got[60], -g[60] / (lam[60] * 1e-12), rtol=1e-12)
+
+
+def test_compiled_passes_cache_in_a_private_folder(tmp_path):
+    """The solver's compiled code goes to $SPARSEJAX_CACHE_DIR (one variable for data and
+    compiled code), in folders only the user can read; a folder others can write is refused."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np; from scaling import fit_chinchilla; "
+            "n = np.geomspace(1e6, 1e9, 8); d = np.geomspace(1e8, 1e11, 8); "
+            "N, D = [a.ravel() for a in np.meshgrid(n, d)]; "
+            "fit_chinchilla(N, D, 1.7 + 400 / N**0.34 + 400 / D**0.28, grid='coarse')")
+    ok = tmp_path / "ok"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                   env={**os.environ, "SPARSEJAX_CACHE_DIR": str(ok)}, timeout=300)
+    folders = sorted((ok / "kernels").iterdir())
+    assert len(folders) == 2 and all((f.stat().st_mode & 0o777) == 0o700 for f in folders)
+    assert all(any(f.rglob("*.nbi")) for f in folders)  # numba index files written there
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    out = subprocess.run([sys.executable, "-W", "always", "-c", code], check=True,
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "SPARSEJAX_CACHE_DIR": str(shared)})
+    assert "are not cached on disk" in out.stderr and "writable by group or others" in out.stderr
+    assert not (shared / "kernels").exists() or not any((shared / "kernels").rglob("*.nbi"))

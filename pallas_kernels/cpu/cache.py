@@ -63,16 +63,17 @@ def private_dir(root: Path, *parts: str) -> tuple[Path | None, str]:
 
 
 @functools.cache
-def kernel_cache_dir(*sources: Path) -> Path | None:
+def kernel_cache_dir(*sources: Path, what: str = "native CPU kernels") -> Path | None:
     """The private cache folder for drivers compiled from ``sources`` (None, after one
-    warning, when the disk cache is refused)."""
+    warning naming ``what``, when the disk cache is refused). ``scaling``'s compiled solver
+    passes use it too: one cache variable and one safety rule for all compiled code."""
     digest = hashlib.sha256()
     for src in sources:
         digest.update(Path(src).read_bytes())
     path, reason = private_dir(cache_root(), "kernels", digest.hexdigest()[:16])
     if path is None:
         warnings.warn(
-            f"native CPU kernels are not cached on disk ({reason}); set {ENV} to a folder "
+            f"{what} are not cached on disk ({reason}); set {ENV} to a folder "
             "only you can write",
             RuntimeWarning,
             stacklevel=2,
