@@ -10,9 +10,10 @@
   active parameter count, :func:`n_avg_update` (running) and :func:`n_avg_of` (batch).
 
 Which parameters N counts is the caller's choice through :func:`count_params`: by default
-every parameter (``total − pruned``); ``exclude_embeddings=True`` drops every leaf whose
-path contains ``embed`` (token and position embeddings, an untied ``unembed`` head), the
-non-embedding N of Kaplan et al. (2020). Use the same convention for every run of a fit.
+every parameter (``total − pruned``); ``exclude_embeddings=True`` drops the embedding tables
+(token and position embeddings, an untied ``unembed`` head: whole path components, see
+:func:`sparsejax.prunable.is_embedding`), the non-embedding N of Kaplan et al. (2020). Use the
+same convention for every run of a fit.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from sparsejax.prunable import Predicate, path_str, resolve
+from sparsejax.prunable import Predicate, is_embedding, path_str, resolve
 
 
 class ParamCounts(NamedTuple):
@@ -57,7 +58,7 @@ def count_params(
     total = prunable_n = 0
     pruned = []
     for (path, leaf), mask in zip(leaves, mask_leaves, strict=True):
-        if exclude_embeddings and "embed" in path_str(path).lower():
+        if exclude_embeddings and is_embedding(path):
             continue
         size = int(np.prod(np.shape(leaf), dtype=np.int64))
         total += size

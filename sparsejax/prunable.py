@@ -68,6 +68,19 @@ def _matches(component: str, pattern: str) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for name in names)
 
 
+# Embedding tables among DEFAULT_EXCLUDE (token and positional), for non-embedding counts.
+EMBEDDING_PATTERNS: tuple[str, ...] = (
+    "embed*", "*embed", "*embeds", "*embedding", "*embeddings", "wte",
+    "pos", "pos_*", "position*", "wpe",
+)
+
+
+def is_embedding(path: Sequence[Any]) -> bool:
+    """Whether a path names an embedding table (token, positional, or a head named after
+    one such as GPT's ``unembed``), by whole path component like the default predicate."""
+    return any(_matches(c, pat) for c in components(path) for pat in EMBEDDING_PATTERNS)
+
+
 def leaf_dtype(leaf: Any) -> np.dtype:
     """The dtype of an array, ``ShapeDtypeStruct`` or Python scalar leaf."""
     dtype = getattr(leaf, "dtype", None)
