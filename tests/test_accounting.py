@@ -147,3 +147,14 @@ def test_n_avg():
         n_avg_of([])
     with pytest.raises(ValueError, match="step"):
         n_avg_update(1.0, 1.0, -1)
+
+
+def test_non_embedding_count_matches_whole_components():
+    import numpy as np
+
+    params = {"wte": np.zeros((10, 4)), "pos_embed": np.zeros((8, 4)),
+              "posterior_head": {"kernel": np.zeros((4, 3))},
+              "time_embed_mlp": {"kernel": np.zeros((4, 4))}, "unembed": np.zeros((4, 10))}
+    # only the token/position tables and the unembed head are embeddings; a diffusion model's
+    # "time_embed_mlp" layer merely contains the letters
+    assert count_params(params, exclude_embeddings=True).total == 12 + 16
