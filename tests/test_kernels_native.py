@@ -33,7 +33,8 @@ def random_bsr(k, n, block, density, seed=0):
 
 
 # (M, K, N, block, density): row tails (M not a multiple of the 6/12/24-row tiles, M=1,
-# M > 256-row tasks), column tiles 64/32/16 (bn 64, 128, 32, 48, 16), empty block-columns.
+# M over one, two, three and four 256-row tasks with ragged tails), column tiles 64/32/16
+# (bn 64, 128, 32, 48, 16), empty block-columns.
 CASES = [
     (37, 128, 192, (32, 64), 0.5),
     (300, 256, 256, (64, 64), 0.3),
@@ -42,6 +43,10 @@ CASES = [
     (50, 96, 144, (32, 48), 0.4),
     (25, 64, 64, (16, 16), 0.2),
     (7, 128, 128, (64, 64), 0.0),
+    # several 256-row tasks per block-column with ragged tails of different lengths
+    (600, 64, 128, (16, 64), 0.5),
+    (1031, 32, 96, (32, 32), 0.6),
+    (769, 64, 64, (64, 16), 0.7),
 ]
 
 
@@ -63,6 +68,7 @@ SDDMM_CASES = [
     (1, 64, 96, (16, 32), 0.9),
     (50, 96, 144, (32, 48), 0.4),
     (129, 256, 256, (128, 128), 0.6),
+    (301, 64, 96, (16, 48), 0.5),  # ten 32-row chunks and a 13-row tail per tile
 ]
 
 
