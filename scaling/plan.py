@@ -26,27 +26,12 @@ from typing import NamedTuple
 import numpy as np
 
 from scaling.laws import ChinchillaLaw
-from sparsejax.schedules import WINDOW_KINDS, window_average_density, window_mean_density
+from sparsejax.schedules import WINDOW_KINDS, window_mean_density
+from sparsejax.schedules import window_average_density as average_density
 
 __all__ = ["KINDS", "SparsePlan", "average_density", "plan_sparse", "window_mean_density"]
 
 KINDS = WINDOW_KINDS
-
-
-def average_density(
-    final_sparsity: float,
-    start: float = 0.25,
-    end: float = 0.75,
-    *,
-    kind: str = "geometric",
-    by: str = "compute",
-    power: float = 3.0,
-) -> float:
-    """Average density over training of a dense-to-sparse window schedule (see module doc):
-    :func:`sparsejax.schedules.window_average_density`, the one implementation."""
-    if not 0 <= final_sparsity < 1:
-        raise ValueError(f"final_sparsity must be in [0, 1); got {final_sparsity}")
-    return window_average_density(final_sparsity, start, end, kind=kind, by=by, power=power)
 
 
 class SparsePlan(NamedTuple):
