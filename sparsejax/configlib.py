@@ -34,7 +34,7 @@ def base() -> ml_collections.ConfigDict:
     c.sparsity = dict(
         method="dense", final=0.0, schedule="window", start=0.25, end=0.75, by="compute",
         kind="geometric", begin_step=0, end_step=0, update_every=10, score="magnitude",
-        allocation="global", power_scale=1.0,
+        allocation="global", power_scale=1.0, dense_from=1.0,
     )
     c.checkpoint = dict(every=100, keep=3)
     c.wandb = dict(enabled=False, project="sparsejax", mode="offline", name="")
@@ -150,7 +150,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
           got["train.steps"])
     for key in ("train.lr", "train.b1", "train.b2", "train.weight_decay", "train.grad_clip",
                 "train.min_lr_ratio", "data.val_fraction", "sparsity.final", "sparsity.start",
-                "sparsity.end", "sparsity.power_scale"):
+                "sparsity.end", "sparsity.power_scale", "sparsity.dense_from"):
         v = got[key]
         _need(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v), key,
               "a finite float", v)
@@ -165,6 +165,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
           got["data.val_fraction"])
     _need(0 <= got["sparsity.final"] < 1, "sparsity.final", "a float in [0, 1)",
           got["sparsity.final"])
+    _need(0 < got["sparsity.dense_from"] <= 1, "sparsity.dense_from",
+          "a fraction of train.steps in (0, 1] (SPDF's switch to dense; 1: never)",
+          got["sparsity.dense_from"])
+    if got["sparsity.dense_from"] < 1:
+        _need(got["sparsity.method"] in ("static", "gradual") and got["model.linear"] == "dense",
+              "sparsity.dense_from", "1 unless a static or gradual method masks dense layers",
+              got["sparsity.dense_from"])
+        _need(round(got["sparsity.dense_from"] * got["train.steps"]) >= 1,
+              "sparsity.dense_from", "a fraction that leaves >= 1 sparse step",
+              got["sparsity.dense_from"])
     _need(0 <= got["sparsity.start"] < got["sparsity.end"] <= 1, "sparsity.start/end",
           "0 <= start < end <= 1", (got["sparsity.start"], got["sparsity.end"]))
     _need(got["train.seq_len"] <= got["model.n_ctx"], "train.seq_len",

@@ -80,10 +80,14 @@ def mask_method(config: ml_collections.ConfigDict, schedule: schedules.Schedule 
     if s.method == "dense" or config.model.linear != "dense":  # BSR: sparsity is structural
         return None
     if s.method == "static":
-        return methods.static(s.final, score=s.score, allocation=s.allocation,
-                              power_scale=s.power_scale)
-    return methods.gradual(schedule, score=s.score, allocation=s.allocation,
-                           power_scale=s.power_scale)
+        method = methods.static(s.final, score=s.score, allocation=s.allocation,
+                                power_scale=s.power_scale)
+    else:
+        method = methods.gradual(schedule, score=s.score, allocation=s.allocation,
+                                 power_scale=s.power_scale)
+    if s.dense_from < 1:  # SPDF: dense from this fraction of the steps on
+        method = methods.spdf(method, round(s.dense_from * config.train.steps))
+    return method
 
 
 def optimizer(config: ml_collections.ConfigDict, schedule) -> tuple[Any, optax.Schedule]:

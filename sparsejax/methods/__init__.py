@@ -9,9 +9,11 @@ from sparsejax.methods.base import (
     never,
     periodic,
 )
+from sparsejax.methods.dst import rigl, set_
 from sparsejax.methods.fixed import fixed
 from sparsejax.methods.gradual import gradual
 from sparsejax.methods.nm import nm
+from sparsejax.methods.spdf import spdf
 from sparsejax.methods.static import static
 
 __all__ = [
@@ -25,5 +27,8 @@ __all__ = [
     "never",
     "nm",
     "periodic",
+    "rigl",
+    "set_",
+    "spdf",
     "static",
 ]

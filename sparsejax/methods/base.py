@@ -38,7 +38,8 @@ class Cadence(NamedTuple):
     ``begin_step`` up to (not including) ``end_step`` (``None``: forever). When ``schedule`` is
     given, its own ``is_update_step`` decides (schedules place updates irregularly, e.g.
     ``polynomial`` also updates at ``end_step``, ``iterative`` at listed steps); the other
-    fields then describe the schedule's window.
+    fields then describe the schedule's window. ``schedule`` may be any object with a
+    jittable ``is_update_step(step)`` and an ``end_step`` (``methods.spdf`` combines two).
     """
 
     update_every: int | None  # None: masks fixed after init
