@@ -132,21 +132,55 @@ def prune(params: Any, opt_state: Any) -> Any:
     return apply_masks(params, masks_of(opt_state))
 
 
+@jax.custom_vjp
+def _straight_through(w: jax.Array, scale: jax.Array) -> jax.Array:
+    return w * scale.astype(w.dtype)
+
+
+def _st_fwd(w, scale):
+    return _straight_through(w, scale), scale
+
+
+def _st_bwd(scale, g):  # the gradient passes to every weight unchanged (straight-through)
+    return g, jnp.zeros_like(scale)
+
+
+_straight_through.defvjp(_st_fwd, _st_bwd)
+
+
 def forward_params(params: Any, opt_state: Any) -> Any:
-    """Params as the forward pass should see them: masked by the masks in ``opt_state``."""
-    return prune(params, opt_state)
+    """Params as the forward pass should see them, differentiable straight-through.
+
+    Forward: ``W * (E + (1 - E) beta)`` with the masks ``E`` and ``beta`` the state's
+    ``forward_weight`` (0 for hard masks and STE/SR-STE; MDGF's decaying ``beta_t``);
+    backward: the identity (``jax.custom_vjp``), so every weight, kept or pruned, receives the
+    gradient of the loss with respect to its forward value (Bengio et al. 2013; Zhou et al.
+    2021). ``sparsify`` then masks that gradient for hard-mask methods and keeps it for
+    straight-through ones. Leaves outside the masks are returned unchanged.
+    """
+    state = find_state(opt_state)
+    beta = state.forward_weight
+
+    def leaf(m, p):
+        if _is_masked_node(m) or not jnp.ndim(m):
+            return p
+        return _straight_through(p, jnp.where(m, 1.0, beta).astype(jnp.float32))
+
+    return jax.tree_util.tree_map(leaf, state.masks, params, is_leaf=_is_masked_node)
 
 
 def check(params: Any, opt_state: Any) -> Any:
-    """Per leaf of ``params``: how many weights the masks prune are not exactly 0.
+    """Per leaf of ``params``: how many weights the masks prune are not exactly 0 (0 in the
+    straight-through phase of STE-style methods, which keep pruned weights by design).
 
     All zeros means ``params == params * mask``. Raises ``ValueError`` for a composition that
     cannot stay exact (see :func:`find_state`). Jittable.
     """
+    state = find_state(opt_state)  # straight-through phases keep pruned weights on purpose
     return jax.tree_util.tree_map(
         lambda m, p: jax.tree_util.tree_map(lambda _: jnp.int32(0), p) if _is_masked_node(m)
-        else count_violations(p, m),
-        masks_of(opt_state), params, is_leaf=_is_masked_node,
+        else jnp.where(state.dense_weights, 0, count_violations(p, m)),
+        state.masks, params, is_leaf=_is_masked_node,
     )
 
 

@@ -25,7 +25,14 @@ from flax import nnx
 
 from sparsejax import accounting, checkpoint, checks, data, runlog
 from sparsejax.models.gpt import GPT, loss_fn
-from sparsejax.state import SparsityStats, check, find_state, prune, violations_report
+from sparsejax.state import (
+    SparsityStats,
+    check,
+    find_state,
+    forward_params,
+    prune,
+    violations_report,
+)
 from sparsejax.state import sparsity_stats as _sparsity_stats
 
 
@@ -73,7 +80,11 @@ def make_train_step(graphdef, params_def, rest, tx, *, fixed_flops, dense_flops,
         return loss_fn(model, x_BxL, y_BxL)
 
     def step(state: TrainState, x_BxL, y_BxL):
-        loss, grads = jax.value_and_grad(loss_of)(state.params, x_BxL, y_BxL)
+        def loss_of_weights(params):  # straight-through forward weights for sparse runs
+            return loss_of(forward_params(params, state.opt_state) if sparse else params,
+                           x_BxL, y_BxL)
+
+        loss, grads = jax.value_and_grad(loss_of_weights)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         stats = _sparsity_stats(opt_state, params) if sparse else structural
@@ -202,8 +213,8 @@ def run(
     fixed_flops, dense_flops = _flops_coefficients(model, seq_len)
     opt_state = tx.init(params)
     sparse = _is_sparse(opt_state)
-    if sparse:  # masks take effect before the first forward pass
-        params = prune(params, opt_state)
+    if sparse and not bool(find_state(opt_state).dense_weights):
+        params = prune(params, opt_state)  # masks take effect before the first forward pass
         counts = _sparsity_stats(opt_state, params)
     else:
         counts = accounting.structural_stats(model, params)
@@ -225,6 +236,7 @@ def run(
     )
     evaluate = make_eval_step(graphdef, params_def, rest)
     count_violations = jax.jit(lambda p, s: sum(jax.tree_util.tree_leaves(check(p, s))))
+    forward_weights = jax.jit(forward_params) if sparse else (lambda p, s: p)
     val = data.eval_batches(corpus.val, batch_size=eval_batch_size or batch_size,
                             seq_len=seq_len, n_batches=eval_batches, seed=seed)
     val_x = np.stack([b[0] for b in val])
@@ -255,7 +267,8 @@ def run(
                 continue
             train_loss = float(state.loss_sum) / max(int(state.loss_count), 1)  # syncs
             now = time.perf_counter()
-            val_loss = float(evaluate(state.params, val_x, val_y)) if is_eval else None
+            val_loss = (float(evaluate(forward_weights(state.params, state.opt_state), val_x,
+                                       val_y)) if is_eval else None)
             record = {
                 "step": done,
                 "tokens": done * batch_size * seq_len,

@@ -47,6 +47,8 @@ class SparsifyState(NamedTuple):
     inner_state: Any  # the wrapped transformation's state
     target_sparsity: jax.Array  # shape=(), float32: the method's target for the latest step
     violations: jax.Array  # shape=(), int32: non-zero pruned weights in the latest sample
+    dense_weights: jax.Array  # shape=(), bool: the latest update kept pruned weights (STE)
+    forward_weight: jax.Array  # shape=(), float32: weight of pruned entries in the next forward
 
 
 def map_param_shaped(state: Any, params: Any, fn) -> Any:
@@ -152,6 +154,7 @@ def sparsify(
         key = jax.random.PRNGKey(seed)
         masks, method_state = init_masks(params, jax.random.fold_in(key, 0x7FFFFFFF))
         target = method.target(jnp.int32(0)) if cadence.fixed else jnp.zeros([], jnp.float32)
+        dense_weights, beta = phase(jnp.int32(0))
         return SparsifyState(
             count=jnp.zeros([], jnp.int32),
             masks=masks,
@@ -160,7 +163,18 @@ def sparsify(
             inner_state=inner.init(params),
             target_sparsity=jnp.asarray(target, jnp.float32),
             violations=jnp.zeros([], jnp.int32),
+            dense_weights=dense_weights,
+            forward_weight=beta,
         )
+
+    def phase(step):
+        """(straight-through at ``step``, forward weight of pruned entries at ``step``)."""
+        st = jnp.asarray(method.straight_through)
+        if method.hard_from is not None:
+            st = st & (step < method.hard_from)
+        beta = (jnp.float32(0.0) if method.pruned_weight is None
+                else jnp.asarray(method.pruned_weight(step), jnp.float32))
+        return st, jnp.where(st, beta, 0.0)
 
     def update_fn(updates, state, params=None, **extra_args):
         if params is None:
@@ -174,7 +188,8 @@ def sparsify(
         # composition that breaks the zeros leaves every pruned weight it touches non-zero, so
         # a fixed strided sample of each leaf (<= SAMPLE entries) detects it at ~no cost.
         n_bad = sum(jax.tree_util.tree_leaves(count_violations(params, masks, sample=SAMPLE)))
-        violations = jnp.where(step > 0, jnp.asarray(n_bad, jnp.int32), 0)
+        violations = jnp.where((step > 0) & ~state.dense_weights, jnp.asarray(n_bad, jnp.int32), 0)
+        st, _ = phase(step)
         if on_violation == "raise":
             jax.lax.cond(violations > 0,
                          lambda n, t: jax.debug.callback(_raise_violations, n, t),
@@ -195,7 +210,9 @@ def sparsify(
                 )
             # Zero the inner state where the mask changed: the identity on steps without an
             # update, and it fuses with the inner update instead of being copied by a cond.
-            same = jax.tree_util.tree_leaves(jax.tree_util.tree_map(jnp.equal, masks, new))
+            # Straight-through weights keep training through mask changes: no reset then.
+            same = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+                lambda a, b: jnp.equal(a, b) | st, masks, new))
             pr = jax.tree_util.tree_leaves(tree)
             inner_state = map_param_shaped(
                 inner_state,
@@ -205,17 +222,22 @@ def sparsify(
             masks = new
             target = jnp.asarray(method.target(step), jnp.float32)
 
-        def mask_grad(g, m, pr):
-            return jnp.where(m, g, jnp.zeros_like(g)) if pr and not method.straight_through else g
+        grads = updates
+        if method.adjust_grads is not None:  # e.g. SR-STE's decay of the pruned weights
+            refined = method.adjust_grads(grads, params, masks)
+            grads = jax.tree_util.tree_map(lambda a, b: jnp.where(st, a, b), refined, grads)
 
-        grads = jax.tree_util.tree_map(mask_grad, updates, masks, tree)
+        def mask_grad(g, m, pr):
+            return jnp.where(m | st, g, jnp.zeros_like(g)) if pr else g
+
+        grads = jax.tree_util.tree_map(mask_grad, grads, masks, tree)
         new_updates, inner_state = inner.update(grads, inner_state, params, **extra_args)
 
-        def land(u, m, p, pr):
-            return jnp.where(m, u, -p).astype(u.dtype) if pr else u
+        def land(u, m, p, pr):  # straight-through phases keep the dense weights
+            return jnp.where(m | st, u, -p).astype(u.dtype) if pr else u
 
-        if not method.straight_through:  # straight-through methods keep dense weights
-            new_updates = jax.tree_util.tree_map(land, new_updates, masks, params, tree)
+        new_updates = jax.tree_util.tree_map(land, new_updates, masks, params, tree)
+        _, beta = phase(step + 1)
         new_state = SparsifyState(
             count=optax.safe_increment(step),
             masks=masks,
@@ -224,6 +246,8 @@ def sparsify(
             inner_state=inner_state,
             target_sparsity=target,
             violations=jnp.asarray(violations, jnp.int32),
+            dense_weights=st,
+            forward_weight=beta,
         )
         return new_updates, new_state
 

@@ -15,6 +15,7 @@ from sparsejax.methods.gradual import gradual
 from sparsejax.methods.nm import nm
 from sparsejax.methods.spdf import spdf
 from sparsejax.methods.static import static
+from sparsejax.methods.ste import mdgf, sdgf, sr_ste, ste
 
 __all__ = [
     "Cadence",
@@ -30,5 +31,9 @@ __all__ = [
     "rigl",
     "set_",
     "spdf",
+    "sdgf",
+    "sr_ste",
     "static",
+    "ste",
+    "mdgf",
 ]

@@ -99,7 +99,15 @@ def constant_target(sparsity: float) -> Callable[[jax.Array], jax.Array]:
 
 
 class MaskMethod(NamedTuple):
-    """Pure functions that compute masks, with their declared cadence and target sparsity."""
+    """Pure functions that compute masks, with their declared cadence and target sparsity.
+
+    Straight-through methods (``straight_through=True``: STE, SR-STE, MDGF, SDGF) keep dense
+    weights: the forward pass sees ``sparsejax.forward_params`` = ``W * (E + (1 - E) beta_t)``
+    with ``beta_t = pruned_weight(t)`` (0 when ``None``), the gradient reaches every weight
+    unmasked (``adjust_grads(grads, params, masks)`` may refine it, as SR-STE does), and from
+    ``hard_from`` on (if given) the masks become hard: pruned weights land at 0 and train no
+    more.
+    """
 
     init: Callable[..., tuple[Masks, Any]]
     update: Callable[..., tuple[Masks, Any]]
@@ -107,6 +115,9 @@ class MaskMethod(NamedTuple):
     target: Callable[[jax.Array], jax.Array] = constant_target(0.0)
     name: str = "custom"
     straight_through: bool = False  # grads of pruned weights reach the inner optimizer
+    pruned_weight: Callable[[jax.Array], jax.Array] | None = None  # forward weight of pruned
+    adjust_grads: Callable[[Any, Any, Masks], Any] | None = None  # (grads, params, masks)
+    hard_from: int | None = None  # straight-through until this step, hard masks from it on
 
 
 def check_method(method: Any) -> MaskMethod:
