@@ -28,6 +28,7 @@ commands:
   status  RUN_DIR|SWEEP_DIR
   fit     SWEEP_DIR_OR_CSV [--law chinchilla|frantar] [--bootstrap N] [--out DIR]
   export  --format bsr|nm RUN_DIR [--out DIR] [--block BK,BN] [--n N --m M] [--force]
+  oneshot RUN_DIR [--sparsities S,...] [--score magnitude|wanda|gblm] [--structure STRUCTURE]
 """
 OVERRIDES_HELP = ("Overrides: --config.KEY=VALUE for any key of sparsejax.configlib.base(), "
                   "e.g. --config.train.steps=200 --config.sparsity.final=0.75. "
@@ -213,6 +214,57 @@ def export_main(argv: list[str]) -> int:
     return 0
 
 
+def oneshot_main(argv: list[str]) -> int:
+    """Prune the latest checkpoint in one shot at each sparsity; the essential-sparsity knee."""
+    from sparsejax import oneshot
+
+    p = _Parser("oneshot", description="Prune a run's checkpoint without retraining at each "
+                "sparsity, evaluate on the validation split, write RUN_DIR/oneshot.json and "
+                "oneshot.png, report the knee (Jaiswal et al. 2023).")
+    p.add_argument("run_dir")
+    p.add_argument("--sparsities", default=",".join(map(str, oneshot.DEFAULT_SPARSITIES)),
+                   help="comma-separated values in [0, 1] (ignored by N:M)")
+    p.add_argument("--score", default="magnitude", choices=oneshot.SCORES)
+    p.add_argument("--structure", default="unstructured", help="unstructured, N:M or block")
+    p.add_argument("--allocation", default=None, choices=oneshot.ALLOCATIONS,
+                   help="default: global for magnitude, layerwise for wanda/gblm")
+    p.add_argument("--block", default="16,16", help="block size BK,BN (--structure block)")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="knee tolerance, relative to the dense loss (default 0.01 = 1%%)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+    p.add_argument("--eval-batches", type=int, default=None, help="default: the run's config")
+    p.add_argument("--eval-batch-size", type=int, default=None, help="default: the run's")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the run's")
+    p.add_argument("--calibration-batches", type=int, default=4,
+                   help="training-split batches for wanda/gblm")
+    p.add_argument("--alpha", type=float, default=1.0, help="gblm gradient weight")
+    p.add_argument("--out", default=None, help="JSON path (default RUN_DIR/oneshot.json)")
+    args = p.parse_args(argv)
+    try:
+        block = tuple(int(b) for b in args.block.split(","))
+        if len(block) != 2 or min(block) < 1:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"oneshot: --block must be two ints >= 1 BK,BN, got {args.block!r}"
+                         ) from None
+    sparsities = oneshot.parse_sparsities(args.sparsities)
+    oneshot.parse_structure(args.structure)
+    for name in ("eval_batches", "eval_batch_size", "seq_len", "calibration_batches"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"oneshot: --{name.replace('_', '-')} must be >= 1, got {value}")
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"oneshot: run dir {run_dir} does not exist")
+    oneshot.oneshot(run_dir, sparsities, score=args.score, structure=args.structure,
+                    allocation=args.allocation, block=block, tolerance=args.tolerance,
+                    step=args.step, eval_batches=args.eval_batches,
+                    eval_batch_size=args.eval_batch_size, seq_len=args.seq_len,
+                    calibration_batches=args.calibration_batches, alpha=args.alpha,
+                    out=args.out)
+    return 0
+
+
 def _dispatch(argv: list[str], command: str) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
@@ -226,11 +278,14 @@ def _dispatch(argv: list[str], command: str) -> int:
         return status_main(rest)
     if name == "export":
         return export_main(rest)
+    if name == "oneshot":
+        return oneshot_main(rest)
     if name == "fit":
         from scaling import cli as scaling_cli
 
         return scaling_cli.main(rest)
-    raise UsageError(f"unknown command {name!r} (commands: train, sweep, status, fit, export)")
+    raise UsageError(f"unknown command {name!r} (commands: train, sweep, status, fit, export, "
+                     "oneshot)")
 
 
 def main(argv: list[str] | None = None) -> int:
