@@ -143,16 +143,11 @@ def knee(sparsities: Sequence[float], losses: Sequence[float], dense_loss: float
 
 
 def _evaluator(model: GPT):
+    """The training loop's own eval step (``train.make_eval_step``) for ``model``."""
+    from sparsejax.train import make_eval_step
+
     graphdef, state, rest = nnx.split(model, nnx.Param, ...)
-    params_def = jax.tree_util.tree_structure(state)
-
-    @jax.jit
-    def evaluate(params, xs_NxBxL, ys_NxBxL):  # the training loop's eval (train.py)
-        m = nnx.merge(graphdef, jax.tree_util.tree_unflatten(params_def, jax.tree.leaves(params)),
-                      rest)
-        return jnp.mean(jax.lax.map(lambda xy: loss_fn(m, xy[0], xy[1]), (xs_NxBxL, ys_NxBxL)))
-
-    return evaluate
+    return make_eval_step(graphdef, jax.tree_util.tree_structure(state), rest)
 
 
 def prune(params: Any, scores: Any, sparsity: float | jax.Array, prunable: Any, *,
