@@ -35,6 +35,9 @@ def base() -> ml_collections.ConfigDict:
         method="dense", final=0.0, schedule="window", start=0.25, end=0.75, by="compute",
         kind="geometric", begin_step=0, end_step=0, update_every=10, score="magnitude",
         allocation="global", power_scale=1.0, dense_from=1.0,
+        # N:M family (nm, ste, sr_ste, mdgf, sdgf) and dynamic sparse training (set, rigl)
+        n=2, m=4, warmup=0.0, hard_from=1.0, decay=2e-4, alpha=0.0, decay_kind="linear",
+        frames=4, pattern="stepwise", drop_fraction=0.3,
     )
     c.checkpoint = dict(every=100, keep=3)
     c.wandb = dict(enabled=False, project="sparsejax", mode="offline", name="")
@@ -114,7 +117,10 @@ ENUMS = {
     "model.pos": ("rope", "learned"),
     "model.dtype": ("float32", "bfloat16"),
     "model.linear": ("dense", "bsr"),
-    "sparsity.method": ("dense", "gradual", "static"),
+    "sparsity.method": ("dense", "gradual", "static", "nm", "ste", "sr_ste", "mdgf", "sdgf",
+                        "set", "rigl"),
+    "sparsity.decay_kind": ("linear", "exp"),
+    "sparsity.pattern": ("stepwise", "geometric"),
     "sparsity.schedule": ("window", "polynomial", "geometric", "constant"),
     "sparsity.by": ("compute", "steps"),
     "sparsity.kind": ("geometric", "polynomial"),
@@ -124,8 +130,10 @@ ENUMS = {
 }
 POSITIVE_INTS = ("model.n_ctx", "model.block", "train.steps", "train.batch_size", "train.seq_len",
                  "train.log_every", "eval.every", "eval.batches", "eval.batch_size",
-                 "checkpoint.every", "checkpoint.keep", "sparsity.update_every")
-NON_NEGATIVE_INTS = ("seed", "train.warmup_steps", "sparsity.begin_step", "sparsity.end_step")
+                 "checkpoint.every", "checkpoint.keep", "sparsity.update_every", "sparsity.m",
+                 "sparsity.frames")
+NON_NEGATIVE_INTS = ("seed", "train.warmup_steps", "sparsity.begin_step", "sparsity.end_step",
+                     "sparsity.n")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -150,7 +158,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
           got["train.steps"])
     for key in ("train.lr", "train.b1", "train.b2", "train.weight_decay", "train.grad_clip",
                 "train.min_lr_ratio", "data.val_fraction", "sparsity.final", "sparsity.start",
-                "sparsity.end", "sparsity.power_scale", "sparsity.dense_from"):
+                "sparsity.end", "sparsity.power_scale", "sparsity.dense_from", "sparsity.warmup",
+                "sparsity.hard_from", "sparsity.decay", "sparsity.alpha",
+                "sparsity.drop_fraction"):
         v = got[key]
         _need(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v), key,
               "a finite float", v)
@@ -165,6 +175,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
           got["data.val_fraction"])
     _need(0 <= got["sparsity.final"] < 1, "sparsity.final", "a float in [0, 1)",
           got["sparsity.final"])
+    method = got["sparsity.method"]
+    if method in ("nm", "ste", "sr_ste", "mdgf", "sdgf"):
+        _need(got["sparsity.n"] <= got["sparsity.m"], "sparsity.n", "<= sparsity.m",
+              got["sparsity.n"])
+        _need(0 <= got["sparsity.warmup"] < got["sparsity.hard_from"] <= 1,
+              "sparsity.warmup/hard_from", "0 <= warmup < hard_from <= 1 (fractions of steps)",
+              (got["sparsity.warmup"], got["sparsity.hard_from"]))
+    _need(got["sparsity.decay"] >= 0, "sparsity.decay", "a float >= 0 (SR-STE's lambda_W)",
+          got["sparsity.decay"])
+    if method == "mdgf":
+        _need(got["sparsity.alpha"] > 0, "sparsity.alpha", "a float > 0 (MDGF's decay rate)",
+              got["sparsity.alpha"])
+    _need(0 < got["sparsity.drop_fraction"] <= 1, "sparsity.drop_fraction", "in (0, 1]",
+          got["sparsity.drop_fraction"])
+    if method in ("set", "rigl"):
+        _need(got["sparsity.allocation"] in ("uniform", "erk"), "sparsity.allocation",
+              "'uniform' or 'erk' for set/rigl", got["sparsity.allocation"])
     _need(0 < got["sparsity.dense_from"] <= 1, "sparsity.dense_from",
           "a fraction of train.steps in (0, 1] (SPDF's switch to dense; 1: never)",
           got["sparsity.dense_from"])
@@ -190,7 +217,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _need(got["sparsity.method"] == "static" and got["sparsity.score"] == "random",
               "model.linear", "'dense' unless sparsity.method='static' with score='random' "
               "(the BSR layers hold a static random block mask)", got["model.linear"])
-    if got["sparsity.method"] != "dense":
+    if got["sparsity.method"] in ("static", "gradual", "set", "rigl"):
         _need(got["sparsity.final"] > 0, "sparsity.final", "> 0 for a sparse method",
               got["sparsity.final"])
     if (got["sparsity.method"] == "gradual" and got["sparsity.schedule"] == "window"

@@ -45,9 +45,10 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> GPTConfi
 
 
 def sparsity_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule | None:
-    """The target-sparsity schedule a config describes (``None`` for dense runs)."""
+    """The target-sparsity schedule of a static or gradual config (``None`` otherwise: dense
+    runs, and methods whose target comes from their own definition, e.g. N:M)."""
     s, steps = config.sparsity, config.train.steps
-    if s.method == "dense":
+    if s.method not in ("static", "gradual"):  # dense, or a method with its own targets
         return None
     if s.method == "static":
         return schedules.constant(s.final, update_every=steps + 1)  # held from step 0
@@ -79,12 +80,38 @@ def mask_method(config: ml_collections.ConfigDict, schedule: schedules.Schedule 
     s = config.sparsity
     if s.method == "dense" or config.model.linear != "dense":  # BSR: sparsity is structural
         return None
+    steps = config.train.steps
+
+    def at(fraction: float) -> int:
+        return round(fraction * steps)
+
+    hard_from = None if s.hard_from >= 1 else at(s.hard_from)
     if s.method == "static":
         method = methods.static(s.final, score=s.score, allocation=s.allocation,
                                 power_scale=s.power_scale)
-    else:
+    elif s.method == "gradual":
         method = methods.gradual(schedule, score=s.score, allocation=s.allocation,
                                  power_scale=s.power_scale)
+    elif s.method == "nm":
+        method = methods.nm(s.n, s.m, score=s.score, update_every=s.update_every)
+    elif s.method == "ste":
+        method = methods.ste(s.n, s.m, dense_steps=at(s.warmup), hard_from=hard_from)
+    elif s.method == "sr_ste":
+        method = methods.sr_ste(s.n, s.m, decay=s.decay, dense_steps=at(s.warmup),
+                                hard_from=hard_from)
+    elif s.method == "mdgf":
+        method = methods.mdgf(s.n, s.m, alpha=s.alpha, kind=s.decay_kind,
+                              dense_steps=at(s.warmup), hard_from=hard_from)
+    elif s.method == "sdgf":  # frames evenly placed from the end of the warm-up to hard_from
+        last = hard_from if hard_from is not None else steps
+        first = at(s.warmup)
+        frames = sorted({first + round(k * (last - first) / s.frames) for k in range(s.frames)})
+        method = methods.sdgf(frames, kind=s.pattern, n=s.n, m=s.m, hard_from=hard_from)
+    else:  # set / rigl: update every update_every steps until the end of the window
+        dst = methods.set_ if s.method == "set" else methods.rigl
+        method = dst(s.final, update_every=s.update_every, end_step=at(s.end),
+                     drop_fraction=s.drop_fraction, allocation=s.allocation,
+                     power_scale=s.power_scale)
     if s.dense_from < 1:  # SPDF: dense from this fraction of the steps on
         method = methods.spdf(method, round(s.dense_from * config.train.steps))
     return method
