@@ -85,9 +85,11 @@ def step_timings(rounds: int, reps: int) -> dict[str, float]:
         fn = make_train_step(graphdef, params_def, rest, exp.tx, fixed_flops=0.0,
                              dense_flops=0.0, tokens_per_step=1.0, sparse=sparse,
                              structural=accounting.structural_stats(exp.model, params))
-        zero = jnp.zeros((), jnp.float32)
-        state = TrainState(jnp.int32(1), params, opt_state, jax.random.PRNGKey(0), zero, zero,
-                           zero, jnp.int32(0))
+        def zero():  # a fresh buffer each: the step donates its state
+            return jnp.zeros((), jnp.float32)
+
+        state = TrainState(jnp.int32(1), params, opt_state, jax.random.PRNGKey(0), zero(),
+                           zero(), zero(), jnp.int32(0))
         x, y = data.get_batch(corpus.train, seed=0, step=0, batch_size=c.train.batch_size,
                               seq_len=c.train.seq_len)
         state, _ = fn(state, x, y)
@@ -110,7 +112,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--part", choices=("both", "train", "steps"), default="both")
     args = ap.parse_args()
+    if args.part != "steps":
+        train_table(args)
+    if args.part != "train":
+        steps_table(args)
+
+
+def train_table(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         print(f"training {len(RECIPES)} recipes, tiny GPT, {args.steps} steps each", flush=True)
         res = train_all(args.steps, Path(tmp))
@@ -121,6 +131,9 @@ def main() -> None:
         print(f"{label:<30}{r['final_val_loss']:>9.4f}{r['flops']:>13.3e}{r['n_avg']:>9.0f}"
               f"{r['n_active']:>9d}{r['step_ms']:>9.1f}{r['step_ms'] / dense['step_ms']:>8.2f}x")
     print("\n(step ms: mean over the run's logged intervals, masks updates and evals included)")
+
+
+def steps_table(args: argparse.Namespace) -> None:
     t = step_timings(args.rounds, args.reps)
     print(f"\n{'single train step':<22}{'median ms':>10}{'vs dense':>10}{'target':>8}")
     for label, v in t.items():
