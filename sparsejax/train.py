@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import signal
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -139,6 +141,33 @@ def _check_config_matches(run_dir: Path, config: dict[str, Any] | None) -> None:
         runlog.write_json(path, config)
 
 
+class _DeferredInterrupt:
+    """While training, the first SIGINT only sets a flag that :meth:`check` turns into a
+    ``KeyboardInterrupt`` at the next step boundary, so an asynchronous checkpoint save is
+    never interrupted midway (its thread would print a traceback and leave a partial step);
+    a second SIGINT interrupts at once. Only installed in the main thread."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def check(self) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+
 def _holding_run_lock(fn):
     """Run ``fn(model, tx, corpus, workdir, ...)`` holding the run dir's lock file."""
 
@@ -252,9 +281,11 @@ def run(
     record: dict[str, Any] = {}
     val_loss = None
     diverged_at = None
+    interrupt = _DeferredInterrupt()
     try:
         t_log, step_log = time.perf_counter(), start
         for step in range(start, steps):
+            interrupt.check()  # Ctrl-C takes effect between steps, never inside a save
             x, y = data.get_batch(corpus.train, seed=seed, step=step, batch_size=batch_size,
                                   seq_len=seq_len)
             state, metrics = train_step(state, x, y)
@@ -322,6 +353,7 @@ def run(
             "wall_time_s": wall_base + time.perf_counter() - t_start})
         raise
     finally:
+        interrupt.restore()
         bar.close()
         log.close()
         mngr.close()
