@@ -12,6 +12,7 @@ from conftest import STEPS, TINY
 from sparsejax import configlib, experiment, runlog
 
 ROOT = Path(__file__).resolve().parents[1]
+MICRO = "1,32,2,64"  # one block, d_model 32: every contraction dim divides by 8
 
 
 def recipe(name: str):
@@ -19,9 +20,11 @@ def recipe(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     c = mod.get_config(TINY)
+    c.model.size = MICRO
     c.train.steps = STEPS
     c.eval.every = STEPS
     c.train.log_every = 1
+    c.checkpoint.every = STEPS  # one save: orbax saves dominate a run this small
     return c
 
 
@@ -35,6 +38,6 @@ def test_recipe_lowers_the_loss(tmp_path, name, final_sparsity):
     summary = experiment.run(c, str(tmp_path / "run"), progress=False)
     records = runlog.read_metrics(tmp_path / "run")
     assert summary["status"] == "completed"
-    assert records[-1]["train_loss"] < records[0]["train_loss"] - 0.3, name
+    assert records[-1]["train_loss"] < records[0]["train_loss"] - 0.2, name
     assert records[-1]["sparsity"] == pytest.approx(final_sparsity, abs=2e-3), name
     assert configlib.validate(c) is None
