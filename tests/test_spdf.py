@@ -82,6 +82,8 @@ def test_spdf_recipe_trains_and_accounts_for_the_switch(tmp_path):
     c = tiny_config(sparsity__method="static", sparsity__final=0.75, sparsity__score="random",
                     sparsity__allocation="erk", sparsity__dense_from=0.5)
     c.train.log_every = 1
+    c.model.size = "1,32,2,64"  # one block: the point is the switch, not the model
+    c.checkpoint.every = c.train.steps
     summary = experiment.run(c, str(tmp_path / "run"), progress=False)
     records = runlog.read_metrics(tmp_path / "run")
     sparsity = [r["sparsity"] for r in records]  # record k is after step k (1-based)
