@@ -18,7 +18,12 @@ import numpy as np
 import optax
 
 from sparsejax import prunable as prunable_lib
-from sparsejax.transforms import COMPOSE_HINT, SparsifyState, count_violations
+from sparsejax.transforms import (
+    COMPOSE_HINT,
+    SparsifyState,
+    count_violations,
+    violations_message,
+)
 
 
 class SparsityStats(NamedTuple):
@@ -85,11 +90,7 @@ def find_state(opt_state: Any) -> SparsifyState:
                 )
             n = leaf.violations
             if not isinstance(n, jax.core.Tracer) and int(n) > 0:
-                raise ValueError(
-                    f"sparsify: {int(n)} pruned weights were not 0 when update "
-                    f"{int(leaf.count) - 1} began: a transform after sparsify changed its "
-                    "updates or params were edited outside the optimizer. " + COMPOSE_HINT
-                )
+                raise ValueError(violations_message(int(n), int(leaf.count) - 1))
             return leaf
     raise ValueError("opt_state holds no sparsify state: was the optimizer built with sparsify?")
 
@@ -103,15 +104,11 @@ def _is_masked_node(x: Any) -> bool:
     return isinstance(x, optax.MaskedNode)
 
 
-def _over_masks(fn, masks: Any, params: Any, outside) -> list:
-    """``fn(mask, leaf)`` per mask leaf; ``outside(subtree)`` where ``sparsify`` ran under
-    ``optax.masked``/``multi_transform`` and its masks hold a ``MaskedNode``. Flat list."""
-    out = jax.tree_util.tree_map(
-        lambda m, p: ("outside", outside(p)) if _is_masked_node(m) else ("in", fn(m, p)),
-        masks, params, is_leaf=_is_masked_node,
-    )
-    return jax.tree_util.tree_leaves(out, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
-                                     and x[0] in ("in", "outside"))
+def _pairs(masks: Any, params: Any) -> list[tuple[Any, Any]]:
+    """``(mask_leaf, params_subtree)`` pairs; a ``MaskedNode`` mask (``sparsify`` under
+    ``optax.masked``/``multi_transform``) pairs with the params subtree it stands for."""
+    m_leaves, treedef = jax.tree_util.tree_flatten(masks, is_leaf=_is_masked_node)
+    return list(zip(m_leaves, treedef.flatten_up_to(params), strict=True))
 
 
 def apply_masks(params: Any, masks: Any) -> Any:
@@ -201,26 +198,17 @@ def sparsity_stats(opt_state: Any, params: Any) -> SparsityStats:
     state = find_state(opt_state)
     n_params = n_prunable = 0
     kept = []
-
-    def inside(m, p):
-        size = int(np.prod(np.shape(p), dtype=np.int64))
-        if not np.ndim(m):
-            return size, 0, None
+    for m, p in _pairs(state.masks, params):
+        size = sum(int(np.prod(np.shape(x), dtype=np.int64)) for x in jax.tree_util.tree_leaves(p))
+        n_params += size
+        if _is_masked_node(m) or not np.ndim(m):
+            continue
         if np.shape(m) != np.shape(p):
             raise ValueError(f"masks: a mask of shape {np.shape(m)} on a leaf {np.shape(p)}")
-        return size, size, jnp.sum(m, dtype=jnp.int32)
-
-    def outside(p):
-        return sum(int(np.prod(np.shape(x), dtype=np.int64))
-                   for x in jax.tree_util.tree_leaves(p)), 0, None
-
-    for _, (size, prunable_size, n) in _over_masks(inside, state.masks, params, outside):
-        n_params += size
-        n_prunable += prunable_size
-        if n is not None:
-            kept.append(n)
+        n_prunable += size
+        kept.append(jnp.sum(m, dtype=jnp.int32))
     n_kept = sum(kept) if kept else jnp.int32(0)
-    sparsity = 1.0 - n_kept / max(n_prunable, 1) if n_prunable else jnp.float32(0.0)
+    sparsity = 1.0 - n_kept / n_prunable if n_prunable else jnp.float32(0.0)
     return SparsityStats(
         target_sparsity=state.target_sparsity,
         sparsity=jnp.asarray(sparsity, jnp.float32),

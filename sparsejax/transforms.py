@@ -98,13 +98,18 @@ def count_violations(params: Any, masks: Any, *, sample: int | None = None) -> A
     return jax.tree_util.tree_map(leaf, params, masks)
 
 
-def _raise_violations(n, step) -> None:
-    raise ValueError(
-        f"sparsify: {int(n)} pruned weights were not 0 when update {int(step)} began: a "
-        "transform after sparsify changed its updates (e.g. optax.chain(sparsify(...), "
+def violations_message(n: int, step: int) -> str:
+    """The error for ``n`` pruned weights found non-zero when update ``step`` began."""
+    return (
+        f"sparsify: {n} pruned weights were not 0 when update {step} began: a transform after "
+        "sparsify changed its updates (e.g. optax.chain(sparsify(...), "
         "optax.clip_by_global_norm(...)), optax.lookahead(sparsify(...))) or params were "
         f"edited outside the optimizer. {COMPOSE_HINT}"
     )
+
+
+def _raise_violations(n, step) -> None:
+    raise ValueError(violations_message(int(n), int(step)))
 
 
 def sparsify(
