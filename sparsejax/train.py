@@ -58,14 +58,14 @@ def _flops_coefficients(model: GPT, seq_len: int) -> tuple[float, float]:
     return f0 - dense_part, dense_part
 
 
-def _is_sparse(opt_state: Any) -> bool:
+def _sparse_state(opt_state: Any):
+    """The optimizer's SparsifyState, or None for a dense optimizer."""
     try:
-        find_state(opt_state)
+        return find_state(opt_state)
     except ValueError as err:
         if "no sparsify state" in str(err):
-            return False
+            return None
         raise  # a composition that cannot keep the zeros: refuse before training
-    return True
 
 
 def make_train_step(graphdef, params_def, rest, tx, *, fixed_flops, dense_flops,
@@ -241,9 +241,11 @@ def run(
     del params_state
     fixed_flops, dense_flops = _flops_coefficients(model, seq_len)
     opt_state = tx.init(params)
-    sparse = _is_sparse(opt_state)
-    if sparse and not bool(find_state(opt_state).dense_weights):
-        params = prune(params, opt_state)  # masks take effect before the first forward pass
+    sparse_state = _sparse_state(opt_state)
+    sparse = sparse_state is not None
+    if sparse:
+        if not bool(sparse_state.dense_weights):  # straight-through methods keep dense weights
+            params = prune(params, opt_state)  # masks take effect before the first forward
         counts = _sparsity_stats(opt_state, params)
     else:
         counts = accounting.structural_stats(model, params)
