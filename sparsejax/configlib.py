@@ -176,12 +176,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _need(0 <= got["sparsity.final"] < 1, "sparsity.final", "a float in [0, 1)",
           got["sparsity.final"])
     method = got["sparsity.method"]
-    if method in ("nm", "ste", "sr_ste", "mdgf", "sdgf"):
-        _need(got["sparsity.n"] <= got["sparsity.m"], "sparsity.n", "<= sparsity.m",
-              got["sparsity.n"])
-        _need(0 <= got["sparsity.warmup"] < got["sparsity.hard_from"] <= 1,
-              "sparsity.warmup/hard_from", "0 <= warmup < hard_from <= 1 (fractions of steps)",
-              (got["sparsity.warmup"], got["sparsity.hard_from"]))
+    _need(got["sparsity.n"] <= got["sparsity.m"], "sparsity.n", "<= sparsity.m",
+          got["sparsity.n"])
+    _need(0 <= got["sparsity.warmup"] < got["sparsity.hard_from"] <= 1,
+          "sparsity.warmup/hard_from", "0 <= warmup < hard_from <= 1 (fractions of steps)",
+          (got["sparsity.warmup"], got["sparsity.hard_from"]))
     _need(got["sparsity.decay"] >= 0, "sparsity.decay", "a float >= 0 (SR-STE's lambda_W)",
           got["sparsity.decay"])
     if method == "mdgf":

@@ -58,10 +58,10 @@ def _composition_problems(opt_state: Any, path: tuple) -> list[str]:
                     f"sparsify is transform {key.idx + 1} of {len(node)} in an optax.chain: the "
                     f"{len(node) - key.idx - 1} after it change its updates"
                 )
-        if (type(node) is dict and isinstance(key, jax.tree_util.DictKey)
+        if (isinstance(node, dict) and isinstance(key, jax.tree_util.DictKey)
                 and not isinstance(parent, optax.MultiTransformState)):
             keys = list(node)
-            if keys.index(key.key) < len(keys) - 1:  # optax.named_chain's state is a dict
+            if keys.index(key.key) < len(keys) - 1:  # named_chain's state: an OrderedDict
                 problems.append(f"sparsify ({key.key!r}) is not last in an optax.named_chain")
         try:
             parent, node = node, _child(node, key)

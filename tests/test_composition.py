@@ -88,6 +88,8 @@ REFUSED = {
         sp(optax.adam(1e-2), **kw), plateau()),
     "lookahead(sparsify(adam))": lambda **kw: optax.lookahead(
         sp(optax.adam(1e-2), **kw), sync_period=2, slow_step_size=0.5),
+    "named_chain(sparsify(adam), clip)": lambda **kw: optax.named_chain(
+        ("sparse", sp(optax.adam(1e-2), **kw)), ("clip", optax.clip_by_global_norm(1.0))),
 }
 
 

@@ -104,6 +104,9 @@ def test_recipes_validate(name):
         ("train.b1", 1.0, r"train.b1 must be a float in \[0, 1\)"),
         ("train.b2", -0.5, r"train.b2 must be a float in \[0, 1\)"),
         ("train.steps", 99_999_999_999, "train.steps must be <= 2147483647"),
+        ("sparsity.drop_fraction", 2.0, r"sparsity.drop_fraction must be in \(0, 1\]"),
+        ("sparsity.hard_from", 0.0, "sparsity.warmup/hard_from"),
+        ("sparsity.n", 5, "sparsity.n must be <= sparsity.m"),
         ("model.size", "tinyy", "config model.size: variant must be one of"),
     ],
 )
