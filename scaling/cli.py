@@ -1,7 +1,15 @@
-"""``sparsejax fit SWEEP_DIR_OR_CSV [--law chinchilla|frantar] [--bootstrap 1000] [--out DIR]``.
+"""``sparsejax fit SWEEP_DIR_OR_CSV [--law chinchilla|frantar] [--bootstrap 1000] [--out DIR]
+[--fix NAME=VALUE ...] [--force] [--compare-n]``.
 
-Fits a scaling law to a sweep dir or a CSV, prints the coefficients with bootstrap confidence
-intervals and writes the diagnostic plots. ``main(argv)`` takes the arguments after ``fit``.
+Fits a scaling law to a sweep dir or a CSV, prints the coefficients (with the bounds they were
+confined to) and bootstrap confidence intervals and writes the diagnostic plots. A fit the data
+do not support is flagged degenerate (``scaling.identify``): the table says why, a
+``sparsejax: warning:`` line repeats it, and the compute-optimal exponents and the iso-FLOP
+plot are withheld unless ``--force``. ``--fix E=1.7`` (repeatable) pins a coefficient.
+``--compare-n`` fits the law with N = N_avg, the final non-zero count and the total count and
+prints their objective, in-sample and leave-one-out RMSE side by side. ``--law frantar`` uses
+the final non-zero count (``n_active``) and the sparsity by default, as Frantar et al. 2023 do.
+``main(argv)`` takes the arguments after ``fit``.
 """
 
 from __future__ import annotations
@@ -12,7 +20,8 @@ import time
 from pathlib import Path
 
 from scaling import logs, plots
-from scaling.fit import fit_chinchilla, fit_frantar
+from scaling.compare import compare_n, fit_table, format_comparison
+from scaling.fit import kept_rows
 from scaling.uncertainty import bootstrap, leave_one_out
 
 
@@ -36,7 +45,26 @@ def _parser() -> argparse.ArgumentParser:
         "--n-key",
         choices=logs.N_KEYS,
         default=None,
-        help="summary field used as N for sweep dirs (default n_avg)",
+        help="summary field used as N for sweep dirs (default n_avg; n_active for --law "
+        "frantar)",
+    )
+    p.add_argument(
+        "--fix",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="pin a coefficient (E, A, B, alpha, beta; Frantar: a..g); repeatable",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="report the compute-optimal split and iso-FLOP plot of a degenerate fit anyway",
+    )
+    p.add_argument(
+        "--compare-n",
+        action="store_true",
+        help="fit with N = n_avg, n_active and n_params and compare objective, in-sample "
+        "and leave-one-out RMSE of log loss",
     )
     p.add_argument(
         "--drop-highest",
@@ -72,6 +100,25 @@ def _progress(stream):
     return report
 
 
+def parse_fix(items: list[str]) -> dict[str, float]:
+    """``["E=1.7", "alpha=0.3"]`` -> ``{"E": 1.7, "alpha": 0.3}`` (ValueError naming the item)."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--fix takes NAME=VALUE (e.g. E=1.7); got {item!r}") from None
+    return out
+
+
+def _warn(fit) -> None:
+    if fit.degenerate:
+        print(f"sparsejax: warning: {fit.warning()}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``sparsejax fit``; returns the exit status (0 ok, 2 bad input)."""
     args = _parser().parse_args(argv)
@@ -84,30 +131,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.bootstrap < 0 or args.bootstrap == 1:
         print("sparsejax: error: --bootstrap must be 0 or >= 2", file=sys.stderr)
         return 2
+    kwargs = {"grid": args.grid, "huber_delta": args.huber_delta,
+              "drop_highest": args.drop_highest}
     try:
+        fixed = parse_fix(args.fix)
+        if args.compare_n:
+            rows = compare_n(args.source, law=args.law, fixed=fixed, **kwargs)
+            print(f"{rows[0].n_points} runs from {args.source}, law {args.law}; N compared:")
+            print(format_comparison(rows))
+            for r in rows:
+                if r.reasons:
+                    print(f"sparsejax: warning: N = {r.n_key}: {r.fit.warning()}", file=sys.stderr)
+            return 0
         table = logs.load_table(args.source, n_key=args.n_key)
-        if args.law == "chinchilla":
-            fit = fit_chinchilla(
-                table.N,
-                table.D,
-                table.loss,
-                grid=args.grid,
-                huber_delta=args.huber_delta,
-                drop_highest=args.drop_highest,
-            )
-        else:
-            if table.S is None:
-                raise ValueError("--law frantar needs a sparsity column (S or sparsity)")
-            grid = "default" if args.grid == "epoch" else args.grid
-            fit = fit_frantar(
-                table.S,
-                table.N,
-                table.D,
-                table.loss,
-                grid=grid,
-                huber_delta=args.huber_delta,
-                drop_highest=args.drop_highest,
-            )
+        if args.law == "frantar" and args.n_key is None and table.n_key == "n_avg":
+            # Frantar et al. count final non-zero parameters (a CSV's own N column is kept)
+            table = logs.load_table(args.source, n_key="n_active")
+        fit = fit_table(table, args.law, fixed=fixed, **kwargs)
     except ValueError as err:
         print(f"sparsejax: error: {err}", file=sys.stderr)
         return 2
@@ -121,9 +161,17 @@ def main(argv: list[str] | None = None) -> int:
             progress=_progress(sys.stderr),
         )
         print(boot)
+        extra = fit.with_bootstrap(boot)
+        for reason in extra.reasons[len(fit.reasons):]:
+            print(f"  DEGENERATE: {reason}")
+        fit = extra
     if args.law == "chinchilla" and fit.alpha > 0 and fit.beta > 0:
-        a, b = fit.law.exponents
-        print(f"compute-optimal exponents: N_opt ~ C^{a:.4f}, D_opt ~ C^{b:.4f}")
+        if fit.degenerate and not args.force:
+            print("compute-optimal exponents: not reported for a degenerate fit (--force to "
+                  "print them)")
+        else:
+            a, b = fit.law.exponents
+            print(f"compute-optimal exponents: N_opt ~ C^{a:.4f}, D_opt ~ C^{b:.4f}")
     if args.loo:
         loo = leave_one_out(fit)
         print(
@@ -131,8 +179,14 @@ def main(argv: list[str] | None = None) -> int:
             f"mean |relative error| {loo.mean_abs_rel:.4g}"
         )
     if args.out:
-        for path in plots.plot_all(fit, Path(args.out)):
+        s = None if table.S is None else table.S[kept_rows(table.loss, args.drop_highest)]
+        paths = plots.plot_all(fit, Path(args.out), n_key=table.n_key, sparsity=s,
+                               force=args.force)
+        for path in paths:
             print(f"wrote {path}")
+        if fit.degenerate and not args.force:
+            print("isoflop plot not written for a degenerate fit (--force to write it)")
+    _warn(fit)
     return 0
 
 

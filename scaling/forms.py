@@ -31,6 +31,9 @@ class Form(NamedTuple):
     columns: tuple[str, ...]  # data columns the design needs
     design: Callable[[Mapping[str, np.ndarray]], np.ndarray]  # data -> (K, n, P)
     grids: Mapping[str, Mapping[str, tuple[float, ...]]]  # grid name -> internal -> values
+    # exponent -> (the data column it is the power of, the coefficient that offsets that
+    # column's term): a free exponent needs >= 3 distinct column values while the offset is free
+    exponents: Mapping[str, tuple[str, str]]
 
 
 def _chinchilla_design(data: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -75,6 +78,7 @@ CHINCHILLA = Form(
     columns=("N", "D"),
     design=_chinchilla_design,
     grids={"epoch": _EPOCH, "coarse": _COARSE},
+    exponents={"alpha": ("N", "E"), "beta": ("D", "E")},
 )
 
 _FRANTAR_GRID = {
@@ -104,6 +108,7 @@ FRANTAR = Form(
     columns=("S", "N", "D"),
     design=_frantar_design,
     grids={"default": _FRANTAR_GRID, "epoch": _FRANTAR_GRID, "coarse": _FRANTAR_COARSE},
+    exponents={"b": ("S", "c"), "d": ("N", "g"), "f": ("D", "g")},
 )
 
 

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -33,13 +33,21 @@ def _positive(name: str, value) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ChinchillaLaw:
-    """``L(N, D) = E + A/N^alpha + B/D^beta``."""
+    """``L(N, D) = E + A/N^alpha + B/D^beta``.
+
+    ``reasons``: why the fit it came from is degenerate (``scaling.identify``; empty for a sound
+    fit or a law written by hand); planners refuse a degenerate law unless forced."""
 
     E: float
     A: float
     B: float
     alpha: float
     beta: float
+    reasons: tuple[str, ...] = field(default=(), compare=False, repr=False)
+
+    @property
+    def degenerate(self) -> bool:
+        return bool(self.reasons)
 
     def __post_init__(self):
         for k in ("E", "A", "B", "alpha", "beta"):
@@ -84,7 +92,9 @@ class ChinchillaLaw:
 
 @dataclass(frozen=True)
 class FrantarLaw:
-    """``L(S, N, D) = (a (1-S)^b + c) N^-d + e D^-f + g`` (N = non-zero parameters)."""
+    """``L(S, N, D) = (a (1-S)^b + c) N^-d + e D^-f + g`` (N = non-zero parameters).
+
+    ``reasons`` as in ``ChinchillaLaw`` (carried to ``at_sparsity``)."""
 
     a: float
     b: float
@@ -93,6 +103,11 @@ class FrantarLaw:
     e: float
     f: float
     g: float
+    reasons: tuple[str, ...] = field(default=(), compare=False, repr=False)
+
+    @property
+    def degenerate(self) -> bool:
+        return bool(self.reasons)
 
     def predict(self, S, N, D) -> np.ndarray:
         s = np.asarray(S, np.float64)
@@ -110,7 +125,12 @@ class FrantarLaw:
         if not 0 <= S < 1:
             raise ValueError(f"S must be in [0, 1); got {S}")
         return ChinchillaLaw(
-            E=self.g, A=self.a * (1 - S) ** self.b + self.c, B=self.e, alpha=self.d, beta=self.f
+            E=self.g,
+            A=self.a * (1 - S) ** self.b + self.c,
+            B=self.e,
+            alpha=self.d,
+            beta=self.f,
+            reasons=self.reasons,
         )
 
     def compute_optimal(self, flops, S: float) -> ComputeOptimal:

@@ -29,7 +29,14 @@ from scaling.laws import ChinchillaLaw
 from sparsejax.schedules import WINDOW_KINDS, window_mean_density
 from sparsejax.schedules import window_average_density as average_density
 
-__all__ = ["KINDS", "SparsePlan", "average_density", "plan_sparse", "window_mean_density"]
+__all__ = [
+    "KINDS",
+    "DegenerateLawError",
+    "SparsePlan",
+    "average_density",
+    "plan_sparse",
+    "window_mean_density",
+]
 
 KINDS = WINDOW_KINDS
 
@@ -44,6 +51,10 @@ class SparsePlan(NamedTuple):
     flops: float  # 6 * n_avg * tokens
 
 
+class DegenerateLawError(ValueError):
+    """A plan was asked of a law whose fit is degenerate (``scaling.identify``)."""
+
+
 def plan_sparse(
     law: ChinchillaLaw,
     flops: float,
@@ -54,8 +65,19 @@ def plan_sparse(
     kind: str = "geometric",
     by: str = "compute",
     power: float = 3.0,
+    force: bool = False,
 ) -> SparsePlan:
-    """Dense size, tokens and N_avg minimising an N_avg law's loss for a training budget."""
+    """Dense size, tokens and N_avg minimising an N_avg law's loss for a training budget.
+
+    ``law`` is a ``ChinchillaLaw`` or a ``ChinchillaFit`` (its ``.law``). A degenerate law
+    (``law.reasons``) raises ``DegenerateLawError`` naming the reasons unless ``force=True``.
+    """
+    law = getattr(law, "law", law)
+    if law.degenerate and not force:
+        raise DegenerateLawError(
+            "refusing to plan from a degenerate law (pass force=True to plan anyway): "
+            + "; ".join(law.reasons)
+        )
     if not (np.isfinite(flops) and flops > 0):
         raise ValueError(f"flops must be finite and > 0; got {flops}")
     rho = average_density(final_sparsity, start, end, kind=kind, by=by, power=power)

@@ -103,19 +103,57 @@ def minimize(
     max_iter: int = 400,
     ftol: float = 1e-10,
     exact_below: float = 1e-6,
+    lower: np.ndarray | None = None,
+    upper: np.ndarray | None = None,
 ) -> SolveResult:
     """Minimise the penalised objective from every row of ``theta0`` (B, P), all at once.
 
     ``weights`` (n,) or (B, n) multiply each point's penalty (bootstrap counts, leave-one-out
     zeros). A start stops when an accepted step lowers its objective by at most ``ftol``
-    relative, or when no step is accepted even with a damping of 1e12.
+    relative, or when no step is accepted even with a damping of 1e12. ``lower``/``upper``
+    (P,) bound the parameters (intersected with ``parameter_box``): steps are projected onto
+    the box and a parameter on a bound whose gradient points out of the box is held there
+    (an active set: its row and column leave the step's system).
     """
     limit = threadpool_limits(1, user_api="blas") if threadpool_limits else contextlib.nullcontext()
     with limit:
-        return _minimize(model, theta0, penalty, weights, max_iter, ftol, exact_below)
+        return _minimize(model, theta0, penalty, weights, max_iter, ftol, exact_below,
+                         lower, upper)
 
 
-def _minimize(model, theta0, penalty, weights, max_iter, ftol, exact_below):
+def _box(model: LSEModel, p: int, lower, upper) -> tuple[np.ndarray, np.ndarray]:
+    hi = parameter_box(model)
+    lo = -hi
+    for name, bound, pick in (("lower", lower, np.maximum), ("upper", upper, np.minimum)):
+        if bound is None:
+            continue
+        bound = np.asarray(bound, np.float64)
+        if bound.shape != (p,) or np.any(np.isnan(bound)):
+            raise ValueError(f"{name} must be a ({p},) array without NaN; got {bound}")
+        if name == "lower":
+            lo = pick(lo, bound)
+        else:
+            hi = pick(hi, bound)
+    if np.any(lo > hi):
+        j = int(np.flatnonzero(lo > hi)[0])
+        raise ValueError(f"empty box for parameter {j}: lower {lo[j]} > upper {hi[j]}")
+    return lo, hi
+
+
+def _hold(h, g, theta, lo, hi):
+    """Zero the gradient and decouple the rows of parameters held on a bound (in place)."""
+    held = ((theta <= lo) & (g > 0)) | ((theta >= hi) & (g < 0))
+    rows = np.flatnonzero(held.any(axis=1))
+    if rows.size:
+        hr, gr, mask = h[rows], g[rows], held[rows]
+        gr[mask] = 0.0
+        hr[mask[:, :, None] | mask[:, None, :]] = 0.0
+        hr[:, np.arange(h.shape[1]), np.arange(h.shape[1])] += mask
+        h[rows], g[rows] = hr, gr
+    return h, g
+
+
+def _minimize(model, theta0, penalty, weights, max_iter, ftol, exact_below, lower, upper):
     theta = np.array(np.atleast_2d(theta0), np.float64)
     b, p = theta.shape
     if model.design.shape[2] != p:
@@ -127,8 +165,8 @@ def _minimize(model, theta0, penalty, weights, max_iter, ftol, exact_below):
     if penalty.space not in ("log", "linear"):
         raise ValueError(f"penalty.space must be 'log' or 'linear'; got {penalty.space!r}")
     w_all = check_weights(weights, b, model.target.shape[0])
-    hi = parameter_box(model)
-    theta = np.clip(theta, -hi, hi)
+    lo, hi = _box(model, p, lower, upper)
+    theta = np.clip(theta, lo, hi)
     ops = build_ops(model)
     f, _, g, h = evaluate(ops, penalty, theta, w_all)
     exact = np.zeros(b, bool)  # which matrix h holds: the exact Hessian or the IRLS one
@@ -145,8 +183,9 @@ def _minimize(model, theta0, penalty, weights, max_iter, ftol, exact_below):
         if live.size == 0:
             break
         la, fl = lam[live], f[live]
-        step = damped_steps(h[live], g[live], la)
-        trial = np.clip(theta[live] + step, -hi, hi)
+        hl, gl = _hold(h[live], g[live], theta[live], lo, hi)
+        step = damped_steps(hl, gl, la)
+        trial = np.clip(theta[live] + step, lo, hi)
         exact_next = la / 10.0 <= exact_below
         ft, ok, gt, ht = evaluate(ops, penalty, trial, select_rows(w_all, live), fl, exact_next)
         done = (ok & (fl - ft <= ftol * np.abs(fl))) | (la > 1e12)

@@ -31,6 +31,11 @@ def _setup(fit):
     return form, model, free, values, starts
 
 
+def _box(fit, free):
+    """The fit's internal box over the free parameters (refits stay in the same bounds)."""
+    return fit.box[0][free], fit.box[1][free]
+
+
 def refit_weighted(fit, weights: np.ndarray, *, n_starts: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Refit ``fit``'s law under each row of ``weights`` (R, n); returns thetas (R, P) and
     objectives (R,). Starts: the ``n_starts`` best distinct optima of the full fit."""
@@ -38,11 +43,14 @@ def refit_weighted(fit, weights: np.ndarray, *, n_starts: int = 8) -> tuple[np.n
     starts = starts[:n_starts]
     r, k = weights.shape[0], starts.shape[0]
     theta0 = np.tile(starts, (r, 1))
+    lower, upper = _box(fit, free)
     res = minimize(
         model,
         theta0,
         penalty=Penalty(fit.huber_delta, fit.asymmetry, fit.space),
         weights=np.repeat(weights, k, axis=0),
+        lower=lower,
+        upper=upper,
     )
     obj = np.where(np.isfinite(res.objective), res.objective, np.inf).reshape(r, k)
     best = np.argmin(obj, axis=1)

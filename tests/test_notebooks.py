@@ -39,5 +39,9 @@ def test_fit_scaling_law_notebook_runs(shared_data, tmp_path, monkeypatch):
         o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
     )
     assert "ChinchillaFit" in text and "Bootstrap" in text and "predicted loss" in text
+    # section 3: the 2-budget sweep is flagged and the planner refuses it; fixing beta plans
+    assert "DEGENERATE: beta is not identified: D has 2 distinct value(s)" in text
+    assert "no plan: refusing to plan from a degenerate law" in text
+    assert "s=0.50 with beta fixed" in text
     images = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
     assert images == 8
