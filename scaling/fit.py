@@ -18,7 +18,7 @@ import numpy as np
 
 from scaling import forms, identify
 from scaling.laws import ChinchillaLaw, FrantarLaw
-from scaling.solver import Penalty, SolveResult, minimize
+from scaling.solver import Penalty, minimize_bounded
 from scaling.uncertainty import Bootstrap, LeaveOneOut, bootstrap, leave_one_out
 
 __all__ = [
@@ -197,33 +197,6 @@ def kept_rows(loss: np.ndarray, drop_highest: int) -> np.ndarray:
     return np.sort(np.argsort(loss, kind="stable")[: loss.shape[0] - drop_highest])
 
 
-def _bounded_minimize(model, starts, penalty, max_iter, lo, hi, is_log):
-    """Minimise from every start inside the box ``lo, hi``, in two phases. First with only the
-    exponents bounded: paths from the grid wander through tiny coefficients, and a projected
-    damped Newton crawls along a bound (bounding everything at once took 2.3x the iterations
-    on the Chinchilla data, most of them on starts that end in poor local optima). An optimum
-    inside the box is a local optimum of the bounded problem; one outside is not a candidate
-    (its objective becomes inf). If an outside optimum beats the best inside one, the data pull
-    the fit out of the box: those starts run again from their projection onto the box with
-    every bound (the bounded optimum then sits on a bound and the fit is flagged)."""
-    loose_lo, loose_hi = np.where(is_log, -np.inf, lo), np.where(is_log, np.inf, hi)
-    res = minimize(model, starts, penalty=penalty, max_iter=max_iter, lower=loose_lo,
-                   upper=loose_hi)
-    theta, obj = res.theta.copy(), res.objective.copy()
-    conv, n_iter = res.converged.copy(), res.n_iter.copy()
-    outside = np.any((theta < lo) | (theta > hi), axis=1)
-    finite = np.where(np.isfinite(obj), obj, np.inf)
-    best_inside = np.min(finite[~outside], initial=np.inf)
-    again = np.flatnonzero(outside & (finite < best_inside))
-    obj[outside] = np.inf
-    if again.size:
-        rerun = minimize(model, np.clip(theta[again], lo, hi), penalty=penalty,
-                         max_iter=max_iter, lower=lo, upper=hi)
-        theta[again], obj[again], conv[again] = rerun.theta, rerun.objective, rerun.converged
-        n_iter[again] += rerun.n_iter
-    return SolveResult(theta, obj, conv, n_iter)
-
-
 def fit_form(
     form: forms.Form,
     data: Mapping[str, np.ndarray],
@@ -268,9 +241,14 @@ def fit_form(
         form, data, loss, {j: values[j] for j in np.flatnonzero(~free)}, bounds
     )
     starts = forms.grid_starts(form, grid, free)
-    res = _bounded_minimize(
-        model, starts, Penalty(huber_delta, asymmetry, space), max_iter, lo[free], hi[free],
-        np.asarray(form.is_log)[free],
+    res = minimize_bounded(
+        model,
+        starts,
+        penalty=Penalty(huber_delta, asymmetry, space),
+        max_iter=max_iter,
+        lower=lo[free],
+        upper=hi[free],
+        later=np.asarray(form.is_log)[free],
     )
     full = np.tile(values, (starts.shape[0], 1))
     full[:, free] = res.theta

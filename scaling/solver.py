@@ -56,6 +56,7 @@ __all__ = [
     "SolveResult",
     "damped_steps",
     "minimize",
+    "minimize_bounded",
     "objective",
     "parameter_box",
 ]
@@ -119,6 +120,53 @@ def minimize(
     with limit:
         return _minimize(model, theta0, penalty, weights, max_iter, ftol, exact_below,
                          lower, upper)
+
+
+def minimize_bounded(
+    model: LSEModel,
+    theta0: np.ndarray,
+    *,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    later: np.ndarray,
+    groups: np.ndarray | None = None,
+    penalty: Penalty = Penalty(),
+    weights: np.ndarray | None = None,
+    max_iter: int = 400,
+) -> SolveResult:
+    """``minimize`` inside the box ``lower, upper`` (P,), in two phases.
+
+    Phase 1 bounds only the parameters not in ``later`` (P,) bool: paths from a start grid
+    wander through values the box excludes (tiny coefficients), and a projected damped Newton
+    crawls along a bound (bounding everything at once took 2.3x the iterations on the
+    Chinchilla data, most on starts ending in poor local optima). An optimum inside the box is
+    a local optimum of the bounded problem; one outside is not a candidate (objective inf). Where
+    an outside optimum beats the best inside one of its group (``groups`` (B,): starts of one
+    problem, e.g. one bootstrap replicate; default one group), the data pull the fit out of the
+    box: those starts run again from their projection onto the box with every bound.
+    """
+    theta0 = np.atleast_2d(np.asarray(theta0, np.float64))
+    groups = np.zeros(theta0.shape[0], np.int64) if groups is None else np.asarray(groups)
+    later = np.asarray(later, bool)
+    lower, upper = np.asarray(lower, np.float64), np.asarray(upper, np.float64)
+    res = minimize(model, theta0, penalty=penalty, weights=weights, max_iter=max_iter,
+                   lower=np.where(later, -np.inf, lower), upper=np.where(later, np.inf, upper))
+    theta, obj = res.theta.copy(), res.objective.copy()
+    conv, n_iter = res.converged.copy(), res.n_iter.copy()
+    outside = np.any((theta < lower) | (theta > upper), axis=1)
+    inside_obj = np.where(np.isfinite(obj) & ~outside, obj, np.inf)
+    best = np.full(int(groups.max()) + 1, np.inf)
+    np.minimum.at(best, groups, inside_obj)
+    again = np.flatnonzero(outside & np.isfinite(obj) & (obj < best[groups]))
+    obj[outside] = np.inf
+    if again.size:
+        rerun = minimize(model, np.clip(theta[again], lower, upper), penalty=penalty,
+                         weights=select_rows(check_weights(weights, theta.shape[0],
+                                                           model.target.shape[0]), again),
+                         max_iter=max_iter, lower=lower, upper=upper)
+        theta[again], obj[again], conv[again] = rerun.theta, rerun.objective, rerun.converged
+        n_iter[again] += rerun.n_iter
+    return SolveResult(theta=theta, objective=obj, converged=conv, n_iter=n_iter)
 
 
 def _box(model: LSEModel, p: int, lower, upper) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from scaling import forms
-from scaling.solver import Penalty, minimize
+from scaling.solver import Penalty, minimize_bounded
 
 
 def _setup(fit):
@@ -44,13 +44,15 @@ def refit_weighted(fit, weights: np.ndarray, *, n_starts: int = 8) -> tuple[np.n
     r, k = weights.shape[0], starts.shape[0]
     theta0 = np.tile(starts, (r, 1))
     lower, upper = _box(fit, free)
-    res = minimize(
+    res = minimize_bounded(
         model,
         theta0,
         penalty=Penalty(fit.huber_delta, fit.asymmetry, fit.space),
         weights=np.repeat(weights, k, axis=0),
         lower=lower,
         upper=upper,
+        later=np.asarray(form.is_log)[free],
+        groups=np.repeat(np.arange(r), k),
     )
     obj = np.where(np.isfinite(res.objective), res.objective, np.inf).reshape(r, k)
     best = np.argmin(obj, axis=1)

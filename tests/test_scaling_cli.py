@@ -34,6 +34,7 @@ def test_cli_on_the_chinchilla_csv(shared_data, tmp_path, capsys):
     assert "Bootstrap (20 replicates" in captured.out
     assert "bootstrap 20/20" in captured.err  # progress
     assert "N_opt ~ C^0.51" in captured.out and "leave-one-out" in captured.out
+    assert "DEGENERATE" not in captured.out and "warning" not in captured.err  # bootstrap too
     pngs = sorted(p.name for p in out.iterdir())
     assert pngs == ["isoflop.png", "loss_vs_n.png", "predicted_vs_observed.png", "residuals.png"]
 

@@ -38,6 +38,7 @@ def test_epoch_grid_fit_reproduces_besiroglu_et_al(epoch_fit):
     assert fit.objective == pytest.approx(1.0183e-3, rel=1e-3)
     assert fit.n_converged >= 0.99 * fit.n_starts
     assert fit.n_at_best > 100  # many starts agree on the optimum
+    assert not fit.degenerate, fit.reasons  # inside its bounds, identified (scaling.identify)
     # the compute-optimal exponent a = beta / (alpha + beta) they report: 0.513
     assert fit.law.exponents[0] == pytest.approx(0.513, abs=2e-3)
 

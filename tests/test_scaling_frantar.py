@@ -32,6 +32,7 @@ def test_vit_fit_reproduces_the_published_notebook(vit):
     mean = fit.objective / fit.n_points
     assert mean <= 0.0004929087939147767 * (1 + 1e-9)
     assert mean == pytest.approx(0.0004929087939147767, rel=1e-5)
+    assert not fit.degenerate, fit.reasons
 
 
 def test_vit_log_space_fit_is_sensible(vit):
