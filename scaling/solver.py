@@ -16,8 +16,11 @@ failure). ``H`` is the iteratively-reweighted Gauss-Newton matrix (Huber weights
 ``min(1, delta/|r|)``: a majoriser, robust far from the optimum) until ``lambda`` falls to
 ``exact_below``, then the exact Hessian (fast convergence near the optimum). Converged starts
 leave the batch, so the work shrinks as starts finish (a ``vmap`` runs every start to the
-slowest one's length). BLAS is held to one thread while it runs (``threadpoolctl``, when
-installed): on a busy machine idle BLAS threads spin against the element-wise passes.
+slowest one's length). Bounds (``lower``/``upper``): steps are projected onto the box and a
+parameter held on a bound drops out of the step's system; ``minimize_bounded`` bounds the
+log-coefficients only in a second phase (see there). BLAS is held to one thread while it runs
+(``threadpoolctl``, when installed): on a busy machine idle BLAS threads spin against the
+element-wise passes.
 
 Cost. The evaluation passes (``scaling.passes``) are one hand-written numba kernel for every law,
 the batched step solve (``damped_steps``) another. On the 240-point Chinchilla data the

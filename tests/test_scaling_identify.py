@@ -85,6 +85,12 @@ def test_an_optimum_on_a_bound_is_flagged_and_equals_the_fit_with_it_fixed():
     for k in ("E", "A", "B", "beta"):
         assert getattr(capped, k) == pytest.approx(getattr(pinned, k), rel=1e-3), k
     assert not pinned.degenerate  # a fixed coefficient is never "on a bound"
+    # a coefficient bound (enforced in the solver's second phase): E held above its truth
+    high_e = fit_chinchilla(n, d, loss, grid="coarse", bounds={"E": (1.3, 1.5)})
+    assert high_e.E == pytest.approx(1.3, rel=1e-9)
+    assert any(r.startswith("E = 1.3 sits on its lower bound") for r in high_e.reasons)
+    pinned_e = fit_chinchilla(n, d, loss, grid="coarse", fixed={"E": 1.3})
+    assert high_e.objective == pytest.approx(pinned_e.objective, rel=1e-6)
     with pytest.raises(ValueError, match=r"fixed\['alpha'\] = 2.5 is outside \[0, 2\]"):
         fit_chinchilla(n, d, loss, grid="coarse", fixed={"alpha": 2.5})
     with pytest.raises(ValueError, match=r"fixed\['E'\] = 9 is outside"):
