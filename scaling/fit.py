@@ -178,16 +178,24 @@ class FrantarFit(_FitTable):
         return self.law.predict(S, N, D)
 
 
-def _distinct_optima(theta: np.ndarray, obj: np.ndarray, k: int = 12) -> np.ndarray:
+def _distinct_optima(
+    theta: np.ndarray, obj: np.ndarray, keep, k: int = 12
+) -> np.ndarray:
+    """The ``k`` best distinct optima (refit starts): the best, then runners-up for which
+    ``keep(theta)`` holds. Runners-up on a bound or with a flat direction (the B term shrunk
+    to nothing, say) are left out: a refit crawls along them (with them the bootstrap of the
+    Chinchilla fit took 3x the time) and no replicate's optimum lies there."""
     order = np.argsort(np.where(np.isfinite(obj), obj, np.inf))
     kept: list[np.ndarray] = []
+    seen: list[np.ndarray] = []
     for i in order:
-        if not np.isfinite(obj[i]):
+        if not np.isfinite(obj[i]) or len(kept) == k or len(seen) >= 20 * k:
             break
-        if all(np.max(np.abs(theta[i] - t)) > 1e-3 for t in kept):
+        if any(np.max(np.abs(theta[i] - t)) <= 1e-3 for t in seen):
+            continue
+        seen.append(theta[i])
+        if not kept or keep(theta[i]):
             kept.append(theta[i])
-        if len(kept) == k:
-            break
     return np.array(kept)
 
 
@@ -254,6 +262,7 @@ def fit_form(
     full[:, free] = res.theta
     i = int(np.nanargmin(np.where(np.isfinite(res.objective), res.objective, np.nan)))
     best = float(res.objective[i])
+    design = form.design(data)
     cls = ChinchillaFit if form is forms.CHINCHILLA else FrantarFit
     return cls(
         **{k: v for k, v in forms.to_natural(form, full[i]).items()},
@@ -267,7 +276,9 @@ def fit_form(
         space=space,
         fixed=tuple(fixed),
         theta=full[i],
-        optima=_distinct_optima(full, res.objective),
+        optima=_distinct_optima(
+            full, res.objective, lambda t: identify.sound(design, t, free, lo, hi)
+        ),
         data={**data, "loss": loss},
         bounds=identify.natural_bounds(form, lo, hi),
         box=np.stack([lo, hi]),

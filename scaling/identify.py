@@ -228,6 +228,18 @@ def diagnose(
     return tuple(reasons)
 
 
+def sound(design, theta, free, lo, hi) -> bool:
+    """No free parameter on a bound and no flat direction: ``diagnose``'s bound and curvature
+    checks, without the messages (used to pick refit starts)."""
+    f = np.flatnonzero(free)
+    tol = ON_BOUND * np.maximum(hi[f] - lo[f], 1e-12)
+    if np.any((theta[f] - lo[f] <= tol) | (hi[f] - theta[f] <= tol)):
+        return False
+    jac = log_jacobian(design, theta)[:, free]
+    vals = np.linalg.eigvalsh(jac.T @ jac / jac.shape[0])
+    return bool(np.all(np.isfinite(vals)) and vals[0] >= CURVATURE_FLOOR)
+
+
 def bootstrap_reasons(boot, fixed=(), level: float = 0.95) -> tuple[str, ...]:
     """A reason per free coefficient whose bootstrap ``level`` interval excludes its estimate."""
     reasons = []
