@@ -67,7 +67,14 @@ def compare_n(
     rows = []
     names = None
     for key in n_keys:
-        table = logs.load_table(source, n_key=key)
+        try:
+            table = logs.load_table(source, n_key=key)
+        except ValueError as err:
+            if "missing field" not in str(err):
+                raise
+            raise ValueError(
+                f"comparing N needs the summary fields {', '.join(n_keys)} for every run: {err}"
+            ) from None
         if names is not None and table.names != names:
             raise ValueError(f"N = {key} loads different runs than N = {n_keys[0]}")
         names = table.names

@@ -68,7 +68,7 @@ def test_compare_n_prints_three_rows_with_the_right_rmse(sweep, capsys):
     assert "best LOO" in lines[3]
 
 
-def test_compare_n_api_and_frantar_default_n(sweep, capsys):
+def test_compare_n_api_and_frantar_default_n(sweep, tmp_path, capsys):
     rows = compare_n(sweep, grid="coarse", n_keys=("n_active",))
     assert [r.n_key for r in rows] == ["n_active"]
     n_active = np.array(
@@ -81,6 +81,14 @@ def test_compare_n_api_and_frantar_default_n(sweep, capsys):
     assert main([str(sweep), "--law", "frantar", "--n-key", "n_avg", "--bootstrap", "0",
                  "--grid", "coarse"]) == 0
     assert "(N = n_avg)" in capsys.readouterr().out
+    bare = _write_sweep(tmp_path / "bare", (2e5, 6e5), (2e7, 8e7, 3e8), (0.0,))
+    rec = json.loads((bare / "run00" / "summary.json").read_text())
+    del rec["n_active"]  # a summary without the final non-zero count
+    (bare / "run00" / "summary.json").write_text(json.dumps(rec))
+    assert main([str(bare), "--compare-n"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "sparsejax: error: comparing N needs the summary fields n_avg, n_active, n_params"
+    )
 
 
 def test_cli_warns_on_a_degenerate_sweep_and_fix_identifies_it(tmp_path, capsys):
