@@ -182,19 +182,25 @@ def _distinct_optima(
     theta: np.ndarray, obj: np.ndarray, keep, k: int = 12
 ) -> np.ndarray:
     """The ``k`` best distinct optima (refit starts): the best, then runners-up for which
-    ``keep(theta)`` holds. Runners-up on a bound or with a flat direction (the B term shrunk
-    to nothing, say) are left out: a refit crawls along them (with them the bootstrap of the
-    Chinchilla fit took 3x the time) and no replicate's optimum lies there."""
+    ``keep(theta)`` holds, if it holds for the best. Runners-up of a sound best optimum that sit
+    on a bound or have a flat direction (the B term shrunk to nothing, say) are left out: a
+    refit crawls along them (with them the bootstrap of the Chinchilla fit took 3x the time).
+    Around a degenerate best optimum every runner-up is kept: there the replicates do wander
+    (and the wide intervals show it)."""
     order = np.argsort(np.where(np.isfinite(obj), obj, np.inf))
     kept: list[np.ndarray] = []
     seen: list[np.ndarray] = []
+    picky = True
     for i in order:
         if not np.isfinite(obj[i]) or len(kept) == k or len(seen) >= 20 * k:
             break
         if any(np.max(np.abs(theta[i] - t)) <= 1e-3 for t in seen):
             continue
         seen.append(theta[i])
-        if not kept or keep(theta[i]):
+        if not kept:
+            kept.append(theta[i])
+            picky = keep(theta[i])
+        elif not picky or keep(theta[i]):
             kept.append(theta[i])
     return np.array(kept)
 
