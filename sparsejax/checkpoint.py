@@ -155,25 +155,47 @@ def load_raw(run_dir: str | Path, step: int | None = None) -> dict[str, Any]:
         mngr.close()
 
 
-def find_masks(opt_state: Any) -> Any | None:
-    """The masks inside a raw (dict-shaped) or structured optimizer state, if any."""
+def find_sparse_state(opt_state: Any) -> Any | None:
+    """The sparsify state (a ``SparsifyState``, or its raw dict) inside an optimizer state."""
     from sparsejax.transforms import SparsifyState
 
     if isinstance(opt_state, SparsifyState):
-        return opt_state.masks
+        return opt_state
     if isinstance(opt_state, dict):
         if {"count", "masks", "key", "method_state", "inner_state"} <= set(opt_state):
-            return opt_state["masks"]
+            return opt_state
         children = opt_state.values()
     elif isinstance(opt_state, list | tuple):
         children = opt_state
     else:
         return None
     for child in children:
-        found = find_masks(child)
+        found = find_sparse_state(child)
         if found is not None:
             return found
     return None
+
+
+def find_masks(opt_state: Any) -> Any | None:
+    """The masks inside a raw (dict-shaped) or structured optimizer state, if any."""
+    state = find_sparse_state(opt_state)
+    if state is None:
+        return None
+    return state.masks if hasattr(state, "masks") else state["masks"]
+
+
+def save_weights(run_dir: str | Path, step: int, params: Any, masks: Any | None = None) -> None:
+    """Write a checkpoint holding only ``{"step", "params"[, "masks"]}`` (e.g. a model soup),
+    which :func:`sparsejax.load` reads like a training checkpoint."""
+    state = {"step": np.int32(step), "params": params}
+    if masks is not None:
+        state["masks"] = masks
+    mngr = manager(run_dir, keep=1)
+    try:
+        save(mngr, step, state)
+        mngr.wait_until_finished()
+    finally:
+        mngr.close()
 
 
 def load_for_finetuning(
