@@ -345,7 +345,7 @@ def load_export(path: str | Path, *, kernels: bool = True) -> GPT:
         raise ValueError(f"{path}: the export holds no model config (written by "
                          "export_params without meta?)")
     cfg = GPTConfig(**meta["model"])
-    model = GPT(cfg, rngs=nnx.Rngs(0))
+    model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))  # shapes only: all replaced
     graphdef, state, rest = nnx.split(model, nnx.Param, ...)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))
     names = [path_str(p) for p, _ in leaves]
@@ -357,9 +357,9 @@ def load_export(path: str | Path, *, kernels: bool = True) -> GPT:
     dense = [jnp.asarray(exported[nm].to_dense() if isinstance(exported[nm], BSRMatrix | NMMatrix)
                          else exported[nm]) for nm in names]
     for nm, ref, arr in zip(names, (leaf for _, leaf in leaves), dense, strict=True):
-        if arr.shape != np.shape(ref) or arr.dtype != np.asarray(ref).dtype:
+        if arr.shape != tuple(ref.shape) or arr.dtype != ref.dtype:
             raise ValueError(f"{path}: leaf {nm} is {arr.dtype}{arr.shape}, the model holds "
-                             f"{np.asarray(ref).dtype}{np.shape(ref)}")
+                             f"{ref.dtype}{tuple(ref.shape)}")
     nnx.replace_by_pure_dict(state, treedef.unflatten(dense))
     model = nnx.merge(graphdef, state, rest)
     if kernels:

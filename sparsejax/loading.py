@@ -55,7 +55,8 @@ def align(tree: Any, like: Any, what: str, *, scalars: bool = False) -> Any:
 
     Each leaf must have ``like``'s shape (``scalars=True`` also accepts a 0-d leaf, as masks
     hold on dense leaves). Raises ``ValueError`` naming every leaf that is missing, extra or
-    of another shape (``what`` says whose leaves they are)."""
+    of another shape (``what`` says whose leaves they are). ``like``'s leaves need only
+    ``shape`` (arrays or ``jax.ShapeDtypeStruct``)."""
     given = _by_path(tree)
     out, problems = [], []
     leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
@@ -68,8 +69,8 @@ def align(tree: Any, like: Any, what: str, *, scalars: bool = False) -> Any:
             problems.append(f"{name}: missing")
             continue
         leaf = np.asarray(given[key])
-        if leaf.shape != np.shape(ref) and not (scalars and leaf.ndim == 0):
-            problems.append(f"{name}: shape {leaf.shape}, the model has {np.shape(ref)}")
+        if leaf.shape != tuple(ref.shape) and not (scalars and leaf.ndim == 0):
+            problems.append(f"{name}: shape {leaf.shape}, the model has {tuple(ref.shape)}")
             continue
         out.append(leaf)
     problems += [f"{'/'.join(k)}: not in the model" for k in sorted(set(given) - wanted)]
@@ -110,11 +111,14 @@ def checkpoint_step(run_dir: str | Path, step: int | None = None) -> int:
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> GPT:
-    """The run's GPT, built as training built it (same seed, so BSR layers get the same
-    block layout); its weights are then replaced."""
+    """The run's GPT to put weights on: abstract (shapes only, no random init) for dense
+    layers; BSR layers are built as training built them (same seed, so the same block
+    layout, which is host data)."""
     from sparsejax import experiment
 
     cfg = experiment.model_config(config, vocab_size)
+    if config.model.linear == "dense":
+        return nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(config.seed)))
     return GPT(cfg, rngs=nnx.Rngs(config.seed), linear=experiment.linear_factory(config))
 
 
@@ -158,9 +162,9 @@ def load(run_dir: str | Path, *, step: int | None = None, dense: bool = False) -
     params = align(raw["params"], like, f"{where}: params")
     for (path, p), ref in zip(jax.tree_util.tree_flatten_with_path(params)[0],
                               jax.tree_util.tree_leaves(like), strict=True):
-        if p.dtype != np.asarray(ref).dtype:
+        if p.dtype != ref.dtype:
             raise ValueError(f"{where}: params {path_str(path)} is {p.dtype}, the model "
-                             f"holds {np.asarray(ref).dtype}")
+                             f"holds {ref.dtype}")
     raw_masks = raw["masks"] if "masks" in raw else checkpoint.find_masks(raw.get("opt_state"))
     masks = None
     if raw_masks is not None:

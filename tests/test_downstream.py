@@ -17,8 +17,8 @@ from flax import nnx
 
 import sparsejax
 from sparsejax import checkpoint, cli, configlib, data, experiment, loading, runlog, soup
-from sparsejax import masks as masks_lib
 from sparsejax.distill import SquareHeadWeights, squarehead_terms
+from sparsejax.models.gpt import GPT
 from sparsejax.prunable import prunable_tree
 from sparsejax.train import TrainState
 
@@ -40,25 +40,28 @@ def tokens():
 
 
 def _restored_training_state(run_dir):
-    """The run's training state restored into the structure training built (independent of
-    ``sparsejax.load``): model, optimizer state and params as the training loop held them."""
+    """The run's training state restored into the structure training builds (orbax's
+    structured restore, independent of ``sparsejax.load``): the model computing with the
+    forward weights the training loop evaluated, and the state."""
     config = loading.read_config(run_dir)
-    exp = experiment.build(config)
-    graphdef, state, rest = nnx.split(exp.model, nnx.Param, ...)
+    tx = experiment.check(config).tx
+    cfg = experiment.model_config(config, vocab_size=256)  # the byte corpus
+    model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(config.seed)))
+    graphdef, state, rest = nnx.split(model, nnx.Param, ...)
     params = nnx.to_pure_dict(state)
-    opt_state = exp.tx.init(params)
-    like = TrainState(jnp.zeros((), jnp.int32), params, opt_state, jax.random.PRNGKey(0),
-                      *(jnp.zeros((), jnp.float32),) * 3, jnp.zeros((), jnp.int32))
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    like = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(tx.init, params),
+                      jax.ShapeDtypeStruct((2,), jnp.uint32), scalar, scalar, scalar,
+                      jax.ShapeDtypeStruct((), jnp.int32))
     restored, _ = checkpoint.restore_newest(run_dir, like)
     restored = TrainState(*restored)
-    weights = sparsejax.forward_params(restored.params, restored.opt_state)
-    nnx.replace_by_pure_dict(state, weights)
-    return nnx.merge(graphdef, state, rest), restored, exp
+    nnx.replace_by_pure_dict(state, sparsejax.forward_params(restored.params, restored.opt_state))
+    return nnx.merge(graphdef, state, rest), restored
 
 
 def test_load_round_trip(sparse_run, tokens):
     loaded = sparsejax.load(sparse_run)
-    model, restored, exp = _restored_training_state(sparse_run)
+    model, restored = _restored_training_state(sparse_run)
     np.testing.assert_array_equal(np.asarray(loaded.model(tokens)), np.asarray(model(tokens)))
     train_masks = sparsejax.masks_of(restored.opt_state)
     # same tree (dict key types included: int block indices, not '0', '1'), same values
@@ -73,7 +76,8 @@ def test_load_round_trip(sparse_run, tokens):
     assert loaded.step == 8 and loaded.config.sparsity.method == "static"
     # the run's own final validation loss, recomputed on the loaded model
     summary = json.loads((sparse_run / "summary.json").read_text())
-    val = soup.Evaluator(loaded.model, loaded.config, exp.corpus)(loaded.params)
+    corpus = data.load_corpus(None, val_fraction=loaded.config.data.val_fraction)
+    val = soup.Evaluator(loaded.model, loaded.config, corpus)(loaded.params)
     assert val == pytest.approx(summary["val_loss"], rel=1e-6)
     assert sparsejax.load(sparse_run, dense=True).masks is None
 
@@ -91,37 +95,26 @@ def test_align_names_every_mismatching_leaf():
     assert jax.tree_util.tree_structure(fixed) == jax.tree_util.tree_structure(like)
 
 
-def test_finetune_sparse_keeps_zeros_dense_frees_them(sparse_run, finished_run, tmp_path):
+def test_dense_squarehead_finetune_frees_the_zeros(sparse_run, finished_run, tmp_path):
+    """SPDF's dense fine-tuning with SquareHead from the dense teacher ``finished_run``: the
+    pruned weights start at 0 and train (the sparse mode, which keeps them, is the soup's)."""
     pre = sparsejax.load(sparse_run)
-    runs = {}
-    for mode, extra in (("sparse", dict(finetune__distill="squarehead",
-                                        finetune__teacher=str(finished_run))),
-                        ("dense", {})):
-        c = tiny_config(init_from=str(sparse_run), finetune__mode=mode,
-                        checkpoint__every=FT_STEPS, **extra)
-        c.train.steps = c.eval.every = FT_STEPS
-        summary = experiment.run(c, str(tmp_path / mode), progress=False)
-        assert summary["status"] == "completed"
-        runs[mode] = sparsejax.load(tmp_path / mode)
-    sparse, dense = runs["sparse"], runs["dense"]
-    pruned_any = False
-    for p0, m0, ps, pd in zip(*(jax.tree_util.tree_leaves(t) for t in (
-            pre.params, pre.masks, sparse.params, dense.params)), strict=True):
-        if not np.ndim(m0):
-            continue
-        pruned = ~np.asarray(m0)
-        pruned_any |= pruned.any()
-        assert np.all(np.asarray(ps)[pruned] == 0)  # every zero in place
-        assert np.any(np.asarray(ps)[~pruned] != np.asarray(p0)[~pruned])  # the rest trained
-        assert np.count_nonzero(np.asarray(pd)[pruned]) > 0.9 * pruned.sum()  # freed
-    assert pruned_any
-    for a, b in zip(jax.tree_util.tree_leaves(sparse.masks),
-                    jax.tree_util.tree_leaves(pre.masks), strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert dense.masks is None  # a dense fine-tune has no masks left
-    # SquareHead's objective is the logged train loss; validation stays the cross-entropy
-    metrics = runlog.read_metrics(tmp_path / "sparse")
-    assert metrics[-1]["train_loss"] > metrics[-1]["val_loss"]
+    c = tiny_config(init_from=str(sparse_run), finetune__mode="dense",
+                    finetune__distill="squarehead", finetune__teacher=str(finished_run),
+                    checkpoint__every=FT_STEPS)
+    c.train.steps = c.eval.every = FT_STEPS
+    assert experiment.run(c, str(tmp_path / "dense"), progress=False)["status"] == "completed"
+    dense = sparsejax.load(tmp_path / "dense")
+    assert dense.masks is None  # no masks left
+    for m0, pd in zip(jax.tree_util.tree_leaves(pre.masks),
+                      jax.tree_util.tree_leaves(dense.params), strict=True):
+        if np.ndim(m0):
+            pruned = ~np.asarray(m0)
+            assert pruned.sum() and np.count_nonzero(np.asarray(pd)[pruned]) > 0.9 * pruned.sum()
+    # SquareHead's objective (CE + KL + feature terms) is the logged train loss; the
+    # validation loss stays the cross-entropy
+    metrics = runlog.read_metrics(tmp_path / "dense")
+    assert metrics[-1]["train_loss"] > metrics[-1]["val_loss"] + 0.1
 
 
 def test_finetune_config_errors(sparse_run, finished_run, tmp_path):
@@ -164,6 +157,21 @@ def _pruned_run(src, dst, masks):
     return sparsejax.load(dst)
 
 
+def _nm_mask(w):
+    """2:4 along axis 0: the two largest |w| of every 4 consecutive rows, per column."""
+    g = w.reshape(w.shape[0] // 4, 4, w.shape[1])
+    keep = np.zeros(g.shape, bool)
+    np.put_along_axis(keep, np.argsort(-g, axis=1, kind="stable")[:, :2], True, axis=1)
+    return keep.reshape(w.shape)
+
+
+def _block_mask(w):
+    """The 25% of the 16x16 tiles with the largest L2 norm."""
+    norms = np.sqrt((w.reshape(w.shape[0] // 16, 16, w.shape[1] // 16, 16) ** 2).sum((1, 3)))
+    keep = norms >= np.sort(norms.ravel())[-norms.size // 4]
+    return np.repeat(np.repeat(keep, 16, 0), 16, 1)
+
+
 def _safetensors_header(path):
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
@@ -174,44 +182,36 @@ def _safetensors_header(path):
 
 
 def test_export_load_export_logits_equal(sparse_run, tokens, tmp_path, capsys):
+    """N:M-pruned and block-pruned copies of the run (weights-and-masks checkpoints) export
+    and load back: bsr and nm layouts, npz and safetensors files."""
     base = sparsejax.load(sparse_run)
-    score = jax.tree_util.tree_map(jnp.abs, base.params)
     prunable = prunable_tree(base.params)
-    nm_run = _pruned_run(sparse_run, tmp_path / "nm",
-                         masks_lib.nm_masks(score, 2, 4, prunable))
-    sparsities = jax.tree_util.tree_map(lambda p: 0.75 if p else 0.0, prunable)
-    block_run = _pruned_run(sparse_run, tmp_path / "block",
-                            masks_lib.block_masks(score, sparsities, (16, 16), prunable))
-    cases = [(tmp_path / "nm", "nm", [], "export_nm.npz", "NMLinear"),
-             (tmp_path / "nm", "safetensors", [], "model.safetensors", "NMLinear"),
-             (tmp_path / "block", "bsr", ["--block", "16,16"], "export_bsr.npz", "BSRLinear"),
-             (tmp_path / "block", "safetensors", ["--block", "16,16"], "model.safetensors",
-              "BSRLinear")]
-    for run_dir, fmt, extra, name, layer in cases:
+    on_prunable = lambda fn: jax.tree_util.tree_map(  # noqa: E731
+        lambda p, pr: fn(np.abs(np.asarray(p))) if pr else np.bool_(True), base.params, prunable)
+    nm_run = _pruned_run(sparse_run, tmp_path / "nm", on_prunable(_nm_mask))
+    block_run = _pruned_run(sparse_run, tmp_path / "block", on_prunable(_block_mask))
+    cases = [(nm_run, tmp_path / "nm", ["--format", "nm"], "export_nm.npz", "NMLinear"),
+             (block_run, tmp_path / "block", ["--format", "safetensors", "--block", "16,16"],
+              "model.safetensors", "BSRLinear")]
+    for run, run_dir, args, name, layer in cases:
         capsys.readouterr()
-        assert cli.main(["export", str(run_dir), "--format", fmt, *extra]) == 0
-        out = capsys.readouterr().out
-        assert "x the dense size" in out
-        ref = (nm_run if run_dir.name == "nm" else block_run).model(tokens)
+        assert cli.main(["export", str(run_dir), *args]) == 0
+        ratio = re.search(r"([0-9.]+)x the dense size", capsys.readouterr().out)
+        assert ratio and float(ratio.group(1)) < 0.75
+        ref = np.asarray(run.model(tokens))
         path = run_dir / "export" / name
-        exact = sparsejax.load_export(path, kernels=False)
-        np.testing.assert_array_equal(np.asarray(exact(tokens)), np.asarray(ref))
-        fast = sparsejax.load_export(path)
+        exact = sparsejax.load_export(path, kernels=False)  # decompressed: bit for bit
+        np.testing.assert_array_equal(np.asarray(exact(tokens)), ref)
+        fast = sparsejax.load_export(path)  # on the sparse layers
         assert type(fast.blocks[1].mlp.fc_in).__name__ == layer
-        np.testing.assert_allclose(np.asarray(fast(tokens)), np.asarray(ref), rtol=1e-5,
-                                   atol=1e-5)
-        if fmt == "safetensors":
-            header = _safetensors_header(path)
-            meta = json.loads(header["__metadata__"]["sparsejax"])
-            assert meta["model"]["n_layer"] == 2
-            kind = "nm" if layer == "NMLinear" else "bsr"
-            assert meta["layout"]["blocks/0/mlp/fc_in/kernel"]["kind"] == kind
-            if kind == "bsr":  # only the non-zero 16x16 blocks: 25% of the 4x16 grid
-                assert header["blocks.0.mlp.fc_in.kernel.values"]["shape"] == [16, 16, 16]
-            else:  # values + packed 2-bit positions (two per byte per group pair)
-                assert header["blocks.0.mlp.fc_in.kernel.values"]["shape"] == [32, 256]
-    ratio = re.search(r"([0-9.]+)x the dense size", out)
-    assert ratio and float(ratio.group(1)) < 0.5  # 75% of the blocks gone
+        np.testing.assert_allclose(np.asarray(fast(tokens)), ref, rtol=1e-5, atol=1e-5)
+    header = _safetensors_header(tmp_path / "block" / "export" / "model.safetensors")
+    meta = json.loads(header["__metadata__"]["sparsejax"])
+    assert meta["model"]["n_layer"] == 2
+    assert meta["layout"]["blocks/0/mlp/fc_in/kernel"]["kind"] == "bsr"
+    # only the non-zero 16x16 blocks: 25% of the 4x16 grid of a 64x256 kernel
+    assert header["blocks.0.mlp.fc_in.kernel.values"]["shape"] == [16, 16, 16]
+    assert header["blocks.0.mlp.fc_in.kernel.rows"]["dtype"] == "I32"
 
 
 def test_export_refuses_an_unstructured_run(sparse_run, capsys):
@@ -235,7 +235,7 @@ def test_squarehead_hand_worked():
     hs = [jnp.asarray([[[2.0, 0.0]]]), jnp.asarray([[[2.0, 2.0]]])]
     ht = [jnp.asarray([[[1.0, -1.0]]]), jnp.asarray([[[2.0, 0.0]]])]
     w = SquareHeadWeights(h_ce=1.0, h_kl=2.0, h_sq=3.0, temperature=1.0, eps=0.5)
-    got = squarehead_terms(s_logits, hs, t_logits, ht, jnp.asarray([[0]]), w)
+    got = jax.jit(squarehead_terms)(s_logits, hs, t_logits, ht, jnp.asarray([[0]]), w)
     ce, kl, feat = -np.log(0.75), 0.5 * np.log(4 / 3), 1 / 1.5 + 2 / 2.5
     np.testing.assert_allclose(float(got.ce), ce, rtol=1e-6)
     np.testing.assert_allclose(float(got.kl), kl, rtol=1e-6)
@@ -261,8 +261,8 @@ def test_squarehead_matches_float64_reference():
                                                                              strict=True))
     ref = 0.5 * ce + 1.5 * 4 * kl + 0.25 * feat
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-    got = squarehead_terms(f32(s), list(map(f32, hs)), f32(t), list(map(f32, ht)),
-                           jnp.asarray(y), w)
+    got = jax.jit(squarehead_terms)(f32(s), list(map(f32, hs)), f32(t), list(map(f32, ht)),
+                                    jnp.asarray(y), w)
     np.testing.assert_allclose(float(got.loss), ref, rtol=1e-5)
     with pytest.raises(ValueError, match="layer by layer"):
         squarehead_terms(f32(s), list(map(f32, hs[:3])), f32(t), list(map(f32, ht)),
@@ -270,31 +270,33 @@ def test_squarehead_matches_float64_reference():
 
 
 def test_soup_keeps_the_mask_and_greedy_is_never_worse(sparse_run, tmp_path):
+    """Two sparse fine-tunes (init_from, finetune.mode='sparse') of the run and their soups."""
     c = tiny_config(init_from=str(sparse_run), soup__ingredients=2, checkpoint__every=FT_STEPS)
     c.train.steps = c.eval.every = FT_STEPS
     result = soup.soup(c, tmp_path / "soup")
     cycle = result["cycles"][0]
+    pre = sparsejax.load(sparse_run)
     ingredients = [sparsejax.load(i["run_dir"]) for i in cycle["ingredients"]]
     uniform = sparsejax.load(cycle["uniform"]["run_dir"])
     greedy = sparsejax.load(cycle["greedy"]["run_dir"])
-    n_zero = lambda ld: sum(int(np.sum(np.asarray(p)[~np.asarray(m)] == 0))  # noqa: E731
-                            for p, m in zip(jax.tree_util.tree_leaves(ld.params),
-                                            jax.tree_util.tree_leaves(ld.masks), strict=True)
-                            if np.ndim(m))
-    pre = sparsejax.load(sparse_run)
     for ld in (*ingredients, uniform, greedy):
         assert soup.mask_sparsity(ld.masks) == soup.mask_sparsity(pre.masks) == cycle["sparsity"]
-        assert n_zero(ld) == n_zero(pre)  # every pruned weight exactly 0
+        for p0, m0, m, p in zip(*(jax.tree_util.tree_leaves(t) for t in (
+                pre.params, pre.masks, ld.masks, ld.params)), strict=True):
+            np.testing.assert_array_equal(m, m0)  # the sparse fine-tune kept the mask
+            if np.ndim(m0):
+                pruned = ~np.asarray(m0)
+                assert np.all(np.asarray(p)[pruned] == 0)  # every zero in place
+                assert np.any(np.asarray(p)[~pruned] != np.asarray(p0)[~pruned])  # trained
     for u, a, b in zip(*(jax.tree_util.tree_leaves(x.params) for x in
                          (uniform, *ingredients)), strict=True):
         np.testing.assert_allclose(np.asarray(u), (np.asarray(a, np.float64)
                                                    + np.asarray(b, np.float64)) / 2, rtol=1e-6,
                                    atol=1e-7)
-    first = min(i["val_loss"] for i in cycle["ingredients"])
-    assert cycle["best_ingredient"] == first
-    assert cycle["greedy"]["val_loss"] <= first
-    assert cycle["greedy"]["members"][0] == min(cycle["ingredients"],
-                                                key=lambda i: i["val_loss"])["run_dir"]
+    first = min(cycle["ingredients"], key=lambda i: i["val_loss"])
+    assert cycle["best_ingredient"] == first["val_loss"]
+    assert cycle["greedy"]["members"][0] == first["run_dir"]
+    assert cycle["greedy"]["val_loss"] <= first["val_loss"]
 
 
 def test_prune_more_removes_the_smallest_kept_weights():
