@@ -7,7 +7,8 @@ contraction axis plus their packed in-group positions (Mishra et al. 2021). Whic
 prunable is :mod:`sparsejax.prunable`'s rule; the others (embeddings, norms, biases) are
 stored dense.
 
-Containers: ``.npz`` (numpy; a JSON ``__meta__`` entry; bfloat16 bit-exact as uint16) and
+Containers: ``.npz`` (numpy; a JSON ``__meta__`` entry as UTF-8 bytes; bfloat16 bit-exact
+as uint16) and
 ``.safetensors`` (8-byte little-endian header length, a JSON header naming each tensor's
 dtype, shape and byte range, then the raw bytes; written and read here with numpy). Both
 carry the same metadata: the model's :class:`~sparsejax.models.gpt.GPTConfig` and the
@@ -190,7 +191,7 @@ def save_export(path: str | Path, exported: Exported, meta: dict[str, Any] | Non
     for key, arr in tensors.items():
         arrays[key], dtypes[key] = _store(arr)
     header["dtypes"] = dtypes
-    np.savez(path, __meta__=np.asarray(json.dumps(header)), **arrays)
+    np.savez(path, __meta__=np.frombuffer(json.dumps(header).encode(), np.uint8), **arrays)
     return path
 
 
@@ -208,7 +209,7 @@ def read_export(path: str | Path) -> tuple[Exported, dict[str, Any]]:
         with np.load(path, allow_pickle=False) as data:
             if "__meta__" not in data:
                 raise ValueError(f"{path}: not a sparsejax export (no __meta__ entry)")
-            header = json.loads(str(data["__meta__"]))
+            header = json.loads(data["__meta__"].tobytes().decode())
             tensors = {k: _restore(data[k], header["dtypes"][k]) for k in header["dtypes"]}
     if header.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: format {header.get('format')!r}, expected {FORMAT_VERSION!r}")
