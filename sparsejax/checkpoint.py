@@ -201,18 +201,18 @@ def save_weights(run_dir: str | Path, step: int, params: Any, masks: Any | None 
 def load_for_finetuning(
     run_dir: str | Path, *, dense: bool = True, step: int | None = None
 ) -> tuple[dict[str, Any], Any | None]:
-    """Params of a (sparse) pre-training run, ready for a new optimizer.
+    """``(params, masks_or_None)`` of a (sparse) pre-training run, ready for a new optimizer:
+    a thin form of :func:`sparsejax.load` (the params and masks of its :class:`Loaded`, on
+    the model's own tree).
 
     SPDF (Thangarasa et al. 2023, "SPDF: Sparse Pre-training and Dense Fine-tuning"): with
     ``dense=True`` every weight becomes trainable again (pruned ones resume from exactly 0)
-    and the returned masks are ``None``; with ``dense=False`` the masks are returned too, so
-    the fine-tuning optimizer can keep them fixed (e.g. ``methods.static`` or
-    :func:`sparsejax.apply_masks` after each step).
-    Returns ``(params, masks_or_None)``; params are a pure nested dict of numpy arrays.
+    and the masks are ``None``; with ``dense=False`` the masks come too, for
+    ``methods.fixed`` (or set ``init_from`` and ``finetune.mode`` in a config instead).
     """
-    raw = load_raw(run_dir, step)
-    params = jax.tree_util.tree_map(np.asarray, raw["params"])
-    masks = None if dense else find_masks(raw.get("opt_state"))
-    if not dense and masks is None:
+    from sparsejax.loading import load
+
+    loaded = load(run_dir, step=step, dense=dense)
+    if not dense and loaded.masks is None:
         raise ValueError(f"{run_dir}: the checkpoint holds no masks (was it a dense run?)")
-    return params, masks
+    return loaded.params, loaded.masks
