@@ -69,6 +69,7 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 
 def weights(config: ml_collections.ConfigDict) -> distill.SquareHeadWeights:
+    """The SquareHead weights and temperature of ``config.finetune`` (checked)."""
     f = config.finetune
     return distill.check_weights(distill.SquareHeadWeights(
         float(f.h_ce), float(f.h_kl), float(f.h_sq), float(f.temperature)))
