@@ -40,6 +40,13 @@ def base() -> ml_collections.ConfigDict:
         frames=4, pattern="stepwise", drop_fraction=0.3,
     )
     c.checkpoint = dict(every=100, keep=3)
+    # fine-tuning from a run dir (SPDF across runs; Thangarasa et al. 2023), SquareHead
+    # distillation (Kurtic et al. 2023) and sparse model soups (Zimmer et al. 2023)
+    c.init_from = ""  # run dir whose weights (and masks) start this run; "" = from scratch
+    c.init_from_step = -1  # its checkpoint step; -1 = latest
+    c.finetune = dict(mode="sparse", distill="", teacher="", teacher_step=-1, h_ce=1.0,
+                      h_kl=1.0, h_sq=1.0, temperature=1.0)
+    c.soup = dict(ingredients=3, select="greedy", cycles=1, prune_fraction=0.0)
     c.wandb = dict(enabled=False, project="sparsejax", mode="offline", name="")
     return c
 
@@ -127,11 +134,14 @@ ENUMS = {
     "sparsity.score": ("magnitude", "random", "saliency"),
     "sparsity.allocation": ("global", "uniform", "erk", "er"),
     "wandb.mode": ("offline", "online", "disabled"),
+    "finetune.mode": ("sparse", "dense"),
+    "finetune.distill": ("", "squarehead"),
+    "soup.select": ("greedy", "uniform"),
 }
 POSITIVE_INTS = ("model.n_ctx", "model.block", "train.steps", "train.batch_size", "train.seq_len",
                  "train.log_every", "eval.every", "eval.batches", "eval.batch_size",
                  "checkpoint.every", "checkpoint.keep", "sparsity.update_every", "sparsity.m",
-                 "sparsity.frames")
+                 "sparsity.frames", "soup.ingredients", "soup.cycles")
 NON_NEGATIVE_INTS = ("seed", "train.warmup_steps", "sparsity.begin_step", "sparsity.end_step",
                      "sparsity.n")
 
@@ -154,6 +164,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in NON_NEGATIVE_INTS:
         v = got[key]
         _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, key, "an int >= 0", v)
+    _validate_finetune(got)
     _need(got["train.steps"] <= MAX_STEPS, "train.steps", f"<= {MAX_STEPS} (int32 step counter)",
           got["train.steps"])
     for key in ("train.lr", "train.b1", "train.b2", "train.weight_decay", "train.grad_clip",
@@ -226,6 +237,36 @@ def validate(config: ml_collections.ConfigDict) -> None:
               f"machine (placing the sparsity window by compute takes about "
               f"{WINDOW_SOLVE_BYTES_PER_STEP} bytes per step; {have / 2**30:.0f} GiB of memory; "
               "sparsity.by='steps' needs none)", got["train.steps"])
+
+
+def _validate_finetune(got: dict[str, Any]) -> None:
+    for key in ("init_from", "finetune.teacher"):
+        _need(isinstance(got[key], str), key, "a run dir path (a str; '' = none)", got[key])
+    for key in ("init_from_step", "finetune.teacher_step"):
+        v = got[key]
+        _need(isinstance(v, int) and not isinstance(v, bool) and v >= -1, key,
+              "a checkpoint step (an int >= 0, or -1 for the latest)", v)
+    if got["init_from"]:
+        _need(got["sparsity.method"] == "dense", "sparsity.method",
+              "'dense' with init_from (the masks come from the init_from run: "
+              "finetune.mode='sparse' keeps them, 'dense' frees them)", got["sparsity.method"])
+    for key in ("finetune.h_ce", "finetune.h_kl", "finetune.h_sq", "finetune.temperature",
+                "soup.prune_fraction"):
+        v = got[key]
+        _need(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+              and v >= 0, key, "a finite float >= 0", v)
+    _need(got["finetune.temperature"] > 0, "finetune.temperature", "a float > 0",
+          got["finetune.temperature"])
+    if got["finetune.distill"]:
+        _need(bool(got["finetune.teacher"]), "finetune.teacher",
+              "a dense run dir when finetune.distill is set", got["finetune.teacher"])
+    _need(got["soup.prune_fraction"] < 1, "soup.prune_fraction",
+          "a fraction in [0, 1) of the remaining weights pruned before each soup cycle after "
+          "the first", got["soup.prune_fraction"])
+    if got["soup.cycles"] > 1:
+        _need(got["soup.prune_fraction"] > 0, "soup.prune_fraction",
+              "> 0 when soup.cycles > 1 (each further cycle prunes the soup again)",
+              got["soup.prune_fraction"])
 
 
 def _physical_memory() -> int:

@@ -33,6 +33,8 @@ class Experiment(NamedTuple):
     sparsity_schedule: schedules.Schedule | None  # target sparsity per step (None: dense)
     corpus: data.Corpus
     config: ml_collections.ConfigDict
+    loss: Any = None  # training objective loss(model, x, y, loss_aux); None: cross-entropy
+    loss_aux: Any = None  # e.g. the SquareHead teacher's state
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> GPTConfig:
@@ -117,7 +119,10 @@ def mask_method(config: ml_collections.ConfigDict, schedule: schedules.Schedule 
     return method
 
 
-def optimizer(config: ml_collections.ConfigDict, schedule) -> tuple[Any, optax.Schedule]:
+def optimizer(config: ml_collections.ConfigDict, schedule, masks: Any = None
+              ) -> tuple[Any, optax.Schedule]:
+    """AdamW with the config's schedule, under ``sparsify`` for a sparse method, or for
+    ``masks`` given (``methods.fixed``: sparse fine-tuning keeps them exactly)."""
     t = config.train
     lr = optax.warmup_cosine_decay_schedule(
         0.0, t.lr, t.warmup_steps, t.steps, end_value=t.lr * t.min_lr_ratio
@@ -126,7 +131,7 @@ def optimizer(config: ml_collections.ConfigDict, schedule) -> tuple[Any, optax.S
         optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(),
         optax.adamw(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay),
     )
-    method = mask_method(config, schedule)
+    method = methods.fixed(masks) if masks is not None else mask_method(config, schedule)
     tx = inner if method is None else sparsify(inner, method, seed=config.seed)
     return tx, lr
 
@@ -162,6 +167,10 @@ def check(config: ml_collections.ConfigDict) -> Checked:
         schedule = sparsity_schedule(config)
     with _naming("train.* / sparsity.*"):
         tx, lr = optimizer(config, schedule)
+    if config.init_from or config.finetune.distill:
+        from sparsejax import finetune
+
+        finetune.check(config)
     return Checked(cfg, tx, lr, schedule)
 
 
@@ -173,6 +182,12 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
         val_fraction=config.data.val_fraction,
     )
     cfg = dataclasses.replace(checked.model_cfg, vocab_size=corpus.vocab_size)
+    if config.init_from or config.finetune.distill:
+        from sparsejax import finetune
+
+        start = finetune.start(config, cfg, checked.sparsity_schedule)
+        return Experiment(start.model, cfg, start.tx, start.lr_schedule,
+                          checked.sparsity_schedule, corpus, config, start.loss, start.loss_aux)
     model = GPT(cfg, rngs=nnx.Rngs(config.seed), linear=linear_factory(config))
     return Experiment(model, cfg, checked.tx, checked.lr_schedule, checked.sparsity_schedule,
                       corpus, config)
@@ -192,4 +207,5 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
         eval_batches=ev.batches, eval_batch_size=ev.batch_size, log_every=t.log_every,
         checkpoint_every=config.checkpoint.every, keep_checkpoints=config.checkpoint.keep,
         config=config.to_dict(), wandb=config.wandb.to_dict(), progress=progress,
+        loss=exp.loss, loss_aux=exp.loss_aux,
     )

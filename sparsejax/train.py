@@ -69,22 +69,24 @@ def _sparse_state(opt_state: Any):
 
 
 def make_train_step(graphdef, params_def, rest, tx, *, fixed_flops, dense_flops,
-                    tokens_per_step, sparse: bool, structural: SparsityStats):
-    """The jitted step ``(state, inputs_BxL, targets_BxL) -> (state, metrics)``; ``state`` is
-    donated. Sparsity, counts and the target come from the optimizer state
+                    tokens_per_step, sparse: bool, structural: SparsityStats, loss=None):
+    """The jitted step ``(state, inputs_BxL, targets_BxL[, loss_aux]) -> (state, metrics)``;
+    ``state`` is donated. ``loss(model, x_BxL, y_BxL, loss_aux)`` replaces the cross-entropy
+    as the training objective when given (e.g. :func:`sparsejax.distill.squarehead_loss`).
+    Sparsity, counts and the target come from the optimizer state
     (:func:`sparsejax.sparsity_stats`, the single source of truth); ``structural`` stands in
     when the optimizer holds no masks (dense runs, and layers that are sparse by construction:
     :func:`accounting.structural_stats`)."""
 
-    def loss_of(params, x_BxL, y_BxL):
+    def loss_of(params, x_BxL, y_BxL, aux):
         model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(params_def,
                                                                  jax.tree.leaves(params)), rest)
-        return loss_fn(model, x_BxL, y_BxL)
+        return loss_fn(model, x_BxL, y_BxL) if loss is None else loss(model, x_BxL, y_BxL, aux)
 
-    def step(state: TrainState, x_BxL, y_BxL):
+    def step(state: TrainState, x_BxL, y_BxL, aux=None):
         def loss_of_weights(params):  # straight-through forward weights for sparse runs
             return loss_of(forward_params(params, state.opt_state) if sparse else params,
-                           x_BxL, y_BxL)
+                           x_BxL, y_BxL, aux)
 
         loss, grads = jax.value_and_grad(loss_of_weights)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -201,6 +203,8 @@ def run(
     config: dict[str, Any] | None = None,
     wandb: dict[str, Any] | None = None,
     progress: bool = True,
+    loss: Any = None,
+    loss_aux: Any = None,
 ) -> dict[str, Any]:
     """Train ``model`` with ``tx`` on ``corpus`` for ``steps`` steps; returns the summary.
 
@@ -213,6 +217,8 @@ def run(
     every log step :func:`sparsejax.check` must find every pruned weight at 0, else the run
     fails naming the leaves.
     ``wandb``: ``{"enabled": bool, "project": str, "mode": "offline"|"online", "name": str}``.
+    ``loss(model, x_BxL, y_BxL, loss_aux)``: the training objective instead of the
+    cross-entropy (``train_loss`` logs it; ``val_loss`` stays the cross-entropy).
 
     A process holds ``RUN_DIR/lock`` while it trains (a second one raises
     :class:`runlog.RunDirBusyError`). A finished run (``completed`` or ``diverged``) is
@@ -264,6 +270,7 @@ def run(
     train_step = make_train_step(
         graphdef, params_def, rest, tx, fixed_flops=fixed_flops, dense_flops=dense_flops,
         tokens_per_step=float(batch_size * seq_len), sparse=sparse, structural=counts,
+        loss=loss,
     )
     evaluate = make_eval_step(graphdef, params_def, rest)
     count_violations = jax.jit(lambda p, s: sum(jax.tree_util.tree_leaves(check(p, s))))
@@ -290,7 +297,7 @@ def run(
             interrupt.check()  # Ctrl-C takes effect between steps, never inside a save
             x, y = data.get_batch(corpus.train, seed=seed, step=step, batch_size=batch_size,
                                   seq_len=seq_len)
-            state, metrics = train_step(state, x, y)
+            state, metrics = train_step(state, x, y, loss_aux)
             done = step + 1
             is_eval = done % eval_every == 0 or done == steps
             is_ckpt = done % checkpoint_every == 0 or done == steps
