@@ -1,0 +1,52 @@
+"""Sparse-IFT: a GPT whose attention and MLP linears are replaced by iso-FLOP sparse layers.
+
+Thangarasa et al. 2023, "Sparse Iso-FLOP Transformations for Maximizing Training Efficiency"
+(``sparsejax.sparse_ift``): Sparse Wide, Parallel, Factorized or Doped at sparsity ``s``,
+trained with RigL (Evci et al. 2020) at that same constant sparsity, as in the paper, with
+uniform per-layer allocation so every transformed layer costs its dense layer's FLOPs.
+Arguments: ``family`` (wide, parallel, factorized, doped; empty for the dense baseline) and
+``sparsity`` (the Sparse-IFT ``s``, which also sets ``sparsity.final``), plus any dotted key
+(``size=XS``, ``sparsity.method=static``, ``model.linear=bsr``...).
+
+Command:   sparsejax train --config configs/sparse_ift.py:family=wide,sparsity=0.75 \\
+               --workdir runs/ift_wide
+           sparsejax sweep --config configs/sparse_ift.py --workdir runs/ift  (dense + 4 x 2)
+Time:      the masked layers compute densely on CPU: an s = 0.75 model takes about 4x the
+           dense model's step time (s = 0.5: 2x); see /work/notes/13.md for measured runs.
+Result:    see the closing note of issue 13 (iso-FLOP comparison on the default corpus).
+"""
+
+from sparsejax import configlib
+
+SPARSITIES = (0.5, 0.75)
+
+
+def get_config(arg=None):
+    c = configlib.base()
+    family, s, rest = "wide", 0.75, []
+    for item in (arg or "").split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == "family":
+            family = value.strip()
+        elif key.strip() == "sparsity":
+            s = float(value)
+        elif item.strip():
+            rest.append(item)
+    c.model.sparse_ift.family = family
+    c.model.sparse_ift.sparsity = s if family else 0.0
+    c.sparsity.method = "rigl" if family and s > 0 else "dense"
+    c.sparsity.final = c.model.sparse_ift.sparsity if c.sparsity.method != "dense" else 0.0
+    c.sparsity.allocation = "uniform"
+    c.sparsity.update_every = 25
+    c.sparsity.end = 0.75
+    return configlib.apply_arg(c, ",".join(rest))
+
+
+def sweep(add):
+    """The iso-FLOP comparison: the dense model, then every family at s = 0.5 and 0.75."""
+    add(**{"model.sparse_ift.family": "", "model.sparse_ift.sparsity": 0.0,
+           "sparsity.method": "dense", "sparsity.final": 0.0})
+    for family in ("wide", "parallel", "factorized", "doped"):
+        for s in SPARSITIES:
+            add(**{"model.sparse_ift.family": family, "model.sparse_ift.sparsity": s,
+                   "sparsity.method": "rigl", "sparsity.final": s})
