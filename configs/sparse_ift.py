@@ -29,7 +29,11 @@ def get_config(arg=None):
         if key.strip() == "family":
             family = value.strip()
         elif key.strip() == "sparsity":
-            s = float(value)
+            try:
+                s = float(value)
+            except ValueError:
+                raise ValueError("config argument sparsity must be a float in [0, 1) (the "
+                                 f"Sparse-IFT sparsity), got {value.strip()!r}") from None
         elif item.strip():
             rest.append(item)
     c.model.sparse_ift.family = family

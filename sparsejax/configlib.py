@@ -176,6 +176,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
           got["train.min_lr_ratio"])
     _need(0 < got["data.val_fraction"] < 1, "data.val_fraction", "in (0, 1)",
           got["data.val_fraction"])
+    _validate_sparse_ift(got)
     _need(0 <= got["sparsity.final"] < 1, "sparsity.final", "a float in [0, 1)",
           got["sparsity.final"])
     method = got["sparsity.method"]
@@ -219,7 +220,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _need(got["sparsity.method"] == "static" and got["sparsity.score"] == "random",
               "model.linear", "'dense' unless sparsity.method='static' with score='random' "
               "(the BSR layers hold a static random block mask)", got["model.linear"])
-    _validate_sparse_ift(got)
     if got["sparsity.method"] in ("static", "gradual", "set", "rigl"):
         _need(got["sparsity.final"] > 0, "sparsity.final", "> 0 for a sparse method",
               got["sparsity.final"])

@@ -29,7 +29,8 @@ from sparsejax.prunable import path_str, prunable_tree
 S = 0.75
 CFG = GPTConfig.from_variant("1,16,2,32", n_ctx=16, vocab_size=32)  # L, d, n_head, ff
 STEPS = 12
-FAMILIES = ("wide", "parallel", "factorized", "doped")
+FAMILIES = sparse_ift.FAMILIES  # wide, parallel, factorized, doped
+LAYER_FAMILIES = sparse_ift.LAYER_FAMILIES
 
 
 def test_doctests():
@@ -276,35 +277,50 @@ def test_config_validation():
         configlib.validate(c)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_bsr_path(family):
-    """model.linear=bsr with a static random block mask: the sparse parts are BSRLinear layers
-    at block density 1 − s (Doped's low-rank stays a dense Param, Factorized's rank is a
-    multiple of the block), counted by the accounting; Wide trains on the kernels' CPU path
-    (loss drops), the others' gradients are traced (abstractly: compiling costs seconds)."""
+def _bsr_config(family: str):
     c = configlib.apply_arg(configlib.base(), (
         f"model.sparse_ift.family={family},model.sparse_ift.sparsity=0.5,model.block=16,"
         "model.linear=bsr,sparsity.method=static,sparsity.score=random,sparsity.final=0.5,"
         "model.n_ctx=16,train.seq_len=16"))
     configlib.set_key(c, "model.size", "1,32,2,64")
-    cfg = dataclasses.replace(experiment.check(c).model_cfg, vocab_size=CFG.vocab_size)
+    return c, dataclasses.replace(experiment.check(c).model_cfg, vocab_size=CFG.vocab_size)
+
+
+def test_bsr_wide_trains():
+    """model.linear=bsr, Sparse Wide at 0.5: widths rounded to the block (16), the BSR layers
+    at block density 1/2 (Wide's 48x48 layers have 9 blocks, 4 kept), counted by the
+    accounting; it trains on the kernels' CPU path (loss drops)."""
+    c, cfg = _bsr_config("wide")
+    assert (cfg.d_model, cfg.d_ff) == (48, 96)  # 45.3, 90.5 up to multiples of 16
     model = GPT(cfg, rngs=nnx.Rngs(0), linear=experiment.linear_factory(c))
     stats = accounting.structural_stats(model, _params(model))
-    # half the blocks of every sparse part; Wide's 48x48 layers have 9 blocks, 4 kept:
-    # 1 - (4·4 + 2·9)·256 / (4·48² + 2·48·96)
-    want = 1 - 34 * 256 / 18432 if family == "wide" else 0.5
-    assert float(stats.sparsity) == pytest.approx(want, abs=1e-6)
-    maskable, dense = accounting.block_matmul_weights(model)
-    assert maskable == stats.n_prunable
-    assert dense == (4 * 8 * 64 + 2 * 10 * 96 if family == "doped" else 0)  # r = 8, 10
-    if family == "wide":
-        assert (cfg.d_model, cfg.d_ff) == (48, 96)  # 45.3, 90.5 up to multiples of 16
-        losses = _train(model, steps=8)
-        assert losses[-1] < losses[0] - 0.5, losses
-        return
-    if family == "factorized":  # ceil(32·64/(.5·96)) = 43 -> 48
-        assert model.blocks[0].mlp.fc_in.u.sparse_kernel().shape == (32, 48)
-    x, y = _batch()  # traced through the kernels' forward and backward, not compiled
+    assert float(stats.sparsity) == pytest.approx(1 - 34 * 256 / 18432, abs=1e-6)
+    assert accounting.block_matmul_weights(model) == (stats.n_prunable, 0)
+    losses = _train(model, steps=8)
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_bsr_layers_run():
+    """The layer families on BSR kernels (``linear_factory`` of a bsr config), one model whose
+    linears cycle through parallel, factorized, doped (one build instead of three): half the
+    blocks of every sparse part kept, Doped's low-rank a dense Param, Factorized's rank a
+    multiple of the block; forward and backward traced through the kernels."""
+    factories = {f: experiment.linear_factory(_bsr_config(f)[0]) for f in LAYER_FAMILIES}
+    order = iter(LAYER_FAMILIES * 2)  # query, key, value, out, fc_in, fc_out
+
+    def linear(*args, **kwargs):
+        return factories[next(order)](*args, **kwargs)
+
+    model = GPT(_bsr_config("parallel")[1], rngs=nnx.Rngs(0), linear=linear)
+    block = model.blocks[0]
+    assert isinstance(block.attn.query, sparse_ift.SparseParallel)
+    assert isinstance(block.mlp.fc_out, sparse_ift.SparseDoped)
+    assert block.mlp.fc_in.u.sparse_kernel().shape == (32, 48)  # ceil(32·64/48) = 43 -> 48
+    stats = accounting.structural_stats(model, _params(model))
+    assert float(stats.sparsity) == pytest.approx(0.5, abs=1e-6)
+    # dense: value (32x32, r = 8) and fc_out (64x32, r = floor(.5·2048/96) = 10) low-rank
+    assert accounting.block_matmul_weights(model) == (stats.n_prunable, 8 * 64 + 10 * 96)
+    x, y = _batch()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     loss, grads = jax.eval_shape(jax.value_and_grad(
         lambda p: loss_fn(nnx.merge(graphdef, p, rest), x, y)), params)
