@@ -24,7 +24,9 @@ def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model = dict(size="tiny", n_ctx=128, pos="rope", tie_embeddings=True, dtype="float32",
-                   linear="dense", block=32)
+                   linear="dense", block=32,
+                   # Sparse-IFT (sparsejax.sparse_ift): "" (none), wide, parallel, factorized, doped
+                   sparse_ift=dict(family="", sparsity=0.0))
     c.data = dict(source="", cache_dir="", val_fraction=0.05)
     c.train = dict(
         steps=300, batch_size=16, seq_len=128, lr=3e-3, min_lr_ratio=0.1, warmup_steps=30,
@@ -124,6 +126,7 @@ ENUMS = {
     "model.pos": ("rope", "learned"),
     "model.dtype": ("float32", "bfloat16"),
     "model.linear": ("dense", "bsr"),
+    "model.sparse_ift.family": ("", "wide", "parallel", "factorized", "doped"),
     "sparsity.method": ("dense", "gradual", "static", "nm", "ste", "sr_ste", "mdgf", "sdgf",
                         "set", "rigl"),
     "sparsity.decay_kind": ("linear", "exp"),
@@ -171,7 +174,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "train.min_lr_ratio", "data.val_fraction", "sparsity.final", "sparsity.start",
                 "sparsity.end", "sparsity.power_scale", "sparsity.dense_from", "sparsity.warmup",
                 "sparsity.hard_from", "sparsity.decay", "sparsity.alpha",
-                "sparsity.drop_fraction"):
+                "sparsity.drop_fraction", "model.sparse_ift.sparsity"):
         v = got[key]
         _need(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v), key,
               "a finite float", v)
@@ -184,6 +187,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
           got["train.min_lr_ratio"])
     _need(0 < got["data.val_fraction"] < 1, "data.val_fraction", "in (0, 1)",
           got["data.val_fraction"])
+    _validate_sparse_ift(got)
     _need(0 <= got["sparsity.final"] < 1, "sparsity.final", "a float in [0, 1)",
           got["sparsity.final"])
     method = got["sparsity.method"]
@@ -267,6 +271,30 @@ def _validate_finetune(got: dict[str, Any]) -> None:
         _need(got["soup.prune_fraction"] > 0, "soup.prune_fraction",
               "> 0 when soup.cycles > 1 (each further cycle prunes the soup again)",
               got["soup.prune_fraction"])
+
+
+IFT_METHODS = ("static", "set", "rigl")  # constant sparsity: iso-FLOP at every step
+
+
+def _validate_sparse_ift(got: dict[str, Any]) -> None:
+    """Sparse-IFT: the mask method's sparsity is the transformation's ``s``, held constant."""
+    family, s = got["model.sparse_ift.family"], got["model.sparse_ift.sparsity"]
+    _need(0 <= s < 1, "model.sparse_ift.sparsity", "a float in [0, 1)", s)
+    if not family:
+        _need(s == 0, "model.sparse_ift.sparsity", "0.0 unless model.sparse_ift.family is set",
+              s)
+        return
+    if s == 0:
+        _need(got["sparsity.method"] == "dense", "sparsity.method",
+              "'dense' for a Sparse-IFT model at model.sparse_ift.sparsity=0",
+              got["sparsity.method"])
+        return
+    _need(got["sparsity.method"] in IFT_METHODS, "sparsity.method",
+          f"one of {IFT_METHODS} for a Sparse-IFT model (constant sparsity keeps it iso-FLOP)",
+          got["sparsity.method"])
+    _need(got["sparsity.final"] == s, "sparsity.final",
+          f"model.sparse_ift.sparsity ({s}): the mask method trains the sparse parts at the "
+          "Sparse-IFT sparsity", got["sparsity.final"])
 
 
 def _physical_memory() -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -17,7 +18,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from sparsejax import configlib, data, methods, schedules
+from sparsejax import configlib, data, methods, schedules, sparse_ift
 from sparsejax.models.gpt import GPT, GPTConfig
 from sparsejax.models.layers import dense_linear
 from sparsejax.transforms import sparsify
@@ -40,10 +41,14 @@ class Experiment(NamedTuple):
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> GPTConfig:
     """The model's :class:`GPTConfig` (``model.size`` decoded by ``GPTConfig.from_variant``)."""
     m = config.model
-    return GPTConfig.from_variant(
+    cfg = GPTConfig.from_variant(
         m.size, n_ctx=m.n_ctx, pos=m.pos, tie_embeddings=m.tie_embeddings, dtype=m.dtype,
         vocab_size=vocab_size,
     )
+    if m.sparse_ift.family == "wide":  # Sparse Wide: widened model, linears at sparsity s
+        cfg = sparse_ift.widen(cfg, m.sparse_ift.sparsity,
+                               block=m.block if m.linear == "bsr" else None)
+    return cfg
 
 
 def sparsity_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule | None:
@@ -69,13 +74,21 @@ def sparsity_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule |
 
 
 def linear_factory(config: ml_collections.ConfigDict):
-    """The model's linear-layer factory: dense, or BSR kernels with a static block mask."""
-    if config.model.linear == "dense":
-        return dense_linear
-    from pallas_kernels.layers import bsr_linear_factory
+    """The model's linear-layer factory: dense, or BSR kernels with a static block mask; a
+    Sparse-IFT family (``model.sparse_ift``) builds its layers from that one."""
+    m = config.model
+    if m.linear == "dense":
+        base = dense_linear
+    else:
+        from pallas_kernels.layers import bsr_linear_factory
 
-    block = (config.model.block, config.model.block)
-    return bsr_linear_factory(block, 1.0 - config.sparsity.final)
+        base = bsr_linear_factory((m.block, m.block), 1.0 - config.sparsity.final)
+    if m.sparse_ift.family in ("", "wide"):  # Wide: the model is widened, linears unchanged
+        return base
+    if base is dense_linear:  # GPT gives its dtypes to dense_linear only
+        base = functools.partial(dense_linear, dtype=m.dtype, param_dtype="float32")
+    return sparse_ift.factory(m.sparse_ift.family, m.sparse_ift.sparsity, base=base,
+                              rank_multiple=m.block if m.linear == "bsr" else 1, dtype=m.dtype)
 
 
 def mask_method(config: ml_collections.ConfigDict, schedule: schedules.Schedule | None):

@@ -50,12 +50,10 @@ class TrainState(NamedTuple):
 
 
 def _flops_coefficients(model: GPT, seq_len: int) -> tuple[float, float]:
-    """Per-token training FLOPs = fixed + dense_part * density (DESIGN.md "Accounting")."""
-    c = model.cfg
-    dims = (c.n_layer, c.d_model, c.d_ff, seq_len, c.vocab_size)
-    f0 = accounting.train_flops_per_token(*dims, sparsity=0.0)
-    dense_part = 2.0 * (f0 - accounting.train_flops_per_token(*dims, sparsity=0.5))
-    return f0 - dense_part, dense_part
+    """Per-token training FLOPs = fixed + dense_part * density (DESIGN.md "Accounting"), read
+    off the model's layers (Sparse-IFT and kernel-sparse layers counted as built)."""
+    fixed, maskable = accounting.forward_flops_coefficients(model, seq_len)
+    return 3.0 * fixed, 3.0 * maskable
 
 
 def _sparse_state(opt_state: Any):
