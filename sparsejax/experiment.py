@@ -51,6 +51,38 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> GPTConfi
     return cfg
 
 
+def _wide_dims(config: ml_collections.ConfigDict) -> tuple[GPTConfig, GPTConfig] | None:
+    """``(dense, widened)`` model configs of a Sparse Wide run, else ``None``."""
+    m = config.model
+    if m.sparse_ift.family != "wide" or config.sparsity.final == 0:
+        return None
+    dense = GPTConfig.from_variant(m.size, n_ctx=m.n_ctx, pos=m.pos)
+    return dense, sparse_ift.widen(dense, m.sparse_ift.sparsity,
+                                   block=m.block if m.linear == "bsr" else None)
+
+
+def target_sparsity(config: ml_collections.ConfigDict) -> float:
+    """The total sparsity the mask method trains at: ``sparsity.final``, except under Sparse
+    Wide, whose widths are rounded up: there it is :func:`sparsejax.sparse_ift.wide_sparsity`
+    (slightly above ``s``), and each layer gets its own iso-FLOP share (:func:`allocation`)."""
+    dims = _wide_dims(config)
+    if dims is None:
+        return config.sparsity.final
+    dense, wide = dims
+    return sparse_ift.wide_sparsity(dense.d_model, dense.d_ff, wide.d_model, wide.d_ff)
+
+
+def allocation(config: ml_collections.ConfigDict) -> Any:
+    """``sparsity.allocation``, or under Sparse Wide the per-layer iso-FLOP selection
+    (:func:`sparsejax.sparse_ift.wide_selection`)."""
+    dims = _wide_dims(config)
+    if dims is None:
+        return config.sparsity.allocation
+    dense, wide = dims
+    return sparse_ift.wide_selection(sparse_ift.wide_layer_sparsity(
+        dense.d_model, dense.d_ff, wide.d_model, wide.d_ff))
+
+
 def sparsity_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule | None:
     """The target-sparsity schedule of a static or gradual config (``None`` otherwise: dense
     runs, and methods whose target comes from their own definition, e.g. N:M)."""
@@ -58,7 +90,7 @@ def sparsity_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule |
     if s.method not in ("static", "gradual"):  # dense, or a method with its own targets
         return None
     if s.method == "static":
-        return schedules.constant(s.final, update_every=steps + 1)  # held from step 0
+        return schedules.constant(target_sparsity(config), update_every=steps + 1)  # from 0
     if s.schedule == "window":
         return schedules.window(
             steps, s.final, start=s.start, end=s.end, kind=s.kind, by=s.by,
@@ -82,7 +114,16 @@ def linear_factory(config: ml_collections.ConfigDict):
     else:
         from pallas_kernels.layers import bsr_linear_factory
 
-        base = bsr_linear_factory((m.block, m.block), 1.0 - config.sparsity.final)
+        dims = _wide_dims(config)
+        if dims is None:
+            base = bsr_linear_factory((m.block, m.block), 1.0 - config.sparsity.final)
+        else:  # Sparse Wide: each widened layer keeps its iso-FLOP share of blocks
+            layer_sparsity = sparse_ift.wide_layer_sparsity(
+                dims[0].d_model, dims[0].d_ff, dims[1].d_model, dims[1].d_ff)
+
+            def base(d_in: int, d_out: int, **kwargs: Any):
+                density = 1.0 - layer_sparsity(d_in, d_out)
+                return bsr_linear_factory((m.block, m.block), density)(d_in, d_out, **kwargs)
     if m.sparse_ift.family in ("", "wide"):  # Wide: the model is widened, linears unchanged
         return base
     if base is dense_linear:  # GPT gives its dtypes to dense_linear only
@@ -102,7 +143,8 @@ def mask_method(config: ml_collections.ConfigDict, schedule: schedules.Schedule 
 
     hard_from = None if s.hard_from >= 1 else at(s.hard_from)
     if s.method == "static":
-        method = methods.static(s.final, score=s.score, allocation=s.allocation,
+        method = methods.static(target_sparsity(config), score=s.score,
+                                allocation=allocation(config),
                                 power_scale=s.power_scale)
     elif s.method == "gradual":
         method = methods.gradual(schedule, score=s.score, allocation=s.allocation,
@@ -124,8 +166,8 @@ def mask_method(config: ml_collections.ConfigDict, schedule: schedules.Schedule 
         method = methods.sdgf(frames, kind=s.pattern, n=s.n, m=s.m, hard_from=hard_from)
     else:  # set / rigl: update every update_every steps until the end of the window
         dst = methods.set_ if s.method == "set" else methods.rigl
-        method = dst(s.final, update_every=s.update_every, end_step=at(s.end),
-                     drop_fraction=s.drop_fraction, allocation=s.allocation,
+        method = dst(target_sparsity(config), update_every=s.update_every, end_step=at(s.end),
+                     drop_fraction=s.drop_fraction, allocation=allocation(config),
                      power_scale=s.power_scale)
     if s.dense_from < 1:  # SPDF: dense from this fraction of the steps on
         method = methods.spdf(method, round(s.dense_from * config.train.steps))

@@ -142,6 +142,71 @@ def widen(cfg: Any, s: float, *, block: int | None = None) -> Any:
     return dataclasses.replace(cfg, d_model=d_model, d_ff=d_ff)
 
 
+def wide_sparsity(d_model: int, d_ff: int, wide_d_model: int, wide_d_ff: int) -> float:
+    """The sparsity at which a widened GPT block's linears cost the dense block's FLOPs exactly:
+    ``1 − (4d² + 2d·f) / (4d'² + 2d'·f')`` (four ``d×d`` attention linears, two ``d×f`` MLP
+    ones). Without rounding it is ``s`` itself; rounding the widths up (:func:`widen`) makes
+    it slightly larger, so that Sparse Wide stays iso-FLOP instead of paying for the rounding
+    (each layer then lands within about 1% of its dense FLOPs, where one sparsity for all
+    would miss by the rounding: +12.5% on the tiny model's attention at ``s = 0.5``).
+
+    >>> wide_sparsity(64, 256, 128, 512)
+    0.75
+    >>> round(wide_sparsity(64, 256, 96, 364), 4)  # s = 0.5 on the tiny model (rope)
+    0.5396
+    """
+    _check_dims(d_model=d_model, d_ff=d_ff, wide_d_model=wide_d_model, wide_d_ff=wide_d_ff)
+    if wide_d_model < d_model or wide_d_ff < d_ff:
+        raise ValueError(f"widened dims ({wide_d_model}, {wide_d_ff}) must be >= the dense "
+                         f"({d_model}, {d_ff})")
+    dense = 4 * d_model**2 + 2 * d_model * d_ff
+    return 1.0 - dense / (4 * wide_d_model**2 + 2 * wide_d_model * wide_d_ff)
+
+
+def wide_layer_sparsity(d_model: int, d_ff: int, wide_d_model: int, wide_d_ff: int
+                        ) -> Callable[[int, int], float]:
+    """``(d_in', d_out') -> s_l``: the sparsity at which a widened linear costs exactly the
+    FLOPs of the dense linear it replaces, ``1 − d_in·d_out / (d_in'·d_out')``, widened dims
+    mapped back to the dense ones (``d_model' -> d_model``, ``d_ff' -> d_ff``). Rounding the
+    widths up makes ``s_l`` differ between attention (``d'×d'``) and MLP (``d'×f'``) layers,
+    which one sparsity for all cannot match (the tiny model at ``s = 0.5``: 0.556 and 0.531).
+
+    >>> f = wide_layer_sparsity(64, 256, 96, 364)
+    >>> round(f(96, 96), 4), round(f(96, 364), 4), round(f(364, 96), 4)
+    (0.5556, 0.5311, 0.5311)
+    """
+    _check_dims(d_model=d_model, d_ff=d_ff, wide_d_model=wide_d_model, wide_d_ff=wide_d_ff)
+    if wide_d_model == wide_d_ff and d_model != d_ff:
+        raise ValueError(f"widened d_model and d_ff are both {wide_d_model}: which dense dims "
+                         "a layer replaces is ambiguous")
+    back = {wide_d_ff: d_ff, wide_d_model: d_model}
+
+    def sparsity(d_in: int, d_out: int) -> float:
+        if d_in not in back or d_out not in back:
+            raise ValueError(f"a ({d_in}, {d_out}) linear is not one of the widened model's "
+                             f"(dims {wide_d_model}, {wide_d_ff})")
+        return 1.0 - back[d_in] * back[d_out] / (d_in * d_out)
+
+    return sparsity
+
+
+def wide_selection(layer_sparsity: Callable[[int, int], float]) -> Callable[..., Any]:
+    """A mask selection ``(scores, sparsity, prunable_tree) -> masks`` (the ``allocation`` of
+    :func:`sparsejax.methods.static`, :func:`~sparsejax.methods.rigl`, ...) giving every
+    prunable 2-D kernel its iso-FLOP sparsity :func:`wide_layer_sparsity`; the total it is
+    handed is ignored (Sparse Wide fixes it by the widths: :func:`wide_sparsity`)."""
+    from sparsejax import masks as masks_lib
+
+    def select(scores: Any, sparsity: Any, prunable: Any) -> Any:
+        del sparsity
+        per_leaf = jax.tree.map(
+            lambda sc, p: layer_sparsity(*sc.shape) if p and sc.ndim == 2 else 0.0,
+            scores, prunable)
+        return masks_lib.layerwise(scores, per_leaf, prunable)
+
+    return select
+
+
 def layer_flops(
     family: str, d_in: int, d_out: int, s: float, *, rank_multiple: int = 1,
     widened: tuple[int, int] | None = None,

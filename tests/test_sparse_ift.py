@@ -214,9 +214,18 @@ def test_model_flops_and_shapes(family):
     assert abs(got / (fixed + blocks) - 1) < (0.6 if family == "wide" else 0.03)
 
 
-@pytest.mark.parametrize("family", ["parallel", "factorized"])
-def test_short_masked_training_lowers_the_loss(family):
-    model = _model(family)
+def test_short_masked_training_lowers_the_loss():
+    """Parallel and Factorized (one model whose linears alternate between them: one compile
+    instead of two) train under uniform random masks at S: the loss drops."""
+    factories = {f: sparse_ift.factory(f, S) for f in ("parallel", "factorized")}
+    order = iter(["parallel", "factorized"] * 3)  # query, key, value, out, fc_in, fc_out
+
+    def linear(*args, **kwargs):
+        return factories[next(order)](*args, **kwargs)
+
+    model = GPT(CFG, rngs=nnx.Rngs(0), linear=linear)
+    assert isinstance(model.blocks[0].attn.query, sparse_ift.SparseParallel)
+    assert isinstance(model.blocks[0].attn.key, sparse_ift.SparseFactorized)
     params = _params(model)
     rng = np.random.default_rng(0)
 
@@ -257,6 +266,39 @@ def test_config_path_trains_and_accounts(tmp_path):
     assert records[-1]["train_loss"] < records[0]["train_loss"] - 0.1
 
 
+def test_wide_layers_iso_flop_through_the_config():
+    """Sparse Wide at s = 0.5 rounds the widths up (tiny: 90.5 -> 96, 362 -> 364), so one
+    sparsity for all layers would miss iso-FLOP (attention +12.5%); the config's masks give
+    every widened layer its own share: each within 1% of its dense layer's FLOPs (by hand:
+    2·d_in·d_out), and the reported total target is wide_sparsity. GPT-2 small's widths
+    (768 -> 1104, 3072 -> 4356) by the same arithmetic, without drawing masks."""
+    s, d, ff = 0.5, 64, 256
+    c = tiny_config(model__sparse_ift__family="wide", model__sparse_ift__sparsity=s,
+                    sparsity__method="static", sparsity__final=s, model__size=f"1,{d},4,{ff}")
+    wide = experiment.check(c).model_cfg
+    assert (wide.d_model, wide.d_ff) == (96, 364)
+    shapes = {"q": (96, 96), "in": (96, 364), "out": (364, 96)}
+    dense = {"q": d * d, "in": d * ff, "out": d * ff}
+    scores = {k: jnp.asarray(np.random.default_rng(0).random(v), jnp.float32)
+              for k, v in shapes.items()}
+    select = experiment.allocation(c)
+    masks = jax.jit(lambda sc: select(sc, None, dict.fromkeys(shapes, True)))(scores)
+    for k, m in masks.items():
+        assert int(m.sum()) == pytest.approx(dense[k], rel=0.01), k
+    assert experiment.target_sparsity(c) == pytest.approx(
+        1 - (4 * d * d + 2 * d * ff) / (4 * 96**2 + 2 * 96 * 364), rel=1e-12)
+    assert (1 - s) * 96**2 / (d * d) == pytest.approx(1.125)  # the miss one s would make
+
+    small = GPTConfig.from_variant("12,768,12,3072")
+    big = sparse_ift.widen(small, s)
+    assert (big.d_model, big.d_ff) == (1104, 4356)  # 1086.1 up to 24s, 4344.5 up to 12s
+    share = sparse_ift.wide_layer_sparsity(768, 3072, 1104, 4356)
+    for (i, o), n in {(1104, 1104): 768**2, (1104, 4356): 768 * 3072,
+                      (4356, 1104): 768 * 3072}.items():
+        kept = i * o - round(share(i, o) * i * o)  # masks.layerwise's exact count
+        assert kept == pytest.approx(n, rel=0.01)
+
+
 def test_config_validation():
     c = configlib.base()
     configlib.apply_arg(c, "model.sparse_ift.family=wide,model.sparse_ift.sparsity=0.5")
@@ -294,7 +336,9 @@ def test_bsr_wide_trains():
     assert (cfg.d_model, cfg.d_ff) == (48, 96)  # 45.3, 90.5 up to multiples of 16
     model = GPT(cfg, rngs=nnx.Rngs(0), linear=experiment.linear_factory(c))
     stats = accounting.structural_stats(model, _params(model))
-    assert float(stats.sparsity) == pytest.approx(1 - 34 * 256 / 18432, abs=1e-6)
+    # each layer keeps its iso-FLOP share of 16x16 blocks: 32·32/48² = 4 of 9 (attention),
+    # 32·64/(48·96) = 8 of 18 (MLP): 4·4 + 2·8 = 32 blocks, the dense block's 8192 weights
+    assert float(stats.sparsity) == pytest.approx(1 - 32 * 256 / 18432, abs=1e-6)
     assert accounting.block_matmul_weights(model) == (stats.n_prunable, 0)
     losses = _train(model, steps=8)
     assert losses[-1] < losses[0] - 0.5, losses
