@@ -189,7 +189,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
         exp.model, exp.tx, exp.corpus, workdir, steps=t.steps, batch_size=t.batch_size,
         seq_len=t.seq_len, seed=config.seed, lr_schedule=exp.lr_schedule,
         eval_every=ev.every,
-        eval_batches=ev.batches, eval_batch_size=ev.batch_size, log_every=t.log_every,
+        eval_batches=ev.batches, eval_batch_size=ev.batch_size,
+        final_eval_batches=ev.final_batches, eval_seed=ev.seed, log_every=t.log_every,
         checkpoint_every=config.checkpoint.every, keep_checkpoints=config.checkpoint.keep,
         config=config.to_dict(), wandb=config.wandb.to_dict(), progress=progress,
     )

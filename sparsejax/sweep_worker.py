@@ -1,0 +1,70 @@
+"""One run of a sweep, in its own process: ``python -m sparsejax.sweep_worker RUN_DIR``.
+
+Started by :func:`sparsejax.sweep.launch`, which writes the run's resolved config as JSON to
+the worker's stdin. Before JAX starts, the worker pins itself to its share of the cores
+(``--cores``: XLA:CPU sizes its thread pool from the CPU affinity) and asks the kernel to send
+it SIGINT when the sweep process dies (``--parent``; Linux ``PR_SET_PDEATHSIG``), so a killed
+sweep leaves no orphan training: the run stops at the next step boundary, keeps its
+checkpoints, and the next launch resumes it. Exit status 0 when the run completed, 1 when it
+diverged or failed (the last line is then ``sparsejax: error: ...``), 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import sys
+import traceback
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGINT when the parent process ends (Linux only; elsewhere a no-op)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGINT, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the call: stop now
+        raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sparsejax.sweep_worker")
+    p.add_argument("run_dir")
+    p.add_argument("--cores", default=None, help="comma-separated CPU ids to run on")
+    p.add_argument("--parent", type=int, default=None, help="the sweep's PID")
+    args = p.parse_args(argv)
+    try:
+        if args.cores:
+            os.sched_setaffinity(0, {int(c) for c in args.cores.split(",")})
+        if args.parent is not None:
+            _die_with_parent(args.parent)
+        import ml_collections
+
+        from sparsejax import experiment
+
+        config = ml_collections.ConfigDict(json.loads(sys.stdin.read()))
+        summary = experiment.run(config, args.run_dir, progress=False)
+    except KeyboardInterrupt:
+        print("sparsejax: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except Exception as e:  # the sweep records the reason and goes on with the other runs
+        traceback.print_exc()
+        print(f"sparsejax: error: {type(e).__name__}: {' '.join(str(e).split())}",
+              file=sys.stderr, flush=True)
+        return 1
+    if summary["status"] != "completed":
+        print(f"sparsejax: error: run {summary['status']} at step {summary.get('step')}",
+              file=sys.stderr, flush=True)
+        return 1
+    print(f"completed: val_loss {summary.get('final_val_loss')} ± {summary.get('val_loss_se')}",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
