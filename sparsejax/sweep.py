@@ -4,13 +4,14 @@ big_vision style: a recipe file defines ``get_config(arg)`` and ``sweep(add)``; 
 records one run as dotted-key overrides (``add(**{"model.size": "XS", "train.steps": 600})``).
 Each run trains in ``SWEEP_DIR/<name>`` in its own process (:mod:`sparsejax.sweep_worker`), so
 a crash loses nothing else; ``parallel`` runs go at once, each pinned to its share of the
-cores (:func:`core_slots`, :func:`worker_env`).
+cores (:func:`core_slots`, :func:`worker_env`), the longest first.
 
 Resuming (:func:`plan`): a run whose ``config.json`` matches its resolved config is skipped
 when completed (or diverged: rerunning would diverge again) and resumed from its latest
 checkpoint otherwise; a run whose ``config.json`` differs is an error naming the run and the
 keys, before anything runs. ``SWEEP_DIR/sweep.json`` keeps one entry per run ever planned
-there (overrides, status, final loss and its SE, wall time, the failure reason), merged on
+there (overrides, status, final loss and its SE, wall time, the failure reason; the last
+worker process's wall and CPU seconds, ``process_wall_s`` and ``cpu_s``), merged on
 every launch and rewritten atomically after every change; the parent process is its only
 writer (it holds ``SWEEP_DIR/lock``). The sweep dir is what ``sparsejax fit`` and
 ``scaling.logs`` read.
@@ -101,16 +102,20 @@ class Run(NamedTuple):
     config: ml_collections.ConfigDict  # resolved (wandb.group set to the sweep's)
     action: str  # "run" (new), "resume" (from its latest checkpoint) or "skip" (finished)
     done_steps: int  # steps already trained (the latest checkpoint; steps when skipped)
-    cost: float  # training FLOPs of the whole run (the progress bar's weight)
+    cost: float  # expected cost in step-equivalents (the progress bar's weight, _cost)
 
 
 def _cost(config: ml_collections.ConfigDict) -> float:
+    """A run's expected cost in step-equivalents, the progress bar's weight: ``steps · (1 +
+    f / 3e5) + 150`` with ``f`` the model's forward FLOPs per token. At CPU scale a step costs
+    a fixed overhead plus its FLOPs, and each run a start-up and a final evaluation worth about
+    150 steps; fitted to one-core runs of the nano / tiny / mini models (about 300k FLOPs per
+    token for tiny)."""
     from sparsejax import accounting, experiment
 
     m = experiment.model_config(config, vocab_size=256)
-    t = config.train
-    per_token = accounting.train_flops_per_token(m.n_layer, m.d_model, m.d_ff, t.seq_len, 256)
-    return per_token * t.steps * t.batch_size * t.seq_len
+    f = accounting.flops_per_token(m.n_layer, m.d_model, m.d_ff, config.train.seq_len, 256)
+    return config.train.steps * (1.0 + f / 3e5) + 150.0
 
 
 def _config_change(old: dict[str, Any], new: dict[str, Any], keys: list[str]) -> str:
@@ -225,9 +230,10 @@ class SweepFile:
 
 def _summary_fields(run_dir: Path) -> dict[str, Any]:
     s = runlog.read_json(run_dir / "summary.json") or {}
+    w = runlog.read_json(run_dir / "worker.json") or {}
     return {"status": s.get("status", "unknown"), "final_val_loss": s.get("final_val_loss"),
             "val_loss_se": s.get("val_loss_se"), "wall_time_s": s.get("wall_time_s"),
-            "step": s.get("step")}
+            "step": s.get("step"), "process_wall_s": w.get("wall_s"), "cpu_s": w.get("cpu_s")}
 
 
 def _last_step(run_dir: Path) -> int:
@@ -268,7 +274,7 @@ def _fmt_time(seconds: float) -> str:
 
 class Progress:
     """A sweep-level progress line on ``stream``: runs done, running, elapsed and an ETA from
-    the training FLOPs done so far this launch (runs are weighted by their cost, and the
+    the work done so far this launch (runs weighted by their expected cost, :func:`_cost`;
     running ones count by their last logged step). On a terminal the line is redrawn in
     place; otherwise it is printed after every finished run."""
 
@@ -381,7 +387,9 @@ def _execute(runs: list[Run], sweep_dir: Path, book: SweepFile, slots: list[list
         fields = _summary_fields(sweep_dir / r.name) if r.action == "skip" else {
             "status": "pending"}
         entries[r.name] = book.update(r.name, overrides=r.overrides, action=r.action, **fields)
-    pending = [r for r in runs if r.action != "skip"]
+    # longest first (by remaining expected cost): the shortest makespan on parallel slots
+    pending = sorted((r for r in runs if r.action != "skip"),
+                     key=lambda r: -r.cost * (1 - r.done_steps / r.config.train.steps))
     bar.n_runs = len(pending)
     free = list(range(parallel))
     running: dict[int, tuple[Run, subprocess.Popen, float]] = {}

@@ -5,8 +5,10 @@ the worker's stdin. Before JAX starts, the worker pins itself to its share of th
 (``--cores``: XLA:CPU sizes its thread pool from the CPU affinity) and asks the kernel to send
 it SIGINT when the sweep process dies (``--parent``; Linux ``PR_SET_PDEATHSIG``), so a killed
 sweep leaves no orphan training: the run stops at the next step boundary, keeps its
-checkpoints, and the next launch resumes it. Exit status 0 when the run completed, 1 when it
-diverged or failed (the last line is then ``sparsejax: error: ...``), 130 when interrupted.
+checkpoints, and the next launch resumes it. ``RUN_DIR/worker.json`` records the process's
+wall and CPU seconds (what a run costs on a dedicated core). Exit status 0 when the run
+completed, 1 when it diverged or failed (the last line is then ``sparsejax: error: ...``),
+130 when interrupted.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ import argparse
 import ctypes
 import json
 import os
+import resource
 import signal
 import sys
+import time
 import traceback
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
 
@@ -33,11 +38,26 @@ def _die_with_parent(parent: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train the run; write ``RUN_DIR/worker.json`` (exit status, wall and CPU seconds of the
+    whole process, cores) whatever happens."""
     p = argparse.ArgumentParser(prog="python -m sparsejax.sweep_worker")
     p.add_argument("run_dir")
     p.add_argument("--cores", default=None, help="comma-separated CPU ids to run on")
     p.add_argument("--parent", type=int, default=None, help="the sweep's PID")
     args = p.parse_args(argv)
+    t0 = time.monotonic()
+    status = _train(args)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    record = {"exit": status, "wall_s": time.monotonic() - t0,
+              "cpu_s": usage.ru_utime + usage.ru_stime,
+              "cores": sorted(os.sched_getaffinity(0)), "pid": os.getpid()}
+    tmp = Path(args.run_dir) / "worker.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, Path(args.run_dir) / "worker.json")
+    return status
+
+
+def _train(args: argparse.Namespace) -> int:
     try:
         if args.cores:
             os.sched_setaffinity(0, {int(c) for c in args.cores.split(",")})

@@ -1,0 +1,51 @@
+"""Journey Matters at CPU scale: 3 model sizes x 3 token budgets x {dense, gradual to 0.5, 0.75}.
+
+Jin et al. 2025, "The Journey Matters: Average Parameter Count over Pre-training Unifies Sparse
+and Dense Scaling Laws": gradual global magnitude pruning in the window from 25% to 75% of the
+training compute (density-weighted), geometric density schedule, against dense runs of the same
+budgets; the law ``L = E + A/N^a + B/D^b`` is fitted with N = N_avg. Here: 27 runs, model sizes
+nano / tiny / mini (33.7k / 116k / 360k parameters), 150 / 300 / 600 steps of 16 x 128 tokens
+(0.31M / 0.61M / 1.23M tokens), so 3 distinct D and, with the sparse runs, 9 distinct N_avg.
+
+Evaluation fit for a law: the validation split is every 5th file (``data.val_fraction=0.2``,
+1.95M tokens of the default corpus) and every run is scored at its end on the same 12,288
+disjoint 128-token windows (``eval.final_batches=768`` x 16, drawn with ``eval.seed``), for a
+standard error of about 0.2% of the loss (``val_loss_se`` in each summary.json).
+
+Command:   sparsejax sweep --config configs/sweeps/journey_tiny.py --workdir runs/journey_tiny \\
+               --parallel 2
+Time:      TIME_PLACEHOLDER
+"""
+
+from sparsejax import configlib
+
+SIZES = ("nano", "tiny", "mini")
+STEPS = (150, 300, 600)
+FINALS = (0.0, 0.5, 0.75)  # 0.0: the dense baseline
+
+
+def get_config(arg=None):
+    c = configlib.base()
+    c.data.val_fraction = 0.2
+    c.eval.every = 100
+    c.eval.batches = 2
+    c.eval.final_batches = 768
+    c.checkpoint.every = 100
+    c.checkpoint.keep = 1
+    c.sparsity.schedule = "window"
+    c.sparsity.start = 0.25
+    c.sparsity.end = 0.75
+    c.sparsity.by = "compute"
+    c.sparsity.kind = "geometric"
+    c.sparsity.update_every = 10
+    c.sparsity.score = "magnitude"
+    c.sparsity.allocation = "global"
+    return configlib.apply_arg(c, arg)
+
+
+def sweep(add):
+    for size in SIZES:
+        for steps in STEPS:
+            for final in FINALS:
+                add(**{"model.size": size, "train.steps": steps, "sparsity.final": final,
+                       "sparsity.method": "gradual" if final else "dense"})
