@@ -190,7 +190,8 @@ def core_slots(parallel: int, cores: list[int] | None = None) -> list[list[int]]
     return [cores[i * share:(i + 1) * share] for i in range(parallel)]
 
 
-def worker_env(n_threads: int | None, base: dict[str, str] | None = None) -> dict[str, str]:
+def worker_env(n_threads: int | None, base: dict[str, str] | None = None, *,
+               parallel: int = 1) -> dict[str, str]:
     """The environment of a worker process. With ``n_threads`` (a share of the cores), the
     thread pools that read the environment are bounded to it: OpenMP/MKL/OpenBLAS (numpy)
     and numba. XLA:CPU reads no such variable (``XLA_FLAGS``' ``intra_op_parallelism_threads``
@@ -198,14 +199,18 @@ def worker_env(n_threads: int | None, base: dict[str, str] | None = None) -> dic
     affinity, which the worker sets to its slot (``os.sched_setaffinity``) before JAX starts,
     and the affinity also bounds every other thread of the process. ``XLA_FLAGS`` is left
     alone: it is part of the persistent compilation cache's key, so workers keep hitting the
-    cache the parent's runs filled. The package's own folder goes first on ``PYTHONPATH`` so
-    the worker imports the same ``sparsejax``."""
+    cache the parent's runs filled. On a GPU, ``parallel`` processes share its memory: each
+    preallocates ``0.9 / parallel`` of it (``XLA_PYTHON_CLIENT_MEM_FRACTION``, unless set).
+    The package's own folder goes first on ``PYTHONPATH`` so the worker imports the same
+    ``sparsejax``."""
     env = dict(os.environ if base is None else base)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     if n_threads is not None:
         for key in THREAD_ENV:
             env[key] = str(n_threads)
+    if parallel > 1 and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in env:  # GPU: share its memory
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / parallel:.3f}"
     return env
 
 
@@ -318,8 +323,8 @@ class Progress:
             self.stream.flush()
 
 
-def _start(run: Run, run_dir: Path, cores: list[int] | None, n_threads: int | None
-           ) -> subprocess.Popen:
+def _start(run: Run, run_dir: Path, cores: list[int] | None, n_threads: int | None,
+           parallel: int) -> subprocess.Popen:
     run_dir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "sparsejax.sweep_worker", str(run_dir),
             "--parent", str(os.getpid())]
@@ -329,7 +334,7 @@ def _start(run: Run, run_dir: Path, cores: list[int] | None, n_threads: int | No
         log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {run.action} {run.name}\n")
         log.flush()
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
-                                env=worker_env(n_threads), text=True)
+                                env=worker_env(n_threads, parallel=parallel), text=True)
     proc.stdin.write(json.dumps(run.config.to_dict()))
     proc.stdin.close()
     return proc
@@ -400,7 +405,7 @@ def _execute(runs: list[Run], sweep_dir: Path, book: SweepFile, slots: list[list
                 slot = free.pop(0)
                 r = pending.pop(0)
                 proc = _start(r, sweep_dir / r.name, slots[slot] if pin else None,
-                              len(slots[slot]) if pin else None)
+                              len(slots[slot]) if pin else None, parallel)
                 running[slot] = (r, proc, time.monotonic())
                 book.update(r.name, status="running")
             time.sleep(POLL_S)

@@ -217,6 +217,8 @@ def test_core_slots_and_worker_env():
     assert env["PYTHONPATH"].split(os.pathsep)[0] == root
     env = sweep.worker_env(None, {})
     assert not any(k in env for k in sweep.THREAD_ENV) and "XLA_FLAGS" not in env
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in env
+    assert sweep.worker_env(1, {}, parallel=3)["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.300"
 
 
 def test_config_differences_ignore_logging_keys():
