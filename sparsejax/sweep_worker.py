@@ -2,10 +2,10 @@
 
 Started by :func:`sparsejax.sweep.launch`, which writes the run's resolved config as JSON to
 the worker's stdin. Before JAX starts, the worker pins itself to its share of the cores
-(``--cores``: XLA:CPU sizes its thread pool from the CPU affinity) and asks the kernel to send
-it SIGINT when the sweep process dies (``--parent``; Linux ``PR_SET_PDEATHSIG``), so a killed
-sweep leaves no orphan training: the run stops at the next step boundary, keeps its
-checkpoints, and the next launch resumes it. ``RUN_DIR/worker.json`` records the process's
+(``--cores``: XLA:CPU sizes its thread pool from the CPU affinity) and asks the kernel to
+signal it when the sweep process dies (``--parent``; Linux ``PR_SET_PDEATHSIG``, turned into
+one SIGINT), so a killed sweep leaves no orphan training: the run stops at the next step
+boundary, keeps its checkpoints, and the next launch resumes it. ``RUN_DIR/worker.json`` records the process's
 wall and CPU seconds (what a run costs on a dedicated core). Exit status 0 when the run
 completed, 1 when it diverged or failed (the last line is then ``sparsejax: error: ...``),
 130 when interrupted.
@@ -28,11 +28,23 @@ PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent(parent: int) -> None:
-    """SIGINT when the parent process ends (Linux only; elsewhere a no-op)."""
+    """One SIGINT when the parent process ends (Linux only; elsewhere a no-op).
+
+    The kernel sends the death signal each time the child is re-parented through one of the
+    dying parent's threads (a sweep process has several), so it is a SIGUSR1 whose handler
+    raises SIGINT once: a second SIGINT would cut short the final checkpoint save."""
     if not sys.platform.startswith("linux"):
         return
+    fired: list[bool] = []
+
+    def on_parent_death(signum, frame) -> None:
+        if not fired:
+            fired.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    signal.signal(signal.SIGUSR1, on_parent_death)
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGINT, 0, 0, 0)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGUSR1, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before the call: stop now
         raise KeyboardInterrupt
 
