@@ -227,7 +227,7 @@ class SweepFile:
     def update(self, name: str, **fields: Any) -> dict[str, Any]:
         entry = self.entries.setdefault(name, {"name": name})
         entry.update(fields)
-        if fields.get("status") != "failed":
+        if fields.get("status") not in ("failed", "interrupted"):
             entry.pop("reason", None)
         runlog.write_json(self.path, {"recipe": self.recipe, "runs": list(self.entries.values())})
         return entry
@@ -268,6 +268,8 @@ def _failure_reason(log_path: Path, returncode: int) -> str:
     for line in reversed(lines):
         if line.startswith("sparsejax: error: "):
             return line.removeprefix("sparsejax: error: ")
+        if line.startswith("sparsejax: interrupted"):
+            return "interrupted (SIGINT); the next launch resumes it"
     return f"exit status {returncode} (see {log_path})"
 
 
@@ -418,8 +420,9 @@ def _execute(runs: list[Run], sweep_dir: Path, book: SweepFile, slots: list[list
                 fields = _summary_fields(sweep_dir / r.name)
                 reason = None
                 if proc.returncode != 0 or fields["status"] not in FINISHED:
+                    if fields["status"] not in ("diverged", "interrupted"):
+                        fields["status"] = "failed"  # whatever the run dir says
                     if fields["status"] != "diverged":
-                        fields["status"] = "failed"
                         reason = _failure_reason(sweep_dir / r.name / WORKER_LOG,
                                                  proc.returncode)
                 entries[r.name] = book.update(r.name, reason=reason, **fields)

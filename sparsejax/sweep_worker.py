@@ -5,10 +5,10 @@ the worker's stdin. Before JAX starts, the worker pins itself to its share of th
 (``--cores``: XLA:CPU sizes its thread pool from the CPU affinity) and asks the kernel to
 signal it when the sweep process dies (``--parent``; Linux ``PR_SET_PDEATHSIG``, turned into
 one SIGINT), so a killed sweep leaves no orphan training: the run stops at the next step
-boundary, keeps its checkpoints, and the next launch resumes it. ``RUN_DIR/worker.json`` records the process's
-wall and CPU seconds (what a run costs on a dedicated core). Exit status 0 when the run
-completed, 1 when it diverged or failed (the last line is then ``sparsejax: error: ...``),
-130 when interrupted.
+boundary, keeps its checkpoints, and the next launch resumes it. ``RUN_DIR/worker.json``
+records the process's wall and CPU seconds (what a run costs on a dedicated core). Exit
+status 0 when the run completed, 1 when it diverged or failed (the last line is then
+``sparsejax: error: ...``), 130 when interrupted.
 """
 
 from __future__ import annotations
