@@ -144,8 +144,9 @@ def sweep_main(argv: list[str], command: str) -> int:
                        "The overrides apply to every run.", "sweep dir (one run dir per run)")
     p.add_argument("--parallel", type=int, default=1,
                    help="runs at once, each pinned to its share of the cores (default 1)")
-    p.add_argument("--only", default=None, metavar="GLOB",
-                   help="only the runs whose name matches this glob, e.g. 'size-XS_*'")
+    p.add_argument("--only", default=None, metavar="GLOB[,GLOB...]",
+                   help="only the runs whose name matches one of these globs, e.g. "
+                   "'size-nano_*,*steps-600'")
     p.add_argument("--dry-run", action="store_true",
                    help="list the runs and what a launch would do (run, resume, skip)")
     args, rest = p.parse_known_args(argv)

@@ -131,15 +131,17 @@ def _config_change(old: dict[str, Any], new: dict[str, Any], keys: list[str]) ->
 
 def plan(recipe: str, sweep_dir: str | Path, *, extra: dict[str, Any] | None = None,
          only: str | None = None) -> list[Run]:
-    """The runs of ``recipe`` (those whose name matches the glob ``only``) and what a launch
+    """The runs of ``recipe`` (those whose name matches a glob of ``only``, comma-separated)
+    and what a launch
     does with each. Raises ``ValueError`` naming every run whose ``config.json`` differs from
     its resolved config (and the keys), and every run another process trains right now."""
     from sparsejax import checkpoint
 
     sweep_dir = Path(sweep_dir)
     runs = configs(recipe, extra)
-    if only is not None:
-        picked = [r for r in runs if fnmatch.fnmatchcase(r[0], only)]
+    if only is not None:  # comma-separated globs (run names hold no commas)
+        globs = [g for g in only.split(",") if g]
+        picked = [r for r in runs if any(fnmatch.fnmatchcase(r[0], g) for g in globs)]
         if not picked:
             raise ValueError(f"--only {only!r} matches no run of {recipe} (runs: "
                              f"{', '.join(n for n, _, _ in runs)})")

@@ -142,7 +142,7 @@ def test_sweep_life(tmp_path: Path, capsys, monkeypatch):
 
     # 4. a fully skipped relaunch keeps every entry (statuses, losses, wall times, reasons)
     full = _entries(out)
-    assert _sweep(recipe, out, "--only", "seed-[01]") == 0
+    assert _sweep(recipe, out, "--only", "seed-0,seed-1") == 0
     after = _entries(out)
     assert sorted(after) == sorted([*SEEDS, PARTIAL, BAD])
     keep = ("status", "final_val_loss", "val_loss_se", "wall_time_s", "overrides", "reason")
