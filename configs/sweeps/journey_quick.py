@@ -10,7 +10,8 @@ Every run is scored at its end on the same 12,288 windows of the validation spli
 
 Command:   sparsejax sweep --config configs/sweeps/journey_quick.py --workdir runs/journey_quick \\
                --parallel 2
-Time:      TIME_PLACEHOLDER
+Time:      measured 8m29s wall with --parallel 2 on a shared 2-core CPU (load average ~5;
+           the 12 workers used 383 CPU s in all, ~3.5 min of wall on an idle 2-core machine).
 """
 
 import importlib.util
