@@ -304,7 +304,7 @@ class Progress:
         frac = min(1.0, done / self.total) if self.total else 1.0
         eta = _fmt_time(elapsed * (self.total - done) / done) if done > 0 else "?"
         bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
-        failed = f" ({self.failed} failed)" if self.failed else ""
+        failed = f" ({self.failed} not completed)" if self.failed else ""
         return (f"sweep [{bar}] {self.finished}/{self.n_runs} runs done{failed}, "
                 f"{len(running)} running | {_fmt_time(elapsed)} elapsed, ETA {eta}")
 
@@ -403,16 +403,24 @@ def _execute(runs: list[Run], sweep_dir: Path, book: SweepFile, slots: list[list
     free = list(range(parallel))
     running: dict[int, tuple[Run, subprocess.Popen, float]] = {}
     pin = parallel > 1  # one process: it gets every core, nothing to split
+
+    def fill() -> None:
+        while pending and free:
+            slot = free.pop(0)
+            r = pending.pop(0)
+            proc = _start(r, sweep_dir / r.name, slots[slot] if pin else None,
+                          len(slots[slot]) if pin else None, parallel)
+            running[slot] = (r, proc, time.monotonic())
+            book.update(r.name, status="running")
+
+    def in_flight() -> list[tuple[Run, Path]]:
+        return [(x, sweep_dir / x.name) for x, _, _ in running.values()]
+
     try:
         while pending or running:
-            while pending and free:
-                slot = free.pop(0)
-                r = pending.pop(0)
-                proc = _start(r, sweep_dir / r.name, slots[slot] if pin else None,
-                              len(slots[slot]) if pin else None, parallel)
-                running[slot] = (r, proc, time.monotonic())
-                book.update(r.name, status="running")
+            fill()
             time.sleep(POLL_S)
+            lines = []
             for slot, (r, proc, t0) in list(running.items()):
                 if proc.poll() is None:
                     continue
@@ -431,9 +439,12 @@ def _execute(runs: list[Run], sweep_dir: Path, book: SweepFile, slots: list[list
                 bar.finished += 1
                 bar.failed += fields["status"] != "completed"
                 bar.done_cost += r.cost * (1 - r.done_steps / r.config.train.steps)
-                bar.event(_finish_line(r.name, fields, reason, wall),
-                          [(x, sweep_dir / x.name) for x, _, _ in running.values()])
-            bar.draw([(x, sweep_dir / x.name) for x, _, _ in running.values()])
+                lines.append(_finish_line(r.name, fields, reason, wall))
+            if lines:
+                fill()  # the next runs start before the progress line counts them
+            for line in lines:
+                bar.event(line, in_flight())
+            bar.draw(in_flight())
     except KeyboardInterrupt:
         for _r, proc, _ in running.values():
             if proc.poll() is None:
