@@ -31,7 +31,6 @@ tolerance band, knee) into the run dir; ``sparsejax oneshot RUN_DIR`` is its com
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -44,7 +43,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from sparsejax import calibration, checkpoint, data, experiment, masks, runlog
+from sparsejax import calibration, data, masks, runlog
 from sparsejax import prunable as prunable_lib
 from sparsejax import scores as scores_lib
 from sparsejax.models.gpt import GPT, loss_fn
@@ -68,36 +67,18 @@ class LoadedRun:
 def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
     """Rebuild a run's GPT from ``RUN_DIR/config.json`` and load its checkpoint (the latest,
     or ``step``). Raises ``FileNotFoundError``/``ValueError`` naming the missing path."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run dir {run_dir} does not exist")
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"run dir {run_dir} holds no config.json ({cfg_path})")
-    latest = checkpoint.latest_step(run_dir)
-    if latest is None:
-        raise FileNotFoundError(f"run dir {run_dir} holds no checkpoint "
-                                f"({run_dir / checkpoint.CHECKPOINT_DIR})")
-    mngr = checkpoint.manager(run_dir, create=False)
-    steps = list(mngr.all_steps())
-    mngr.close()
-    if step is not None and step not in steps:
-        raise FileNotFoundError(f"run dir {run_dir}: no checkpoint at step {step} (it has "
-                                f"{sorted(steps)})")
-    step = latest if step is None else step
-    config = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
+    from sparsejax import loading
+
+    config = loading.read_config(run_dir)
+    step = loading.checkpoint_step(run_dir, step)  # names a missing checkpoint (step)
     if config.model.linear != "dense":
-        raise ValueError(f"{cfg_path}: model.linear must be 'dense' for one-shot pruning, got "
-                         f"{config.model.linear!r}")
+        raise ValueError(f"{Path(run_dir) / 'config.json'}: model.linear must be 'dense' for "
+                         f"one-shot pruning, got {config.model.linear!r}")
+    loaded = loading.load(run_dir, step=step, dense=True)
     corpus = data.load_corpus(config.data.source or None,
                               cache_dir=config.data.cache_dir or None,
                               val_fraction=config.data.val_fraction)
-    model = GPT(experiment.model_config(config, corpus.vocab_size), rngs=nnx.Rngs(config.seed))
-    graphdef, state, rest = nnx.split(model, nnx.Param, ...)
-    raw = checkpoint.load_raw(run_dir, step)
-    nnx.replace_by_pure_dict(state, raw["params"])
-    model = nnx.merge(graphdef, state, rest)
-    return LoadedRun(model, nnx.to_pure_dict(state), config, corpus, int(step))
+    return LoadedRun(loaded.model, loaded.params, config, corpus, loaded.step)
 
 
 def parse_sparsities(text: str) -> list[float]:

@@ -23,29 +23,27 @@ Time:      estimated ~18-20 min on an idle 2-core CPU, ~45-50 min on this shared
            runs; sum over the 27 runs ~2,180 CPU s, halved by --parallel 2 (longest runs first).
 """
 
+from pathlib import Path
+
 from sparsejax import configlib
+from sparsejax.sweep import load_recipe
 
 SIZES = ("nano", "tiny", "mini")
 STEPS = (150, 300, 600)
 FINALS = (0.0, 0.5, 0.75)  # 0.0: the dense baseline
+# the pruning recipe (25%->75% compute window, geometric, global magnitude) is the one of
+# configs/gradual_magnitude.py; each run sets its own sparsity.method and sparsity.final
+GRADUAL, _ = load_recipe(str(Path(__file__).resolve().parents[1] / "gradual_magnitude.py"))
 
 
 def get_config(arg=None):
-    c = configlib.base()
+    c = GRADUAL.get_config()
     c.data.val_fraction = 1 / 3
     c.eval.every = 100
     c.eval.batches = 2
     c.eval.final_batches = 1536
     c.checkpoint.every = 100
     c.checkpoint.keep = 1
-    c.sparsity.schedule = "window"
-    c.sparsity.start = 0.25
-    c.sparsity.end = 0.75
-    c.sparsity.by = "compute"
-    c.sparsity.kind = "geometric"
-    c.sparsity.update_every = 10
-    c.sparsity.score = "magnitude"
-    c.sparsity.allocation = "global"
     return configlib.apply_arg(c, arg)
 
 
