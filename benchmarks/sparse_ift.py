@@ -61,12 +61,17 @@ def flop_table(size: str, sparsities: list[float], seq: int) -> None:
             model = nnx.eval_shape(lambda c=c, cfg=cfg: GPT(cfg, rngs=nnx.Rngs(0),
                                                               linear=experiment.linear_factory(c)))
             w = (cfg.d_model, cfg.d_model), (cfg.d_model, cfg.d_ff)
-            attn = sparse_ift.layer_flops(family, d, d, s, widened=w[0]) / (2 * d * d)
-            mlp = sparse_ift.layer_flops(family, d, ff, s, widened=w[1]) / (2 * d * ff)
+            # Wide trains each widened layer at its own iso-FLOP share (what the config's
+            # masks do: sparse_ift.wide_layer_sparsity), the others at s
+            s_of = (sparse_ift.wide_layer_sparsity(d, ff, cfg.d_model, cfg.d_ff)
+                    if family == "wide" else lambda i, o, s=s: s)
+            attn = sparse_ift.layer_flops(family, d, d, s_of(*w[0]), widened=w[0]) / (2 * d * d)
+            mlp = sparse_ift.layer_flops(family, d, ff, s_of(*w[1]), widened=w[1]) / (2 * d * ff)
+            s_total = experiment.target_sparsity(c)
             maskable, dense = accounting.block_matmul_weights(model)
-            blocks = (maskable * (1 - s) + dense) / accounting.block_matmul_weights(
+            blocks = (maskable * (1 - s_total) + dense) / accounting.block_matmul_weights(
                 dense_model)[0]
-            total = accounting.model_forward_flops(model, seq, 1 - s) / dense_total
+            total = accounting.model_forward_flops(model, seq, 1 - s_total) / dense_total
             shape = f"{cfg.d_model}/{cfg.d_ff}" if family == "wide" else ""
             print(f"{family:<12}{s:>6.2f}{shape:>14}{attn:>12.4f}{mlp:>12.4f}{blocks:>9.4f}"
                   f"{total:>9.4f}")
