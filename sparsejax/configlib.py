@@ -41,6 +41,10 @@ def base() -> ml_collections.ConfigDict:
     )
     c.checkpoint = dict(every=100, keep=3)
     c.wandb = dict(enabled=False, project="sparsejax", mode="offline", name="")
+    # Device mesh (data, fsdp); -1: the devices the other axis leaves. Multi-host: coordinator
+    # "host:port" of process 0 with num_processes/process_id, or ""/0/-1 to take them from the
+    # environment (JAX_COORDINATOR_ADDRESS, SLURM, TPU pods); a single process otherwise.
+    c.mesh = dict(data=-1, fsdp=1, coordinator="", num_processes=0, process_id=-1)
     return c
 
 
@@ -154,6 +158,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in NON_NEGATIVE_INTS:
         v = got[key]
         _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, key, "an int >= 0", v)
+    _validate_mesh(got)
     _need(got["train.steps"] <= MAX_STEPS, "train.steps", f"<= {MAX_STEPS} (int32 step counter)",
           got["train.steps"])
     for key in ("train.lr", "train.b1", "train.b2", "train.weight_decay", "train.grad_clip",
@@ -226,6 +231,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
               f"machine (placing the sparsity window by compute takes about "
               f"{WINDOW_SOLVE_BYTES_PER_STEP} bytes per step; {have / 2**30:.0f} GiB of memory; "
               "sparsity.by='steps' needs none)", got["train.steps"])
+
+
+def _validate_mesh(got: dict[str, Any]) -> None:
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for key in ("mesh.data", "mesh.fsdp"):
+        _need(is_int(got[key]) and (got[key] == -1 or got[key] >= 1), key,
+              "-1 (the devices the other axis leaves) or an int >= 1", got[key])
+    _need(not (got["mesh.data"] == -1 and got["mesh.fsdp"] == -1), "mesh.data/fsdp",
+          "at most one -1", (got["mesh.data"], got["mesh.fsdp"]))
+    n, pid, coord = got["mesh.num_processes"], got["mesh.process_id"], got["mesh.coordinator"]
+    _need(is_int(n) and n >= 0, "mesh.num_processes", "an int >= 0 (0: from the environment)", n)
+    _need(is_int(pid) and pid >= -1, "mesh.process_id", "an int >= -1 (-1: from the environment)",
+          pid)
+    _need(isinstance(coord, str) and (coord == "" or (":" in coord and coord.rsplit(":", 1)[1]
+                                                       .isdigit())),
+          "mesh.coordinator", "'host:port' or '' (from the environment)", coord)
+    if pid >= 0 and n:
+        _need(pid < n, "mesh.process_id", f"< mesh.num_processes ({n})", pid)
+    if coord:
+        _need((n == 0) == (pid == -1), "mesh.num_processes/process_id",
+              "both set or both left to the environment (0 / -1)", (n, pid))
 
 
 def _physical_memory() -> int:

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sparsejax import accounting, checkpoint, checks, data, runlog
+from sparsejax import accounting, checkpoint, checks, data, distributed, runlog
 from sparsejax.models.gpt import GPT, loss_fn
 from sparsejax.state import (
     SparsityStats,
@@ -68,13 +68,22 @@ def _sparse_state(opt_state: Any):
         raise  # a composition that cannot keep the zeros: refuse before training
 
 
+def _is_sparse(tx: optax.GradientTransformation, params: Any) -> bool:
+    """Whether ``tx``'s state holds masks (traced abstractly: nothing is computed)."""
+    found: list[bool] = []
+    jax.eval_shape(lambda p: found.append(_sparse_state(tx.init(p)) is not None), params)
+    return found[0]
+
+
 def make_train_step(graphdef, params_def, rest, tx, *, fixed_flops, dense_flops,
-                    tokens_per_step, sparse: bool, structural: SparsityStats):
+                    tokens_per_step, sparse: bool, structural: SparsityStats,
+                    shardings: tuple[Any, Any] | None = None):
     """The jitted step ``(state, inputs_BxL, targets_BxL) -> (state, metrics)``; ``state`` is
     donated. Sparsity, counts and the target come from the optimizer state
     (:func:`sparsejax.sparsity_stats`, the single source of truth); ``structural`` stands in
     when the optimizer holds no masks (dense runs, and layers that are sparse by construction:
-    :func:`accounting.structural_stats`)."""
+    :func:`accounting.structural_stats`). ``shardings``: ``(state, batch)`` shardings
+    (:mod:`sparsejax.distributed`); the state keeps its sharding across steps."""
 
     def loss_of(params, x_BxL, y_BxL):
         model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(params_def,
@@ -105,7 +114,11 @@ def make_train_step(graphdef, params_def, rest, tx, *, fixed_flops, dense_flops,
         return new, {"n_active": n_active, "density": density,
                      "target_sparsity": stats.target_sparsity}
 
-    return jax.jit(step, donate_argnums=0)
+    if shardings is None:
+        return jax.jit(step, donate_argnums=0)
+    state_sh, batch_sh = shardings
+    return jax.jit(step, donate_argnums=0, in_shardings=(state_sh, batch_sh, batch_sh),
+                   out_shardings=(state_sh, distributed.replicated(batch_sh.mesh)))
 
 
 def make_eval_step(graphdef, params_def, rest):
@@ -120,14 +133,21 @@ def make_eval_step(graphdef, params_def, rest):
     return jax.jit(evaluate)
 
 
+RUNTIME_KEYS = ("mesh",)  # config sections a resumed run may change
+
+
 def _check_config_matches(run_dir: Path, config: dict[str, Any] | None) -> None:
     path = run_dir / "config.json"
     if config is None:
         return
     if path.exists():
         old = json.loads(path.read_text())
-        if old != json.loads(json.dumps(config)):
-            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        new = json.loads(json.dumps(config))
+        for key in RUNTIME_KEYS:  # how to run, not what: a run resumes on another mesh
+            old.pop(key, None)
+            new.pop(key, None)
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise ValueError(
                 f"workdir {run_dir} holds a run with a different config (keys {diff}); "
                 "use a new --workdir or the same config to resume"
@@ -174,6 +194,8 @@ def _holding_run_lock(fn):
     @functools.wraps(fn)
     def locked(model, tx, corpus, workdir, **kwargs):
         Path(workdir).mkdir(parents=True, exist_ok=True)
+        if not distributed.is_main():  # process 0 holds the lock for the whole job
+            return fn(model, tx, corpus, workdir, **kwargs)
         with runlog.RunLock(Path(workdir)):
             return fn(model, tx, corpus, workdir, **kwargs)
 
@@ -201,6 +223,7 @@ def run(
     config: dict[str, Any] | None = None,
     wandb: dict[str, Any] | None = None,
     progress: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with ``tx`` on ``corpus`` for ``steps`` steps; returns the summary.
 
@@ -213,6 +236,11 @@ def run(
     every log step :func:`sparsejax.check` must find every pruned weight at 0, else the run
     fails naming the leaves.
     ``wandb``: ``{"enabled": bool, "project": str, "mode": "offline"|"online", "name": str}``.
+
+    ``mesh``: the ``(data, fsdp)`` device mesh (:func:`sparsejax.distributed.make_mesh`;
+    default: every device on ``data``). Params, masks and optimizer state are sharded over
+    ``fsdp``, batches over both axes; with several processes (``jax.distributed``) only
+    process 0 writes the run dir's files and holds its lock.
 
     A process holds ``RUN_DIR/lock`` while it trains (a second one raises
     :class:`runlog.RunDirBusyError`). A finished run (``completed`` or ``diverged``) is
@@ -227,7 +255,13 @@ def run(
         raise ValueError(f"seq_len ({seq_len}) must be <= the model's n_ctx ({model.cfg.n_ctx})")
     run_dir = Path(workdir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _check_config_matches(run_dir, config)
+    mesh = distributed.make_mesh() if mesh is None else mesh
+    distributed.check_batch("train.batch_size", batch_size, mesh)
+    distributed.check_batch("eval.batch_size", eval_batch_size or batch_size, mesh)
+    main = distributed.is_main()
+    write_json = runlog.write_json if main else (lambda path, obj: None)
+    _check_config_matches(run_dir, config if main else None)
+    distributed.sync("sparsejax-config")
     t_start = time.perf_counter()
     previous = runlog.read_json(run_dir / "summary.json") or {}
     if previous.get("status") in ("completed", "diverged") and previous.get("steps") == steps:
@@ -237,24 +271,31 @@ def run(
 
     graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
     params_def = jax.tree_util.tree_structure(params_state)
-    params = nnx.to_pure_dict(params_state)
+    params = jax.device_get(nnx.to_pure_dict(params_state))  # host: same on every process
     del params_state
     fixed_flops, dense_flops = _flops_coefficients(model, seq_len)
-    opt_state = tx.init(params)
-    sparse_state = _sparse_state(opt_state)
-    sparse = sparse_state is not None
+    sparse = _is_sparse(tx, params)
+
+    def init_state(params):
+        opt_state = tx.init(params)
+        if sparse:  # masks take effect before the first forward (straight-through: dense)
+            keep_dense = find_state(opt_state).dense_weights
+            pruned = prune(params, opt_state)
+            params = jax.tree.map(lambda p, q: jnp.where(keep_dense, p, q), params, pruned)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+            rng=jax.random.PRNGKey(seed), n_avg=jnp.zeros((), jnp.float32),
+            flops=jnp.zeros((), jnp.float32), loss_sum=jnp.zeros((), jnp.float32),
+            loss_count=jnp.zeros((), jnp.int32),
+        )
+
+    state, state_sh = distributed.init_sharded(init_state, (params,), mesh, params)
     if sparse:
-        if not bool(sparse_state.dense_weights):  # straight-through methods keep dense weights
-            params = prune(params, opt_state)  # masks take effect before the first forward
-        counts = _sparsity_stats(opt_state, params)
+        _sparse_state(state.opt_state)  # refuses a composition that cannot keep the zeros
+        counts = _sparsity_stats(state.opt_state, state.params)
     else:
         counts = accounting.structural_stats(model, params)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-        rng=jax.random.PRNGKey(seed), n_avg=jnp.zeros((), jnp.float32),
-        flops=jnp.zeros((), jnp.float32), loss_sum=jnp.zeros((), jnp.float32),
-        loss_count=jnp.zeros((), jnp.int32),
-    )
+    del params
     restored = checkpoint.restore_newest(run_dir, state, keep=keep_checkpoints)
     if restored is not None:
         state = TrainState(*restored[0])
@@ -264,22 +305,24 @@ def run(
     train_step = make_train_step(
         graphdef, params_def, rest, tx, fixed_flops=fixed_flops, dense_flops=dense_flops,
         tokens_per_step=float(batch_size * seq_len), sparse=sparse, structural=counts,
+        shardings=(state_sh, distributed.batch_sharding(mesh)),
     )
     evaluate = make_eval_step(graphdef, params_def, rest)
     count_violations = jax.jit(lambda p, s: sum(jax.tree_util.tree_leaves(check(p, s))))
     forward_weights = jax.jit(forward_params) if sparse else (lambda p, s: p)
     val = data.eval_batches(corpus.val, batch_size=eval_batch_size or batch_size,
                             seq_len=seq_len, n_batches=eval_batches, seed=seed)
-    val_x = np.stack([b[0] for b in val])
-    val_y = np.stack([b[1] for b in val])
+    val_sh = distributed.batch_sharding(mesh, ndim=3, batch_dim=1)
+    val_x = distributed.put(np.stack([b[0] for b in val]), val_sh)
+    val_y = distributed.put(np.stack([b[1] for b in val]), val_sh)
+    batch_sh = distributed.batch_sharding(mesh)
 
-    log = runlog.MetricsLog(run_dir, resume_step=start)
-    bar = runlog.Progress(steps, initial=start, enabled=progress)
-    wb = _wandb_start(wandb, run_dir, config)
+    log = runlog.MetricsLog(run_dir, resume_step=start) if main else runlog.NullLog()
+    bar = runlog.Progress(steps, initial=start, enabled=progress and main)
+    wb = _wandb_start(wandb, run_dir, config) if main else None
     summary_base = {"n_params": counts.n_params, "n_prunable": counts.n_prunable, "steps": steps,
                     "batch_size": batch_size, "seq_len": seq_len}
-    runlog.write_json(run_dir / "summary.json", {**summary_base, "status": "running",
-                                                 "step": start})
+    write_json(run_dir / "summary.json", {**summary_base, "status": "running", "step": start})
     record: dict[str, Any] = {}
     val_loss = None
     diverged_at = None
@@ -290,7 +333,8 @@ def run(
             interrupt.check()  # Ctrl-C takes effect between steps, never inside a save
             x, y = data.get_batch(corpus.train, seed=seed, step=step, batch_size=batch_size,
                                   seq_len=seq_len)
-            state, metrics = train_step(state, x, y)
+            state, metrics = train_step(state, distributed.put(x, batch_sh),
+                                        distributed.put(y, batch_sh))
             done = step + 1
             is_eval = done % eval_every == 0 or done == steps
             is_ckpt = done % checkpoint_every == 0 or done == steps
@@ -325,8 +369,9 @@ def run(
                     f"{violations_report(check(state.params, state.opt_state))}); the "
                     "optimizer does not keep its masks exact (see README, 'Composition rules')"
                 )
-            state = state._replace(loss_sum=jnp.zeros((), jnp.float32),
-                                   loss_count=jnp.zeros((), jnp.int32))
+            state = state._replace(  # zeros placed as before: no recompile of the step
+                loss_sum=distributed.put(np.zeros((), np.float32), state.loss_sum.sharding),
+                loss_count=distributed.put(np.zeros((), np.int32), state.loss_count.sharding))
             log.write(record)
             if not all(math.isfinite(v) for v in (train_loss, val_loss) if v is not None):
                 diverged_at = done  # stop at the first non-finite loss
@@ -344,13 +389,13 @@ def run(
         try:
             mngr.wait_until_finished()  # a save in flight completes (or fails) first
         finally:
-            runlog.write_json(run_dir / "summary.json", {
+            write_json(run_dir / "summary.json", {
                 **summary_base, **record, "status": "interrupted",
                 "logged_step": record.get("step"), "step": mngr.latest_step() or 0,
                 "resumed_from": start, "wall_time_s": wall_base + time.perf_counter() - t_start})
         raise
     except BaseException:
-        runlog.write_json(run_dir / "summary.json", {
+        write_json(run_dir / "summary.json", {
             **summary_base, **record, "status": "failed",
             "wall_time_s": wall_base + time.perf_counter() - t_start})
         raise
@@ -374,7 +419,7 @@ def run(
                "resumed_from": start}
     if diverged_at is not None:
         summary["diverged_step"] = diverged_at
-    runlog.write_json(run_dir / "summary.json", summary)
+    write_json(run_dir / "summary.json", summary)
     return summary
 
 
