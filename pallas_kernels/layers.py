@@ -146,11 +146,13 @@ def bsr_linear_factory(
     """
 
     def factory(
-        in_features: int, out_features: int, *, use_bias: bool, rngs: nnx.Rngs
+        in_features: int, out_features: int, *, use_bias: bool, rngs: nnx.Rngs,
+        init_scale: float = 1.0,
     ) -> BSRLinear:
         bk, bn = check_block((in_features, out_features), block)
         grid = (in_features // bk, out_features // bn)
         kernel = _init(kernel_init, rngs.params(), (in_features, out_features), param_dtype)
+        kernel = kernel if init_scale == 1.0 else (kernel * init_scale).astype(param_dtype)
         if callable(density_or_mask_fn):
             mask = np.asarray(density_or_mask_fn(grid[0], grid[1], rngs.params()), bool)
         else:
@@ -172,9 +174,11 @@ def nm_linear_factory(
     """Factory ``(in_features, out_features, *, use_bias, rngs) -> NMLinear``: LeCun-normal
     init, then magnitude ``n:m`` pruning along ``in_features`` (a static N:M mask)."""
 
-    def factory(in_features: int, out_features: int, *, use_bias: bool, rngs: nnx.Rngs) -> NMLinear:
+    def factory(in_features: int, out_features: int, *, use_bias: bool, rngs: nnx.Rngs,
+                init_scale: float = 1.0) -> NMLinear:
         check_nm((in_features, out_features), n, m)
         kernel = _init(kernel_init, rngs.params(), (in_features, out_features), param_dtype)
+        kernel = kernel if init_scale == 1.0 else (kernel * init_scale).astype(param_dtype)
         bias = jnp.zeros((out_features,), param_dtype) if use_bias else None
         return NMLinear.from_dense(kernel, bias, n=n, m=m, prune=True, backend=backend)
 

@@ -12,6 +12,8 @@ Mask transforms compose with Optax::
 """
 
 from sparsejax import allocation, axes, masks, methods, prunable, schedules, scores
+from sparsejax.export import load_export
+from sparsejax.loading import Loaded, load
 from sparsejax.prunable import describe
 from sparsejax.state import (
     SparsityStats,
@@ -28,6 +30,7 @@ from sparsejax.transforms import SparsifyState, sparsify
 __version__ = "0.1.0"
 
 __all__ = [
+    "Loaded",
     "SparsifyState",
     "SparsityStats",
     "allocation",
@@ -37,6 +40,8 @@ __all__ = [
     "describe",
     "find_state",
     "forward_params",
+    "load",
+    "load_export",
     "masks",
     "masks_of",
     "methods",

@@ -6,6 +6,11 @@
   the weight matmuls scaled by density as in SPDF, Thangarasa et al., 2023): sparse weight
   matmuls scale with density, attention scores and the LM head stay dense, the embedding
   lookup is free. Training costs three forwards (:func:`train_flops_per_token`).
+* :func:`forward_flops_coefficients` / :func:`model_forward_flops`: the same count read off a
+  built model's layers, so that transformed layers (Sparse-IFT, Thangarasa et al., 2023:
+  parallel branches, factorized ``U V``, Doped's dense low-rank path, a widened model) and
+  block-sparse kernel layers are counted as they are: ``2 ×`` each matmul weight, masked
+  ones scaled by density, dense ones (Doped's ``lowrank``) not.
 * ``N_avg`` (Jin et al., 2025, "The Journey Matters"): the mean over training steps of the
   active parameter count, :func:`n_avg_update` (running) and :func:`n_avg_of` (batch).
 
@@ -148,6 +153,57 @@ def model_flops_per_token(
         cfg.vocab_size,
         sparsity,
     )
+
+
+def block_matmul_weights(model: Any) -> tuple[int, int]:
+    """``(maskable, dense)``: matmul weight entries in ``model.blocks`` (attention and MLP
+    linears, whatever the factory built). *Maskable* entries are those of leaves the default
+    prunable predicate selects (the kernels of ``nnx.Linear`` and of Sparse-IFT's sparse parts)
+    plus the dense-equivalent size of kernel-sparse layers (any module with
+    ``sparse_kernel()`` and a ``values`` Param: ``BSRLinear``, ``NMLinear``); *dense* ones are
+    the other weight matrices (``ndim >= 2``), e.g. Sparse Doped's ``lowrank`` path."""
+    from flax import nnx
+
+    from sparsejax.prunable import default_prunable
+
+    maskable = dense = 0
+    kernel_layers = []
+    for path, node in nnx.iter_graph(model.blocks):
+        if hasattr(node, "sparse_kernel") and hasattr(node, "values"):
+            maskable += int(np.prod(node.sparse_kernel().shape, dtype=np.int64))
+            kernel_layers.append("/".join(map(str, path)) + "/")
+    params = nnx.to_pure_dict(nnx.state(model.blocks, nnx.Param))
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = path_str(path)
+        if np.ndim(leaf) < 2 or any(name.startswith(p) for p in kernel_layers):
+            continue
+        size = int(np.prod(np.shape(leaf), dtype=np.int64))
+        if default_prunable(path, leaf):
+            maskable += size
+        else:
+            dense += size
+    return maskable, dense
+
+
+def forward_flops_coefficients(model: Any, n_ctx: int) -> tuple[float, float]:
+    """``(fixed, maskable)`` with forward FLOPs per token ``= fixed + maskable · density`` for a
+    built GPT (:func:`block_matmul_weights`): ``maskable = 2 · (maskable weights)``, ``fixed =
+    2 · (dense block weights) + 4L·n_ctx·d + 2d·V`` (attention scores and LM head dense, as in
+    :func:`flops_per_token`, which this equals for a plain GPT)."""
+    _check_dims(n_ctx=n_ctx)
+    c = model.cfg
+    maskable, dense = block_matmul_weights(model)
+    fixed = 2.0 * dense + 4.0 * c.n_layer * n_ctx * c.d_model + 2.0 * c.d_model * c.vocab_size
+    return fixed, 2.0 * maskable
+
+
+def model_forward_flops(model: Any, n_ctx: int, density: float = 1.0) -> float:
+    """Whole-model forward FLOPs per token of a built GPT at ``density`` of its maskable
+    weights (:func:`forward_flops_coefficients`); training costs three times this."""
+    if not isinstance(density, int | float | np.floating) or not 0.0 <= density <= 1.0:
+        raise ValueError(f"density must be in [0, 1], got {density!r}")
+    fixed, maskable = forward_flops_coefficients(model, n_ctx)
+    return fixed + maskable * density
 
 
 def n_avg_update(n_avg_prev: float, n_active: float, step: int) -> float:

@@ -254,42 +254,64 @@ def _sharded_metadata(run_dir: str | Path, step: int) -> Any | None:
     return meta if any(getattr(m, "sharding", None) is not None for m in leaves) else None
 
 
-def find_masks(opt_state: Any) -> Any | None:
-    """The masks inside a raw (dict-shaped) or structured optimizer state, if any."""
+def find_sparse_state(opt_state: Any) -> Any | None:
+    """The sparsify state (a ``SparsifyState``, or its raw dict) inside an optimizer state."""
     from sparsejax.transforms import SparsifyState
 
     if isinstance(opt_state, SparsifyState):
-        return opt_state.masks
+        return opt_state
     if isinstance(opt_state, dict):
         if {"count", "masks", "key", "method_state", "inner_state"} <= set(opt_state):
-            return opt_state["masks"]
+            return opt_state
         children = opt_state.values()
     elif isinstance(opt_state, list | tuple):
         children = opt_state
     else:
         return None
     for child in children:
-        found = find_masks(child)
+        found = find_sparse_state(child)
         if found is not None:
             return found
     return None
 
 
+def find_masks(opt_state: Any) -> Any | None:
+    """The masks inside a raw (dict-shaped) or structured optimizer state, if any."""
+    state = find_sparse_state(opt_state)
+    if state is None:
+        return None
+    return state.masks if hasattr(state, "masks") else state["masks"]
+
+
+def save_weights(run_dir: str | Path, step: int, params: Any, masks: Any | None = None) -> None:
+    """Write a checkpoint holding only ``{"step", "params"[, "masks"]}`` (e.g. a model soup),
+    which :func:`sparsejax.load` reads like a training checkpoint."""
+    state = {"step": np.int32(step), "params": params}
+    if masks is not None:
+        state["masks"] = masks
+    mngr = manager(run_dir, keep=1)
+    try:
+        save(mngr, step, state)
+        mngr.wait_until_finished()
+    finally:
+        mngr.close()
+
+
 def load_for_finetuning(
     run_dir: str | Path, *, dense: bool = True, step: int | None = None
 ) -> tuple[dict[str, Any], Any | None]:
-    """Params of a (sparse) pre-training run, ready for a new optimizer.
+    """``(params, masks_or_None)`` of a (sparse) pre-training run, ready for a new optimizer:
+    a thin form of :func:`sparsejax.load` (the params and masks of its :class:`Loaded`, on
+    the model's own tree).
 
     SPDF (Thangarasa et al. 2023, "SPDF: Sparse Pre-training and Dense Fine-tuning"): with
     ``dense=True`` every weight becomes trainable again (pruned ones resume from exactly 0)
-    and the returned masks are ``None``; with ``dense=False`` the masks are returned too, so
-    the fine-tuning optimizer can keep them fixed (e.g. ``methods.static`` or
-    :func:`sparsejax.apply_masks` after each step).
-    Returns ``(params, masks_or_None)``; params are a pure nested dict of numpy arrays.
+    and the masks are ``None``; with ``dense=False`` the masks come too, for
+    ``methods.fixed`` (or set ``init_from`` and ``finetune.mode`` in a config instead).
     """
-    raw = load_raw(run_dir, step)
-    params = jax.tree_util.tree_map(np.asarray, raw["params"])
-    masks = None if dense else find_masks(raw.get("opt_state"))
-    if not dense and masks is None:
+    from sparsejax.loading import load
+
+    loaded = load(run_dir, step=step, dense=dense)
+    if not dense and loaded.masks is None:
         raise ValueError(f"{run_dir}: the checkpoint holds no masks (was it a dense run?)")
-    return params, masks
+    return loaded.params, loaded.masks

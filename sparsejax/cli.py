@@ -5,7 +5,9 @@
 workdir holds checkpoints); ``sparsejax sweep`` runs a recipe's ``sweep(add)`` with the same
 ``--config.KEY=VALUE`` overrides; ``sparsejax status RUN_OR_SWEEP_DIR`` prints each run's
 status; ``sparsejax fit SWEEP_DIR_OR_CSV`` fits a scaling law; ``sparsejax export --format
-bsr|nm RUN_DIR`` packs a pruned checkpoint for the sparse kernels.
+bsr|nm|safetensors|npz RUN_DIR`` exports a run's model with its sparse layout (refused when
+that saves < 10%); ``sparsejax soup --config configs/soup.py --workdir DIR`` makes sparse
+model soups.
 
 Every command takes ``--help``. A bad key, value, file or run dir prints one line
 ``sparsejax: error: ...`` and exits with status 2; ``--debug`` shows the traceback instead.
@@ -27,7 +29,9 @@ commands:
   sweep   --config FILE.py[:key=val,...] --workdir SWEEP_DIR [--config.KEY=VALUE ...] [--dry-run]
   status  RUN_DIR|SWEEP_DIR
   fit     SWEEP_DIR_OR_CSV [--law chinchilla|frantar] [--bootstrap N] [--out DIR]
-  export  --format bsr|nm RUN_DIR [--out DIR] [--block BK,BN] [--n N --m M] [--force]
+  export  --format bsr|nm|safetensors|npz RUN_DIR [--layout auto|bsr|nm] [--out DIR]
+          [--block BK,BN] [--n N --m M] [--step S]
+  soup    --config FILE.py[:key=val,...] --workdir DIR [--config.KEY=VALUE ...]
   oneshot RUN_DIR [--sparsities S,...] [--score magnitude|wanda|gblm] [--structure STRUCTURE]
 """
 OVERRIDES_HELP = ("Overrides: --config.KEY=VALUE for any key of sparsejax.configlib.base(), "
@@ -184,21 +188,32 @@ def status_main(argv: list[str]) -> int:
 
 
 def export_main(argv: list[str]) -> int:
-    """Pack the latest checkpoint's prunable kernels as BSR or N:M matrices."""
-    p = _Parser("export", description="Pack a run's pruned kernels for the sparse kernels.")
+    """Export a run's model with its sparse layout; refuse when that saves < 10%."""
+    p = _Parser("export", description="Export a run's model (BSR or N:M layout, npz or "
+                "safetensors file) without changing a weight; refuses, with the reason and the "
+                "fix, when the structure would save less than 10%% of the dense size.")
     p.add_argument("run_dir")
-    p.add_argument("--format", required=True, choices=("bsr", "nm"))
+    p.add_argument("--format", required=True, choices=("bsr", "nm", "safetensors", "npz"),
+                   help="bsr / nm: that layout in an .npz; safetensors / npz: that file with "
+                   "--layout")
+    p.add_argument("--layout", default="auto", choices=("auto", "bsr", "nm"),
+                   help="for safetensors / npz (auto: N:M if the kernels are N:M, else BSR)")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export)")
-    p.add_argument("--block", default="32,32", help="BSR block BK,BN")
-    p.add_argument("--n", type=int, default=2)
-    p.add_argument("--m", type=int, default=4)
-    p.add_argument("--force", action="store_true", help="N:M: prune kernels that are not N:M")
+    p.add_argument("--block", default=None, help="BSR block BK,BN (default: the run's "
+                   "model.block, square)")
+    p.add_argument("--n", type=int, default=None, help="N of N:M (default: sparsity.n)")
+    p.add_argument("--m", type=int, default=None, help="M of N:M (default: sparsity.m)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
     args = p.parse_args(argv)
-    try:
-        block = tuple(int(b) for b in args.block.split(","))
-    except ValueError:
-        raise UsageError(f"export: --block must be two ints BK,BN, got {args.block!r}") from None
+    block = None
+    if args.block is not None:
+        try:
+            block = tuple(int(b) for b in args.block.split(","))
+            if len(block) != 2 or min(block) < 1:
+                raise ValueError
+        except ValueError:
+            raise UsageError(f"export: --block must be two ints >= 1 BK,BN, got "
+                             f"{args.block!r}") from None
     from sparsejax import checkpoint, export
 
     run_dir = Path(args.run_dir)
@@ -207,10 +222,32 @@ def export_main(argv: list[str]) -> int:
     if checkpoint.latest_step(run_dir) is None:
         raise UsageError(f"export: {run_dir} holds no checkpoint "
                          f"({run_dir / checkpoint.CHECKPOINT_DIR})")
-    params, _ = checkpoint.load_for_finetuning(run_dir, dense=True, step=args.step)
-    opts = {"block": block} if args.format == "bsr" else {"n": args.n, "m": args.m,
-                                                            "force": args.force}
-    export.main(params, args.format, args.out or run_dir / "export", **opts)
+    result = export.export_run(run_dir, args.format, out=args.out, layout=args.layout,
+                               block=block, n=args.n, m=args.m, step=args.step)
+    print(result.table)
+    print(f"wrote {result.path} ({result.layout}): {result.nbytes} bytes, "
+          f"{result.ratio:.3f}x the dense size ({result.dense_nbytes} bytes)")
+    return 0
+
+
+def soup_main(argv: list[str], command: str) -> int:
+    """Fine-tune ingredients of one pruned run and average them (Sparse Model Soups)."""
+    p = _config_parser("soup", "Sparse Model Soups (Zimmer et al. 2023): soup.ingredients "
+                       "sparse fine-tunes of init_from (seeds differ, mask shared), uniform "
+                       "and greedy soup, optional prune-and-repeat cycles.",
+                       "soup dir (one run dir per ingredient and soup)")
+    args, rest = p.parse_known_args(argv)
+    config, _ = _parse_config(args.config, rest)
+    from sparsejax import soup
+
+    try:
+        result = soup.soup(config, args.workdir, progress=not args.noprogress)
+    except KeyboardInterrupt:
+        print(f"\nsparsejax: soup interrupted; run the same command to resume: {command}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(soup.table(result))
+    print(f"soup dir: {Path(args.workdir).absolute()} (soup.json)")
     return 0
 
 
@@ -278,6 +315,8 @@ def _dispatch(argv: list[str], command: str) -> int:
         return status_main(rest)
     if name == "export":
         return export_main(rest)
+    if name == "soup":
+        return soup_main(rest, command)
     if name == "oneshot":
         return oneshot_main(rest)
     if name == "fit":
@@ -285,7 +324,7 @@ def _dispatch(argv: list[str], command: str) -> int:
 
         return scaling_cli.main(rest)
     raise UsageError(f"unknown command {name!r} (commands: train, sweep, status, fit, export, "
-                     "oneshot)")
+                     "oneshot, soup)")
 
 
 def main(argv: list[str] | None = None) -> int:

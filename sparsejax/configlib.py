@@ -24,7 +24,9 @@ def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model = dict(size="tiny", n_ctx=128, pos="rope", tie_embeddings=True, dtype="float32",
-                   linear="dense", block=32)
+                   linear="dense", block=32,
+                   # Sparse-IFT (sparsejax.sparse_ift): "" (none), wide, parallel, factorized, doped
+                   sparse_ift=dict(family="", sparsity=0.0))
     c.data = dict(source="", cache_dir="", val_fraction=0.05)
     c.train = dict(
         steps=300, batch_size=16, seq_len=128, lr=3e-3, min_lr_ratio=0.1, warmup_steps=30,
@@ -40,6 +42,13 @@ def base() -> ml_collections.ConfigDict:
         frames=4, pattern="stepwise", drop_fraction=0.3,
     )
     c.checkpoint = dict(every=100, keep=3)
+    # fine-tuning from a run dir (SPDF across runs; Thangarasa et al. 2023), SquareHead
+    # distillation (Kurtic et al. 2023) and sparse model soups (Zimmer et al. 2023)
+    c.init_from = ""  # run dir whose weights (and masks) start this run; "" = from scratch
+    c.init_from_step = -1  # its checkpoint step; -1 = latest
+    c.finetune = dict(mode="sparse", distill="", teacher="", teacher_step=-1, h_ce=1.0,
+                      h_kl=1.0, h_sq=1.0, temperature=1.0)
+    c.soup = dict(ingredients=3, select="greedy", cycles=1, prune_fraction=0.0)
     c.wandb = dict(enabled=False, project="sparsejax", mode="offline", name="")
     # Device mesh (data, fsdp); -1: the devices the other axis leaves. Multi-host: coordinator
     # "host:port" of process 0 with num_processes/process_id, or ""/0/-1 to take them from the
@@ -121,6 +130,7 @@ ENUMS = {
     "model.pos": ("rope", "learned"),
     "model.dtype": ("float32", "bfloat16"),
     "model.linear": ("dense", "bsr"),
+    "model.sparse_ift.family": ("", "wide", "parallel", "factorized", "doped"),
     "sparsity.method": ("dense", "gradual", "static", "nm", "ste", "sr_ste", "mdgf", "sdgf",
                         "set", "rigl"),
     "sparsity.decay_kind": ("linear", "exp"),
@@ -131,11 +141,14 @@ ENUMS = {
     "sparsity.score": ("magnitude", "random", "saliency"),
     "sparsity.allocation": ("global", "uniform", "erk", "er"),
     "wandb.mode": ("offline", "online", "disabled"),
+    "finetune.mode": ("sparse", "dense"),
+    "finetune.distill": ("", "squarehead"),
+    "soup.select": ("greedy", "uniform"),
 }
 POSITIVE_INTS = ("model.n_ctx", "model.block", "train.steps", "train.batch_size", "train.seq_len",
                  "train.log_every", "eval.every", "eval.batches", "eval.batch_size",
                  "checkpoint.every", "checkpoint.keep", "sparsity.update_every", "sparsity.m",
-                 "sparsity.frames")
+                 "sparsity.frames", "soup.ingredients", "soup.cycles")
 NON_NEGATIVE_INTS = ("seed", "train.warmup_steps", "sparsity.begin_step", "sparsity.end_step",
                      "sparsity.n")
 
@@ -159,13 +172,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         v = got[key]
         _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, key, "an int >= 0", v)
     _validate_mesh(got)
+    _validate_finetune(got)
     _need(got["train.steps"] <= MAX_STEPS, "train.steps", f"<= {MAX_STEPS} (int32 step counter)",
           got["train.steps"])
     for key in ("train.lr", "train.b1", "train.b2", "train.weight_decay", "train.grad_clip",
                 "train.min_lr_ratio", "data.val_fraction", "sparsity.final", "sparsity.start",
                 "sparsity.end", "sparsity.power_scale", "sparsity.dense_from", "sparsity.warmup",
                 "sparsity.hard_from", "sparsity.decay", "sparsity.alpha",
-                "sparsity.drop_fraction"):
+                "sparsity.drop_fraction", "model.sparse_ift.sparsity"):
         v = got[key]
         _need(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v), key,
               "a finite float", v)
@@ -178,6 +192,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
           got["train.min_lr_ratio"])
     _need(0 < got["data.val_fraction"] < 1, "data.val_fraction", "in (0, 1)",
           got["data.val_fraction"])
+    _validate_sparse_ift(got)
     _need(0 <= got["sparsity.final"] < 1, "sparsity.final", "a float in [0, 1)",
           got["sparsity.final"])
     method = got["sparsity.method"]
@@ -254,6 +269,60 @@ def _validate_mesh(got: dict[str, Any]) -> None:
     if coord:
         _need((n == 0) == (pid == -1), "mesh.num_processes/process_id",
               "both set or both left to the environment (0 / -1)", (n, pid))
+
+
+def _validate_finetune(got: dict[str, Any]) -> None:
+    for key in ("init_from", "finetune.teacher"):
+        _need(isinstance(got[key], str), key, "a run dir path (a str; '' = none)", got[key])
+    for key in ("init_from_step", "finetune.teacher_step"):
+        v = got[key]
+        _need(isinstance(v, int) and not isinstance(v, bool) and v >= -1, key,
+              "a checkpoint step (an int >= 0, or -1 for the latest)", v)
+    if got["init_from"]:
+        _need(got["sparsity.method"] == "dense", "sparsity.method",
+              "'dense' with init_from (the masks come from the init_from run: "
+              "finetune.mode='sparse' keeps them, 'dense' frees them)", got["sparsity.method"])
+    for key in ("finetune.h_ce", "finetune.h_kl", "finetune.h_sq", "finetune.temperature",
+                "soup.prune_fraction"):
+        v = got[key]
+        _need(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+              and v >= 0, key, "a finite float >= 0", v)
+    _need(got["finetune.temperature"] > 0, "finetune.temperature", "a float > 0",
+          got["finetune.temperature"])
+    if got["finetune.distill"]:
+        _need(bool(got["finetune.teacher"]), "finetune.teacher",
+              "a dense run dir when finetune.distill is set", got["finetune.teacher"])
+    _need(got["soup.prune_fraction"] < 1, "soup.prune_fraction",
+          "a fraction in [0, 1) of the remaining weights pruned before each soup cycle after "
+          "the first", got["soup.prune_fraction"])
+    if got["soup.cycles"] > 1:
+        _need(got["soup.prune_fraction"] > 0, "soup.prune_fraction",
+              "> 0 when soup.cycles > 1 (each further cycle prunes the soup again)",
+              got["soup.prune_fraction"])
+
+
+IFT_METHODS = ("static", "set", "rigl")  # constant sparsity: iso-FLOP at every step
+
+
+def _validate_sparse_ift(got: dict[str, Any]) -> None:
+    """Sparse-IFT: the mask method's sparsity is the transformation's ``s``, held constant."""
+    family, s = got["model.sparse_ift.family"], got["model.sparse_ift.sparsity"]
+    _need(0 <= s < 1, "model.sparse_ift.sparsity", "a float in [0, 1)", s)
+    if not family:
+        _need(s == 0, "model.sparse_ift.sparsity", "0.0 unless model.sparse_ift.family is set",
+              s)
+        return
+    if s == 0:
+        _need(got["sparsity.method"] == "dense", "sparsity.method",
+              "'dense' for a Sparse-IFT model at model.sparse_ift.sparsity=0",
+              got["sparsity.method"])
+        return
+    _need(got["sparsity.method"] in IFT_METHODS, "sparsity.method",
+          f"one of {IFT_METHODS} for a Sparse-IFT model (constant sparsity keeps it iso-FLOP)",
+          got["sparsity.method"])
+    _need(got["sparsity.final"] == s, "sparsity.final",
+          f"model.sparse_ift.sparsity ({s}): the mask method trains the sparse parts at the "
+          "Sparse-IFT sparsity", got["sparsity.final"])
 
 
 def _physical_memory() -> int:

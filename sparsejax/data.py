@@ -7,6 +7,10 @@ Sources understood by :func:`load_corpus`:
   ``tests``, ``idlelib`` and ``lib2to3`` path components, sorted by relative path and
   concatenated as bytes (vocab 256). A file goes to validation when
   ``crc32(relative_path) % round(1 / val_fraction) == 0`` (0 mod 20 by default).
+* ``"stdlib-tests"``: the other domain of the same interpreter, the ``.py`` files under its
+  standard library's ``test``/``tests`` folders (which the default corpus leaves out;
+  ``site-packages``, ``idlelib`` and ``lib2to3`` still excluded), same split rules. For
+  fine-tuning on a domain the pre-training never saw (``configs/finetune.py``).
 * a folder: every non-hidden file without NUL bytes in its first 8 KiB, same rules.
 * a text file: its bytes, memory-mapped; the last ``val_fraction`` is validation.
 * a ``.bin`` file: ``uint16`` tokens, memory-mapped (never loaded into RAM); vocab is
@@ -33,6 +37,8 @@ from typing import NamedTuple
 import numpy as np
 
 EXCLUDED_DIRS = ("site-packages", "test", "tests", "idlelib", "lib2to3")
+TEST_DIRS = ("test", "tests")
+STDLIB_TESTS = "stdlib-tests"  # data.source naming the standard library's test files
 _CACHE_VERSION = 1
 
 
@@ -63,6 +69,19 @@ def stdlib_files(root: Path) -> list[str]:
         dirnames[:] = [d for d in dirnames if d not in EXCLUDED_DIRS]  # prune the walk
         rel_dir = Path(dirpath).relative_to(root)
         out += [(rel_dir / f).as_posix() for f in filenames if f.endswith(".py")]
+    return sorted(out)
+
+
+def stdlib_test_files(root: Path) -> list[str]:
+    """Relative POSIX paths of the ``.py`` files under ``root`` with a ``test``/``tests``
+    folder in their path (outside ``site-packages``, ``idlelib``, ``lib2to3``), sorted."""
+    skip = tuple(d for d in EXCLUDED_DIRS if d not in TEST_DIRS)
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in skip]
+        rel_dir = Path(dirpath).relative_to(root)
+        if any(part in TEST_DIRS for part in rel_dir.parts):
+            out += [(rel_dir / f).as_posix() for f in filenames if f.endswith(".py")]
     return sorted(out)
 
 
@@ -150,6 +169,12 @@ def load_corpus(
         vi = sysconfig.get_python_version()
         return _folder_corpus(
             root, stdlib_files(root), every, cache_dir, f"stdlib{vi}", val_fraction
+        )
+    if str(source) == STDLIB_TESTS:
+        root = stdlib_root()
+        vi = sysconfig.get_python_version()
+        return _folder_corpus(
+            root, stdlib_test_files(root), every, cache_dir, f"stdlib{vi}-tests", val_fraction
         )
     path = Path(source).expanduser()
     if not path.exists():

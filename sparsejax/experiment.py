@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -17,7 +18,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from sparsejax import configlib, data, distributed, methods, schedules
+from sparsejax import configlib, data, distributed, methods, schedules, sparse_ift
 from sparsejax.models.gpt import GPT, GPTConfig
 from sparsejax.models.layers import dense_linear
 from sparsejax.transforms import sparsify
@@ -33,15 +34,53 @@ class Experiment(NamedTuple):
     sparsity_schedule: schedules.Schedule | None  # target sparsity per step (None: dense)
     corpus: data.Corpus
     config: ml_collections.ConfigDict
+    loss: Any = None  # training objective loss(model, x, y, loss_aux); None: cross-entropy
+    loss_aux: Any = None  # e.g. the SquareHead teacher's state
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> GPTConfig:
     """The model's :class:`GPTConfig` (``model.size`` decoded by ``GPTConfig.from_variant``)."""
     m = config.model
-    return GPTConfig.from_variant(
+    cfg = GPTConfig.from_variant(
         m.size, n_ctx=m.n_ctx, pos=m.pos, tie_embeddings=m.tie_embeddings, dtype=m.dtype,
         vocab_size=vocab_size,
     )
+    if m.sparse_ift.family == "wide":  # Sparse Wide: widened model, linears at sparsity s
+        cfg = sparse_ift.widen(cfg, m.sparse_ift.sparsity,
+                               block=m.block if m.linear == "bsr" else None)
+    return cfg
+
+
+def _wide_dims(config: ml_collections.ConfigDict) -> tuple[GPTConfig, GPTConfig] | None:
+    """``(dense, widened)`` model configs of a Sparse Wide run, else ``None``."""
+    m = config.model
+    if m.sparse_ift.family != "wide" or config.sparsity.final == 0:
+        return None
+    dense = GPTConfig.from_variant(m.size, n_ctx=m.n_ctx, pos=m.pos)
+    return dense, sparse_ift.widen(dense, m.sparse_ift.sparsity,
+                                   block=m.block if m.linear == "bsr" else None)
+
+
+def target_sparsity(config: ml_collections.ConfigDict) -> float:
+    """The total sparsity the mask method trains at: ``sparsity.final``, except under Sparse
+    Wide, whose widths are rounded up: there it is :func:`sparsejax.sparse_ift.wide_sparsity`
+    (slightly above ``s``), and each layer gets its own iso-FLOP share (:func:`allocation`)."""
+    dims = _wide_dims(config)
+    if dims is None:
+        return config.sparsity.final
+    dense, wide = dims
+    return sparse_ift.wide_sparsity(dense.d_model, dense.d_ff, wide.d_model, wide.d_ff)
+
+
+def allocation(config: ml_collections.ConfigDict) -> Any:
+    """``sparsity.allocation``, or under Sparse Wide the per-layer iso-FLOP selection
+    (:func:`sparsejax.sparse_ift.wide_selection`)."""
+    dims = _wide_dims(config)
+    if dims is None:
+        return config.sparsity.allocation
+    dense, wide = dims
+    return sparse_ift.wide_selection(sparse_ift.wide_layer_sparsity(
+        dense.d_model, dense.d_ff, wide.d_model, wide.d_ff))
 
 
 def sparsity_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule | None:
@@ -51,7 +90,7 @@ def sparsity_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule |
     if s.method not in ("static", "gradual"):  # dense, or a method with its own targets
         return None
     if s.method == "static":
-        return schedules.constant(s.final, update_every=steps + 1)  # held from step 0
+        return schedules.constant(target_sparsity(config), update_every=steps + 1)  # from 0
     if s.schedule == "window":
         return schedules.window(
             steps, s.final, start=s.start, end=s.end, kind=s.kind, by=s.by,
@@ -67,13 +106,30 @@ def sparsity_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule |
 
 
 def linear_factory(config: ml_collections.ConfigDict):
-    """The model's linear-layer factory: dense, or BSR kernels with a static block mask."""
-    if config.model.linear == "dense":
-        return dense_linear
-    from pallas_kernels.layers import bsr_linear_factory
+    """The model's linear-layer factory: dense, or BSR kernels with a static block mask; a
+    Sparse-IFT family (``model.sparse_ift``) builds its layers from that one."""
+    m = config.model
+    if m.linear == "dense":
+        base = dense_linear
+    else:
+        from pallas_kernels.layers import bsr_linear_factory
 
-    block = (config.model.block, config.model.block)
-    return bsr_linear_factory(block, 1.0 - config.sparsity.final)
+        dims = _wide_dims(config)
+        if dims is None:
+            base = bsr_linear_factory((m.block, m.block), 1.0 - config.sparsity.final)
+        else:  # Sparse Wide: each widened layer keeps its iso-FLOP share of blocks
+            layer_sparsity = sparse_ift.wide_layer_sparsity(
+                dims[0].d_model, dims[0].d_ff, dims[1].d_model, dims[1].d_ff)
+
+            def base(d_in: int, d_out: int, **kwargs: Any):
+                density = 1.0 - layer_sparsity(d_in, d_out)
+                return bsr_linear_factory((m.block, m.block), density)(d_in, d_out, **kwargs)
+    if m.sparse_ift.family in ("", "wide"):  # Wide: the model is widened, linears unchanged
+        return base
+    if base is dense_linear:  # GPT gives its dtypes to dense_linear only
+        base = functools.partial(dense_linear, dtype=m.dtype, param_dtype="float32")
+    return sparse_ift.factory(m.sparse_ift.family, m.sparse_ift.sparsity, base=base,
+                              rank_multiple=m.block if m.linear == "bsr" else 1, dtype=m.dtype)
 
 
 def mask_method(config: ml_collections.ConfigDict, schedule: schedules.Schedule | None):
@@ -87,7 +143,8 @@ def mask_method(config: ml_collections.ConfigDict, schedule: schedules.Schedule 
 
     hard_from = None if s.hard_from >= 1 else at(s.hard_from)
     if s.method == "static":
-        method = methods.static(s.final, score=s.score, allocation=s.allocation,
+        method = methods.static(target_sparsity(config), score=s.score,
+                                allocation=allocation(config),
                                 power_scale=s.power_scale)
     elif s.method == "gradual":
         method = methods.gradual(schedule, score=s.score, allocation=s.allocation,
@@ -109,15 +166,18 @@ def mask_method(config: ml_collections.ConfigDict, schedule: schedules.Schedule 
         method = methods.sdgf(frames, kind=s.pattern, n=s.n, m=s.m, hard_from=hard_from)
     else:  # set / rigl: update every update_every steps until the end of the window
         dst = methods.set_ if s.method == "set" else methods.rigl
-        method = dst(s.final, update_every=s.update_every, end_step=at(s.end),
-                     drop_fraction=s.drop_fraction, allocation=s.allocation,
+        method = dst(target_sparsity(config), update_every=s.update_every, end_step=at(s.end),
+                     drop_fraction=s.drop_fraction, allocation=allocation(config),
                      power_scale=s.power_scale)
     if s.dense_from < 1:  # SPDF: dense from this fraction of the steps on
         method = methods.spdf(method, round(s.dense_from * config.train.steps))
     return method
 
 
-def optimizer(config: ml_collections.ConfigDict, schedule) -> tuple[Any, optax.Schedule]:
+def optimizer(config: ml_collections.ConfigDict, schedule, masks: Any = None
+              ) -> tuple[Any, optax.Schedule]:
+    """AdamW with the config's schedule, under ``sparsify`` for a sparse method, or for
+    ``masks`` given (``methods.fixed``: sparse fine-tuning keeps them exactly)."""
     t = config.train
     lr = optax.warmup_cosine_decay_schedule(
         0.0, t.lr, t.warmup_steps, t.steps, end_value=t.lr * t.min_lr_ratio
@@ -126,7 +186,7 @@ def optimizer(config: ml_collections.ConfigDict, schedule) -> tuple[Any, optax.S
         optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(),
         optax.adamw(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay),
     )
-    method = mask_method(config, schedule)
+    method = methods.fixed(masks) if masks is not None else mask_method(config, schedule)
     tx = inner if method is None else sparsify(inner, method, seed=config.seed)
     return tx, lr
 
@@ -162,6 +222,10 @@ def check(config: ml_collections.ConfigDict) -> Checked:
         schedule = sparsity_schedule(config)
     with _naming("train.* / sparsity.*"):
         tx, lr = optimizer(config, schedule)
+    if config.init_from or config.finetune.distill:
+        from sparsejax import finetune
+
+        finetune.check(config)
     return Checked(cfg, tx, lr, schedule)
 
 
@@ -173,6 +237,12 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
         val_fraction=config.data.val_fraction,
     )
     cfg = dataclasses.replace(checked.model_cfg, vocab_size=corpus.vocab_size)
+    if config.init_from or config.finetune.distill:
+        from sparsejax import finetune
+
+        start = finetune.start(config, cfg, checked.sparsity_schedule)
+        return Experiment(start.model, cfg, start.tx, start.lr_schedule,
+                          checked.sparsity_schedule, corpus, config, start.loss, start.loss_aux)
     model = GPT(cfg, rngs=nnx.Rngs(config.seed), linear=linear_factory(config))
     return Experiment(model, cfg, checked.tx, checked.lr_schedule, checked.sparsity_schedule,
                       corpus, config)
@@ -197,5 +267,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
         eval_every=ev.every,
         eval_batches=ev.batches, eval_batch_size=ev.batch_size, log_every=t.log_every,
         checkpoint_every=config.checkpoint.every, keep_checkpoints=config.checkpoint.keep,
-        config=config.to_dict(), wandb=config.wandb.to_dict(), progress=progress, mesh=mesh,
+        config=config.to_dict(), wandb=config.wandb.to_dict(), progress=progress,
+        loss=exp.loss, loss_aux=exp.loss_aux, mesh=mesh,
     )

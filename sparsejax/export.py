@@ -1,30 +1,56 @@
-"""Export the prunable 2-D kernels of a (pruned) params pytree to BSR or N:M storage.
+"""Export a run's model with its sparse structure, only when that saves space, and load it back.
 
-``export_params`` converts, ``save_export``/``load_export`` persist to one ``.npz`` file
-(numpy arrays plus a JSON ``__meta__`` entry; bfloat16 stored bit-exactly as uint16), and
-``summary_table`` lists shape, density and compressed vs dense bytes per leaf. ``main`` is
-the entry point for ``sparsejax export --format bsr|nm RUN_DIR``. The formats are
-``pallas_kernels``' (which never imports ``sparsejax``); which leaves are prunable is
-``sparsejax.prunable``'s rule.
+Layouts (``pallas_kernels``' formats, which never import ``sparsejax``): **BSR** keeps the
+non-zero ``(bk, bn)`` blocks of each prunable 2-D kernel plus their block indices (Gray et al.
+2017); **N:M** keeps the ``n`` values of every ``m`` consecutive entries along the
+contraction axis plus their packed in-group positions (Mishra et al. 2021). Which leaves are
+prunable is :mod:`sparsejax.prunable`'s rule; the others (embeddings, norms, biases) are
+stored dense.
+
+Containers: ``.npz`` (numpy; a JSON ``__meta__`` entry as UTF-8 bytes; bfloat16 bit-exact
+as uint16) and
+``.safetensors`` (8-byte little-endian header length, a JSON header naming each tensor's
+dtype, shape and byte range, then the raw bytes; written and read here with numpy). Both
+carry the same metadata: the model's :class:`~sparsejax.models.gpt.GPTConfig` and the
+sparse layout of every leaf, so :func:`load_export` rebuilds a runnable model.
+
+Export never changes the weights: a kernel that is not ``n:m`` sparse is refused, never
+re-pruned, and an export whose structure saves less than :data:`MIN_SAVING` of the dense
+size is refused with the reason and the fix (:class:`ExportRefused`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from pallas_kernels.block_sparse.format import BSRLayout, BSRMatrix
+from pallas_kernels.layers import BSRLinear, NMLinear
 from pallas_kernels.nm.format import NMMatrix
+from sparsejax import safetensors_io
+from sparsejax.models.gpt import GPT, GPTConfig
 from sparsejax.prunable import Predicate, path_str, resolve
 
-Exported = dict[str, Any]
-FORMATS = ("bsr", "nm")
+Exported = dict[str, Any]  # {leaf path: BSRMatrix | NMMatrix | np.ndarray}
+FORMATS = ("bsr", "nm", "safetensors", "npz")
+LAYOUTS = ("bsr", "nm")
+MIN_SAVING = 0.10  # refuse an export that saves less than this fraction of the dense bytes
+FORMAT_VERSION = "sparsejax-export/1"
+FIX = ("to export compactly, train with block masks (model.linear=bsr, model.block=B) and "
+       "export --format bsr, or with N:M sparsity (sparsity.method=nm, or ste/sr_ste, "
+       "sparsity.n/m) and export --format nm")
+
+
+class ExportRefused(ValueError):
+    """The export would not save space, or the weights lack the structure asked for."""
 
 
 def _to_bsr(name: str, leaf: np.ndarray, block: tuple[int, int]):
@@ -34,16 +60,18 @@ def _to_bsr(name: str, leaf: np.ndarray, block: tuple[int, int]):
     return BSRMatrix.from_dense(leaf, block=block), ""
 
 
-def _to_nm(name: str, leaf: np.ndarray, n: int, m: int, force: bool):
+def _to_nm(name: str, leaf: np.ndarray, n: int, m: int):
     if leaf.shape[0] % m:
-        raise ValueError(f"leaf {name!r}: K = {leaf.shape[0]} is not divisible by m = {m}")
-    try:
-        return NMMatrix.from_dense(leaf, n, m, prune=force)
-    except ValueError as err:
-        raise ValueError(
-            f"leaf {name!r} is not {n}:{m} sparse along axis 0 ({err}); it must be pruned "
-            f"{n}:{m} first (or pass force=True to magnitude-prune it now)"
-        ) from None
+        raise ExportRefused(f"leaf {name!r}: K = {leaf.shape[0]} is not divisible by m = {m}")
+    grouped = leaf.reshape(leaf.shape[0] // m, m, leaf.shape[1])
+    worst = int((grouped != 0).sum(axis=1).max(initial=0))
+    if worst > n:
+        raise ExportRefused(
+            f"leaf {name!r} is not {n}:{m} sparse along its input axis (a group of {m} holds "
+            f"{worst} non-zeros) and export never re-prunes weights; it must be pruned {n}:{m} "
+            f"in training (N:M: sparsity.method=nm, or ste/sr_ste, with sparsity.n={n}, "
+            f"sparsity.m={m})")
+    return NMMatrix.from_dense(leaf, n, m)
 
 
 def export_params(
@@ -54,16 +82,17 @@ def export_params(
     n: int = 2,
     m: int = 4,
     prunable: Predicate | None = None,
-    force: bool = False,
 ) -> Exported:
     """``{path_str: BSRMatrix | NMMatrix | np.ndarray}`` for every leaf of ``params``.
 
     Prunable 2-D leaves (``sparsejax.prunable`` predicate; default: ndim >= 2 and no
-    embed/norm/bias/pos in the path) become ``fmt`` (``"bsr"`` or ``"nm"``); everything else
-    (and BSR leaves whose shape the block does not divide) stays a dense numpy array.
+    embed/norm/bias/pos in the path) become layout ``fmt`` (``"bsr"`` or ``"nm"``);
+    everything else (and BSR leaves whose shape the block does not divide, with a warning)
+    stays a dense numpy array. The values are never changed: ``"nm"`` raises
+    :class:`ExportRefused` naming a leaf that is not ``n:m`` sparse.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    if fmt not in LAYOUTS:
+        raise ValueError(f"fmt must be one of {LAYOUTS}, got {fmt!r}")
     pred = resolve(prunable)
     out: Exported = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
@@ -76,8 +105,23 @@ def export_params(
             if reason:
                 warnings.warn(f"export: leaf {name!r} {reason}", stacklevel=2)
         else:
-            out[name] = _to_nm(name, arr, n, m, force)
+            out[name] = _to_nm(name, arr, n, m)
     return out
+
+
+def _nbytes(obj) -> tuple[int, int]:
+    if isinstance(obj, BSRMatrix | NMMatrix):
+        return obj.nbytes(), obj.dense_nbytes()
+    return int(np.asarray(obj).nbytes), int(np.asarray(obj).nbytes)
+
+
+def sizes(exported: Exported) -> tuple[int, int]:
+    """``(bytes, dense bytes)`` of a whole export: packed values plus index tables."""
+    pairs = [_nbytes(v) for v in exported.values()]
+    return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+
+
+# ---- containers -------------------------------------------------------------------------
 
 
 def _store(arr) -> tuple[np.ndarray, str]:
@@ -92,75 +136,258 @@ def _restore(a: np.ndarray, dtype: str) -> np.ndarray:
     return a.view(jnp.dtype(dtype)) if str(a.dtype) != dtype else a
 
 
-def save_export(path: str | Path, exported: Exported) -> Path:
-    """Write ``exported`` to one ``.npz`` file (suffix added if missing); returns its path."""
-    path = Path(path).with_suffix(".npz")
-    arrays: dict[str, np.ndarray] = {}
-    meta: dict[str, Any] = {}
-    for i, (name, obj) in enumerate(exported.items()):
-        key = f"a{i}"
+def _tensors(exported: Exported) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Flat named arrays plus each leaf's layout (which tensors hold it)."""
+    tensors: dict[str, np.ndarray] = {}
+    layout: dict[str, Any] = {}
+    for name, obj in exported.items():
+        key = name.replace("/", ".")
         if isinstance(obj, BSRMatrix):
-            arrays[key + "_values"], dt = _store(obj.values)
-            arrays[key + "_rows"] = obj.layout.rows
-            arrays[key + "_cols"] = obj.layout.cols
-            meta[name] = dict(
-                key=key, kind="bsr", dtype=dt, shape=list(obj.shape), block=list(obj.block)
-            )
+            tensors[key + ".values"] = np.asarray(obj.values)
+            tensors[key + ".rows"] = np.asarray(obj.layout.rows, np.int32)
+            tensors[key + ".cols"] = np.asarray(obj.layout.cols, np.int32)
+            layout[name] = dict(kind="bsr", shape=list(obj.shape), block=list(obj.block),
+                                values=key + ".values", rows=key + ".rows", cols=key + ".cols")
         elif isinstance(obj, NMMatrix):
-            arrays[key + "_values"], dt = _store(obj.values)
-            arrays[key + "_codes"] = np.asarray(obj.codes)
-            meta[name] = dict(key=key, kind="nm", dtype=dt, shape=list(obj.shape), n=obj.n, m=obj.m)
+            tensors[key + ".values"] = np.asarray(obj.values)
+            tensors[key + ".codes"] = np.asarray(obj.codes)
+            layout[name] = dict(kind="nm", shape=list(obj.shape), n=obj.n, m=obj.m,
+                                values=key + ".values", codes=key + ".codes")
         else:
-            arrays[key + "_values"], dt = _store(obj)
-            meta[name] = dict(key=key, kind="dense", dtype=dt)
-    arrays["__meta__"] = np.asarray(json.dumps(meta))
+            tensors[key] = np.asarray(obj)
+            layout[name] = dict(kind="dense", values=key)
+    return tensors, layout
+
+
+def _from_tensors(tensors: dict[str, np.ndarray], layout: dict[str, Any]) -> Exported:
+    out: Exported = {}
+    for name, info in layout.items():
+        values = tensors[info["values"]]
+        if info["kind"] == "bsr":
+            lay = BSRLayout(tuple(info["shape"]), tuple(info["block"]),
+                            np.asarray(tensors[info["rows"]]), np.asarray(tensors[info["cols"]]))
+            out[name] = BSRMatrix(jnp.asarray(values), lay)
+        elif info["kind"] == "nm":
+            out[name] = NMMatrix(jnp.asarray(values), jnp.asarray(tensors[info["codes"]]),
+                                 tuple(info["shape"]), info["n"], info["m"])
+        else:
+            out[name] = values
+    return out
+
+
+def save_export(path: str | Path, exported: Exported, meta: dict[str, Any] | None = None
+                ) -> Path:
+    """Write ``exported`` (and ``meta``, e.g. the model config) to ``path``: a
+    ``.safetensors`` file when it ends so, else one ``.npz`` (suffix added); returns it."""
+    tensors, layout = _tensors(exported)
+    header = {"format": FORMAT_VERSION, "layout": layout, **(meta or {})}
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
+    if path.suffix == ".safetensors":
+        safetensors_io.write(path, tensors, {"sparsejax": json.dumps(header)})
+        return path
+    path = path.with_suffix(".npz")
+    arrays, dtypes = {}, {}
+    for key, arr in tensors.items():
+        arrays[key], dtypes[key] = _store(arr)
+    header["dtypes"] = dtypes
+    np.savez(path, __meta__=np.frombuffer(json.dumps(header).encode(), np.uint8), **arrays)
     return path
 
 
-def load_export(path: str | Path) -> Exported:
-    """Inverse of :func:`save_export`."""
-    out: Exported = {}
-    with np.load(Path(path), allow_pickle=False) as data:
-        meta = json.loads(str(data["__meta__"]))
-        for name, info in meta.items():
-            key = info["key"]
-            values = _restore(data[key + "_values"], info["dtype"])
-            if info["kind"] == "bsr":
-                layout = BSRLayout(
-                    tuple(info["shape"]),
-                    tuple(info["block"]),
-                    data[key + "_rows"],
-                    data[key + "_cols"],
-                )
-                out[name] = BSRMatrix(jnp.asarray(values), layout)
-            elif info["kind"] == "nm":
-                out[name] = NMMatrix(
-                    jnp.asarray(values),
-                    jnp.asarray(data[key + "_codes"]),
-                    tuple(info["shape"]),
-                    info["n"],
-                    info["m"],
-                )
-            else:
-                out[name] = values
-    return out
+def read_export(path: str | Path) -> tuple[Exported, dict[str, Any]]:
+    """``(exported, meta)`` of a file written by :func:`save_export` (npz or safetensors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"export file {path} does not exist")
+    if path.suffix == ".safetensors":
+        tensors, meta = safetensors_io.read(path)
+        if "sparsejax" not in meta:
+            raise ValueError(f"{path}: a safetensors file without sparsejax metadata")
+        header = json.loads(meta["sparsejax"])
+    else:
+        with np.load(path, allow_pickle=False) as data:
+            if "__meta__" not in data:
+                raise ValueError(f"{path}: not a sparsejax export (no __meta__ entry)")
+            header = json.loads(data["__meta__"].tobytes().decode())
+            tensors = {k: _restore(data[k], header["dtypes"][k]) for k in header["dtypes"]}
+    if header.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format {header.get('format')!r}, expected {FORMAT_VERSION!r}")
+    return _from_tensors(tensors, header["layout"]), header
+
+
+# ---- models -----------------------------------------------------------------------------
+
+
+def dense_params(model: GPT) -> dict[str, Any]:
+    """The model's params as a dense GPT holds them (``kernel``/``bias`` per linear layer):
+    BSR / N:M layers are decompressed, so every model exports the same way."""
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, BSRLinear | NMLinear):
+            entry = params
+            for k in path:
+                entry = entry[k]
+            entry.pop("values")
+            entry["kernel"] = np.asarray(node.sparse_kernel().to_dense())
+    return params
+
+
+class ExportResult(NamedTuple):
+    """What :func:`export_run` wrote."""
+
+    path: Path
+    layout: str  # "bsr" or "nm"
+    nbytes: int
+    dense_nbytes: int
+    table: str  # per-leaf summary (:func:`summary_table`)
+
+    @property
+    def ratio(self) -> float:
+        return self.nbytes / self.dense_nbytes
+
+
+def _try_layout(params, layout: str, block, n: int, m: int) -> tuple[Exported | None, str]:
+    """The export in ``layout`` if it saves at least MIN_SAVING, else ``(None, reason)``."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            exported = export_params(params, layout, block=block, n=n, m=m)
+    except ExportRefused as e:
+        return None, str(e)
+    nbytes, dense = sizes(exported)
+    if nbytes > (1.0 - MIN_SAVING) * dense:
+        what = f"BSR with {block[0]}x{block[1]} blocks" if layout == "bsr" else f"N:M {n}:{m}"
+        why = ""
+        if layout == "bsr":
+            mats = [v for v in exported.values() if isinstance(v, BSRMatrix)]
+            kept = sum(v.layout.nnz for v in mats)
+            total = sum(v.layout.grid[0] * v.layout.grid[1] for v in mats)
+            why = f": {kept} of {total} blocks of the prunable kernels hold a non-zero"
+            if caught:
+                why += f" ({len(caught)} kernels kept dense, not divisible by the block)"
+        return None, (f"{what} would be {nbytes / dense:.3f}x the dense size (saves "
+                      f"{100 * (1 - nbytes / dense):.1f}% < {100 * MIN_SAVING:.0f}%){why}")
+    return exported, ""
+
+
+def export_run(
+    run_dir: str | Path,
+    fmt: str,
+    *,
+    out: str | Path | None = None,
+    layout: str = "auto",
+    block: tuple[int, int] | None = None,
+    n: int | None = None,
+    m: int | None = None,
+    step: int | None = None,
+) -> ExportResult:
+    """Export a run's model (:func:`sparsejax.load`) without changing a weight.
+
+    ``fmt``: ``"bsr"`` / ``"nm"`` (that layout, ``.npz``), ``"safetensors"`` / ``"npz"``
+    (that container, layout ``layout``: ``"bsr"``, ``"nm"`` or ``"auto"``, N:M when every
+    prunable kernel is ``n:m`` sparse, else BSR). ``block`` defaults to the run's
+    ``model.block`` square, ``n``/``m`` to its ``sparsity.n/m``. Writes
+    ``OUT/export_{fmt}.npz`` or ``OUT/model.safetensors`` (``OUT`` default ``RUN_DIR/export``)
+    plus a per-leaf summary; raises :class:`ExportRefused` with the reason and the fix when
+    the structure would save less than 10% of the dense size.
+    """
+    from sparsejax import loading
+
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if fmt in LAYOUTS:
+        layout = fmt
+    if layout not in (*LAYOUTS, "auto"):
+        raise ValueError(f"layout must be one of {(*LAYOUTS, 'auto')}, got {layout!r}")
+    loaded = loading.load(run_dir, step=step)
+    config = loaded.config
+    block = block or (config.model.block, config.model.block)
+    n = n if n is not None else config.sparsity.n
+    m = m if m is not None else config.sparsity.m
+    params = dense_params(loaded.model)
+    reasons = []
+    exported = None
+    for candidate in (("nm", "bsr") if layout == "auto" else (layout,)):
+        exported, reason = _try_layout(params, candidate, block, n, m)
+        if exported is not None:
+            layout = candidate
+            break
+        reasons.append(reason)
+    if exported is None:
+        raise ExportRefused(f"export of {run_dir} refused: " + "; ".join(reasons) + "; " + FIX)
+    out = Path(out) if out is not None else Path(run_dir) / "export"
+    target = out / ("model.safetensors" if fmt == "safetensors" else f"export_{fmt}.npz")
+    meta = {"model": dataclasses.asdict(loaded.model.cfg),
+            "source": {"run_dir": str(Path(run_dir).absolute()), "step": loaded.step}}
+    path = save_export(target, exported, meta)
+    table = summary_table(exported)
+    (out / f"export_{fmt}_summary.txt").write_text(table + "\n")
+    nbytes, dense = sizes(exported)
+    return ExportResult(path, layout, nbytes, dense, table)
+
+
+def _set_module(model: GPT, path: tuple[str, ...], layer: nnx.Module) -> None:
+    parent: Any = model
+    for k in path[:-1]:
+        parent = parent[int(k)] if k.isdigit() else getattr(parent, k)
+    setattr(parent, path[-1], layer)
+
+
+def load_export(path: str | Path, *, kernels: bool = True) -> GPT:
+    """A runnable GPT from an export file (npz or safetensors) written by :func:`export_run`.
+
+    ``kernels=True``: prunable kernels run on the sparse layers (``BSRLinear``/``NMLinear``:
+    only the stored blocks / N:M values are multiplied); ``kernels=False``: they are
+    decompressed into dense ``nnx.Linear`` kernels, whose logits equal the exported model's
+    bit for bit. Raises ``ValueError`` naming a leaf the model has and the file lacks."""
+    exported, meta = read_export(path)
+    if "model" not in meta:
+        raise ValueError(f"{path}: the export holds no model config (written by "
+                         "export_params without meta?)")
+    cfg = GPTConfig(**meta["model"])
+    model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))  # shapes only: all replaced
+    graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))
+    names = [path_str(p) for p, _ in leaves]
+    missing = [nm for nm in names if nm not in exported]
+    extra = sorted(set(exported) - set(names))
+    if missing or extra:
+        raise ValueError(f"{path}: the export does not match its model config: "
+                         f"missing {missing}, extra {extra}")
+    dense = [jnp.asarray(exported[nm].to_dense() if isinstance(exported[nm], BSRMatrix | NMMatrix)
+                         else exported[nm]) for nm in names]
+    for nm, ref, arr in zip(names, (leaf for _, leaf in leaves), dense, strict=True):
+        if arr.shape != tuple(ref.shape) or arr.dtype != ref.dtype:
+            raise ValueError(f"{path}: leaf {nm} is {arr.dtype}{arr.shape}, the model holds "
+                             f"{ref.dtype}{tuple(ref.shape)}")
+    nnx.replace_by_pure_dict(state, treedef.unflatten(dense))
+    model = nnx.merge(graphdef, state, rest)
+    if kernels:
+        for nm, obj in exported.items():
+            if isinstance(obj, BSRMatrix | NMMatrix):
+                parts = tuple(nm.split("/"))
+                layer: Any = model
+                for k in parts[:-2]:
+                    layer = layer[int(k)] if k.isdigit() else getattr(layer, k)
+                layer = getattr(layer, parts[-2])
+                bias = layer.bias[...] if layer.bias is not None else None
+                cls = BSRLinear if isinstance(obj, BSRMatrix) else NMLinear
+                _set_module(model, parts[:-1], cls(obj, bias))
+    return model
 
 
 def _row(name: str, obj) -> tuple[str, str, str, float, int, int]:
     if isinstance(obj, BSRMatrix):
         dense = np.asarray(obj.to_dense())
         fmt = f"bsr {obj.block[0]}x{obj.block[1]}"
-        nbytes, dbytes = obj.nbytes(), obj.dense_nbytes()
     elif isinstance(obj, NMMatrix):
         dense = np.asarray(obj.to_dense())
         fmt = f"nm {obj.n}:{obj.m}"
-        nbytes, dbytes = obj.nbytes(), obj.dense_nbytes()
     else:
         dense = np.asarray(obj)
         fmt = "dense"
-        nbytes = dbytes = int(dense.nbytes)
+    nbytes, dbytes = _nbytes(obj)
     density = float(np.count_nonzero(dense)) / max(1, dense.size)
     return name, fmt, "x".join(map(str, dense.shape)), density, nbytes, dbytes
 
@@ -178,22 +405,9 @@ def summary_table(exported: Exported) -> str:
             f"{name:<{width}}  {fmt:<12} {shape:<14} {dens:>8.3f} {nb:>12d} "
             f"{db:>12d} {nb / max(db, 1):>6.3f}"
         )
-    tot, totd = sum(r[4] for r in rows), sum(r[5] for r in rows)
+    tot, totd = sizes(exported)
     lines.append(
         f"{'TOTAL':<{width}}  {'':<12} {'':<14} {'':>8} {tot:>12d} {totd:>12d} "
         f"{tot / max(totd, 1):>6.3f}"
     )
     return "\n".join(lines)
-
-
-def main(params: Any, fmt: str, out_dir: str | Path, **opts: Any) -> Path:
-    """Export ``params`` (``opts`` forwarded to :func:`export_params`), save
-    ``out_dir/export_{fmt}.npz`` and ``export_{fmt}_summary.txt``, print the summary."""
-    exported = export_params(params, fmt, **opts)
-    out_dir = Path(out_dir)
-    path = save_export(out_dir / f"export_{fmt}.npz", exported)
-    table = summary_table(exported)
-    (out_dir / f"export_{fmt}_summary.txt").write_text(table + "\n")
-    print(table)
-    print(f"wrote {path}")
-    return path

@@ -3,7 +3,8 @@
 A *prunable predicate* is ``prunable(path, leaf) -> bool`` where ``path`` is a JAX key path
 (as given by :func:`jax.tree_util.tree_flatten_with_path`). The default (DESIGN.md, "Core
 contracts") selects floating-point leaves with ``ndim >= 2`` none of whose path *components*
-names an embedding, a positional table, a normalization layer, a bias or a scale.
+names an embedding, a positional table, a normalization layer, a bias or a scale (or the
+dense ``lowrank`` path of a Sparse-IFT Doped layer).
 
 Matching is by whole path component, case-insensitive, never by substring:
 ``ConvTranspose_0/kernel``, ``compose/kernel``, ``posterior_head/kernel`` and
@@ -35,6 +36,8 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
     "*norm", "layernorm*", "batchnorm*", "groupnorm*", "rmsnorm*", "ln", "ln_*", "bn",
     # per-feature vectors
     "bias", "scale",
+    # the dense low-rank path of a Sparse-IFT Doped layer (sparsejax.sparse_ift.SparseDoped)
+    "lowrank",
 )
 
 _INDEX = re.compile(r"_?\d+$")

@@ -50,12 +50,10 @@ class TrainState(NamedTuple):
 
 
 def _flops_coefficients(model: GPT, seq_len: int) -> tuple[float, float]:
-    """Per-token training FLOPs = fixed + dense_part * density (DESIGN.md "Accounting")."""
-    c = model.cfg
-    dims = (c.n_layer, c.d_model, c.d_ff, seq_len, c.vocab_size)
-    f0 = accounting.train_flops_per_token(*dims, sparsity=0.0)
-    dense_part = 2.0 * (f0 - accounting.train_flops_per_token(*dims, sparsity=0.5))
-    return f0 - dense_part, dense_part
+    """Per-token training FLOPs = fixed + dense_part * density (DESIGN.md "Accounting"), read
+    off the model's layers (Sparse-IFT and kernel-sparse layers counted as built)."""
+    fixed, maskable = accounting.forward_flops_coefficients(model, seq_len)
+    return 3.0 * fixed, 3.0 * maskable
 
 
 def _sparse_state(opt_state: Any):
@@ -76,24 +74,26 @@ def _is_sparse(tx: optax.GradientTransformation, params: Any) -> bool:
 
 
 def make_train_step(graphdef, params_def, rest, tx, *, fixed_flops, dense_flops,
-                    tokens_per_step, sparse: bool, structural: SparsityStats,
+                    tokens_per_step, sparse: bool, structural: SparsityStats, loss=None,
                     shardings: tuple[Any, Any] | None = None):
-    """The jitted step ``(state, inputs_BxL, targets_BxL) -> (state, metrics)``; ``state`` is
-    donated. Sparsity, counts and the target come from the optimizer state
+    """The jitted step ``(state, inputs_BxL, targets_BxL[, loss_aux]) -> (state, metrics)``;
+    ``state`` is donated. ``loss(model, x_BxL, y_BxL, loss_aux)`` replaces the cross-entropy
+    as the training objective when given (e.g. :func:`sparsejax.distill.squarehead_loss`).
+    Sparsity, counts and the target come from the optimizer state
     (:func:`sparsejax.sparsity_stats`, the single source of truth); ``structural`` stands in
     when the optimizer holds no masks (dense runs, and layers that are sparse by construction:
     :func:`accounting.structural_stats`). ``shardings``: ``(state, batch)`` shardings
     (:mod:`sparsejax.distributed`); the state keeps its sharding across steps."""
 
-    def loss_of(params, x_BxL, y_BxL):
+    def loss_of(params, x_BxL, y_BxL, aux):
         model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(params_def,
                                                                  jax.tree.leaves(params)), rest)
-        return loss_fn(model, x_BxL, y_BxL)
+        return loss_fn(model, x_BxL, y_BxL) if loss is None else loss(model, x_BxL, y_BxL, aux)
 
-    def step(state: TrainState, x_BxL, y_BxL):
+    def step(state: TrainState, x_BxL, y_BxL, aux=None):
         def loss_of_weights(params):  # straight-through forward weights for sparse runs
             return loss_of(forward_params(params, state.opt_state) if sparse else params,
-                           x_BxL, y_BxL)
+                           x_BxL, y_BxL, aux)
 
         loss, grads = jax.value_and_grad(loss_of_weights)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -117,8 +117,10 @@ def make_train_step(graphdef, params_def, rest, tx, *, fixed_flops, dense_flops,
     if shardings is None:
         return jax.jit(step, donate_argnums=0)
     state_sh, batch_sh = shardings
-    return jax.jit(step, donate_argnums=0, in_shardings=(state_sh, batch_sh, batch_sh),
-                   out_shardings=(state_sh, distributed.replicated(batch_sh.mesh)))
+    replicated = distributed.replicated(batch_sh.mesh)  # metrics, and loss_aux (a teacher)
+    return jax.jit(step, donate_argnums=0,
+                   in_shardings=(state_sh, batch_sh, batch_sh, replicated),
+                   out_shardings=(state_sh, replicated))
 
 
 def make_eval_step(graphdef, params_def, rest):
@@ -223,6 +225,8 @@ def run(
     config: dict[str, Any] | None = None,
     wandb: dict[str, Any] | None = None,
     progress: bool = True,
+    loss: Any = None,
+    loss_aux: Any = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with ``tx`` on ``corpus`` for ``steps`` steps; returns the summary.
@@ -236,6 +240,8 @@ def run(
     every log step :func:`sparsejax.check` must find every pruned weight at 0, else the run
     fails naming the leaves.
     ``wandb``: ``{"enabled": bool, "project": str, "mode": "offline"|"online", "name": str}``.
+    ``loss(model, x_BxL, y_BxL, loss_aux)``: the training objective instead of the
+    cross-entropy (``train_loss`` logs it; ``val_loss`` stays the cross-entropy).
 
     ``mesh``: the ``(data, fsdp)`` device mesh (:func:`sparsejax.distributed.make_mesh`;
     default: every device on ``data``). Params, masks and optimizer state are sharded over
@@ -305,7 +311,7 @@ def run(
     train_step = make_train_step(
         graphdef, params_def, rest, tx, fixed_flops=fixed_flops, dense_flops=dense_flops,
         tokens_per_step=float(batch_size * seq_len), sparse=sparse, structural=counts,
-        shardings=(state_sh, distributed.batch_sharding(mesh)),
+        loss=loss, shardings=(state_sh, distributed.batch_sharding(mesh)),
     )
     evaluate = make_eval_step(graphdef, params_def, rest)
     count_violations = jax.jit(lambda p, s: sum(jax.tree_util.tree_leaves(check(p, s))))
@@ -316,6 +322,9 @@ def run(
     val_x = distributed.put(np.stack([b[0] for b in val]), val_sh)
     val_y = distributed.put(np.stack([b[1] for b in val]), val_sh)
     batch_sh = distributed.batch_sharding(mesh)
+    if loss_aux is not None:  # replicated on the mesh, like the step expects it
+        loss_aux = jax.tree.map(
+            lambda a: distributed.put(np.asarray(a), distributed.replicated(mesh)), loss_aux)
 
     log = runlog.MetricsLog(run_dir, resume_step=start) if main else runlog.NullLog()
     bar = runlog.Progress(steps, initial=start, enabled=progress and main)
@@ -334,7 +343,7 @@ def run(
             x, y = data.get_batch(corpus.train, seed=seed, step=step, batch_size=batch_size,
                                   seq_len=seq_len)
             state, metrics = train_step(state, distributed.put(x, batch_sh),
-                                        distributed.put(y, batch_sh))
+                                        distributed.put(y, batch_sh), loss_aux)
             done = step + 1
             is_eval = done % eval_every == 0 or done == steps
             is_ckpt = done % checkpoint_every == 0 or done == steps

@@ -85,7 +85,7 @@ def test_debug_shows_the_traceback(tmp_path):
         cli.main(["--debug", "train", DENSE, f"--workdir={tmp_path}", "--config.train.stepz=5"])
 
 
-@pytest.mark.parametrize("command", ["train", "sweep", "status", "export", "fit"])
+@pytest.mark.parametrize("command", ["train", "sweep", "status", "export", "fit", "soup"])
 def test_every_command_has_help(capsys, command):
     with pytest.raises(SystemExit) as e:
         cli.main([command, "--help"])

@@ -72,7 +72,8 @@ def test_recipes_validate(name):
 
     c = load_recipe(name, "size=tiny")
     checked = experiment.check(c)
-    assert checked.model_cfg.n_layer == 2 and checked.model_cfg.d_model == 64  # tiny
+    wide = c.model.sparse_ift.family == "wide"  # Sparse Wide at s=0.75: d_model x 2
+    assert checked.model_cfg.n_layer == 2 and checked.model_cfg.d_model == (128 if wide else 64)
     params = {"w": {"kernel": np.ones((8, 8), np.float32)}}
     state = checked.tx.init(params)
     if c.sparsity.method == "dense":

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import BSRMatrix, NMMatrix
-from sparsejax.export import export_params, load_export, main, save_export, summary_table
+from sparsejax.export import ExportRefused, export_params, read_export, save_export, summary_table
 
 
 def make_params():
@@ -34,7 +34,7 @@ def test_bsr_export_roundtrip(tmp_path):
     assert out["block0/mlp/kernel"].layout.nnz == 2
     assert isinstance(out["embed/embedding"], np.ndarray)  # not prunable: kept dense
     assert isinstance(out["block0/mlp/bias"], np.ndarray)
-    loaded = load_export(save_export(tmp_path / "e", out))
+    loaded, _ = read_export(save_export(tmp_path / "e", out))
     assert loaded.keys() == out.keys()
     for name, obj in out.items():
         a = loaded[name]
@@ -48,9 +48,9 @@ def test_bsr_export_roundtrip(tmp_path):
     )
 
 
-def test_nm_export_requires_nm_sparsity_unless_forced(tmp_path):
+def test_nm_export_refuses_weights_that_are_not_nm_and_never_reprunes(tmp_path):
     params = make_params()
-    with pytest.raises(ValueError, match=r"block0/mlp/kernel.*must be pruned 2:4 first"):
+    with pytest.raises(ExportRefused, match=r"block0/mlp/kernel.*never re-prunes.*pruned 2:4"):
         export_params(params, "nm")
     only_out = export_params(params, "nm", prunable=lambda p, x: "out" in str(p))
     assert isinstance(only_out["block0/out/kernel"], NMMatrix)
@@ -58,12 +58,13 @@ def test_nm_export_requires_nm_sparsity_unless_forced(tmp_path):
         np.asarray(only_out["block0/out/kernel"].to_dense()),
         np.asarray(params["block0"]["out"]["kernel"]),
     )
-    path = main(params, "nm", tmp_path, force=True)
-    loaded = load_export(path)
-    w = np.asarray(loaded["block0/mlp/kernel"].to_dense(), np.float32)
-    assert ((w.reshape(8, 4, 64) != 0).sum(axis=1) <= 2).all()
-    summary = (tmp_path / "export_nm_summary.txt").read_text()
-    assert "block0/mlp/kernel" in summary and "nm 2:4" in summary
+    for suffix in (".npz", ".safetensors"):
+        loaded, _ = read_export(save_export(tmp_path / f"e{suffix}", only_out))
+        np.testing.assert_array_equal(np.asarray(loaded["block0/out/kernel"].to_dense()),
+                                      np.asarray(params["block0"]["out"]["kernel"]))
+        assert loaded["block0/mlp/kernel"].dtype == jnp.bfloat16
+    summary = summary_table(only_out)
+    assert "block0/out/kernel" in summary and "nm 2:4" in summary
 
 
 def test_summary_reports_bytes_and_density():

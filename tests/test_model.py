@@ -159,9 +159,10 @@ def test_loss_matches_float64_reference():
 def test_linear_factory_builds_every_block_linear_and_init_scales():
     calls = []
 
-    def factory(in_features, out_features, *, use_bias, rngs):
+    def factory(in_features, out_features, *, use_bias, rngs, init_scale=1.0):
         calls.append((in_features, out_features, use_bias))
-        return dense_linear(in_features, out_features, use_bias=use_bias, rngs=rngs)
+        return dense_linear(in_features, out_features, use_bias=use_bias, rngs=rngs,
+                            init_scale=init_scale)
 
     model = GPT(GPTConfig(**{**SMALL, "n_layer": 3}), rngs=nnx.Rngs(0), linear=factory)
     assert sorted(calls) == sorted([(32, 32, True)] * 12 + [(32, 64, True), (64, 32, True)] * 3)
@@ -172,6 +173,21 @@ def test_linear_factory_builds_every_block_linear_and_init_scales():
     np.testing.assert_allclose(stack("fc_in").std(), 0.02, rtol=0.04)
     np.testing.assert_allclose(stack("fc_out").std(), 0.02 / math.sqrt(6), rtol=0.04)
     assert abs(stack("fc_out").mean()) < 0.002
+
+
+def test_given_weights_are_never_rescaled():
+    """A factory holding given weights (no init_scale keyword) gets them as they are."""
+    w = np.arange(32 * 32, dtype=np.float32).reshape(32, 32) / 1024
+
+    def given(in_features, out_features, *, use_bias, rngs):
+        layer = dense_linear(in_features, out_features, use_bias=use_bias, rngs=rngs)
+        if (in_features, out_features) == (32, 32):
+            layer.kernel[...] = w
+        return layer
+
+    model = GPT(GPTConfig(**SMALL), rngs=nnx.Rngs(0), linear=given)
+    for b in model.blocks:
+        np.testing.assert_array_equal(np.asarray(b.attn.out.kernel[...]), w)
 
 
 def test_bfloat16_compute_returns_float32_logits():

@@ -120,8 +120,10 @@ class GPT(nnx.Module):
 
     ``linear`` builds every linear layer of the blocks (see
     :data:`sparsejax.models.layers.LinearFactory`); the default :func:`dense_linear` gets the
-    config's dtypes, a custom factory owns its own. Attention and MLP output projections have
-    their weight matrices scaled by 1/sqrt(2·n_layer) after construction (GPT-2 init).
+    config's dtypes, a custom factory owns its own. Attention and MLP output projections are
+    initialised with std scaled by 1/sqrt(2·n_layer) (GPT-2 init) through the factory's
+    ``init_scale`` (:func:`~sparsejax.models.layers.build_linear`), so a factory that holds
+    given weights gets them unscaled.
     """
 
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, linear: LinearFactory = dense_linear):
@@ -190,9 +192,23 @@ class GPT(nnx.Module):
 
     def logits_from_embeddings(self, x_BxLxD: jax.Array) -> jax.Array:
         """Run the blocks, final norm and LM head on embeddings; returns float32 logits."""
+        return self._forward(x_BxLxD)[0]
+
+    def hidden_states(self, tokens_BxL: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        """``(logits_BxLxV, (h_1, ..., h_L))``: the logits and the output ``h_l`` (``BxLxD``,
+        the residual stream) of every decoder block, for feature distillation such as
+        SquareHead (Kurtic et al. 2023)."""
+        return self._forward(self.embed_tokens(tokens_BxL))
+
+    def _forward(self, x_BxLxD: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         x_BxLxD = x_BxLxD.astype(self.cfg.dtype)
+        hidden = []
         for block in self.blocks:
             x_BxLxD = block(x_BxLxD)
+            hidden.append(x_BxLxD)
+        return self._head(x_BxLxD), tuple(hidden)
+
+    def _head(self, x_BxLxD: jax.Array) -> jax.Array:
         h_BxLxD = self.final_norm(x_BxLxD)
         if self.cfg.tie_embeddings:
             w_VxD = self.embed.embedding[...].astype(h_BxLxD.dtype)
@@ -204,7 +220,8 @@ class GPT(nnx.Module):
 
 
 def _dense_with_dtypes(dtype: str, param_dtype: str) -> LinearFactory:
-    def linear(in_features: int, out_features: int, *, use_bias: bool, rngs: nnx.Rngs):
+    def linear(in_features: int, out_features: int, *, use_bias: bool, rngs: nnx.Rngs,
+               init_scale: float = 1.0):
         return dense_linear(
             in_features,
             out_features,
@@ -212,6 +229,7 @@ def _dense_with_dtypes(dtype: str, param_dtype: str) -> LinearFactory:
             rngs=rngs,
             dtype=dtype,
             param_dtype=param_dtype,
+            init_scale=init_scale,
         )
 
     return linear

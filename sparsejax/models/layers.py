@@ -10,6 +10,7 @@ Shape suffixes: B batch, L sequence, D d_model, H heads, Dh head dim, F d_ff.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 LinearFactory = Callable[..., nnx.Module]
+"""``linear(in_features, out_features, *, use_bias, rngs[, init_scale]) -> nnx.Module``; the
+optional ``init_scale`` multiplies the std of freshly drawn weights (GPT-2's residual
+projections), see :func:`build_linear`."""
 
 INIT_STD = 0.02  # GPT-2 (Radford et al., 2019) initialisation of weights and embeddings.
 
@@ -31,11 +35,12 @@ def dense_linear(
     rngs: nnx.Rngs,
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
+    init_scale: float = 1.0,
 ) -> nnx.Linear:
     """The default factory: ``nnx.Linear`` (``kernel`` (in, out), ``bias`` (out,)).
 
-    Kernels are drawn from N(0, 0.02²) and biases start at zero (GPT-2). ``dtype`` is the
-    compute dtype (``None`` infers it from inputs and params).
+    Kernels are drawn from N(0, (0.02·init_scale)²) and biases start at zero (GPT-2).
+    ``dtype`` is the compute dtype (``None`` infers it from inputs and params).
     """
     return nnx.Linear(
         in_features,
@@ -43,10 +48,33 @@ def dense_linear(
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
-        kernel_init=nnx.initializers.normal(INIT_STD),
+        kernel_init=nnx.initializers.normal(INIT_STD * init_scale),
         bias_init=nnx.initializers.zeros_init(),
         rngs=rngs,
     )
+
+
+def build_linear(linear: LinearFactory, in_features: int, out_features: int, *, use_bias: bool,
+                 rngs: nnx.Rngs, init_scale: float = 1.0) -> nnx.Module:
+    """``linear(...)``, passing ``init_scale`` to a factory that takes that keyword.
+
+    The scale is part of the *initialisation*: a factory with an ``init_scale`` keyword draws
+    its random weights with it, and one that holds given weights (loaded, exported) ignores
+    it. Weights are never multiplied after construction, so a model built from given weights
+    computes with exactly those weights; a factory without the keyword is built unscaled.
+    """
+    if init_scale != 1.0 and _takes_init_scale(linear):
+        return linear(in_features, out_features, use_bias=use_bias, rngs=rngs,
+                      init_scale=init_scale)
+    return linear(in_features, out_features, use_bias=use_bias, rngs=rngs)
+
+
+def _takes_init_scale(fn: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "init_scale" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def scale_weights_(module: nnx.Module, factor: float) -> None:
@@ -93,14 +121,16 @@ class Attention(nnx.Module):
     """Causal multi-head self-attention with separate query/key/value projections."""
 
     def __init__(
-        self, d_model: int, n_head: int, *, rope: bool, linear: LinearFactory, rngs: nnx.Rngs
+        self, d_model: int, n_head: int, *, rope: bool, linear: LinearFactory, rngs: nnx.Rngs,
+        out_scale: float = 1.0,
     ):
         self.n_head = n_head
         self.rope = rope
         self.query = linear(d_model, d_model, use_bias=True, rngs=rngs)
         self.key = linear(d_model, d_model, use_bias=True, rngs=rngs)
         self.value = linear(d_model, d_model, use_bias=True, rngs=rngs)
-        self.out = linear(d_model, d_model, use_bias=True, rngs=rngs)
+        self.out = build_linear(linear, d_model, d_model, use_bias=True, rngs=rngs,
+                                init_scale=out_scale)
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         B, L, D = x_BxLxD.shape
@@ -119,9 +149,11 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """Two-layer GELU feed-forward network."""
 
-    def __init__(self, d_model: int, d_ff: int, *, linear: LinearFactory, rngs: nnx.Rngs):
+    def __init__(self, d_model: int, d_ff: int, *, linear: LinearFactory, rngs: nnx.Rngs,
+                 out_scale: float = 1.0):
         self.fc_in = linear(d_model, d_ff, use_bias=True, rngs=rngs)
-        self.fc_out = linear(d_ff, d_model, use_bias=True, rngs=rngs)
+        self.fc_out = build_linear(linear, d_ff, d_model, use_bias=True, rngs=rngs,
+                                   init_scale=out_scale)
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         h_BxLxF = jax.nn.gelu(self.fc_in(x_BxLxD))
@@ -146,11 +178,10 @@ class Block(nnx.Module):
     ):
         norm = dict(epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attn_norm = nnx.LayerNorm(d_model, **norm)
-        self.attn = Attention(d_model, n_head, rope=rope, linear=linear, rngs=rngs)
+        self.attn = Attention(d_model, n_head, rope=rope, linear=linear, rngs=rngs,
+                              out_scale=out_scale)
         self.mlp_norm = nnx.LayerNorm(d_model, **norm)
-        self.mlp = MLP(d_model, d_ff, linear=linear, rngs=rngs)
-        scale_weights_(self.attn.out, out_scale)
-        scale_weights_(self.mlp.fc_out, out_scale)
+        self.mlp = MLP(d_model, d_ff, linear=linear, rngs=rngs, out_scale=out_scale)
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD)).astype(x_BxLxD.dtype)

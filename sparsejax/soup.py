@@ -1,0 +1,204 @@
+"""Sparse Model Soups (Zimmer et al. 2023, "Sparse Model Soups: A Recipe for Improved Pruning
+via Model Averaging").
+
+Starting from one pruned model (``init_from``), ``soup.ingredients`` sparse fine-tuning runs
+differ only in their seed (with a loaded model and no dropout, the seed decides the batch
+order); they share the start's mask exactly (``finetune.mode="sparse"``, ``methods.fixed``),
+so any average of them has exactly that mask too. Two soups per cycle:
+
+* **uniform**: the mean of every ingredient;
+* **greedy** (Wortsman et al. 2022): ingredients ordered by validation loss, best first; each
+  next one joins only if the mean with it does not make the validation loss worse.
+
+With ``soup.cycles > 1`` the chosen soup (``soup.select``) is pruned again, by global
+magnitude, removing ``soup.prune_fraction`` of its remaining prunable weights, and a new cycle
+fine-tunes and soups that (the paper's prune-retrain cycles). Every ingredient is an ordinary
+run dir; every soup and pruned start is a run dir too (``config.json``, a weights-and-masks
+checkpoint, ``summary.json``), so :func:`sparsejax.load` and ``sparsejax export`` take it.
+All validation losses are measured on the same batches (the config's ``seed``), which also
+select the greedy soup.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from sparsejax import checkpoint, data, experiment, loading, runlog
+from sparsejax.train import make_eval_step
+
+
+def average(trees: list[Any]) -> Any:
+    """The entrywise mean of params trees (float32 accumulation, the leaves' dtype kept)."""
+    if not trees:
+        raise ValueError("average: no params to average")
+    return jax.tree_util.tree_map(
+        lambda *xs: (sum(np.asarray(x, np.float32) for x in xs) / len(xs)).astype(
+            np.asarray(xs[0]).dtype), *trees)
+
+
+def mask_sparsity(masks: Any) -> float:
+    """Pruned fraction of the prunable entries (mask leaves that are arrays)."""
+    arrays = [np.asarray(m) for m in jax.tree_util.tree_leaves(masks) if np.ndim(m)]
+    return 1.0 - sum(int(m.sum()) for m in arrays) / sum(m.size for m in arrays)
+
+
+def zeros_kept(params: Any, masks: Any) -> bool:
+    """Every weight the masks prune is exactly 0."""
+    return all(bool(np.all(np.asarray(p)[~np.asarray(m)] == 0))
+               for p, m in zip(jax.tree_util.tree_leaves(params),
+                               jax.tree_util.tree_leaves(masks), strict=True) if np.ndim(m))
+
+
+def prune_more(params: Any, masks: Any, fraction: float) -> tuple[Any, Any]:
+    """Remove ``fraction`` of the kept prunable weights, smallest ``|w|`` first over all
+    prunable leaves together (global magnitude, Zhu & Gupta 2017); exact count
+    ``round(fraction * kept)``, ties broken towards the lower flat index."""
+    p_leaves, treedef = jax.tree_util.tree_flatten(params)
+    m_leaves = treedef.flatten_up_to(masks)
+    idx = [i for i, m in enumerate(m_leaves) if np.ndim(m)]
+    mags = np.concatenate([np.where(np.asarray(m_leaves[i]), np.abs(np.asarray(
+        p_leaves[i], np.float32)), np.inf).ravel() for i in idx])
+    kept = int(np.isfinite(mags).sum())
+    n_drop = round(fraction * kept)
+    order = np.argsort(mags, kind="stable")[:n_drop]
+    drop = np.zeros(mags.size, bool)
+    drop[order] = True
+    new_p, new_m, start = list(p_leaves), list(m_leaves), 0
+    for i in idx:
+        size = np.size(m_leaves[i])
+        d = drop[start:start + size].reshape(np.shape(m_leaves[i]))
+        new_m[i] = np.asarray(m_leaves[i]) & ~d
+        new_p[i] = np.where(new_m[i], np.asarray(p_leaves[i]), 0).astype(np.asarray(
+            p_leaves[i]).dtype)
+        start += size
+    return treedef.unflatten(new_p), treedef.unflatten(new_m)
+
+
+class Evaluator:
+    """Validation loss of params on the config's validation batches (one compiled call)."""
+
+    def __init__(self, model: nnx.Module, config: ml_collections.ConfigDict,
+                 corpus: data.Corpus):
+        graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+        self._eval = make_eval_step(graphdef, jax.tree_util.tree_structure(state), rest)
+        batches = data.eval_batches(corpus.val, batch_size=config.eval.batch_size,
+                                    seq_len=config.train.seq_len,
+                                    n_batches=config.eval.batches, seed=config.seed)
+        self._x = np.stack([b[0] for b in batches])
+        self._y = np.stack([b[1] for b in batches])
+
+    def __call__(self, params: Any) -> float:
+        return float(self._eval(jax.tree_util.tree_map(jnp.asarray, params), self._x, self._y))
+
+
+def _write_soup(run_dir: Path, config: ml_collections.ConfigDict, params: Any, masks: Any,
+                summary: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    runlog.write_json(run_dir / "config.json", config.to_dict())
+    if checkpoint.latest_step(run_dir) is None:
+        checkpoint.save_weights(run_dir, 0, params, masks)
+    runlog.write_json(run_dir / "summary.json", {"status": "completed", "step": 0, **summary})
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """A soup needs a sparse start to fine-tune with its mask kept."""
+    if not config.init_from:
+        raise ValueError("config init_from: a soup fine-tunes a pruned run; set init_from to "
+                         "its run dir")
+    if config.finetune.mode != "sparse":
+        raise ValueError(f"config finetune.mode must be 'sparse' for a sparse model soup (the "
+                         f"ingredients share the start's mask), got {config.finetune.mode!r}")
+    experiment.check(config)
+
+
+def soup(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool = False
+         ) -> dict[str, Any]:
+    """Run every cycle (ingredients, uniform and greedy soup, optional re-pruning) in
+    ``workdir``; returns (and writes ``WORKDIR/soup.json``) the losses and sparsities.
+
+    Completed ingredient runs and soups are reused, so running it again resumes."""
+    check(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    corpus = data.load_corpus(config.data.source or None,
+                              cache_dir=config.data.cache_dir or None,
+                              val_fraction=config.data.val_fraction)
+    start_dir, start_step = Path(config.init_from), config.init_from_step
+    cycles = []
+    evaluate = None
+    for k in range(config.soup.cycles):
+        cdir = workdir / f"cycle{k}"
+        ingredients = []
+        for i in range(config.soup.ingredients):
+            c = copy.deepcopy(config)
+            c.init_from, c.init_from_step = str(start_dir), start_step
+            c.seed = config.seed + i
+            run_dir = cdir / f"ingredient{i}"
+            experiment.run(c, str(run_dir), progress=progress)
+            loaded = loading.load(run_dir)
+            if evaluate is None:
+                evaluate = Evaluator(loaded.model, config, corpus)
+            ingredients.append(dict(run_dir=str(run_dir), seed=c.seed, params=loaded.params,
+                                    masks=loaded.masks, val_loss=evaluate(loaded.params)))
+        masks = ingredients[0]["masks"]
+        sparsity = mask_sparsity(masks)
+        for ing in ingredients:
+            same = jax.tree_util.tree_all(jax.tree_util.tree_map(
+                lambda a, b: bool(np.array_equal(a, b)), ing["masks"], masks))
+            if not same or not zeros_kept(ing["params"], masks):
+                raise ValueError(f"soup: {ing['run_dir']} does not keep the start's mask")
+        uniform = average([ing["params"] for ing in ingredients])
+        ranked = sorted(ingredients, key=lambda ing: ing["val_loss"])
+        members, greedy, best = [ranked[0]], ranked[0]["params"], ranked[0]["val_loss"]
+        for ing in ranked[1:]:
+            candidate = average([m["params"] for m in [*members, ing]])
+            loss = evaluate(candidate)
+            if loss <= best:
+                members, greedy, best = [*members, ing], candidate, loss
+        result = dict(cycle=k, start=str(start_dir), sparsity=sparsity,
+                      ingredients=[{"run_dir": ing["run_dir"], "seed": ing["seed"],
+                                    "val_loss": ing["val_loss"]} for ing in ingredients],
+                      best_ingredient=ranked[0]["val_loss"])
+        ing_config = loading.read_config(ingredients[0]["run_dir"])
+        for name, params, members_ in (("uniform", uniform, ingredients),
+                                       ("greedy", greedy, members)):
+            if not zeros_kept(params, masks):
+                raise ValueError(f"soup: the {name} soup lost the mask")  # cannot happen
+            loss = evaluate(params) if name == "uniform" else best
+            entry = dict(val_loss=loss, sparsity=mask_sparsity(masks),
+                         members=[m["run_dir"] for m in members_], run_dir=str(cdir / name))
+            _write_soup(cdir / name, ing_config, params, masks,
+                        {"val_loss": loss, "final_val_loss": loss, "sparsity": entry["sparsity"],
+                         "soup": name, "members": entry["members"]})
+            result[name] = entry
+        cycles.append(result)
+        if k + 1 < config.soup.cycles:  # prune the chosen soup again and fine-tune that
+            chosen = uniform if config.soup.select == "uniform" else greedy
+            params, new_masks = prune_more(chosen, masks, config.soup.prune_fraction)
+            start_dir, start_step = workdir / f"cycle{k + 1}" / "start", -1
+            _write_soup(start_dir, ing_config, params, new_masks,
+                        {"sparsity": mask_sparsity(new_masks), "soup": "pruned start",
+                         "from": str(cdir / config.soup.select)})
+    out = {"cycles": cycles}
+    runlog.write_json(workdir / "soup.json", out)
+    return out
+
+
+def table(result: dict[str, Any]) -> str:
+    """Plain text: per cycle, sparsity and the validation loss of each ingredient and soup."""
+    lines = [f"{'cycle':>5} {'sparsity':>8} {'model':<14} {'val_loss':>9}"]
+    for c in result["cycles"]:
+        rows = [(f"ingredient{i}", ing["val_loss"]) for i, ing in enumerate(c["ingredients"])]
+        rows += [("best ingr.", c["best_ingredient"]), ("uniform soup", c["uniform"]["val_loss"]),
+                 (f"greedy ({len(c['greedy']['members'])})", c["greedy"]["val_loss"])]
+        lines += [f"{c['cycle']:>5} {c['sparsity']:>8.4f} {name:<14} {loss:>9.4f}"
+                  for name, loss in rows]
+    return "\n".join(lines)
