@@ -305,6 +305,7 @@ def run(
     restored = checkpoint.restore_newest(run_dir, state, keep=keep_checkpoints)
     if restored is not None:
         state = TrainState(*restored[0])
+    distributed.sync("sparsejax-restored")  # all looked for checkpoints before any creates one
     mngr = checkpoint.manager(run_dir, keep=keep_checkpoints)
     start = int(state.step)
 
