@@ -26,7 +26,8 @@ USAGE = """usage: sparsejax [--debug] COMMAND [ARGS]   (sparsejax COMMAND --help
 
 commands:
   train   --config FILE.py[:key=val,...] --workdir DIR [--config.KEY=VALUE ...]
-  sweep   --config FILE.py[:key=val,...] --workdir SWEEP_DIR [--config.KEY=VALUE ...] [--dry-run]
+  sweep   --config FILE.py[:key=val,...] --workdir SWEEP_DIR [--config.KEY=VALUE ...]
+          [--parallel N] [--only GLOB] [--dry-run]
   status  RUN_DIR|SWEEP_DIR
   fit     SWEEP_DIR_OR_CSV [--law chinchilla|frantar] [--bootstrap N] [--out DIR]
   export  --format bsr|nm|safetensors|npz RUN_DIR [--layout auto|bsr|nm] [--out DIR]
@@ -139,26 +140,46 @@ def _interrupted(run_dir: Path, command: str) -> int:
 
 
 def sweep_main(argv: list[str], command: str) -> int:
-    """Run every run of a recipe's ``sweep(add)`` into one sweep dir."""
-    p = _config_parser("sweep", "Run every run a recipe's sweep(add) lists, one run dir each; "
-                       "the overrides apply to every run.", "sweep dir (one run dir per run)")
-    p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    """Run every run of a recipe's ``sweep(add)`` into one sweep dir, each in its own process.
+
+    Exit status 0 when every selected run completed, 1 otherwise (failed, diverged)."""
+    p = _config_parser("sweep", "Run every run a recipe's sweep(add) lists, one run dir and "
+                       "one process each; completed runs are skipped, partial ones resume. "
+                       "The overrides apply to every run.", "sweep dir (one run dir per run)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="runs at once, each pinned to its share of the cores (default 1)")
+    p.add_argument("--only", default=None, metavar="GLOB[,GLOB...]",
+                   help="only the runs whose name matches one of these globs, e.g. "
+                   "'size-nano_*,*steps-600'")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the runs and what a launch would do (run, resume, skip)")
     args, rest = p.parse_known_args(argv)
+    if args.parallel < 1:
+        raise UsageError(f"sweep: --parallel must be an int >= 1, got {args.parallel}")
     _, overrides = _parse_config(args.config, rest)
     from sparsejax import sweep
 
     try:
-        entries = sweep.launch(args.config, args.workdir, extra=overrides,
-                               dry_run=args.dry_run, progress=not args.noprogress)
+        entries = sweep.launch(args.config, args.workdir, extra=overrides, only=args.only,
+                               parallel=args.parallel, dry_run=args.dry_run,
+                               progress=not args.noprogress)
     except KeyboardInterrupt:
         print(f"\nsparsejax: sweep interrupted; run the same command to resume: {command}",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    if args.dry_run:
+        print(f"{'run':<48} {'action':<8} {'from step':>9} {'steps':>7}")
+        for e in entries:
+            print(f"{e['name']:<48} {e['action']:<8} {e['done_steps']:>9} {e['steps']:>7}")
+        return 0
+    print(f"{'run':<48} {'status':<12} {'loss':>8} {'se':>8} {'wall_s':>9}")
     for e in entries:
-        print(f"{e['name']}: {e.get('status', 'planned')} {_fmt(e.get('final_val_loss'))}")
-    diverged = [e["name"] for e in entries if e.get("status") == "diverged"]
-    if diverged:
-        print(f"sparsejax: diverged run(s): {', '.join(diverged)}", file=sys.stderr)
+        print(f"{e['name']:<48} {e['status']:<12} {_fmt(e.get('final_val_loss')):>8} "
+              f"{_fmt(e.get('val_loss_se')):>8} {_fmt(e.get('wall_time_s'), '.1f'):>9}")
+    bad = [f"{e['name']} ({e['status']})" for e in entries if e["status"] != "completed"]
+    if bad:
+        print(f"sparsejax: {len(bad)} of {len(entries)} run(s) did not complete: "
+              f"{', '.join(bad)}; see sweep.json and each run's worker.log", file=sys.stderr)
         return EXIT_RUN_FAILED
     return 0
 

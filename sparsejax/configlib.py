@@ -16,6 +16,11 @@ import ml_collections
 
 KEY_ALIASES = {"size": "model.size", "steps": "train.steps", "final": "sparsity.final"}
 MAX_STEPS = 2**31 - 1  # the step counter is int32
+# x eval.batch_size 16 = 3,840 windows of 128 tokens, nearly every disjoint one of the default
+# validation split: val_loss_se ~0.3% (measured, tiny); the recipes in configs/sweeps/ reach
+# 0.2% with data.val_fraction=0.2 and 768 batches (sparsejax.evaluation)
+FINAL_EVAL_BATCHES = 240
+NON_RESULT_SECTIONS = ("wandb", "mesh")  # logging / placement only: resuming may change them
 WINDOW_SOLVE_BYTES_PER_STEP = 24  # measured peak ~19.2 B/step (sparsity.by="compute" solve)
 
 
@@ -32,7 +37,9 @@ def base() -> ml_collections.ConfigDict:
         steps=300, batch_size=16, seq_len=128, lr=3e-3, min_lr_ratio=0.1, warmup_steps=30,
         weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, log_every=10,
     )
-    c.eval = dict(every=100, batches=4, batch_size=16)
+    # eval.batches: the cheap periodic eval; eval.final_batches: the final score, sized for a
+    # standard error <= 0.2% (sparsejax.evaluation); eval.seed draws both, never the run's seed
+    c.eval = dict(every=100, batches=4, batch_size=16, final_batches=FINAL_EVAL_BATCHES, seed=0)
     c.sparsity = dict(
         method="dense", final=0.0, schedule="window", start=0.25, end=0.75, by="compute",
         kind="geometric", begin_step=0, end_step=0, update_every=10, score="magnitude",
@@ -49,7 +56,7 @@ def base() -> ml_collections.ConfigDict:
     c.finetune = dict(mode="sparse", distill="", teacher="", teacher_step=-1, h_ce=1.0,
                       h_kl=1.0, h_sq=1.0, temperature=1.0)
     c.soup = dict(ingredients=3, select="greedy", cycles=1, prune_fraction=0.0)
-    c.wandb = dict(enabled=False, project="sparsejax", mode="offline", name="")
+    c.wandb = dict(enabled=False, project="sparsejax", mode="offline", name="", group="")
     # Device mesh (data, fsdp); -1: the devices the other axis leaves. Multi-host: coordinator
     # "host:port" of process 0 with num_processes/process_id, or ""/0/-1 to take them from the
     # environment (JAX_COORDINATOR_ADDRESS, SLURM, TPU pods); a single process otherwise.
@@ -121,6 +128,19 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def differing_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two config dicts (``config.to_dict()`` or a
+    run's ``config.json``), present in only one counting as differing; keys under
+    ``NON_RESULT_SECTIONS`` (logging only) are ignored."""
+    a, b = _flatten(old), _flatten(new)
+    return sorted(k for k in set(a) | set(b)
+                  if k.split(".")[0] not in NON_RESULT_SECTIONS and a.get(k, _MISSING) != b.get(
+                      k, _MISSING))
+
+
+_MISSING = object()
+
+
 def _need(cond: bool, key: str, expected: str, value: Any) -> None:
     if not cond:
         raise ValueError(f"config.{key} must be {expected}, got {value!r}")
@@ -147,10 +167,11 @@ ENUMS = {
 }
 POSITIVE_INTS = ("model.n_ctx", "model.block", "train.steps", "train.batch_size", "train.seq_len",
                  "train.log_every", "eval.every", "eval.batches", "eval.batch_size",
+                 "eval.final_batches",
                  "checkpoint.every", "checkpoint.keep", "sparsity.update_every", "sparsity.m",
                  "sparsity.frames", "soup.ingredients", "soup.cycles")
-NON_NEGATIVE_INTS = ("seed", "train.warmup_steps", "sparsity.begin_step", "sparsity.end_step",
-                     "sparsity.n")
+NON_NEGATIVE_INTS = ("seed", "eval.seed", "train.warmup_steps", "sparsity.begin_step",
+                     "sparsity.end_step", "sparsity.n")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -173,6 +194,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, key, "an int >= 0", v)
     _validate_mesh(got)
     _validate_finetune(got)
+    _need(got["eval.final_batches"] * got["eval.batch_size"] >= 2, "eval.final_batches",
+          "an int with eval.final_batches * eval.batch_size >= 2 (the standard error of the "
+          "final loss needs 2 sequences)", got["eval.final_batches"])
+    _need(isinstance(got["wandb.group"], str), "wandb.group", "a string", got["wandb.group"])
     _need(got["train.steps"] <= MAX_STEPS, "train.steps", f"<= {MAX_STEPS} (int32 step counter)",
           got["train.steps"])
     for key in ("train.lr", "train.b1", "train.b2", "train.weight_decay", "train.grad_clip",

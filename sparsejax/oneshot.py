@@ -18,8 +18,9 @@ loss-vs-sparsity curve the *essential sparsity*. :func:`oneshot` does this for a
   :func:`sparsejax.masks.nm_masks`; a single level at sparsity ``1 - N/M``) or ``"block"``
   (whole tiles by tile norm, layer-wise, :func:`sparsejax.masks.block_masks`).
 * **Evaluation.** The run's own validation batches and loss (``data.eval_batches`` on the
-  validation split with the run's ``seed``, ``eval.batches``, ``eval.batch_size`` and
-  ``train.seq_len``; ``models.gpt.loss_fn``), so sparsity 0 reproduces the run's eval loss.
+  validation split with the run's ``eval.seed``, ``eval.batches``, ``eval.batch_size`` and
+  ``train.seq_len``; ``models.gpt.loss_fn``), so sparsity 0 reproduces the run's final
+  ``val_loss`` when the batch count is ``eval.final_batches`` (``--eval-batches``).
 * **Knee.** The largest evaluated sparsity whose loss is within ``tolerance`` (relative) of the
   dense loss: ``loss <= dense * (1 + tolerance)``; ``None`` when no level is.
 
@@ -241,7 +242,8 @@ def oneshot(
     c = loaded.config
     ev = {"split": "val", "batches": eval_batches or c.eval.batches,
           "batch_size": eval_batch_size or c.eval.batch_size,
-          "seq_len": seq_len or c.train.seq_len, "seed": c.seed}
+          "seq_len": seq_len or c.train.seq_len,
+          "seed": c.eval.get("seed", c.seed)}  # the run's eval seed (older runs: its seed)
     val = data.eval_batches(loaded.corpus.val, batch_size=ev["batch_size"],
                             seq_len=ev["seq_len"], n_batches=ev["batches"], seed=ev["seed"])
     xs, ys = np.stack([b[0] for b in val]), np.stack([b[1] for b in val])

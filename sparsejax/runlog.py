@@ -23,7 +23,8 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 METRIC_FIELDS = (
-    "step", "tokens", "train_loss", "val_loss", "lr", "sparsity", "target_sparsity", "density",
+    "step", "tokens", "train_loss", "val_loss", "val_loss_se", "lr", "sparsity",
+    "target_sparsity", "density",
     "n_params", "n_active", "n_avg", "flops", "step_time_s", "wall_time_s",
 )
 TIMING_FIELDS = ("step_time_s", "tokens_per_s", "wall_time_s")

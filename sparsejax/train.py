@@ -25,8 +25,17 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sparsejax import accounting, checkpoint, checks, data, distributed, runlog
-from sparsejax.models.gpt import GPT, loss_fn
+from sparsejax import (
+    accounting,
+    checkpoint,
+    checks,
+    configlib,
+    data,
+    distributed,
+    evaluation,
+    runlog,
+)
+from sparsejax.models.gpt import GPT, cross_entropy, loss_fn
 from sparsejax.state import (
     SparsityStats,
     check,
@@ -135,7 +144,25 @@ def make_eval_step(graphdef, params_def, rest):
     return jax.jit(evaluate)
 
 
-RUNTIME_KEYS = ("mesh",)  # config sections a resumed run may change
+def make_sequence_losses(graphdef, params_def, rest, mesh: jax.sharding.Mesh | None = None):
+    """Per-sequence mean losses of one batch ``(B, L) -> (B,)`` float32, one compiled shape
+    for any number of batches (:mod:`sparsejax.evaluation` averages them and gives their
+    standard error). With a ``mesh``, host batches are split over it
+    (:func:`sparsejax.distributed.put`) and the losses come back replicated, so every process
+    can read them."""
+
+    def per_sequence(params, x_BxL, y_BxL):
+        model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(params_def,
+                                                                 jax.tree.leaves(params)), rest)
+        logits_BxLxV = model(x_BxL)
+        return jax.vmap(lambda lg, y: cross_entropy(lg[None], y[None]))(logits_BxLxV, y_BxL)
+
+    if mesh is None:
+        return jax.jit(per_sequence)
+    batch_sh = distributed.batch_sharding(mesh)
+    losses = jax.jit(per_sequence, out_shardings=distributed.replicated(mesh))
+    return lambda params, x_BxL, y_BxL: losses(params, distributed.put(x_BxL, batch_sh),
+                                               distributed.put(y_BxL, batch_sh))
 
 
 def _check_config_matches(run_dir: Path, config: dict[str, Any] | None) -> None:
@@ -143,13 +170,9 @@ def _check_config_matches(run_dir: Path, config: dict[str, Any] | None) -> None:
     if config is None:
         return
     if path.exists():
-        old = json.loads(path.read_text())
-        new = json.loads(json.dumps(config))
-        for key in RUNTIME_KEYS:  # how to run, not what: a run resumes on another mesh
-            old.pop(key, None)
-            new.pop(key, None)
-        if old != new:
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        diff = configlib.differing_keys(json.loads(path.read_text()),
+                                        json.loads(json.dumps(config)))
+        if diff:  # logging and placement keys (wandb.*, mesh.*) may change on resume
             raise ValueError(
                 f"workdir {run_dir} holds a run with a different config (keys {diff}); "
                 "use a new --workdir or the same config to resume"
@@ -219,6 +242,8 @@ def run(
     eval_every: int = 100,
     eval_batches: int = 4,
     eval_batch_size: int | None = None,
+    final_eval_batches: int | None = None,
+    eval_seed: int = 0,
     log_every: int = 10,
     checkpoint_every: int = 100,
     keep_checkpoints: int = 3,
@@ -239,7 +264,8 @@ def run(
     the params are pruned with :func:`sparsejax.prune`, so step 0 already runs sparse. At
     every log step :func:`sparsejax.check` must find every pruned weight at 0, else the run
     fails naming the leaves.
-    ``wandb``: ``{"enabled": bool, "project": str, "mode": "offline"|"online", "name": str}``.
+    ``wandb``: ``{"enabled": bool, "project": str, "mode": "offline"|"online", "name": str,
+    "group": str}``.
     ``loss(model, x_BxL, y_BxL, loss_aux)``: the training objective instead of the
     cross-entropy (``train_loss`` logs it; ``val_loss`` stays the cross-entropy).
 
@@ -247,6 +273,13 @@ def run(
     default: every device on ``data``). Params, masks and optimizer state are sharded over
     ``fsdp``, batches over both axes; with several processes (``jax.distributed``) only
     process 0 writes the run dir's files and holds its lock.
+
+    Evaluation (:mod:`sparsejax.evaluation`): every ``eval_every`` steps on ``eval_batches``
+    validation batches, and at the last step on ``final_eval_batches`` (default
+    ``eval_batches``), both drawn with ``eval_seed``, never ``seed``, so every run of a sweep is
+    scored on the same tokens. The final score is the summary's ``val_loss`` (and
+    ``final_val_loss``) with its standard error ``val_loss_se``, the number of sequences
+    ``eval_sequences`` and the tokens' fingerprint ``eval_sha256``.
 
     A process holds ``RUN_DIR/lock`` while it trains (a second one raises
     :class:`runlog.RunDirBusyError`). A finished run (``completed`` or ``diverged``) is
@@ -256,7 +289,9 @@ def run(
     """
     checks.positive_ints(steps=steps, batch_size=batch_size, seq_len=seq_len,
                          eval_every=eval_every, eval_batches=eval_batches, log_every=log_every,
-                         checkpoint_every=checkpoint_every)
+                         checkpoint_every=checkpoint_every,
+                         final_eval_batches=final_eval_batches or eval_batches)
+    checks.integer("eval_seed", eval_seed, minimum=0)
     if seq_len > model.cfg.n_ctx:
         raise ValueError(f"seq_len ({seq_len}) must be <= the model's n_ctx ({model.cfg.n_ctx})")
     run_dir = Path(workdir)
@@ -314,24 +349,26 @@ def run(
         tokens_per_step=float(batch_size * seq_len), sparse=sparse, structural=counts,
         loss=loss, shardings=(state_sh, distributed.batch_sharding(mesh)),
     )
-    evaluate = make_eval_step(graphdef, params_def, rest)
+    evaluate = make_sequence_losses(graphdef, params_def, rest, mesh)
     count_violations = jax.jit(lambda p, s: sum(jax.tree_util.tree_leaves(check(p, s))))
     forward_weights = jax.jit(forward_params) if sparse else (lambda p, s: p)
-    val = data.eval_batches(corpus.val, batch_size=eval_batch_size or batch_size,
-                            seq_len=seq_len, n_batches=eval_batches, seed=seed)
-    val_sh = distributed.batch_sharding(mesh, ndim=3, batch_dim=1)
-    val_x = distributed.put(np.stack([b[0] for b in val]), val_sh)
-    val_y = distributed.put(np.stack([b[1] for b in val]), val_sh)
     batch_sh = distributed.batch_sharding(mesh)
     if loss_aux is not None:  # replicated on the mesh, like the step expects it
         loss_aux = jax.tree.map(
             lambda a: distributed.put(np.asarray(a), distributed.replicated(mesh)), loss_aux)
+    eval_bs = eval_batch_size or batch_size
+    val = evaluation.eval_set(corpus.val, batch_size=eval_bs, seq_len=seq_len,
+                              n_batches=eval_batches, seed=eval_seed)
+    final_val = evaluation.eval_set(corpus.val, batch_size=eval_bs, seq_len=seq_len,
+                                    n_batches=final_eval_batches or eval_batches, seed=eval_seed)
 
     log = runlog.MetricsLog(run_dir, resume_step=start) if main else runlog.NullLog()
     bar = runlog.Progress(steps, initial=start, enabled=progress and main)
     wb = _wandb_start(wandb, run_dir, config) if main else None
     summary_base = {"n_params": counts.n_params, "n_prunable": counts.n_prunable, "steps": steps,
-                    "batch_size": batch_size, "seq_len": seq_len}
+                    "batch_size": batch_size, "seq_len": seq_len, "eval_seed": eval_seed,
+                    "eval_sequences": final_val.xs.shape[0] * final_val.xs.shape[1],
+                    "eval_sha256": final_val.sha256}
     write_json(run_dir / "summary.json", {**summary_base, "status": "running", "step": start})
     record: dict[str, Any] = {}
     val_loss = None
@@ -354,13 +391,16 @@ def run(
                 continue
             train_loss = float(state.loss_sum) / max(int(state.loss_count), 1)  # syncs
             now = time.perf_counter()
-            val_loss = (float(evaluate(forward_weights(state.params, state.opt_state), val_x,
-                                       val_y)) if is_eval else None)
+            scored = (evaluation.evaluate(evaluate, forward_weights(state.params, state.opt_state),
+                                          final_val if done == steps else val)
+                      if is_eval else None)
+            val_loss = scored.loss if scored is not None else None
             record = {
                 "step": done,
                 "tokens": done * batch_size * seq_len,
                 "train_loss": train_loss,
                 "val_loss": val_loss,
+                "val_loss_se": scored.se if scored is not None else None,
                 "lr": float(lr_schedule(step)) if lr_schedule is not None else None,
                 "density": float(metrics["density"]),
                 "n_params": counts.n_params,
@@ -443,5 +483,6 @@ def _wandb_start(cfg: dict[str, Any] | None, run_dir: Path, config: dict[str, An
     run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
     return wandb.init(project=cfg.get("project", "sparsejax"), mode=cfg.get("mode", "offline"),
-                      name=cfg.get("name") or run_dir.name, dir=str(run_dir), id=run_id,
+                      name=cfg.get("name") or run_dir.name, group=cfg.get("group") or None,
+                      dir=str(run_dir), id=run_id,
                       resume="allow", config=config)

@@ -42,7 +42,7 @@ def shared_data() -> Path:
 # A tiny dense run for run-dir tests (status, checkpoints, CLI errors): 8 steps, checkpoints
 # at 2, 4, 6, 8.
 TINY = ("size=tiny,model.n_ctx=32,train.seq_len=32,train.batch_size=4,eval.batch_size=4,"
-        "eval.batches=1,train.warmup_steps=1,train.log_every=2,checkpoint.every=2,"
+        "eval.batches=1,eval.final_batches=1,train.warmup_steps=1,train.log_every=2,checkpoint.every=2,"
         "checkpoint.keep=4")
 STEPS = 8
 

@@ -74,14 +74,15 @@ def test_recipes_validate(name):
     checked = experiment.check(c)
     wide = c.model.sparse_ift.family == "wide"  # Sparse Wide at s=0.75: d_model x 2
     assert checked.model_cfg.n_layer == 2 and checked.model_cfg.d_model == (128 if wide else 64)
-    params = {"w": {"kernel": np.ones((8, 8), np.float32)}}
+    n = checked.model_cfg.d_model if wide else 8  # Wide's masks know its layers' shapes
+    params = {"w": {"kernel": np.ones((n, n), np.float32)}}
     state = checked.tx.init(params)
     if c.sparsity.method == "dense":
         with pytest.raises(ValueError, match="no sparsify state"):
             sparsejax.find_state(state)
         assert checked.sparsity_schedule is None
     elif checked.sparsity_schedule is None:  # N:M / DST methods: their own targets
-        assert sparsejax.find_state(state).masks["w"]["kernel"].shape == (8, 8)
+        assert sparsejax.find_state(state).masks["w"]["kernel"].shape == (n, n)
     else:
         final = float(checked.sparsity_schedule(c.train.steps - 1))
         assert final == pytest.approx(c.sparsity.final)

@@ -1,14 +1,22 @@
-"""Sweeps: a recipe's sweep(add) becomes one run dir per run plus sweep.json; relaunch skips."""
+"""Sweeps: one process per run, --parallel, --only, failures, resume, config changes, sweep.json.
+
+One sweep dir goes through a realistic life in ``test_sweep_life``: a first launch of two runs
+in parallel (``--only``), a run left partial by an interruption, a relaunch where a run fails
+while the partial one resumes, a fully skipped relaunch and a relaunch with a changed override.
+Everything else here is cheap (no training).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-import scaling.logs
-from sparsejax import cli, sweep
+from sparsejax import cli, configlib, data, experiment, sweep
 
 RECIPE = '''
 from sparsejax import configlib
@@ -24,64 +32,165 @@ def get_config(arg=None):
     c.eval.every = 4
     c.eval.batches = 1
     c.eval.batch_size = 4
-    c.checkpoint.every = 4
+    c.eval.final_batches = 2
+    c.checkpoint.every = 2
     return configlib.apply_arg(c, arg)
 
 def sweep(add):
-    add(**{"sparsity.method": "dense"})
-    add(**{"sparsity.method": "static", "sparsity.final": 0.5, "train.steps": 6})
+    for seed in (0, 1, 2):
+        add(seed=seed)
+    add(**{"data.source": "/nonexistent/corpus.txt"})
 '''
+SEEDS = ["seed-0", "seed-1"]
+PARTIAL = "seed-2"
+BAD = "source-nonexistentcorpus.txt"
+
+
+def _sweep(recipe: Path, out: Path, *args: str) -> int:
+    return cli.main(["sweep", "--config", f"{recipe}:size=tiny", "--workdir", str(out),
+                     "--config.train.warmup_steps=2", *args])
+
+
+def _entries(out: Path) -> dict[str, dict]:
+    return {e["name"]: e for e in json.loads((out / "sweep.json").read_text())["runs"]}
+
+
+def _interrupt_at(step_to_stop: int, monkeypatch) -> None:
+    """Make the training loop raise KeyboardInterrupt when it asks for this step's batch (what
+    Ctrl-C or a killed sweep does to a run: it keeps its checkpoints)."""
+    real = data.get_batch
+
+    def get_batch(tokens, *, step, **kw):
+        if step == step_to_stop:
+            raise KeyboardInterrupt
+        return real(tokens, step=step, **kw)
+
+    monkeypatch.setattr(data, "get_batch", get_batch)
 
 
 @pytest.mark.slow
-def test_sweep_runs_and_skips(tmp_path: Path, capsys):
+def test_sweep_life(tmp_path: Path, capsys, monkeypatch):
     recipe = tmp_path / "recipe.py"
     recipe.write_text(RECIPE)
     out = tmp_path / "sweep"
-    assert cli.main(["sweep", "--config", f"{recipe}:size=tiny", "--workdir", str(out),
-                     "--noprogress", "--config.train.warmup_steps=2"]) == 0
-    meta = json.loads((out / "sweep.json").read_text())
-    names = [r["name"] for r in meta["runs"]]
-    assert names == ["method-dense", "final-0.5_method-static_steps-6"]
-    for name, steps in zip(names, (4, 6), strict=True):
-        summary = json.loads((out / name / "summary.json").read_text())
-        assert summary["status"] == "completed" and summary["step"] == steps
+    spec, extra = f"{recipe}:size=tiny", {"train.warmup_steps": 2}
+
+    # 1. a run left partial: interrupted after its checkpoint at step 2 (what Ctrl-C or a
+    # killed sweep leaves). In this process first: its compile fills the persistent cache
+    # (conftest) that the workers below read.
+    (run,) = sweep.plan(spec, out, extra=extra, only=PARTIAL)
+    assert run.config.wandb.group == "sweep"  # the sweep dir's name, for every run
+    _interrupt_at(3, monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run(run.config, str(out / PARTIAL), progress=False)
+    monkeypatch.undo()
+    assert json.loads((out / PARTIAL / "summary.json").read_text())["status"] == "interrupted"
+
+    # 2. --only + --parallel 2: the two other seed runs at once, each in its own process
+    assert _sweep(recipe, out, "--only", "seed-[01]", "--parallel", "2") == 0
+    err = capsys.readouterr().err
+    assert "done seed-0 loss=" in err and "done seed-1 loss=" in err and "ETA" in err
+    entries = _entries(out)
+    assert sorted(entries) == SEEDS  # nothing else planned or run
+    assert not (out / BAD).exists()
+    spans = []
+    for name in SEEDS:
+        e, s = entries[name], json.loads((out / name / "summary.json").read_text())
+        assert e["status"] == s["status"] == "completed" and s["step"] == 4
+        assert e["final_val_loss"] == s["val_loss"] == s["final_val_loss"]
+        assert e["val_loss_se"] == s["val_loss_se"] > 0 and e["wall_time_s"] > 0
+        assert e["overrides"] == {"seed": int(name[-1]), "train.warmup_steps": 2}
         config = json.loads((out / name / "config.json").read_text())
-        assert config["train"]["warmup_steps"] == 2  # the command line's override, every run
-    sparse = json.loads((out / names[1] / "summary.json").read_text())
-    assert 0.49 < sparse["sparsity"] < 0.51 and sparse["n_avg"] < sparse["n_params"]
-    # the scaling side reads the sweep dir the trainer wrote (N = n_avg, D = tokens)
-    table = scaling.logs.load_table(out, min_points=2)
-    dense = json.loads((out / names[0] / "summary.json").read_text())
-    assert sorted(table.N.tolist()) == sorted([sparse["n_avg"], dense["n_avg"]])
-    assert sorted(table.D.tolist()) == [4 * 4 * 32, 6 * 4 * 32]
-    assert sorted(table.loss.tolist()) == sorted([sparse["val_loss"], dense["val_loss"]])
+        assert config["wandb"]["group"] == "sweep"
+        assert config["train"]["warmup_steps"] == 2  # the command line's override
+        spans.append(((out / name / "config.json").stat().st_mtime,
+                      (out / name / "summary.json").stat().st_mtime))
+    (a0, a1), (b0, b1) = spans
+    assert a0 < b1 and b0 < a1  # they trained at the same time
+
+    # the same evaluation tokens whatever the run's seed, and they are the documented ones
+    s0, s1 = (json.loads((out / n / "summary.json").read_text()) for n in SEEDS)
+    assert s0["train_loss"] != s1["train_loss"]  # the seeds did differ
+    val = data.load_corpus().val
+    batches = data.eval_batches(val, batch_size=4, seq_len=32, n_batches=2, seed=0)
+    xs = np.stack([b[0] for b in batches]).astype(np.int32)
+    ys = np.stack([b[1] for b in batches]).astype(np.int32)
+    h = hashlib.sha256(repr(xs.shape).encode())
+    h.update(xs.tobytes())
+    h.update(ys.tobytes())
+    assert s0["eval_sha256"] == s1["eval_sha256"] == h.hexdigest()[:16]
+    assert s0["eval_sequences"] == s1["eval_sequences"] == 8
+
+    assert _sweep(recipe, out, "--dry-run") == 0
+    rows = {r.split()[0]: r.split()[1:] for r in capsys.readouterr().out.splitlines()[1:]}
+    assert rows == {"seed-0": ["skip", "4", "4"], "seed-1": ["skip", "4", "4"],
+                    PARTIAL: ["resume", "2", "4"], BAD: ["run", "0", "4"]}
+
+    # 3. relaunch: completed runs untouched, the partial one resumes, the bad one fails alone
+    before = {n: (out / n / "summary.json").read_bytes() for n in SEEDS}
+    assert _sweep(recipe, out, "--parallel", "2", "--noprogress") == 1
+    captured = capsys.readouterr()
+    assert {n: (out / n / "summary.json").read_bytes() for n in SEEDS} == before
+    resumed = json.loads((out / PARTIAL / "summary.json").read_text())
+    assert resumed["status"] == "completed" and resumed["resumed_from"] == 2
+    entries = _entries(out)
+    assert entries[BAD]["status"] == "failed" and "corpus.txt" in entries[BAD]["reason"]
+    assert entries[PARTIAL]["status"] == "completed" and entries[PARTIAL]["action"] == "resume"
+    assert f"failed {BAD}" in captured.err and "no such file or folder" in captured.err
+    assert f"done {PARTIAL} loss=" in captured.err and "did not complete" in captured.err
+    assert "ETA" not in captured.err  # --noprogress: the run lines only
+
+    # 4. a fully skipped relaunch keeps every entry (statuses, losses, wall times, reasons)
+    full = _entries(out)
+    assert _sweep(recipe, out, "--only", "seed-0,seed-1") == 0
+    after = _entries(out)
+    assert sorted(after) == sorted([*SEEDS, PARTIAL, BAD])
+    keep = ("status", "final_val_loss", "val_loss_se", "wall_time_s", "overrides", "reason")
+    for name in after:
+        assert {k: after[name].get(k) for k in keep} == {k: full[name].get(k) for k in keep}
+    assert [after[n]["action"] for n in SEEDS] == ["skip", "skip"]
+
+    # `status` reads the sweep dir the workers wrote
     capsys.readouterr()
     assert cli.main(["status", str(out)]) == 0
-    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
-    assert sorted((r[0], r[1], r[2]) for r in rows) == sorted(
-        [(names[0], "completed", "4"), (names[1], "completed", "6")])
-    assert cli.main(["sweep", "--config", f"{recipe}:size=tiny", "--workdir", str(out),
-                     "--config.train.warmup_steps=2"]) == 0
-    assert "skipped" in capsys.readouterr().out
+    rows = [line.split()[:3] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert sorted(rows) == sorted([[n, "completed", "4"] for n in [*SEEDS, PARTIAL]])
+
+    # 5. a changed override on relaunch: an error naming the runs and the key, nothing runs
+    assert _sweep(recipe, out, "--config.train.lr=0.001") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sparsejax: error:") and "\n" not in err
+    assert all(n in err for n in [*SEEDS, PARTIAL]) and "train.lr: 0.003 -> 0.001" in err
+    assert _entries(out) == after
 
 
-def test_sweep_errors(tmp_path: Path):
+def test_sweep_errors(tmp_path: Path, capsys):
     recipe = tmp_path / "bad.py"
-    recipe.write_text(RECIPE.replace('"sparsity.final": 0.5', '"sparsity.finall": 0.5'))
+    recipe.write_text(RECIPE.replace('"data.source"', '"data.sourc"'))
     with pytest.raises(ValueError, match="unknown config key"):
         sweep.configs(str(recipe))
     with pytest.raises(ValueError, match="does not exist"):
         sweep.configs(str(tmp_path / "missing.py"))
     assert sweep.run_name({"model.size": "XS", "sparsity.final": 0.5}) == "size-XS_final-0.5"
+    good = tmp_path / "good.py"
+    good.write_text(RECIPE)
+    with pytest.raises(ValueError, match=r"--only 'nope\*' matches no run.*seed-0"):
+        sweep.plan(str(good), tmp_path / "s", only="nope*")
+    argv = ["sweep", "--config", str(good), "--workdir", str(tmp_path / "s")]
+    for bad, says in ((["--parallel", "0"], "--parallel must be an int >= 1"),
+                      (["--parallel", "x"], "--parallel")):
+        assert cli.main([*argv, *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("sparsejax: error:") and says in err and "\n" not in err
 
 
 def test_sweep_overrides_use_the_config_syntax(tmp_path: Path, capsys):
     recipe = tmp_path / "recipe.py"
     recipe.write_text(RECIPE)
     argv = ["sweep", "--config", str(recipe), "--workdir", str(tmp_path / "s"), "--dry-run"]
-    assert cli.main([*argv, "--config.train.steps=5"]) == 0
-    assert "method-dense: planned" in capsys.readouterr().out
+    assert cli.main([*argv, "--config.train.steps=5", "--only", "seed-0"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split() for line in out[1:]] == [["seed-0", "run", "0", "5"]]
     assert not (tmp_path / "s").exists()
     for bad, key in (("--config.train.stepz=5", "train.stepz"), ("--set", "--set"),
                      ("--config.train.lr=-1.0", "train.lr")):
@@ -90,4 +199,34 @@ def test_sweep_overrides_use_the_config_syntax(tmp_path: Path, capsys):
         assert err.startswith("sparsejax: error:") and key in err and "\n" not in err
     # the command line's value applies to every run, after the run's own overrides
     runs = sweep.configs(str(recipe), {"train.steps": 9})
-    assert [c.train.steps for _, _, c in runs] == [9, 9]
+    assert [c.train.steps for _, _, c in runs] == [9, 9, 9, 9]
+
+
+def test_core_slots_and_worker_env():
+    assert sweep.core_slots(1, [0, 1]) == [[0, 1]]
+    assert sweep.core_slots(2, [0, 1]) == [[0], [1]]
+    assert sweep.core_slots(2, [0, 1, 2, 3, 4]) == [[0, 1], [2, 3]]
+    assert sweep.core_slots(3, [4, 5]) == [[4], [5], [4]]
+    with pytest.raises(ValueError, match="--parallel"):
+        sweep.core_slots(0, [0])
+    env = sweep.worker_env(1, {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert all(env[k] == "1" for k in sweep.THREAD_ENV)
+    # XLA_FLAGS is part of the compilation cache's key: left as it is (the affinity bounds XLA)
+    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+    root = str(Path(sweep.__file__).resolve().parents[1])
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == root
+    env = sweep.worker_env(None, {})
+    assert not any(k in env for k in sweep.THREAD_ENV) and "XLA_FLAGS" not in env
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in env
+    assert sweep.worker_env(1, {}, parallel=3)["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.300"
+
+
+def test_config_differences_ignore_logging_keys():
+    old = configlib.base().to_dict()
+    new = configlib.base()
+    new.wandb.group = "other"
+    new.train.lr = 1e-3
+    new.eval.final_batches = 7
+    assert configlib.differing_keys(old, new.to_dict()) == ["eval.final_batches", "train.lr"]
+    del old["eval"]["seed"]  # a run dir written before the key existed
+    assert "eval.seed" in configlib.differing_keys(old, configlib.base().to_dict())

@@ -17,7 +17,8 @@ import pytest
 from sparsejax import checkpoint, configlib, experiment, runlog, train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = "size=tiny,model.n_ctx=64,train.seq_len=64,train.batch_size=8,eval.batch_size=8"
+TINY = ("size=tiny,model.n_ctx=64,train.seq_len=64,train.batch_size=8,eval.batch_size=8,"
+        "eval.final_batches=1")
 
 
 def load_recipe(name: str, arg: str):

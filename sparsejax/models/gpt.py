@@ -22,7 +22,10 @@ from sparsejax.models.layers import INIT_STD, Block, LinearFactory, dense_linear
 
 # name -> (n_layer, d_model, n_head, d_ff); the only place variant names are decoded.
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    "nano": (2, 32, 4, 128),  # nano, micro and mini: CPU-scale sweeps (configs/sweeps/)
+    "micro": (2, 48, 4, 192),
     "tiny": (2, 64, 4, 256),
+    "mini": (3, 96, 4, 384),
     "XS": (4, 128, 4, 512),
     "S": (6, 256, 8, 1024),
     "M": (8, 512, 8, 2048),
