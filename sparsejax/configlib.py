@@ -20,7 +20,8 @@ MAX_STEPS = 2**31 - 1  # the step counter is int32
 # validation split: val_loss_se ~0.3% (measured, tiny); the recipes in configs/sweeps/ reach
 # 0.2% with data.val_fraction=0.2 and 768 batches (sparsejax.evaluation)
 FINAL_EVAL_BATCHES = 240
-NON_RESULT_SECTIONS = ("wandb", "mesh")  # logging / placement only: resuming may change them
+# logging / placement only: resuming may change them
+NON_RESULT_SECTIONS = ("wandb", "mesh", "resources")
 WINDOW_SOLVE_BYTES_PER_STEP = 24  # measured peak ~19.2 B/step (sparsity.by="compute" solve)
 
 
@@ -61,6 +62,8 @@ def base() -> ml_collections.ConfigDict:
     # "host:port" of process 0 with num_processes/process_id, or ""/0/-1 to take them from the
     # environment (JAX_COORDINATOR_ADDRESS, SLURM, TPU pods); a single process otherwise.
     c.mesh = dict(data=-1, fsdp=1, coordinator="", num_processes=0, process_id=-1)
+    # What one run of a sweep asks of a Ray cluster (sparsejax sweep --backend ray)
+    c.resources = dict(cpus=1.0, gpus=0.0)
     return c
 
 
@@ -193,6 +196,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         v = got[key]
         _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, key, "an int >= 0", v)
     _validate_mesh(got)
+    for key, low in (("resources.cpus", "> 0"), ("resources.gpus", ">= 0")):
+        v = got[key]
+        _need(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+              and (v > 0 if low == "> 0" else v >= 0), key,
+              f"a finite float {low} (per run, for Ray)", v)
     _validate_finetune(got)
     _need(got["eval.final_batches"] * got["eval.batch_size"] >= 2, "eval.final_batches",
           "an int with eval.final_batches * eval.batch_size >= 2 (the standard error of the "
