@@ -8,16 +8,16 @@ FSDP (Rajbhandari et al. 2020, "ZeRO"; Xu et al. 2021, "GSPMD"). The training st
 with ``jax.eval_shape`` and initialised under ``jit(out_shardings=...)`` (:func:`init_sharded`),
 so Adam moments never land on one device.
 
-Multi-host: :func:`initialize` calls ``jax.distributed.initialize`` from the config
-(``mesh.coordinator``, ``mesh.num_processes``, ``mesh.process_id``) or, when the config leaves
-them unset, from the environment (``JAX_COORDINATOR_ADDRESS``, SLURM, TPU pods, ...: JAX's own
-cluster detection). Every process builds the same global batch from ``(seed, step)``
+Multi-host: :func:`initialize` calls ``jax.distributed.initialize`` when the config names a
+coordinator or several processes (``mesh.coordinator``, ``mesh.num_processes``,
+``mesh.process_id``) or the environment sets ``JAX_COORDINATOR_ADDRESS``; what the config
+leaves unset, JAX takes from the environment (its cluster detection: SLURM, Open MPI, TPU
+pods). Every process builds the same global batch from ``(seed, step)``
 (:mod:`sparsejax.data`) and hands XLA only its addressable shards (:func:`put`).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, NamedTuple
 
@@ -194,12 +194,3 @@ def sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
-
-
-def fully_addressable(tree: Any) -> bool:
-    """Whether this process holds every shard of every array in ``tree``."""
-    return all(getattr(x, "is_fully_addressable", True) for x in jax.tree_util.tree_leaves(tree))
-
-
-def n_shards(mesh: Mesh) -> int:
-    return math.prod(mesh.shape.values())
