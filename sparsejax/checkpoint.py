@@ -6,10 +6,17 @@ params as a pure nested dict (``nnx.to_pure_dict``), the optimizer state with it
 copy to host first, so donated device buffers are never read after the step that donates them.
 Each save records a SHA-256 of the saved arrays in the step's metadata; resuming
 (:func:`restore_newest`) checks it and falls back past damaged checkpoints.
+
+Sharded states (:mod:`sparsejax.distributed`) restore onto the shardings of the ``like``
+state, so a checkpoint saved on one mesh resumes on another. When this process does not hold
+every shard (several hosts), the state is saved as sharded ``jax.Array`` s (each process
+writes its shards) and checked with :func:`fingerprint`, a checksum reduced across devices
+(every save records one), instead of the SHA-256 that would need the whole state on one host.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import shutil
 import warnings
@@ -17,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -34,11 +42,70 @@ def manager(run_dir: str | Path, *, keep: int = 3, create: bool = True) -> ocp.C
     return ocp.CheckpointManager(directory, options=options)
 
 
+def _addressable(tree: Any) -> bool:
+    return all(getattr(x, "is_fully_addressable", True) for x in jax.tree_util.tree_leaves(tree))
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
-    """Save ``state`` at ``step`` (host copy; the write itself may finish asynchronously)."""
-    host = jax.device_get(state)
-    mngr.save(int(step), args=ocp.args.StandardSave(host),
-              custom_metadata={"sha256": digest(host)})
+    """Save ``state`` at ``step`` (host copy when this process holds all of it; the write
+    itself may finish asynchronously). Records :func:`digest` (when the state is on this
+    host) and :func:`fingerprint`."""
+    if _addressable(state):
+        host = jax.device_get(state)
+        meta = {"sha256": digest(host), "fingerprint": fingerprint(host)}
+        mngr.save(int(step), args=ocp.args.StandardSave(host), custom_metadata=meta)
+    else:  # orbax copies the shards to host before returning (donation-safe)
+        mngr.save(int(step), args=ocp.args.StandardSave(state),
+                  custom_metadata={"fingerprint": fingerprint(state)})
+
+
+def _words(x: Any, xp: Any) -> Any:
+    """The leaf's bits as uint32 words, one per entry (itemsize <= 4); ``xp``: numpy or
+    ``jax.numpy``."""
+    x = xp.asarray(x)
+    if x.dtype == np.bool_:
+        return x.astype(np.uint32)
+    size = np.dtype(x.dtype).itemsize
+    if size > 4:
+        raise ValueError(f"fingerprint: {x.dtype} leaves are not supported (itemsize > 4)")
+    uint = {1: np.uint8, 2: np.uint16, 4: np.uint32}[size]
+    bits = x.view(uint) if xp is np else jax.lax.bitcast_convert_type(x, uint)
+    return bits.astype(np.uint32)
+
+
+def _leaf_sums(x: Any, xp: Any = np) -> Any:
+    """Two position-weighted uint32 sums (mod 2**32) of a leaf's words: exact integer
+    reductions, so any sharding gives the same value, and any one changed word changes the
+    first sum (its weight ``2 p + 1`` is odd, hence invertible mod 2**32). Same values with
+    ``xp=numpy`` (host) and ``xp=jax.numpy`` (sharded arrays, reduced on their devices)."""
+    from sparsejax.radix import _flat_position
+
+    w = _words(x, xp)
+    u = np.uint32
+    pos = (np.arange(w.size, dtype=u).reshape(w.shape) if xp is np
+           else _flat_position(w.shape, 0))
+    rot = pos % u(31) + u(1)
+    mixed = (w << rot) | (w >> (u(32) - rot))
+    return xp.stack([xp.sum(w * (pos * u(2) + u(1)), dtype=u),
+                     xp.sum(mixed ^ (pos * u(0x9E3779B9)), dtype=u)])
+
+
+_device_leaf_sums = jax.jit(functools.partial(_leaf_sums, xp=jnp))
+
+
+def fingerprint(tree: Any) -> str:
+    """A checksum of ``tree`` (paths, dtypes, shapes, and per-leaf :func:`_leaf_sums`) that
+    sharded arrays reduce on their devices: the same for a state and its host copy, on any
+    mesh."""
+    h = hashlib.sha256()
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    for name, leaf in sorted(((_path_name(p), leaf) for p, leaf in leaves), key=lambda t: t[0]):
+        host = isinstance(leaf, np.ndarray | np.generic) or getattr(leaf, "ndim", 0) == 0
+        sums = np.asarray(jax.device_get(_leaf_sums(np.asarray(leaf)) if host
+                                         else _device_leaf_sums(leaf)))
+        h.update(f"{name}:{np.dtype(leaf.dtype).str}{tuple(np.shape(leaf))}".encode())
+        h.update(sums.astype("<u4").tobytes())
+    return h.hexdigest()
 
 
 def digest(tree: Any) -> str:
@@ -90,18 +157,23 @@ def restore_newest(run_dir: str | Path, like: Any, *, keep: int = 3) -> tuple[An
             continue
         finally:
             mngr.close()
-        expected = _recorded_digest(run_dir, step)
-        if expected is None:
+        recorded = _recorded_digest(run_dir, step)
+        if "sha256" in recorded and _addressable(state):
+            ok = digest(state) == recorded["sha256"]
+        elif "fingerprint" in recorded:
+            ok = fingerprint(state) == recorded["fingerprint"]
+        else:
             warnings.warn(f"checkpoint {step} of {run_dir} records no checksum; restored "
                           "without verifying its data", stacklevel=2)
-        elif digest(state) != expected:
+            ok = True
+        if not ok:
             skipped.append((step, "data does not match the checksum recorded at save"))
             continue
         break
     else:
         why = "; ".join(f"step {s}: {r}" for s, r in skipped)
         raise ValueError(f"run dir {run_dir}: no checkpoint restores ({why})")
-    if skipped:
+    if skipped and jax.process_index() == 0:  # one process moves them
         damaged = Path(run_dir) / DAMAGED_DIR
         damaged.mkdir(exist_ok=True)
         for s, _ in skipped:
@@ -115,15 +187,21 @@ def restore_newest(run_dir: str | Path, like: Any, *, keep: int = 3) -> tuple[An
             f"run dir {run_dir}: skipped damaged checkpoint(s) "
             + "; ".join(f"step {s} ({r})" for s, r in skipped)
             + f"; moved to {damaged}; resuming from step {step}", stacklevel=2)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("sparsejax-restore")
     return state, step
 
 
-def _recorded_digest(run_dir: str | Path, step: int) -> str | None:
+def _recorded_digest(run_dir: str | Path, step: int) -> dict[str, str]:
+    """The checksums recorded at save (``sha256`` and/or ``fingerprint``; may be empty)."""
     mngr = manager(run_dir, create=False)
     try:
-        return (mngr.metadata(step).custom_metadata or {}).get("sha256")
+        meta = mngr.metadata(step).custom_metadata or {}
+        return {k: meta[k] for k in ("sha256", "fingerprint") if k in meta}
     except Exception:  # a missing or unreadable _CHECKPOINT_METADATA: nothing recorded
-        return None
+        return {}
     finally:
         mngr.close()
 
@@ -150,9 +228,30 @@ def load_raw(run_dir: str | Path, step: int | None = None) -> dict[str, Any]:
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {Path(run_dir) / CHECKPOINT_DIR}")
-        return mngr.restore(step, args=ocp.args.StandardRestore())
+        meta = _sharded_metadata(run_dir, step)
+        if meta is None:  # saved from host arrays
+            return mngr.restore(step, args=ocp.args.StandardRestore())
+        # saved as sharded arrays (several hosts): onto this process's first device
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
+        return jax.device_get(mngr.restore(step, args=ocp.args.StandardRestore(target)))
     finally:
         mngr.close()
+
+
+def _sharded_metadata(run_dir: str | Path, step: int) -> Any | None:
+    """The checkpoint's array metadata when it was saved from sharded ``jax.Array`` s (their
+    device mesh recorded), else ``None``."""
+    directory = Path(run_dir).absolute() / CHECKPOINT_DIR
+    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
+                                 item_handlers=ocp.StandardCheckpointHandler())
+    try:
+        meta = mngr.item_metadata(step)
+    finally:
+        mngr.close()
+    leaves = jax.tree_util.tree_leaves(meta)
+    return meta if any(getattr(m, "sharding", None) is not None for m in leaves) else None
 
 
 def find_sparse_state(opt_state: Any) -> Any | None:

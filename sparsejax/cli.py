@@ -27,7 +27,7 @@ USAGE = """usage: sparsejax [--debug] COMMAND [ARGS]   (sparsejax COMMAND --help
 commands:
   train   --config FILE.py[:key=val,...] --workdir DIR [--config.KEY=VALUE ...]
   sweep   --config FILE.py[:key=val,...] --workdir SWEEP_DIR [--config.KEY=VALUE ...]
-          [--parallel N] [--only GLOB] [--dry-run]
+          [--parallel N] [--only GLOB] [--dry-run] [--backend local|ray [--address ADDR]]
   status  RUN_DIR|SWEEP_DIR
   fit     SWEEP_DIR_OR_CSV [--law chinchilla|frantar] [--bootstrap N] [--out DIR]
   export  --format bsr|nm|safetensors|npz RUN_DIR [--layout auto|bsr|nm] [--out DIR]
@@ -146,23 +146,35 @@ def sweep_main(argv: list[str], command: str) -> int:
     p = _config_parser("sweep", "Run every run a recipe's sweep(add) lists, one run dir and "
                        "one process each; completed runs are skipped, partial ones resume. "
                        "The overrides apply to every run.", "sweep dir (one run dir per run)")
-    p.add_argument("--parallel", type=int, default=1,
-                   help="runs at once, each pinned to its share of the cores (default 1)")
+    p.add_argument("--parallel", type=int, default=None,
+                   help="runs at once, each pinned to its share of the cores (default 1; "
+                   "local backend)")
+    p.add_argument("--backend", default="local", choices=("local", "ray"),
+                   help="local: worker processes here; ray: one Ray task per run with its "
+                   "resources.cpus/gpus (pip install sparsejax[ray])")
+    p.add_argument("--address", default=None,
+                   help="--backend ray: the Ray cluster (default: start a local one)")
     p.add_argument("--only", default=None, metavar="GLOB[,GLOB...]",
                    help="only the runs whose name matches one of these globs, e.g. "
                    "'size-nano_*,*steps-600'")
     p.add_argument("--dry-run", action="store_true",
                    help="list the runs and what a launch would do (run, resume, skip)")
     args, rest = p.parse_known_args(argv)
-    if args.parallel < 1:
+    if args.parallel is not None and args.parallel < 1:
         raise UsageError(f"sweep: --parallel must be an int >= 1, got {args.parallel}")
+    if args.backend == "ray" and not args.dry_run:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise UsageError("sweep: --backend ray needs Ray: pip install 'sparsejax[ray]'")
     _, overrides = _parse_config(args.config, rest)
     from sparsejax import sweep
 
     try:
         entries = sweep.launch(args.config, args.workdir, extra=overrides, only=args.only,
                                parallel=args.parallel, dry_run=args.dry_run,
-                               progress=not args.noprogress)
+                               progress=not args.noprogress, backend=args.backend,
+                               address=args.address)
     except KeyboardInterrupt:
         print(f"\nsparsejax: sweep interrupted; run the same command to resume: {command}",
               file=sys.stderr)

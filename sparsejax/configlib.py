@@ -20,7 +20,8 @@ MAX_STEPS = 2**31 - 1  # the step counter is int32
 # validation split: val_loss_se ~0.3% (measured, tiny); the recipes in configs/sweeps/ reach
 # 0.2% with data.val_fraction=0.2 and 768 batches (sparsejax.evaluation)
 FINAL_EVAL_BATCHES = 240
-NON_RESULT_SECTIONS = ("wandb",)  # logging only: resuming may change them
+# logging / placement only: resuming may change them
+NON_RESULT_SECTIONS = ("wandb", "mesh", "resources")
 WINDOW_SOLVE_BYTES_PER_STEP = 24  # measured peak ~19.2 B/step (sparsity.by="compute" solve)
 
 
@@ -57,6 +58,12 @@ def base() -> ml_collections.ConfigDict:
                       h_kl=1.0, h_sq=1.0, temperature=1.0)
     c.soup = dict(ingredients=3, select="greedy", cycles=1, prune_fraction=0.0)
     c.wandb = dict(enabled=False, project="sparsejax", mode="offline", name="", group="")
+    # Device mesh (data, fsdp); -1: the devices the other axis leaves. Multi-host: coordinator
+    # "host:port" of process 0 with num_processes/process_id, or ""/0/-1 to take them from the
+    # environment (JAX_COORDINATOR_ADDRESS, SLURM, TPU pods); a single process otherwise.
+    c.mesh = dict(data=-1, fsdp=1, coordinator="", num_processes=0, process_id=-1)
+    # What one run of a sweep asks of a Ray cluster (sparsejax sweep --backend ray)
+    c.resources = dict(cpus=1.0, gpus=0.0)
     return c
 
 
@@ -188,6 +195,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in NON_NEGATIVE_INTS:
         v = got[key]
         _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, key, "an int >= 0", v)
+    _validate_mesh(got)
+    for key, low in (("resources.cpus", "> 0"), ("resources.gpus", ">= 0")):
+        v = got[key]
+        _need(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+              and (v > 0 if low == "> 0" else v >= 0), key,
+              f"a finite float {low} (per run, for Ray)", v)
     _validate_finetune(got)
     _need(got["eval.final_batches"] * got["eval.batch_size"] >= 2, "eval.final_batches",
           "an int with eval.final_batches * eval.batch_size >= 2 (the standard error of the "
@@ -266,6 +279,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
               f"machine (placing the sparsity window by compute takes about "
               f"{WINDOW_SOLVE_BYTES_PER_STEP} bytes per step; {have / 2**30:.0f} GiB of memory; "
               "sparsity.by='steps' needs none)", got["train.steps"])
+
+
+def _validate_mesh(got: dict[str, Any]) -> None:
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for key in ("mesh.data", "mesh.fsdp"):
+        _need(is_int(got[key]) and (got[key] == -1 or got[key] >= 1), key,
+              "-1 (the devices the other axis leaves) or an int >= 1", got[key])
+    _need(not (got["mesh.data"] == -1 and got["mesh.fsdp"] == -1), "mesh.data/fsdp",
+          "at most one -1", (got["mesh.data"], got["mesh.fsdp"]))
+    n, pid, coord = got["mesh.num_processes"], got["mesh.process_id"], got["mesh.coordinator"]
+    _need(is_int(n) and n >= 0, "mesh.num_processes", "an int >= 0 (0: from the environment)", n)
+    _need(is_int(pid) and pid >= -1, "mesh.process_id", "an int >= -1 (-1: from the environment)",
+          pid)
+    _need(isinstance(coord, str) and (coord == "" or (":" in coord and coord.rsplit(":", 1)[1]
+                                                       .isdigit())),
+          "mesh.coordinator", "'host:port' or '' (from the environment)", coord)
+    if pid >= 0 and n:
+        _need(pid < n, "mesh.process_id", f"< mesh.num_processes ({n})", pid)
+    if coord:
+        _need((n == 0) == (pid == -1), "mesh.num_processes/process_id",
+              "both set or both left to the environment (0 / -1)", (n, pid))
 
 
 def _validate_finetune(got: dict[str, Any]) -> None:

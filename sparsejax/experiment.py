@@ -18,7 +18,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from sparsejax import configlib, data, methods, schedules, sparse_ift
+from sparsejax import configlib, data, distributed, methods, schedules, sparse_ift
 from sparsejax.models.gpt import GPT, GPTConfig
 from sparsejax.models.layers import dense_linear
 from sparsejax.transforms import sparsify
@@ -250,8 +250,14 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
         ) -> dict[str, Any]:
-    """Build ``config`` and train it in ``workdir`` (resuming from its checkpoints)."""
+    """Build ``config`` and train it in ``workdir`` (resuming from its checkpoints), on the
+    ``mesh.*`` device mesh (joining a multi-process job first when ``mesh.*`` or the
+    environment asks for one: :func:`sparsejax.distributed.initialize`)."""
+    configlib.validate(config)
+    m = config.mesh
+    distributed.initialize(distributed.Distributed(m.coordinator, m.num_processes, m.process_id))
     exp = build(config)
+    mesh = distributed.make_mesh(distributed.MeshShape(m.data, m.fsdp))
     from sparsejax import train  # after build: a bad config fails before the heavy imports
 
     t, ev = config.train, config.eval
@@ -263,5 +269,5 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
         final_eval_batches=ev.final_batches, eval_seed=ev.seed, log_every=t.log_every,
         checkpoint_every=config.checkpoint.every, keep_checkpoints=config.checkpoint.keep,
         config=config.to_dict(), wandb=config.wandb.to_dict(), progress=progress,
-        loss=exp.loss, loss_aux=exp.loss_aux,
+        loss=exp.loss, loss_aux=exp.loss_aux, mesh=mesh,
     )

@@ -45,19 +45,40 @@ _IN_BOUNDS = jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS
 
 
 def _histograms(index: jax.Array, segments: int, mode) -> jax.Array:
-    """``(segments, 2**16)`` counts of the int32 flat bin ``index`` by one scatter-add.
+    """``(segments, 2**16)`` counts of the int32 flat bin ``index`` (any shape) by one
+    scatter-add.
 
-    With ``FILL_OR_DROP`` every index outside ``[0, segments * 2**16)``, negative ones
-    included, is dropped (``lax.scatter_add`` does no negative-index normalization).
+    ``index`` keeps its shape (no ravel), so under GSPMD a sharded ``index`` scatters into
+    per-device partial histograms that one all-reduce sums: no gather of the keys. With
+    ``FILL_OR_DROP`` every index outside ``[0, segments * 2**16)``, negative ones included,
+    is dropped (``lax.scatter_add`` does no negative-index normalization).
     """
     dnums = jax.lax.ScatterDimensionNumbers(
         update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
     )
     hist = jax.lax.scatter_add(
-        jnp.zeros(segments * _BINS, jnp.int32), index.reshape(-1, 1),
-        jnp.ones(index.size, jnp.int32), dnums, mode=mode,
+        jnp.zeros(segments * _BINS, jnp.int32), index[..., None],
+        jnp.ones(index.shape, jnp.int32), dnums, mode=mode,
     )
     return hist.reshape(segments, _BINS)
+
+
+def _histogram_of(bins, keys: Sequence[jax.Array], segs: Sequence[int], segments: int,
+                  mode) -> jax.Array:
+    """Sum of the histograms of ``bins(key, s)`` over all arrays: arrays of one shape are
+    stacked along a new leading axis and share one scatter (compile time grows with the
+    number of distinct shapes, not of layers), and no array is flattened or concatenated
+    with another, so a sharded array keeps its sharding (a flattened concatenation makes
+    GSPMD gather every array whole onto each device)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(tuple(key.shape), []).append(i)
+    total = None
+    for idx in groups.values():
+        stacked = jnp.stack([bins(keys[i], segs[i]) for i in idx])
+        hist = _histograms(stacked, segments, mode)
+        total = hist if total is None else total + hist
+    return total
 
 
 def _suffix_sums(x: jax.Array) -> jax.Array:
@@ -106,10 +127,11 @@ def _kth_largest_key(
     ``[0, 2**16)`` exactly for the keys in the chosen high half; the others are dropped.
     """
     n_seg = k.shape[0]
-    cat = jnp.concatenate
-    high = cat([((key >> np.uint32(_DIGIT_BITS)).astype(jnp.int32) + s * _BINS).ravel()
-                for key, s in zip(keys, segs, strict=True)])
-    d1, above1, _ = _pick_digit(_histograms(high, n_seg, _IN_BOUNDS), k)
+
+    def high(key, s):
+        return (key >> np.uint32(_DIGIT_BITS)).astype(jnp.int32) + s * _BINS
+
+    d1, above1, _ = _pick_digit(_histogram_of(high, keys, segs, n_seg, _IN_BOUNDS), k)
     base = d1.astype(jnp.uint32) << np.uint32(_DIGIT_BITS)
 
     def low(key, s):
@@ -117,11 +139,23 @@ def _kth_largest_key(
         idx = jax.lax.bitcast_convert_type(diff, jnp.int32)  # negative when wrapped: dropped
         if n_seg > 1:  # keep out-of-range keys out of the other segments' bins
             idx = jnp.where(diff < np.uint32(_BINS), idx + s * _BINS, -1)
-        return idx.ravel()
+        return idx
 
-    hist = _histograms(cat([low(key, s) for key, s in zip(keys, segs, strict=True)]), n_seg, _DROP)
+    hist = _histogram_of(low, keys, segs, n_seg, _DROP)
     d2, above2, n_equal = _pick_digit(hist, k - above1)
     return base | d2.astype(jnp.uint32), above1 + above2, n_equal
+
+
+def _flat_position(shape: tuple[int, ...], offset: int) -> jax.Array:
+    """``offset + `` the row-major flat index of every entry of an array of ``shape``, as
+    uint32, built from one iota per axis (no reshape of a flat iota, which GSPMD would have
+    to gather to shard like the array)."""
+    pos = jnp.full(shape, np.uint32(offset), jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        pos = pos + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride)
+        stride *= shape[axis]
+    return pos
 
 
 def select(keys: Sequence[jax.Array], segs: Sequence[int], k: jax.Array) -> list[jax.Array]:
@@ -130,8 +164,10 @@ def select(keys: Sequence[jax.Array], segs: Sequence[int], k: jax.Array) -> list
     ``keys[i]`` belongs to segment ``segs[i]`` (layer-wise: one leaf per segment; global: all
     leaves in segment 0). Ties at a segment's threshold are kept in flat order: array by
     array, then flat index. Only when some tied entries must be dropped (one ``lax.cond`` for
-    all segments, returning one position per segment), a running count of the ties finds the
-    last one kept. (A scatter-based branch, even never taken, slowed the whole step on CPU.)
+    all segments, returning one position per segment), a second radix select over the tied
+    entries' complemented positions finds the last one kept. Every pass is elementwise or a
+    histogram, so arrays sharded over a device mesh are never gathered (the histograms are
+    summed across devices).
     """
     n_seg = max(segs) + 1
     sizes = [0] * n_seg
@@ -144,11 +180,6 @@ def select(keys: Sequence[jax.Array], segs: Sequence[int], k: jax.Array) -> list
     thresh, n_above, n_ties = _kth_largest_key(keys, segs, k1)
     ties_left = k1 - n_above  # in [1, n_ties]: tied entries still kept
 
-    def positions(key, s, offset):
-        """Complemented flat positions (>= 2**31 > 0) of the tied entries, 0 elsewhere."""
-        pos = jax.lax.broadcasted_iota(jnp.uint32, (key.size,), 0) + np.uint32(offset)
-        return jnp.where(key == thresh[s], ~pos.reshape(key.shape), np.uint32(0))
-
     def offsets():
         seen, out = [0] * n_seg, []
         for key, s in zip(keys, segs, strict=True):
@@ -156,16 +187,18 @@ def select(keys: Sequence[jax.Array], segs: Sequence[int], k: jax.Array) -> list
             seen[s] += key.size
         return out
 
+    offs = offsets()
+
+    def positions(key, s, offset):
+        """Complemented flat positions in the segment (>= 2**31 > 0) of the tied entries,
+        0 elsewhere."""
+        return jnp.where(key == thresh[s], ~_flat_position(key.shape, offset), np.uint32(0))
+
     def tie_cut(keys):
-        # Rank of every tie in one running count over all arrays (segments are contiguous):
-        # the cut of segment s is the position of its ties_left[s]-th tie.
-        tie = jnp.concatenate([(key == thresh[s]).ravel() for key, s in zip(keys, segs,
-                                                                            strict=True)])
-        count = jnp.cumsum(tie, dtype=jnp.int32)
-        starts = np.cumsum([0] + sizes[:-1])
-        before = jnp.stack([count[st - 1] if st else jnp.int32(0) for st in starts])
-        first = jnp.searchsorted(count, before + ties_left, side="left").astype(jnp.int32)
-        return ~(first - jnp.asarray(starts, jnp.int32)).astype(jnp.uint32)
+        # The ties_left[s]-th largest complemented position among segment s's ties is the
+        # complement of the last tie kept; the other entries (0) rank below every tie.
+        pos = [positions(key, s, o) for key, s, o in zip(keys, segs, offs, strict=True)]
+        return _kth_largest_key(pos, segs, ties_left)[0]
 
     # Only scalars leave the cond: cut 0 keeps every tie (all positions are >= 0).
     cut = jax.lax.cond(
@@ -173,5 +206,5 @@ def select(keys: Sequence[jax.Array], segs: Sequence[int], k: jax.Array) -> list
     )
     return [
         ((key > thresh[s]) | (positions(key, s, o) >= jnp.maximum(cut[s], 1))) & (k[s] > 0)
-        for key, s, o in zip(keys, segs, offsets(), strict=True)
+        for key, s, o in zip(keys, segs, offs, strict=True)
     ]

@@ -98,6 +98,17 @@ class MetricsLog:
         self._file.close()
 
 
+class NullLog:
+    """The :class:`MetricsLog` of a process that writes no files (every process but 0 of a
+    multi-process run)."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        del record
+
+    def close(self) -> None:
+        pass
+
+
 class Progress:
     """A tqdm bar over training steps, its postfix showing the latest logged fields."""
 

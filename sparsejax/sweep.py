@@ -15,6 +15,11 @@ worker process's wall and CPU seconds, ``process_wall_s`` and ``cpu_s``), merged
 every launch and rewritten atomically after every change; the parent process is its only
 writer (it holds ``SWEEP_DIR/lock``). The sweep dir is what ``sparsejax fit`` and
 ``scaling.logs`` read.
+
+Backends (:class:`Executor`): ``"local"`` starts the worker processes itself
+(:class:`LocalExecutor`); ``"ray"`` runs each as a Ray task on a cluster
+(:mod:`sparsejax.sweep_ray`, the optional extra ``sparsejax[ray]``). Both share the planning,
+resuming and ``sweep.json`` bookkeeping here; the local backend never imports ``ray``.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple, TextIO
+from typing import Any, NamedTuple, Protocol, TextIO
 
 import ml_collections
 
@@ -344,6 +349,78 @@ def _start(run: Run, run_dir: Path, cores: list[int] | None, n_threads: int | No
     return proc
 
 
+class Handle(Protocol):
+    """A started run, as :func:`_execute` watches it (``subprocess.Popen`` is one)."""
+
+    returncode: int | None  # the worker's exit status once :meth:`poll` saw it end
+
+    def poll(self) -> int | None: ...
+    def send_signal(self, sig: int) -> None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def kill(self) -> None: ...
+
+
+class Executor(Protocol):
+    """Where a sweep's runs go: ``slots`` runs at once; :meth:`start` launches one run's
+    worker (``python -m sparsejax.sweep_worker RUN_DIR``, config on stdin) in ``slot``."""
+
+    slots: int
+
+    def check(self, runs: list[Run]) -> None: ...
+    def start(self, run: Run, run_dir: Path, slot: int) -> Handle: ...
+    def close(self) -> None: ...
+
+
+class LocalExecutor:
+    """Worker processes on this machine, ``parallel`` at once, each pinned to its share of
+    the cores (:func:`core_slots`) when there are several."""
+
+    def __init__(self, parallel: int = 1):
+        self.cores = core_slots(parallel)
+        self.slots = parallel
+
+    def check(self, runs: list[Run]) -> None:
+        del runs  # any run fits: it gets its share of this machine
+
+    def start(self, run: Run, run_dir: Path, slot: int) -> subprocess.Popen:
+        pin = self.slots > 1  # one process: it gets every core, nothing to split
+        cores = self.cores[slot] if pin else None
+        return _start(run, run_dir, cores, len(cores) if pin else None, self.slots)
+
+    def close(self) -> None:
+        pass
+
+
+BACKENDS = ("local", "ray")
+
+
+def check_backend(backend: str, parallel: int | None, address: str | None) -> None:
+    """``ValueError`` naming the flag for a backend/flag combination that cannot work."""
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "local":
+        if address is not None:
+            raise ValueError("--address is for --backend ray (the Ray cluster to use)")
+        core_slots(1 if parallel is None else parallel)  # checks --parallel
+    elif parallel is not None:
+        raise ValueError("--parallel is for --backend local; Ray runs as many runs at once as "
+                         "the cluster's resources allow (resources.cpus / resources.gpus of "
+                         "each run's config)")
+
+
+def make_executor(backend: str = "local", *, parallel: int | None = None,
+                  address: str | None = None) -> Executor:
+    """``"local"`` (``parallel`` processes, default 1) or ``"ray"`` (every run submitted as a
+    Ray task with the resources of its config; on the cluster at ``address``, or on a local
+    one started for the sweep); ``ValueError`` for anything else."""
+    check_backend(backend, parallel, address)
+    if backend == "local":
+        return LocalExecutor(1 if parallel is None else parallel)
+    from sparsejax import sweep_ray  # imports ray: the optional extra
+
+    return sweep_ray.RayExecutor(address=address)
+
+
 def _finish_line(name: str, fields: dict[str, Any], reason: str | None, wall: float) -> str:
     status = fields["status"]
     if status == "completed":
@@ -357,8 +434,10 @@ def _finish_line(name: str, fields: dict[str, Any], reason: str | None, wall: fl
 
 
 def launch(recipe: str, sweep_dir: str | Path, *, extra: dict[str, Any] | None = None,
-           only: str | None = None, parallel: int = 1, dry_run: bool = False,
-           progress: bool = True, stream: TextIO | None = None) -> list[dict[str, Any]]:
+           only: str | None = None, parallel: int | None = None, dry_run: bool = False,
+           progress: bool = True, stream: TextIO | None = None, backend: str = "local",
+           address: str | None = None, executor: Executor | None = None
+           ) -> list[dict[str, Any]]:
     """Run (or with ``dry_run`` only list) the sweep's runs; returns one entry per planned run
     (``name``, ``action``, ``overrides`` and, unless ``dry_run``, its ``sweep.json`` fields:
     ``status``, ``final_val_loss``, ``val_loss_se``, ``wall_time_s``, ``reason``).
@@ -367,8 +446,12 @@ def launch(recipe: str, sweep_dir: str | Path, *, extra: dict[str, Any] | None =
     fails is marked ``failed`` with the reason (the last ``sparsejax: error:`` line of its
     ``worker.log``) and the others go on. ``KeyboardInterrupt`` forwards SIGINT to the running
     workers (they stop at the next step boundary and keep their checkpoints), marks them
-    ``interrupted`` and propagates."""
-    slots = core_slots(parallel)
+    ``interrupted`` and propagates.
+
+    ``backend``/``parallel``/``address``: see :func:`make_executor`; ``executor`` replaces
+    them (tests pass their own)."""
+    if executor is None:  # checked before anything is planned; started under the lock
+        check_backend(backend, parallel, address)
     sweep_dir = Path(sweep_dir)
     runs = plan(recipe, sweep_dir, extra=extra, only=only)
     if dry_run:
@@ -383,14 +466,19 @@ def launch(recipe: str, sweep_dir: str | Path, *, extra: dict[str, Any] | None =
             f"sweep dir {sweep_dir} is in use by another sweep (process "
             f"{runlog.lock_owner(sweep_dir)}); wait for it to end or stop it") from None
     try:
-        return _execute(runs, sweep_dir, SweepFile(sweep_dir, recipe), slots, parallel,
-                        Progress(runs, stream, progress))
+        if executor is None:
+            executor = make_executor(backend, parallel=parallel, address=address)
+        try:
+            return _execute(runs, sweep_dir, SweepFile(sweep_dir, recipe), executor,
+                            Progress(runs, stream, progress))
+        finally:
+            executor.close()
     finally:
         lock.__exit__()
 
 
-def _execute(runs: list[Run], sweep_dir: Path, book: SweepFile, slots: list[list[int]],
-             parallel: int, bar: Progress) -> list[dict[str, Any]]:
+def _execute(runs: list[Run], sweep_dir: Path, book: SweepFile, executor: Executor,
+             bar: Progress) -> list[dict[str, Any]]:
     entries: dict[str, dict[str, Any]] = {}
     for r in runs:
         fields = _summary_fields(sweep_dir / r.name) if r.action == "skip" else {
@@ -400,16 +488,15 @@ def _execute(runs: list[Run], sweep_dir: Path, book: SweepFile, slots: list[list
     pending = sorted((r for r in runs if r.action != "skip"),
                      key=lambda r: -r.cost * (1 - r.done_steps / r.config.train.steps))
     bar.n_runs = len(pending)
-    free = list(range(parallel))
-    running: dict[int, tuple[Run, subprocess.Popen, float]] = {}
-    pin = parallel > 1  # one process: it gets every core, nothing to split
+    executor.check(pending)
+    free = list(range(min(executor.slots, len(pending))))
+    running: dict[int, tuple[Run, Handle, float]] = {}
 
     def fill() -> None:
         while pending and free:
             slot = free.pop(0)
             r = pending.pop(0)
-            proc = _start(r, sweep_dir / r.name, slots[slot] if pin else None,
-                          len(slots[slot]) if pin else None, parallel)
+            proc = executor.start(r, sweep_dir / r.name, slot)
             running[slot] = (r, proc, time.monotonic())
             book.update(r.name, status="running")
 
@@ -455,8 +542,10 @@ def _execute(runs: list[Run], sweep_dir: Path, book: SweepFile, slots: list[list
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            entries[r.name] = book.update(r.name, **{
-                **_summary_fields(sweep_dir / r.name), "status": "interrupted"})
+            fields = _summary_fields(sweep_dir / r.name)
+            if fields["status"] not in FINISHED:  # it may have finished before the signal
+                fields["status"] = "interrupted"
+            entries[r.name] = book.update(r.name, **fields)
         raise
     finally:
         bar.close()

@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    # SIGINT stops the run at a step boundary even when the starting process blocks or
+    # ignores it (Ray workers do; a child inherits both, and Python then never raises on it)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGUSR1})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if args.cores:
             os.sched_setaffinity(0, {int(c) for c in args.cores.split(",")})

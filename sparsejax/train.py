@@ -21,10 +21,20 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
-from sparsejax import accounting, checkpoint, checks, configlib, data, evaluation, runlog
+from sparsejax import (
+    accounting,
+    checkpoint,
+    checks,
+    configlib,
+    data,
+    distributed,
+    evaluation,
+    runlog,
+)
 from sparsejax.models.gpt import GPT, cross_entropy, loss_fn
 from sparsejax.state import (
     SparsityStats,
@@ -65,15 +75,24 @@ def _sparse_state(opt_state: Any):
         raise  # a composition that cannot keep the zeros: refuse before training
 
 
+def _is_sparse(tx: optax.GradientTransformation, params: Any) -> bool:
+    """Whether ``tx``'s state holds masks (traced abstractly: nothing is computed)."""
+    found: list[bool] = []
+    jax.eval_shape(lambda p: found.append(_sparse_state(tx.init(p)) is not None), params)
+    return found[0]
+
+
 def make_train_step(graphdef, params_def, rest, tx, *, fixed_flops, dense_flops,
-                    tokens_per_step, sparse: bool, structural: SparsityStats, loss=None):
+                    tokens_per_step, sparse: bool, structural: SparsityStats, loss=None,
+                    shardings: tuple[Any, Any] | None = None):
     """The jitted step ``(state, inputs_BxL, targets_BxL[, loss_aux]) -> (state, metrics)``;
     ``state`` is donated. ``loss(model, x_BxL, y_BxL, loss_aux)`` replaces the cross-entropy
     as the training objective when given (e.g. :func:`sparsejax.distill.squarehead_loss`).
     Sparsity, counts and the target come from the optimizer state
     (:func:`sparsejax.sparsity_stats`, the single source of truth); ``structural`` stands in
     when the optimizer holds no masks (dense runs, and layers that are sparse by construction:
-    :func:`accounting.structural_stats`)."""
+    :func:`accounting.structural_stats`). ``shardings``: ``(state, batch)`` shardings
+    (:mod:`sparsejax.distributed`); the state keeps its sharding across steps."""
 
     def loss_of(params, x_BxL, y_BxL, aux):
         model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(params_def,
@@ -104,7 +123,13 @@ def make_train_step(graphdef, params_def, rest, tx, *, fixed_flops, dense_flops,
         return new, {"n_active": n_active, "density": density,
                      "target_sparsity": stats.target_sparsity}
 
-    return jax.jit(step, donate_argnums=0)
+    if shardings is None:
+        return jax.jit(step, donate_argnums=0)
+    state_sh, batch_sh = shardings
+    replicated = distributed.replicated(batch_sh.mesh)  # metrics, and loss_aux (a teacher)
+    return jax.jit(step, donate_argnums=0,
+                   in_shardings=(state_sh, batch_sh, batch_sh, replicated),
+                   out_shardings=(state_sh, replicated))
 
 
 def make_eval_step(graphdef, params_def, rest):
@@ -119,10 +144,12 @@ def make_eval_step(graphdef, params_def, rest):
     return jax.jit(evaluate)
 
 
-def make_sequence_losses(graphdef, params_def, rest):
+def make_sequence_losses(graphdef, params_def, rest, mesh: jax.sharding.Mesh | None = None):
     """Per-sequence mean losses of one batch ``(B, L) -> (B,)`` float32, one compiled shape
     for any number of batches (:mod:`sparsejax.evaluation` averages them and gives their
-    standard error)."""
+    standard error). With a ``mesh``, host batches are split over it
+    (:func:`sparsejax.distributed.put`) and the losses come back replicated, so every process
+    can read them."""
 
     def per_sequence(params, x_BxL, y_BxL):
         model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(params_def,
@@ -130,7 +157,12 @@ def make_sequence_losses(graphdef, params_def, rest):
         logits_BxLxV = model(x_BxL)
         return jax.vmap(lambda lg, y: cross_entropy(lg[None], y[None]))(logits_BxLxV, y_BxL)
 
-    return jax.jit(per_sequence)
+    if mesh is None:
+        return jax.jit(per_sequence)
+    batch_sh = distributed.batch_sharding(mesh)
+    losses = jax.jit(per_sequence, out_shardings=distributed.replicated(mesh))
+    return lambda params, x_BxL, y_BxL: losses(params, distributed.put(x_BxL, batch_sh),
+                                               distributed.put(y_BxL, batch_sh))
 
 
 def _check_config_matches(run_dir: Path, config: dict[str, Any] | None) -> None:
@@ -140,7 +172,7 @@ def _check_config_matches(run_dir: Path, config: dict[str, Any] | None) -> None:
     if path.exists():
         diff = configlib.differing_keys(json.loads(path.read_text()),
                                         json.loads(json.dumps(config)))
-        if diff:  # logging-only keys (wandb.*) may change on resume
+        if diff:  # logging and placement keys (wandb.*, mesh.*) may change on resume
             raise ValueError(
                 f"workdir {run_dir} holds a run with a different config (keys {diff}); "
                 "use a new --workdir or the same config to resume"
@@ -187,6 +219,8 @@ def _holding_run_lock(fn):
     @functools.wraps(fn)
     def locked(model, tx, corpus, workdir, **kwargs):
         Path(workdir).mkdir(parents=True, exist_ok=True)
+        if not distributed.is_main():  # process 0 holds the lock for the whole job
+            return fn(model, tx, corpus, workdir, **kwargs)
         with runlog.RunLock(Path(workdir)):
             return fn(model, tx, corpus, workdir, **kwargs)
 
@@ -218,6 +252,7 @@ def run(
     progress: bool = True,
     loss: Any = None,
     loss_aux: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with ``tx`` on ``corpus`` for ``steps`` steps; returns the summary.
 
@@ -233,6 +268,11 @@ def run(
     "group": str}``.
     ``loss(model, x_BxL, y_BxL, loss_aux)``: the training objective instead of the
     cross-entropy (``train_loss`` logs it; ``val_loss`` stays the cross-entropy).
+
+    ``mesh``: the ``(data, fsdp)`` device mesh (:func:`sparsejax.distributed.make_mesh`;
+    default: every device on ``data``). Params, masks and optimizer state are sharded over
+    ``fsdp``, batches over both axes; with several processes (``jax.distributed``) only
+    process 0 writes the run dir's files and holds its lock.
 
     Evaluation (:mod:`sparsejax.evaluation`): every ``eval_every`` steps on ``eval_batches``
     validation batches, and at the last step on ``final_eval_batches`` (default
@@ -256,7 +296,13 @@ def run(
         raise ValueError(f"seq_len ({seq_len}) must be <= the model's n_ctx ({model.cfg.n_ctx})")
     run_dir = Path(workdir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _check_config_matches(run_dir, config)
+    mesh = distributed.make_mesh() if mesh is None else mesh
+    distributed.check_batch("train.batch_size", batch_size, mesh)
+    distributed.check_batch("eval.batch_size", eval_batch_size or batch_size, mesh)
+    main = distributed.is_main()
+    write_json = runlog.write_json if main else (lambda path, obj: None)
+    _check_config_matches(run_dir, config if main else None)
+    distributed.sync("sparsejax-config")
     t_start = time.perf_counter()
     previous = runlog.read_json(run_dir / "summary.json") or {}
     if previous.get("status") in ("completed", "diverged") and previous.get("steps") == steps:
@@ -266,53 +312,64 @@ def run(
 
     graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
     params_def = jax.tree_util.tree_structure(params_state)
-    params = nnx.to_pure_dict(params_state)
+    params = jax.device_get(nnx.to_pure_dict(params_state))  # host: same on every process
     del params_state
     fixed_flops, dense_flops = _flops_coefficients(model, seq_len)
-    opt_state = tx.init(params)
-    sparse_state = _sparse_state(opt_state)
-    sparse = sparse_state is not None
+    sparse = _is_sparse(tx, params)
+
+    def init_state(params):
+        opt_state = tx.init(params)
+        if sparse:  # masks take effect before the first forward (straight-through: dense)
+            keep_dense = find_state(opt_state).dense_weights
+            pruned = prune(params, opt_state)
+            params = jax.tree.map(lambda p, q: jnp.where(keep_dense, p, q), params, pruned)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+            rng=jax.random.PRNGKey(seed), n_avg=jnp.zeros((), jnp.float32),
+            flops=jnp.zeros((), jnp.float32), loss_sum=jnp.zeros((), jnp.float32),
+            loss_count=jnp.zeros((), jnp.int32),
+        )
+
+    state, state_sh = distributed.init_sharded(init_state, (params,), mesh, params)
     if sparse:
-        if not bool(sparse_state.dense_weights):  # straight-through methods keep dense weights
-            params = prune(params, opt_state)  # masks take effect before the first forward
-        counts = _sparsity_stats(opt_state, params)
+        _sparse_state(state.opt_state)  # refuses a composition that cannot keep the zeros
+        counts = _sparsity_stats(state.opt_state, state.params)
     else:
         counts = accounting.structural_stats(model, params)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-        rng=jax.random.PRNGKey(seed), n_avg=jnp.zeros((), jnp.float32),
-        flops=jnp.zeros((), jnp.float32), loss_sum=jnp.zeros((), jnp.float32),
-        loss_count=jnp.zeros((), jnp.int32),
-    )
+    del params
     restored = checkpoint.restore_newest(run_dir, state, keep=keep_checkpoints)
     if restored is not None:
         state = TrainState(*restored[0])
+    distributed.sync("sparsejax-restored")  # all looked for checkpoints before any creates one
     mngr = checkpoint.manager(run_dir, keep=keep_checkpoints)
     start = int(state.step)
 
     train_step = make_train_step(
         graphdef, params_def, rest, tx, fixed_flops=fixed_flops, dense_flops=dense_flops,
         tokens_per_step=float(batch_size * seq_len), sparse=sparse, structural=counts,
-        loss=loss,
+        loss=loss, shardings=(state_sh, distributed.batch_sharding(mesh)),
     )
-    evaluate = make_sequence_losses(graphdef, params_def, rest)
+    evaluate = make_sequence_losses(graphdef, params_def, rest, mesh)
     count_violations = jax.jit(lambda p, s: sum(jax.tree_util.tree_leaves(check(p, s))))
     forward_weights = jax.jit(forward_params) if sparse else (lambda p, s: p)
+    batch_sh = distributed.batch_sharding(mesh)
+    if loss_aux is not None:  # replicated on the mesh, like the step expects it
+        loss_aux = jax.tree.map(
+            lambda a: distributed.put(np.asarray(a), distributed.replicated(mesh)), loss_aux)
     eval_bs = eval_batch_size or batch_size
     val = evaluation.eval_set(corpus.val, batch_size=eval_bs, seq_len=seq_len,
                               n_batches=eval_batches, seed=eval_seed)
     final_val = evaluation.eval_set(corpus.val, batch_size=eval_bs, seq_len=seq_len,
                                     n_batches=final_eval_batches or eval_batches, seed=eval_seed)
 
-    log = runlog.MetricsLog(run_dir, resume_step=start)
-    bar = runlog.Progress(steps, initial=start, enabled=progress)
-    wb = _wandb_start(wandb, run_dir, config)
+    log = runlog.MetricsLog(run_dir, resume_step=start) if main else runlog.NullLog()
+    bar = runlog.Progress(steps, initial=start, enabled=progress and main)
+    wb = _wandb_start(wandb, run_dir, config) if main else None
     summary_base = {"n_params": counts.n_params, "n_prunable": counts.n_prunable, "steps": steps,
                     "batch_size": batch_size, "seq_len": seq_len, "eval_seed": eval_seed,
                     "eval_sequences": final_val.xs.shape[0] * final_val.xs.shape[1],
                     "eval_sha256": final_val.sha256}
-    runlog.write_json(run_dir / "summary.json", {**summary_base, "status": "running",
-                                                 "step": start})
+    write_json(run_dir / "summary.json", {**summary_base, "status": "running", "step": start})
     record: dict[str, Any] = {}
     val_loss = None
     diverged_at = None
@@ -323,7 +380,8 @@ def run(
             interrupt.check()  # Ctrl-C takes effect between steps, never inside a save
             x, y = data.get_batch(corpus.train, seed=seed, step=step, batch_size=batch_size,
                                   seq_len=seq_len)
-            state, metrics = train_step(state, x, y, loss_aux)
+            state, metrics = train_step(state, distributed.put(x, batch_sh),
+                                        distributed.put(y, batch_sh), loss_aux)
             done = step + 1
             is_eval = done % eval_every == 0 or done == steps
             is_ckpt = done % checkpoint_every == 0 or done == steps
@@ -361,8 +419,9 @@ def run(
                     f"{violations_report(check(state.params, state.opt_state))}); the "
                     "optimizer does not keep its masks exact (see README, 'Composition rules')"
                 )
-            state = state._replace(loss_sum=jnp.zeros((), jnp.float32),
-                                   loss_count=jnp.zeros((), jnp.int32))
+            state = state._replace(  # zeros placed as before: no recompile of the step
+                loss_sum=distributed.put(np.zeros((), np.float32), state.loss_sum.sharding),
+                loss_count=distributed.put(np.zeros((), np.int32), state.loss_count.sharding))
             log.write(record)
             if not all(math.isfinite(v) for v in (train_loss, val_loss) if v is not None):
                 diverged_at = done  # stop at the first non-finite loss
@@ -380,13 +439,13 @@ def run(
         try:
             mngr.wait_until_finished()  # a save in flight completes (or fails) first
         finally:
-            runlog.write_json(run_dir / "summary.json", {
+            write_json(run_dir / "summary.json", {
                 **summary_base, **record, "status": "interrupted",
                 "logged_step": record.get("step"), "step": mngr.latest_step() or 0,
                 "resumed_from": start, "wall_time_s": wall_base + time.perf_counter() - t_start})
         raise
     except BaseException:
-        runlog.write_json(run_dir / "summary.json", {
+        write_json(run_dir / "summary.json", {
             **summary_base, **record, "status": "failed",
             "wall_time_s": wall_base + time.perf_counter() - t_start})
         raise
@@ -410,7 +469,7 @@ def run(
                "resumed_from": start}
     if diverged_at is not None:
         summary["diverged_step"] = diverged_at
-    runlog.write_json(run_dir / "summary.json", summary)
+    write_json(run_dir / "summary.json", summary)
     return summary
 
 

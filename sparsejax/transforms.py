@@ -20,6 +20,7 @@ Composition rule: nothing that changes updates may run after ``sparsify`` (READM
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -81,18 +82,34 @@ def map_param_shaped(state: Any, params: Any, fn) -> Any:
 SAMPLE = 4096  # entries per leaf that every update checks (a strided sample)
 
 
+def _sample_strides(shape: tuple[int, ...], sample: int) -> list[int]:
+    """Per-axis strides, last axis first, whose strided view of ``shape`` holds about
+    ``sample`` entries (``prod ceil(d / stride)``)."""
+    need = -(-math.prod(shape) // sample)  # the total stride still to apply
+    strides = [1] * len(shape)
+    for axis in reversed(range(len(shape))):
+        if need <= 1:
+            break
+        strides[axis] = min(shape[axis], need)
+        need = -(-need // strides[axis])
+    return strides
+
+
 def count_violations(params: Any, masks: Any, *, sample: int | None = None) -> Any:
     """Per leaf: how many weights the mask prunes are not exactly 0 (int32; 0 off masks).
 
-    ``sample``: look only at a fixed strided subset of at most that many entries per leaf.
+    ``sample``: look only at a fixed strided subset of about that many entries per leaf,
+    strided along the last axes (:func:`_sample_strides`): no reshape, so a leaf sharded over
+    a device mesh is sampled on its shards (a strided view of the flattened leaf makes GSPMD
+    gather it whole).
     """
 
     def leaf(p, m):
         if not jnp.ndim(m):
             return jnp.int32(0)
         if sample is not None and p.size > sample:
-            stride = -(-p.size // sample)
-            p, m = p.reshape(-1)[::stride], m.reshape(-1)[::stride]
+            window = tuple(slice(None, None, st) for st in _sample_strides(p.shape, sample))
+            p, m = p[window], m[window]
         return jnp.sum((p != 0) & ~m, dtype=jnp.int32)
 
     return jax.tree_util.tree_map(leaf, params, masks)
