@@ -10,10 +10,17 @@ import hypothesis
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent compilation cache for the session (and its subprocesses): many tests compile
-# the same tiny models from fresh closures, and XLA compiles dominate their run time.
+# One persistent compilation cache for the session, its subprocesses and its pytest-xdist
+# workers (they share the run's PYTEST_XDIST_TESTRUNUID): many tests compile the same tiny
+# models from fresh closures, and XLA compiles dominate their run time.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sparsejax-tests-xla-")
+    _run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if _run:
+        _cache = Path(tempfile.gettempdir()) / f"sparsejax-tests-xla-{_run}"
+        _cache.mkdir(mode=0o700, exist_ok=True)
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_cache)
+    else:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sparsejax-tests-xla-")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
