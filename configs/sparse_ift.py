@@ -16,9 +16,9 @@ Time:      the masked layers compute densely on CPU (an s = 0.75 Wide step costs
            dense step; on BSR kernels, model.linear=bsr, ~1.3x: benchmarks/sparse_ift.py).
            The 9-run sweep at 200 steps, seq 64 (--config.train.steps=200
            --config.train.seq_len=64 --config.model.n_ctx=64) took 356 s on a busy 2-core CPU.
-Result:    at those settings (2 seeds), validation loss dense 2.347, Sparse Wide 2.256 (s=0.5)
-           and 2.249 (s=0.75), Doped 2.338 / 2.379, Parallel 2.360 / 2.355, Factorized
-           2.565 / 2.585 nats/byte (issue 13's closing note: FLOPs and seed spreads).
+Result:    at those settings (2 seeds), validation loss dense 2.347, Sparse Wide 2.273 (s=0.5)
+           and 2.249 (s=0.75), Doped 2.342 / 2.384, Parallel 2.360 / 2.355, Factorized
+           2.544 / 2.592 nats/byte (issue 13's closing note: FLOPs and seed spreads).
 """
 
 from sparsejax import configlib
