@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY
 
 from sparsejax import cli, configlib, data, experiment, sweep
 
@@ -22,18 +23,10 @@ RECIPE = '''
 from sparsejax import configlib
 
 def get_config(arg=None):
-    c = configlib.base()
-    c.model.n_ctx = 32
-    c.train.seq_len = 32
-    c.train.batch_size = 4
+    c = configlib.apply_arg(configlib.base(), TINY_ARG)  # tests/conftest.py's
     c.train.steps = 4
-    c.train.warmup_steps = 1
-    c.train.log_every = 2
     c.eval.every = 4
-    c.eval.batches = 1
-    c.eval.batch_size = 4
     c.eval.final_batches = 2
-    c.checkpoint.every = 2
     return configlib.apply_arg(c, arg)
 
 def sweep(add):
@@ -41,6 +34,7 @@ def sweep(add):
         add(seed=seed)
     add(**{"data.source": "/nonexistent/corpus.txt"})
 '''
+RECIPE = RECIPE.replace("TINY_ARG", repr(TINY))
 SEEDS = ["seed-0", "seed-1"]
 PARTIAL = "seed-2"
 BAD = "source-nonexistentcorpus.txt"

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY
 
 from sparsejax import cli, configlib, runlog, sweep
 
@@ -23,18 +24,9 @@ RECIPE = '''
 from sparsejax import configlib
 
 def get_config(arg=None):
-    c = configlib.base()
-    c.model.n_ctx = 32
-    c.train.seq_len = 32
-    c.train.batch_size = 4
+    c = configlib.apply_arg(configlib.base(), TINY_ARG)  # tests/conftest.py's
     c.train.steps = 6
-    c.train.warmup_steps = 1
-    c.train.log_every = 2
     c.eval.every = 6
-    c.eval.batches = 1
-    c.eval.batch_size = 4
-    c.eval.final_batches = 1
-    c.checkpoint.every = 2
     return configlib.apply_arg(c, arg)
 
 def sweep(add):
@@ -42,6 +34,7 @@ def sweep(add):
     for seed in (1, 2, 3):
         add(seed=seed)
 '''
+RECIPE = RECIPE.replace("TINY_ARG", repr(TINY))
 # seed 0 is long (checkpoints every 50 steps): the Ray sweep is stopped while it trains
 LONG = {"train.steps": 300, "train.log_every": 50, "eval.every": 300, "checkpoint.every": 50}
 RECIPE = RECIPE.replace("**LONG", f"**{LONG!r}")
