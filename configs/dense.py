@@ -2,7 +2,7 @@
 
 Command:   sparsejax train --config configs/dense.py:size=tiny --workdir runs/dense
 Time:      measured 82 s wall (39 s CPU) for 300 steps on a busy 2-core CPU.
-Result:    validation loss 2.14 nats/byte.
+Result:    validation loss 2.11 nats/byte on the fixed final evaluation set.
 """
 
 from sparsejax import configlib

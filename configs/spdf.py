@@ -7,8 +7,8 @@ sparse pre-training then dense fine-tuning from a checkpoint, is the downstream 
 
 Command:   sparsejax train --config configs/spdf.py:size=tiny --workdir runs/spdf
 Time:      31 s wall for 300 steps on an idle 2-core CPU (switch to dense at step 225).
-Result:    validation loss 2.27 nats/byte, dense at the end (N_avg 61.2k of 116.5k); the same
-           static recipe kept sparse reaches 2.30 (configs/static_random.py).
+Result:    validation loss 2.24 nats/byte, dense at the end (N_avg 61.2k of 116.5k); the same
+           static recipe kept sparse reaches 2.26 (configs/static_random.py).
 """
 
 from sparsejax import configlib

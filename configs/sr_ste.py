@@ -4,7 +4,7 @@ Zhou et al. 2021, "Learning N:M Fine-grained Structured Sparse Neural Networks F
 
 Command:   sparsejax train --config configs/sr_ste.py:size=tiny --workdir runs/sr_ste
 Time:      47 s wall for 300 steps on a 2-core CPU shared with other jobs (load 5).
-Result:    validation loss 2.30 nats/byte with 2:4 forward weights (N_avg 67.3k of 116.5k);
+Result:    validation loss 2.27 nats/byte with 2:4 forward weights (N_avg 67.3k of 116.5k);
            dense reaches about 2.1 in the same steps (benchmarks/methods_compare.py).
 """
 
