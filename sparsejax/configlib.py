@@ -131,6 +131,24 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def with_defaults(stored: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A run's stored config (its ``config.json``) on top of :func:`base`: keys the schema
+    gained after the run was written take their defaults, which for model keys reproduce what
+    the run built (``model.sparse_ift`` absent = no Sparse-IFT), so older run dirs still load
+    and fine-tune. Stored keys the schema no longer has are kept."""
+    c = base()
+
+    def overlay(node: ml_collections.ConfigDict, values: dict[str, Any]) -> None:
+        for k, v in values.items():
+            if isinstance(v, dict) and isinstance(node.get(k), ml_collections.ConfigDict):
+                overlay(node[k], v)
+            else:
+                node[k] = v
+
+    overlay(c, stored)
+    return c
+
+
 def differing_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two config dicts (``config.to_dict()`` or a
     run's ``config.json``), present in only one counting as differing; keys under

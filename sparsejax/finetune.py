@@ -55,9 +55,10 @@ def check(config: ml_collections.ConfigDict) -> None:
     ``model.*`` key equal). Raises ``ValueError`` naming the key."""
     if config.init_from:
         run = _run_config("init_from", config.init_from, config.init_from_step)
-        diff = sorted(k for k in config.model if config.model[k] != run.model.get(k))
+        ours, theirs_model = config.model.to_dict(), run.model.to_dict()
+        diff = sorted(k for k in ours if ours[k] != theirs_model.get(k))
         if diff:
-            theirs = ", ".join(f"model.{k}={run.model.get(k)!r}" for k in diff)
+            theirs = ", ".join(f"model.{k}={theirs_model.get(k)!r}" for k in diff)
             raise ValueError(f"config model.{diff[0]}: the init_from run {config.init_from} "
                              f"was trained with {theirs}; set the same model keys")
         if config.finetune.mode == "dense" and run.model.linear != "dense":

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from sparsejax import checkpoint
+from sparsejax import checkpoint, configlib
 from sparsejax.models.gpt import GPT
 from sparsejax.prunable import path_str
 
@@ -80,14 +80,16 @@ def align(tree: Any, like: Any, what: str, *, scalars: bool = False) -> Any:
 
 
 def read_config(run_dir: str | Path) -> ml_collections.ConfigDict:
-    """A run dir's ``config.json`` as a ConfigDict (``FileNotFoundError`` naming the path)."""
+    """A run dir's ``config.json`` as a ConfigDict, keys added to the schema since the run was
+    written at their defaults (:func:`sparsejax.configlib.with_defaults`);
+    ``FileNotFoundError`` naming the path."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run dir {run_dir} does not exist")
     path = run_dir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"run dir {run_dir} holds no config.json ({path})")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return configlib.with_defaults(json.loads(path.read_text()))
 
 
 def checkpoint_step(run_dir: str | Path, step: int | None = None) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import struct
 
 import jax
@@ -135,6 +136,22 @@ def test_finetune_config_errors(sparse_run, finished_run, tmp_path):
     c = tiny_config(init_from=str(finished_run), finetune__mode="sparse")
     with pytest.raises(ValueError, match="holds no masks"):
         experiment.build(c)
+
+
+def test_a_run_written_before_newer_model_keys_loads_and_fine_tunes(sparse_run, tokens,
+                                                                     tmp_path):
+    """A run dir whose config.json predates ``model.sparse_ift`` (older sparsejax) loads with
+    the key at its default (no Sparse-IFT: what that run built) and passes the fine-tuning
+    check, instead of failing on the missing key."""
+    old = tmp_path / "old"
+    shutil.copytree(sparse_run, old)
+    stored = json.loads((old / "config.json").read_text())
+    del stored["model"]["sparse_ift"]
+    (old / "config.json").write_text(json.dumps(stored))
+    loaded, ref = sparsejax.load(old), sparsejax.load(sparse_run)
+    assert loaded.config.model.sparse_ift.family == ""
+    np.testing.assert_array_equal(loaded.model(tokens), ref.model(tokens))
+    experiment.check(tiny_config(init_from=str(old)))  # model keys equal: no error
 
 
 def test_stdlib_tests_source_is_the_excluded_domain():
