@@ -82,6 +82,13 @@ def _is_sparse(tx: optax.GradientTransformation, params: Any) -> bool:
     return found[0]
 
 
+def merge_model(graphdef, params_def, rest, params) -> GPT:
+    """The model of ``nnx.split(model, nnx.Param, ...)`` with ``params`` (a pure dict on the
+    params' tree) as its weights; traceable, for jitted steps."""
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(params_def, jax.tree.leaves(params)),
+                     rest)
+
+
 def make_train_step(graphdef, params_def, rest, tx, *, fixed_flops, dense_flops,
                     tokens_per_step, sparse: bool, structural: SparsityStats, loss=None,
                     shardings: tuple[Any, Any] | None = None):
@@ -95,8 +102,7 @@ def make_train_step(graphdef, params_def, rest, tx, *, fixed_flops, dense_flops,
     (:mod:`sparsejax.distributed`); the state keeps its sharding across steps."""
 
     def loss_of(params, x_BxL, y_BxL, aux):
-        model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(params_def,
-                                                                 jax.tree.leaves(params)), rest)
+        model = merge_model(graphdef, params_def, rest, params)
         return loss_fn(model, x_BxL, y_BxL) if loss is None else loss(model, x_BxL, y_BxL, aux)
 
     def step(state: TrainState, x_BxL, y_BxL, aux=None):
@@ -136,8 +142,7 @@ def make_eval_step(graphdef, params_def, rest):
     """Mean loss over stacked batches ``(n, B, L)``, one compiled call."""
 
     def evaluate(params, xs_NxBxL, ys_NxBxL):
-        model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(params_def,
-                                                                 jax.tree.leaves(params)), rest)
+        model = merge_model(graphdef, params_def, rest, params)
         losses = jax.lax.map(lambda xy: loss_fn(model, xy[0], xy[1]), (xs_NxBxL, ys_NxBxL))
         return jnp.mean(losses)
 
@@ -152,9 +157,7 @@ def make_sequence_losses(graphdef, params_def, rest, mesh: jax.sharding.Mesh | N
     can read them."""
 
     def per_sequence(params, x_BxL, y_BxL):
-        model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(params_def,
-                                                                 jax.tree.leaves(params)), rest)
-        logits_BxLxV = model(x_BxL)
+        logits_BxLxV = merge_model(graphdef, params_def, rest, params)(x_BxL)
         return jax.vmap(lambda lg, y: cross_entropy(lg[None], y[None]))(logits_BxLxV, y_BxL)
 
     if mesh is None:
@@ -359,8 +362,9 @@ def run(
     eval_bs = eval_batch_size or batch_size
     val = evaluation.eval_set(corpus.val, batch_size=eval_bs, seq_len=seq_len,
                               n_batches=eval_batches, seed=eval_seed)
-    final_val = evaluation.eval_set(corpus.val, batch_size=eval_bs, seq_len=seq_len,
-                                    n_batches=final_eval_batches or eval_batches, seed=eval_seed)
+    final_val = (val if (final_eval_batches or eval_batches) == eval_batches else
+                 evaluation.eval_set(corpus.val, batch_size=eval_bs, seq_len=seq_len,
+                                     n_batches=final_eval_batches, seed=eval_seed))
 
     log = runlog.MetricsLog(run_dir, resume_step=start) if main else runlog.NullLog()
     bar = runlog.Progress(steps, initial=start, enabled=progress and main)
