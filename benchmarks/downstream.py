@@ -15,7 +15,8 @@ import argparse
 import time
 from pathlib import Path
 
-from sparsejax import configlib, data, experiment, export, loading, soup
+from sparsejax.downstream import export, loading, soup
+from sparsejax.run import configlib, data, experiment
 
 
 def _finetune_config(init_from: Path, steps: int, **keys):

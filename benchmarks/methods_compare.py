@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsejax import accounting, data, experiment, runlog
-from sparsejax.train import TrainState, make_train_step
+from sparsejax.run import accounting, data, experiment, rundir
+from sparsejax.run.train import TrainState, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {  # name -> (recipe file, extra overrides)
@@ -58,7 +58,7 @@ def train_all(steps: int, workdir: Path) -> dict[str, dict]:
             setattr(c.sparsity, k, v)
         t = time.perf_counter()
         summary = experiment.run(c, str(workdir / name), progress=False)
-        records = runlog.read_metrics(workdir / name)
+        records = rundir.read_metrics(workdir / name)
         out[label] = {**summary, "wall": time.perf_counter() - t,
                       "step_ms": 1e3 * float(np.mean([r["step_time_s"] for r in records[1:]]))}
         print(f"  {label}: val {summary['final_val_loss']:.4f} ({out[label]['wall']:.0f} s)",

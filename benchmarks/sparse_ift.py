@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsejax import accounting, configlib, data, experiment, sparse_ift
+from sparsejax.models import sparse_ift
 from sparsejax.models.gpt import GPT
-from sparsejax.train import TrainState, _flops_coefficients, _sparse_state, make_train_step
+from sparsejax.run import accounting, build, configlib, data
+from sparsejax.run.train import TrainState, _flops_coefficients, _sparse_state, make_train_step
 
 
 def config(size: str, family: str, s: float, *, seq: int, batch: int, bsr_block: int = 0,
@@ -41,12 +42,12 @@ def config(size: str, family: str, s: float, *, seq: int, batch: int, bsr_block:
                                "sparsity.score=random,sparsity.allocation=uniform")
     if bsr_block:
         configlib.apply_arg(c, f"model.linear=bsr,model.block={bsr_block}")
-    experiment.check(c)
+    build.check(c)
     return c
 
 
 def flop_table(size: str, sparsities: list[float], seq: int) -> None:
-    dense_cfg = experiment.model_config(config(size, "", 0.0, seq=seq, batch=1), 256)
+    dense_cfg = build.model_config(config(size, "", 0.0, seq=seq, batch=1), 256)
     d, ff = dense_cfg.d_model, dense_cfg.d_ff
     dense_model = nnx.eval_shape(lambda: GPT(dense_cfg, rngs=nnx.Rngs(0)))
     dense_total = accounting.model_forward_flops(dense_model, seq)
@@ -57,9 +58,9 @@ def flop_table(size: str, sparsities: list[float], seq: int) -> None:
     for family in sparse_ift.FAMILIES:
         for s in sparsities:
             c = config(size, family, s, seq=seq, batch=1)
-            cfg = experiment.model_config(c, 256)
+            cfg = build.model_config(c, 256)
             model = nnx.eval_shape(lambda c=c, cfg=cfg: GPT(cfg, rngs=nnx.Rngs(0),
-                                                              linear=experiment.linear_factory(c)))
+                                                              linear=build.linear_factory(c)))
             w = (cfg.d_model, cfg.d_model), (cfg.d_model, cfg.d_ff)
             # Wide trains each widened layer at its own iso-FLOP share (what the config's
             # masks do: sparse_ift.wide_layer_sparsity), the others at s
@@ -67,7 +68,7 @@ def flop_table(size: str, sparsities: list[float], seq: int) -> None:
                     if family == "wide" else lambda i, o, s=s: s)
             attn = sparse_ift.layer_flops(family, d, d, s_of(*w[0]), widened=w[0]) / (2 * d * d)
             mlp = sparse_ift.layer_flops(family, d, ff, s_of(*w[1]), widened=w[1]) / (2 * d * ff)
-            s_total = experiment.target_sparsity(c)
+            s_total = build.target_sparsity(c)
             maskable, dense = accounting.block_matmul_weights(model)
             blocks = (maskable * (1 - s_total) + dense) / accounting.block_matmul_weights(
                 dense_model)[0]
@@ -79,9 +80,9 @@ def flop_table(size: str, sparsities: list[float], seq: int) -> None:
 
 
 def build_step(c):
-    cfg = experiment.model_config(c, 256)
-    model = GPT(cfg, rngs=nnx.Rngs(0), linear=experiment.linear_factory(c))
-    tx, _ = experiment.optimizer(c, experiment.sparsity_schedule(c))
+    cfg = build.model_config(c, 256)
+    model = GPT(cfg, rngs=nnx.Rngs(0), linear=build.linear_factory(c))
+    tx, _ = build.optimizer(c, build.sparsity_schedule(c))
     graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
     params_def = jax.tree_util.tree_structure(params_state)
     params = nnx.to_pure_dict(params_state)

@@ -25,9 +25,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from sparsejax import SparsifyState, accounting, data, methods, schedules, sparsify
+from sparsejax import SparsifyState, methods, schedules, sparsify
 from sparsejax.models.gpt import GPT, GPTConfig
-from sparsejax.train import TrainState, make_train_step
+from sparsejax.run import accounting, data
+from sparsejax.run.train import TrainState, make_train_step
 
 
 def build_step(cfg: GPTConfig, tx, batch: int, seq: int, linear=None):

@@ -4,12 +4,12 @@ Command:   sparsejax train --config configs/base.py:size=tiny --workdir runs/bas
 Time:      measured 82 s wall (39 s CPU) for 300 steps on a busy 2-core CPU.
 Result:    validation loss 2.11 nats/byte (from 5.5 at init; measured with dense.py, same run).
 
-Every key of every recipe is defined here (``sparsejax.configlib.base``); recipes change values.
+Every key of every recipe is defined here (``sparsejax.run.configlib.base``); recipes change values.
 ``get_config("size=S,steps=1000")`` overrides keys (dotted, or the aliases size, steps and
 final for sparsity.final).
 """
 
-from sparsejax import configlib
+from sparsejax.run import configlib
 
 
 def get_config(arg=None):

@@ -5,7 +5,7 @@ Time:      measured 82 s wall (39 s CPU) for 300 steps on a busy 2-core CPU.
 Result:    validation loss 2.11 nats/byte on the fixed final evaluation set.
 """
 
-from sparsejax import configlib
+from sparsejax.run import configlib
 
 
 def get_config(arg=None):

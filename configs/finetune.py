@@ -14,7 +14,7 @@ leaves the ``test``/``tests`` folders out), then this recipe on those folders
 (Kurtic et al. 2023). The ``model.*`` keys must be the ``init_from`` run's.
 """
 
-from sparsejax import configlib
+from sparsejax.run import configlib
 
 
 def get_config(arg=None):

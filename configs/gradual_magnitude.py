@@ -10,7 +10,7 @@ Time:      measured 112 s wall (58 s CPU) for 300 steps on a busy 2-core CPU.
 Result:    validation loss 2.15 nats/byte at final sparsity 0.5 (N_avg 85.9k of 116.5k).
 """
 
-from sparsejax import configlib
+from sparsejax.run import configlib
 
 
 def get_config(arg=None):

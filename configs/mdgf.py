@@ -9,7 +9,7 @@ Result:    validation loss 2.27 nats/byte at 1:8 (beta_t = 1 - 0.005 t reaches 0
            hard masks from step 270; N_avg 30.5k of 116.5k).
 """
 
-from sparsejax import configlib
+from sparsejax.run import configlib
 
 
 def get_config(arg=None):

@@ -9,7 +9,7 @@ Result:    validation loss 2.29 nats/byte at sparsity 0.75 (N_avg 42.7k of 116.5
            ERK at the same sparsity reaches 2.26, SET 2.25 (configs/static_random.py, set.py).
 """
 
-from sparsejax import configlib
+from sparsejax.run import configlib
 
 
 def get_config(arg=None):

@@ -9,7 +9,7 @@ Result:    validation loss 2.31 nats/byte at 1:8 (frames 7:8, 4:8, 2:8, 1:8 star
            68, 135, 202; hard masks from step 270; N_avg 58.2k of 116.5k).
 """
 
-from sparsejax import configlib
+from sparsejax.run import configlib
 
 
 def get_config(arg=None):

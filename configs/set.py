@@ -10,7 +10,7 @@ Result:    validation loss 2.25 nats/byte at sparsity 0.75 (N_avg 42.7k of 116.5
            2.29 and static random ERK 2.26 on this tiny model (configs/rigl.py).
 """
 
-from sparsejax import configlib
+from sparsejax.run import configlib
 
 
 def get_config(arg=None):

@@ -12,7 +12,7 @@ remaining weights, global magnitude) and repeats. Results: ``DIR/soup.json``; ev
 ingredient and soup is a run dir (``sparsejax.load``, ``sparsejax export``).
 """
 
-from sparsejax import configlib
+from sparsejax.run import configlib
 
 
 def get_config(arg=None):

@@ -1,7 +1,7 @@
 """Sparse-IFT: a GPT whose attention and MLP linears are replaced by iso-FLOP sparse layers.
 
 Thangarasa et al. 2023, "Sparse Iso-FLOP Transformations for Maximizing Training Efficiency"
-(``sparsejax.sparse_ift``): Sparse Wide, Parallel, Factorized or Doped at sparsity ``s``,
+(``sparsejax.models.sparse_ift``): Sparse Wide, Parallel, Factorized or Doped at sparsity ``s``,
 trained with RigL (Evci et al. 2020) at that same constant sparsity, as in the paper, with
 uniform per-layer allocation so every transformed layer costs its dense layer's FLOPs.
 Arguments: ``family`` (wide, parallel, factorized, doped; empty for the dense baseline) and
@@ -21,7 +21,7 @@ Result:    at those settings (2 seeds), validation loss dense 2.347, Sparse Wide
            2.544 / 2.592 nats/byte (issue 13's closing note: FLOPs and seed spreads).
 """
 
-from sparsejax import configlib
+from sparsejax.run import configlib
 
 SPARSITIES = (0.5, 0.75)
 

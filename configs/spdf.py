@@ -11,7 +11,7 @@ Result:    validation loss 2.24 nats/byte, dense at the end (N_avg 61.2k of 116.
            static recipe kept sparse reaches 2.26 (configs/static_random.py).
 """
 
-from sparsejax import configlib
+from sparsejax.run import configlib
 
 
 def get_config(arg=None):

@@ -8,7 +8,7 @@ Result:    validation loss 2.27 nats/byte with 2:4 forward weights (N_avg 67.3k 
            dense reaches about 2.1 in the same steps (benchmarks/methods_compare.py).
 """
 
-from sparsejax import configlib
+from sparsejax.run import configlib
 
 
 def get_config(arg=None):

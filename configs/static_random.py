@@ -11,7 +11,7 @@ Result:    validation loss 2.26 nats/byte at sparsity 0.75 (N_avg 42.7k of 116.5
 kernels (``pallas_kernels.layers.BSRLinear``) with a static random block mask instead.
 """
 
-from sparsejax import configlib
+from sparsejax.run import configlib
 
 
 def get_config(arg=None):

@@ -1,5 +1,9 @@
 """sparsejax: sparse pre-training and sparse scaling laws in JAX/Flax.
 
+The top level is the Optax library (masks, scores, allocations, schedules, methods,
+``sparsify``); the run framework lives in :mod:`sparsejax.run` (config -> build -> train ->
+run dir), :mod:`sparsejax.downstream` (load, fine-tune, export) and :mod:`sparsejax.sweep`.
+
 Mask transforms compose with Optax::
 
     import optax, sparsejax
@@ -11,9 +15,9 @@ Mask transforms compose with Optax::
     )
 """
 
+from typing import TYPE_CHECKING, Any
+
 from sparsejax import allocation, axes, masks, methods, prunable, schedules, scores
-from sparsejax.export import load_export
-from sparsejax.loading import Loaded, load
 from sparsejax.prunable import describe
 from sparsejax.state import (
     SparsityStats,
@@ -27,7 +31,27 @@ from sparsejax.state import (
 )
 from sparsejax.transforms import SparsifyState, sparsify
 
+if TYPE_CHECKING:
+    from sparsejax.downstream.export import load_export
+    from sparsejax.downstream.loading import Loaded, load
+
 __version__ = "0.1.0"
+
+# The run framework's entry points a user reaches from the package (``sparsejax.load(run_dir)``),
+# imported on first use: ``import sparsejax`` stays the Optax library (no orbax, no data).
+_LAZY = {
+    "load": "sparsejax.downstream.loading",
+    "Loaded": "sparsejax.downstream.loading",
+    "load_export": "sparsejax.downstream.export",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sparsejax' has no attribute {name!r}")
 
 __all__ = [
     "Loaded",

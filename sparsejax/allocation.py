@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from sparsejax import prunable as _prunable
 from sparsejax.checks import sparsity as _check_sparsity
+from sparsejax.paths import path_str
 
 Predicate = _prunable.Predicate
 NAMES = ("uniform", "erk", "er")
@@ -138,7 +139,7 @@ def explicit(
     """
     d = _check_sparsity("default", default)
     flat, treedef, flags = _selected(params, prunable)
-    names = [_prunable.path_str(path) for path, _ in flat]
+    names = [path_str(path) for path, _ in flat]
     valid = {n for n, f in zip(names, flags, strict=True) if f}
     for key, value in per_leaf.items():
         if key not in valid:

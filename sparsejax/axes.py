@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from sparsejax.prunable import components, path_str
+from sparsejax.paths import components, path_str
 
 AxisSpec = str | int | tuple[int, ...] | Mapping[str, Any]
 

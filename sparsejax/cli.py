@@ -35,7 +35,7 @@ commands:
   soup    --config FILE.py[:key=val,...] --workdir DIR [--config.KEY=VALUE ...]
   oneshot RUN_DIR [--sparsities S,...] [--score magnitude|wanda|gblm] [--structure STRUCTURE]
 """
-OVERRIDES_HELP = ("Overrides: --config.KEY=VALUE for any key of sparsejax.configlib.base(), "
+OVERRIDES_HELP = ("Overrides: --config.KEY=VALUE for any key of sparsejax.run.configlib.base(), "
                   "e.g. --config.train.steps=200 --config.sparsity.final=0.75. "
                   "FILE.py:arg takes key=val,... (dotted keys, or size, steps, final).")
 EXIT_USAGE, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 2, 1, 130
@@ -67,7 +67,7 @@ def _parse_config(spec: str, overrides: list[str]) -> tuple[Any, dict[str, Any]]
     from absl import flags
     from ml_collections import config_flags
 
-    from sparsejax import configlib
+    from sparsejax.run import configlib
 
     for item in overrides:
         m = re.fullmatch(r"--config\.([A-Za-z0-9_.]+)=(.*)", item, re.S)
@@ -93,7 +93,7 @@ def _parse_config(spec: str, overrides: list[str]) -> tuple[Any, dict[str, Any]]
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
-    from sparsejax.runlog import number
+    from sparsejax.run.rundir import number
 
     return "n/a" if value is None else format(number(value), spec)
 
@@ -104,7 +104,7 @@ def train_main(argv: list[str], command: str) -> int:
                        "run dir (resumed if it holds checkpoints)")
     args, rest = p.parse_known_args(argv)
     config, _ = _parse_config(args.config, rest)
-    from sparsejax import experiment
+    from sparsejax.run import experiment
 
     try:
         summary = experiment.run(config, args.workdir, progress=not args.noprogress)
@@ -127,10 +127,10 @@ def _report(summary: dict[str, Any], run_dir: Path) -> int:
 
 
 def _interrupted(run_dir: Path, command: str) -> int:
-    from sparsejax import runlog
+    from sparsejax.run import rundir
 
     if (run_dir / "summary.json").is_file():
-        s = runlog.run_status(run_dir)
+        s = rundir.run_status(run_dir)
         where = f"status '{s['status']}', last checkpoint at step {s['step']} in {run_dir}"
     else:
         where = f"before training started in {run_dir}"
@@ -202,7 +202,7 @@ def status_main(argv: list[str]) -> int:
                 "left 'running' by a process that is gone reads as 'interrupted'.")
     p.add_argument("path", metavar="RUN_DIR|SWEEP_DIR")
     args = p.parse_args(argv)
-    from sparsejax import runlog
+    from sparsejax.run import rundir
 
     path = Path(args.path)
     if not path.is_dir():
@@ -214,7 +214,7 @@ def status_main(argv: list[str]) -> int:
                          "subfolders)")
     print(f"{'run':<32} {'status':<12} {'step':>8} {'loss':>8} {'wall_s':>9}")
     for run in runs:
-        s = runlog.run_status(run)
+        s = rundir.run_status(run)
         print(f"{run.name:<32} {s['status']:<12} {s['step'] or 0:>8} {_fmt(s['loss']):>8} "
               f"{_fmt(s['wall_time_s'], '.1f'):>9}")
     return 0
@@ -247,7 +247,8 @@ def export_main(argv: list[str]) -> int:
         except ValueError:
             raise UsageError(f"export: --block must be two ints >= 1 BK,BN, got "
                              f"{args.block!r}") from None
-    from sparsejax import checkpoint, export
+    from sparsejax.downstream import export
+    from sparsejax.run import checkpoint
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
@@ -271,7 +272,7 @@ def soup_main(argv: list[str], command: str) -> int:
                        "soup dir (one run dir per ingredient and soup)")
     args, rest = p.parse_known_args(argv)
     config, _ = _parse_config(args.config, rest)
-    from sparsejax import soup
+    from sparsejax.downstream import soup
 
     try:
         result = soup.soup(config, args.workdir, progress=not args.noprogress)
@@ -286,7 +287,7 @@ def soup_main(argv: list[str], command: str) -> int:
 
 def oneshot_main(argv: list[str]) -> int:
     """Prune the latest checkpoint in one shot at each sparsity; the essential-sparsity knee."""
-    from sparsejax import oneshot
+    from sparsejax.downstream import oneshot
 
     p = _Parser("oneshot", description="Prune a run's checkpoint without retraining at each "
                 "sparsity, evaluate on the validation split, write RUN_DIR/oneshot.json and "
@@ -362,7 +363,7 @@ def _dispatch(argv: list[str], command: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``sparsejax`` entry point; returns the exit status."""
-    from sparsejax.runlog import RunDirBusyError
+    from sparsejax.run.rundir import RunDirBusyError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv

@@ -26,7 +26,7 @@ import numpy as np
 from sparsejax import axes as axes_lib
 from sparsejax import radix
 from sparsejax.axes import AxisSpec
-from sparsejax.prunable import path_str
+from sparsejax.paths import path_str
 from sparsejax.radix import sortable_key
 
 

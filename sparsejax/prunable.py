@@ -24,6 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax import axes as axes_lib
+from sparsejax.paths import components, path_str
+
 Predicate = Callable[[tuple, Any], bool]
 
 # Component patterns (fnmatch on a whole lower-cased component) the default keeps dense.
@@ -36,32 +39,15 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
     "*norm", "layernorm*", "batchnorm*", "groupnorm*", "rmsnorm*", "ln", "ln_*", "bn",
     # per-feature vectors
     "bias", "scale",
-    # the dense low-rank path of a Sparse-IFT Doped layer (sparsejax.sparse_ift.SparseDoped)
+    # the dense low-rank path of a Sparse-IFT Doped layer (sparsejax.models.sparse_ift.SparseDoped)
     "lowrank",
 )
 
 _INDEX = re.compile(r"_?\d+$")
 
 
-def path_str(path: Sequence[Any]) -> str:
-    """Render a key path as ``"a/b/0/kernel"`` (names as written, no brackets)."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
 
 
-def components(path: Sequence[Any]) -> list[str]:
-    """Lower-cased path components, without the ``.value`` attribute of an NNX variable."""
-    parts = path_str(path).lower().split("/")
-    if path and getattr(path[-1], "name", None) == "value":  # nnx.State: ".../kernel/.value"
-        parts = parts[:-1]
-    return parts
 
 
 def _matches(component: str, pattern: str) -> bool:
@@ -198,8 +184,6 @@ def describe(
     dense/kernel  (4, 2)  float64  yes       floating point, ndim >= 2, no excluded component
     prunable: 1 of 2 leaves, 8 of 10 entries (80.0%)
     """
-    from sparsejax import axes as axes_lib  # axes imports this module
-
     pred = resolve(prunable)
     rows, n_leaves, n_yes, total, total_yes = [], 0, 0, 0, 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sparsejax import prunable as prunable_lib
+from sparsejax.paths import path_str
 
 Score = Callable[[Any, Any, Any], Any]
 
@@ -43,7 +43,7 @@ def magnitude(params: Any, grads: Any = None, key: Any = None) -> Any:
 def leaf_key(key: jax.Array, path: Any) -> jax.Array:
     """``fold_in(key, crc32(path_str(path)) & 0x7FFFFFFF)``: a leaf's own key, a stable function
     of its path alone (the same across runs, processes and tree edits elsewhere)."""
-    name = prunable_lib.path_str(path).encode()
+    name = path_str(path).encode()
     return jax.random.fold_in(key, zlib.crc32(name) & 0x7FFFFFFF)
 
 

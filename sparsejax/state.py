@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sparsejax import prunable as prunable_lib
+from sparsejax.paths import path_str
 from sparsejax.transforms import (
     COMPOSE_HINT,
     SparsifyState,
@@ -183,7 +183,7 @@ def check(params: Any, opt_state: Any) -> Any:
 
 def violations_report(per_leaf: Any, limit: int = 5) -> str:
     """``"a/kernel: 3, b/kernel: 1"`` for the leaves of a :func:`check` result that are > 0."""
-    rows = [(prunable_lib.path_str(p), int(v))
+    rows = [(path_str(p), int(v))
             for p, v in jax.tree_util.tree_flatten_with_path(per_leaf)[0] if int(v)]
     text = ", ".join(f"{name}: {v}" for name, v in rows[:limit])
     return text + (f" (and {len(rows) - limit} more leaves)" if len(rows) > limit else "")

@@ -39,7 +39,7 @@ def final_state(run_dir: Path, step: int = STEPS) -> dict:
     import jax
     import numpy as np
 
-    from sparsejax import checkpoint
+    from sparsejax.run import checkpoint
 
     raw = checkpoint.load_raw(run_dir, step)
     flat = lambda tree: {checkpoint._path_name(p): np.asarray(x)  # noqa: E731
@@ -67,7 +67,8 @@ def hlo_check(out: dict) -> None:
     import jax.numpy as jnp
     from flax import nnx
 
-    from sparsejax import distributed, experiment, methods, prunable
+    from sparsejax import methods, prunable
+    from sparsejax.run import distributed, experiment
 
     exp = experiment.build(config())
     params = nnx.to_pure_dict(nnx.split(exp.model, nnx.Param, ...)[1])
@@ -104,7 +105,7 @@ def _single_device(out_dir: Path) -> None:
     """The reference: ``train.run`` on a mesh of this process's first device."""
     import jax
 
-    from sparsejax import distributed, experiment, train
+    from sparsejax.run import distributed, experiment, train
 
     exp = experiment.build(config())
     one = distributed.make_mesh(distributed.MeshShape(1, 1), jax.devices()[:1])
@@ -119,7 +120,7 @@ def _single_device(out_dir: Path) -> None:
 
 def _resume(out_dir: Path, data: int, fsdp: int) -> dict:
     """Copy the (2, 4) run dir, drop its last checkpoint, resume on ``(data, fsdp)``."""
-    from sparsejax import experiment
+    from sparsejax.run import experiment
 
     name = f"resume_{data}x{fsdp}"
     shutil.copytree(out_dir / "mesh_2x4", out_dir / name)
@@ -142,7 +143,7 @@ def _in_threads(*calls) -> list:
 def mesh_checks(out_dir: Path) -> None:
     import jax
 
-    from sparsejax import experiment
+    from sparsejax.run import experiment
 
     assert jax.device_count() == 8, jax.devices()
     out: dict = {}
@@ -174,7 +175,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def process(out_dir: Path, port: int, pid: int) -> None:
-    from sparsejax import experiment
+    from sparsejax.run import experiment
 
     cfg = config(mesh__data=2, mesh__fsdp=4, mesh__coordinator=f"localhost:{port}",
                  mesh__num_processes=2, mesh__process_id=pid)

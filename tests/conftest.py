@@ -56,7 +56,7 @@ STEPS = 8
 
 def tiny_config(**overrides):
     """The tiny config; keyword ``section__key=value`` overrides ``section.key``."""
-    from sparsejax import configlib
+    from sparsejax.run import configlib
 
     c = configlib.apply_arg(configlib.base(), TINY)
     c.train.steps = STEPS
@@ -69,7 +69,7 @@ def tiny_config(**overrides):
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory) -> Path:
     """A completed 8-step dense run with checkpoints at steps 2, 4, 6, 8 (do not modify)."""
-    from sparsejax import experiment
+    from sparsejax.run import experiment
 
     run_dir = tmp_path_factory.mktemp("finished") / "run"
     experiment.run(tiny_config(), str(run_dir), progress=False)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparsejax.accounting import (
+from sparsejax.models import GPT, GPTConfig
+from sparsejax.run.accounting import (
     ParamCounts,
     count_params,
     flops_per_token,
@@ -17,7 +18,6 @@ from sparsejax.accounting import (
     n_avg_update,
     train_flops_per_token,
 )
-from sparsejax.models import GPT, GPTConfig
 
 
 def _toy_params():

@@ -14,8 +14,9 @@ import pytest
 from flax import nnx
 
 import sparsejax
-from sparsejax import data, masks, methods, runlog, schedules, scores, train
+from sparsejax import masks, methods, schedules, scores
 from sparsejax.models.gpt import GPT, GPTConfig, loss_fn
+from sparsejax.run import data, rundir, train
 
 
 def mlp(seed=0):
@@ -180,7 +181,7 @@ def test_static_run_never_sees_a_dense_forward(tmp_path, corpus):
     assert abs(sparse_loss - dense_loss) > 1e-3  # the two forwards differ at 90% sparsity
     train.run(GPT(CFG, rngs=nnx.Rngs(0)), tx, corpus, tmp_path / "run", steps=1, batch_size=4,
               seq_len=32, log_every=1, eval_every=1, eval_batches=1, progress=False)
-    first = runlog.read_metrics(tmp_path / "run")[0]
+    first = rundir.read_metrics(tmp_path / "run")[0]
     assert first["train_loss"] == pytest.approx(sparse_loss, rel=1e-5)
     assert first["sparsity"] == pytest.approx(0.9, abs=1e-3) and first["target_sparsity"] == (
         pytest.approx(0.9))
@@ -212,7 +213,7 @@ def test_training_loop_fails_when_zeros_break(tmp_path, corpus):
         train.run(GPT(CFG, rngs=nnx.Rngs(0)), tx, corpus, tmp_path / "run", steps=6,
                   batch_size=4, seq_len=32, log_every=2, eval_every=6, eval_batches=1,
                   progress=False)
-    assert runlog.read_json(tmp_path / "run" / "summary.json")["status"] == "failed"
+    assert rundir.read_json(tmp_path / "run" / "summary.json")["status"] == "failed"
 
 
 def test_training_loop_refuses_a_known_bad_composition(tmp_path, corpus):

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sparsejax import data
-from sparsejax.data import eval_batches, get_batch, load_corpus
+from sparsejax.run import data
+from sparsejax.run.data import eval_batches, get_batch, load_corpus
 
 
 def _ramp(n: int = 5000) -> np.ndarray:

@@ -17,11 +17,13 @@ from conftest import tiny_config
 from flax import nnx
 
 import sparsejax
-from sparsejax import checkpoint, cli, configlib, data, experiment, loading, runlog, soup
-from sparsejax.distill import SquareHeadWeights, squarehead_terms
+from sparsejax import cli
+from sparsejax.downstream import loading, soup
 from sparsejax.models.gpt import GPT
 from sparsejax.prunable import prunable_tree
-from sparsejax.train import TrainState
+from sparsejax.run import build, checkpoint, configlib, data, experiment, rundir
+from sparsejax.run.distill import SquareHeadWeights, squarehead_terms
+from sparsejax.run.train import TrainState
 
 FT_STEPS = 2  # warm-up 1: step 0 runs at lr 0, step 1 moves every trainable weight
 
@@ -46,7 +48,7 @@ def _restored_training_state(run_dir):
     forward weights the training loop evaluated, and the state."""
     config = loading.read_config(run_dir)
     tx = experiment.check(config).tx
-    cfg = experiment.model_config(config, vocab_size=256)  # the byte corpus
+    cfg = build.model_config(config, vocab_size=256)  # the byte corpus
     model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(config.seed)))
     graphdef, state, rest = nnx.split(model, nnx.Param, ...)
     params = nnx.to_pure_dict(state)
@@ -114,7 +116,7 @@ def test_dense_squarehead_finetune_frees_the_zeros(sparse_run, finished_run, tmp
             assert pruned.sum() and np.count_nonzero(np.asarray(pd)[pruned]) > 0.9 * pruned.sum()
     # SquareHead's objective (CE + KL + feature terms) is the logged train loss; the
     # validation loss stays the cross-entropy
-    metrics = runlog.read_metrics(tmp_path / "dense")
+    metrics = rundir.read_metrics(tmp_path / "dense")
     assert metrics[-1]["train_loss"] > metrics[-1]["val_loss"] + 0.1
 
 
@@ -169,7 +171,7 @@ def _pruned_run(src, dst, masks):
     params = jax.tree_util.tree_map(lambda p, m: np.where(m, p, 0).astype(p.dtype),
                                     loaded.params, masks)
     dst.mkdir(parents=True)
-    runlog.write_json(dst / "config.json", loaded.config.to_dict())
+    rundir.write_json(dst / "config.json", loaded.config.to_dict())
     checkpoint.save_weights(dst, 0, params, masks)
     return sparsejax.load(dst)
 

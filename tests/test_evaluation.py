@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparsejax import configlib, data, evaluation, oneshot
+from sparsejax.downstream import oneshot
+from sparsejax.run import configlib, data, evaluation
 
 
 def test_summary_loss_and_se_match_a_numpy_recomputation(finished_run):

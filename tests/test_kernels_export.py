@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 
 from pallas_kernels import BSRMatrix, NMMatrix
-from sparsejax.export import ExportRefused, export_params, read_export, save_export, summary_table
+from sparsejax.downstream.export import (
+    ExportRefused,
+    export_params,
+    read_export,
+    save_export,
+    summary_table,
+)
 
 
 def make_params():

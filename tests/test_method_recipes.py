@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import STEPS, TINY
 
-from sparsejax import configlib, experiment, runlog
+from sparsejax.run import configlib, experiment, rundir
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = "1,32,2,64"  # one block, d_model 32: every contraction dim divides by 8
@@ -36,7 +36,7 @@ def test_recipe_lowers_the_loss(tmp_path, name, final_sparsity):
     if name in ("rigl", "set"):
         c.sparsity.update_every = 2  # a drop/grow at steps 2 and 4 of the 8
     summary = experiment.run(c, str(tmp_path / "run"), progress=False)
-    records = runlog.read_metrics(tmp_path / "run")
+    records = rundir.read_metrics(tmp_path / "run")
     assert summary["status"] == "completed"
     # counts come from the masks for straight-through methods too (dense weights at init)
     assert 0 < summary["n_prunable"] < summary["n_params"]

@@ -11,13 +11,15 @@ import jax
 import numpy as np
 import pytest
 
-from sparsejax import cli, oneshot, runlog
+from sparsejax import cli
 from sparsejax import prunable as prunable_lib
 from sparsejax import scores as scores_lib
+from sparsejax.downstream import oneshot
+from sparsejax.run import rundir
 
 
 def _run_eval_loss(run_dir) -> float:
-    return [r for r in runlog.read_metrics(run_dir) if r.get("val_loss") is not None][-1][
+    return [r for r in rundir.read_metrics(run_dir) if r.get("val_loss") is not None][-1][
         "val_loss"]
 
 

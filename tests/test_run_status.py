@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from conftest import TINY, tiny_config
 
-from sparsejax import checkpoint, cli, experiment, runlog
+from sparsejax import cli
+from sparsejax.run import checkpoint, experiment, rundir
 
 ROOT = Path(__file__).resolve().parents[1]
 def copy_run(src: Path, tmp_path: Path) -> Path:
@@ -126,10 +127,10 @@ def test_divergence_stops_with_status_diverged(tmp_path, capsys):
     assert "diverged" in capsys.readouterr().err
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["diverged_step"] < 40
-    records = runlog.read_metrics(run_dir)
+    records = rundir.read_metrics(run_dir)
     assert records[-1]["step"] == summary["diverged_step"]  # stopped at the first bad log step
     assert all(np.isfinite(r["train_loss"]) for r in records[:-1])
-    assert not np.isfinite(runlog.number(records[-1]["train_loss"]))
+    assert not np.isfinite(rundir.number(records[-1]["train_loss"]))
     assert isinstance(records[-1]["train_loss"], str)  # "nan"/"inf": valid JSON
     assert checkpoint.latest_step(run_dir) < summary["diverged_step"]
     assert cli.main(args) == 1  # a rerun reports the same, without crashing or retraining
@@ -141,16 +142,16 @@ def test_stale_lock_taken_over_and_status_reads_interrupted(finished_run, tmp_pa
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (run_dir / "lock").write_text(f"{dead.pid}\n")
-    summary = runlog.read_json(run_dir / "summary.json")
-    runlog.write_json(run_dir / "summary.json", {**summary, "status": "running"})
-    assert runlog.lock_owner(run_dir) is None
+    summary = rundir.read_json(run_dir / "summary.json")
+    rundir.write_json(run_dir / "summary.json", {**summary, "status": "running"})
+    assert rundir.lock_owner(run_dir) is None
     assert cli.main(["status", str(run_dir)]) == 0
     line = capsys.readouterr().out.splitlines()[1].split()
     assert line[:3] == ["run", "interrupted", "8"]
-    with runlog.RunLock(run_dir):  # the dead process's lock is taken over
-        assert runlog.lock_owner(run_dir) == os.getpid()
-        with pytest.raises(runlog.RunDirBusyError, match=str(os.getpid())):
-            runlog.RunLock(run_dir).__enter__()
+    with rundir.RunLock(run_dir):  # the dead process's lock is taken over
+        assert rundir.lock_owner(run_dir) == os.getpid()
+        with pytest.raises(rundir.RunDirBusyError, match=str(os.getpid())):
+            rundir.RunLock(run_dir).__enter__()
     assert not (run_dir / "lock").exists()
 
 

@@ -18,7 +18,8 @@ import jax
 import numpy as np
 import pytest
 
-from sparsejax import checkpoint, configlib, distributed, radix
+from sparsejax import radix
+from sparsejax.run import checkpoint, configlib, distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = ROOT / "tests" / "_scale_out_child.py"

@@ -22,9 +22,10 @@ import pytest
 from conftest import tiny_config
 from flax import nnx
 
-from sparsejax import accounting, configlib, experiment, sparse_ift
+from sparsejax.models import sparse_ift
 from sparsejax.models.gpt import GPT, GPTConfig, loss_fn
 from sparsejax.prunable import path_str, prunable_tree
+from sparsejax.run import accounting, build, configlib, experiment
 
 S = 0.75
 CFG = GPTConfig.from_variant("1,16,2,32", n_ctx=16, vocab_size=32)  # L, d, n_head, ff
@@ -275,17 +276,17 @@ def test_wide_layers_iso_flop_through_the_config():
     s, d, ff = 0.5, 64, 256
     c = tiny_config(model__sparse_ift__family="wide", model__sparse_ift__sparsity=s,
                     sparsity__method="static", sparsity__final=s, model__size=f"1,{d},4,{ff}")
-    wide = experiment.check(c).model_cfg
+    wide = build.check(c).model_cfg
     assert (wide.d_model, wide.d_ff) == (96, 364)
     shapes = {"q": (96, 96), "in": (96, 364), "out": (364, 96)}
     dense = {"q": d * d, "in": d * ff, "out": d * ff}
     scores = {k: jnp.asarray(np.random.default_rng(0).random(v), jnp.float32)
               for k, v in shapes.items()}
-    select = experiment.allocation(c)
+    select = build.allocation(c)
     masks = jax.jit(lambda sc: select(sc, None, dict.fromkeys(shapes, True)))(scores)
     for k, m in masks.items():
         assert int(m.sum()) == pytest.approx(dense[k], rel=0.01), k
-    assert experiment.target_sparsity(c) == pytest.approx(
+    assert build.target_sparsity(c) == pytest.approx(
         1 - (4 * d * d + 2 * d * ff) / (4 * 96**2 + 2 * 96 * 364), rel=1e-12)
     assert (1 - s) * 96**2 / (d * d) == pytest.approx(1.125)  # the miss one s would make
 
@@ -325,7 +326,7 @@ def _bsr_config(family: str):
         "model.linear=bsr,sparsity.method=static,sparsity.score=random,sparsity.final=0.5,"
         "model.n_ctx=16,train.seq_len=16"))
     configlib.set_key(c, "model.size", "1,32,2,64")
-    return c, dataclasses.replace(experiment.check(c).model_cfg, vocab_size=CFG.vocab_size)
+    return c, dataclasses.replace(build.check(c).model_cfg, vocab_size=CFG.vocab_size)
 
 
 def test_bsr_wide_trains():
@@ -334,7 +335,7 @@ def test_bsr_wide_trains():
     accounting; it trains on the kernels' CPU path (loss drops)."""
     c, cfg = _bsr_config("wide")
     assert (cfg.d_model, cfg.d_ff) == (48, 96)  # 45.3, 90.5 up to multiples of 16
-    model = GPT(cfg, rngs=nnx.Rngs(0), linear=experiment.linear_factory(c))
+    model = GPT(cfg, rngs=nnx.Rngs(0), linear=build.linear_factory(c))
     stats = accounting.structural_stats(model, _params(model))
     # each layer keeps its iso-FLOP share of 16x16 blocks: 32·32/48² = 4 of 9 (attention),
     # 32·64/(48·96) = 8 of 18 (MLP): 4·4 + 2·8 = 32 blocks, the dense block's 8192 weights
@@ -349,7 +350,7 @@ def test_bsr_layers_run():
     linears cycle through parallel, factorized, doped (one build instead of three): half the
     blocks of every sparse part kept, Doped's low-rank a dense Param, Factorized's rank a
     multiple of the block; forward and backward traced through the kernels."""
-    factories = {f: experiment.linear_factory(_bsr_config(f)[0]) for f in LAYER_FAMILIES}
+    factories = {f: build.linear_factory(_bsr_config(f)[0]) for f in LAYER_FAMILIES}
     order = iter(LAYER_FAMILIES * 2)  # query, key, value, out, fc_in, fc_out
 
     def linear(*args, **kwargs):

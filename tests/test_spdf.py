@@ -77,7 +77,7 @@ def test_bad_switch_step(bad):
 def test_spdf_recipe_trains_and_accounts_for_the_switch(tmp_path):
     from conftest import tiny_config
 
-    from sparsejax import experiment, runlog
+    from sparsejax.run import experiment, rundir
 
     c = tiny_config(sparsity__method="static", sparsity__final=0.75, sparsity__score="random",
                     sparsity__allocation="erk", sparsity__dense_from=0.5)
@@ -85,7 +85,7 @@ def test_spdf_recipe_trains_and_accounts_for_the_switch(tmp_path):
     c.model.size = "1,32,2,64"  # one block: the point is the switch, not the model
     c.checkpoint.every = c.train.steps
     summary = experiment.run(c, str(tmp_path / "run"), progress=False)
-    records = runlog.read_metrics(tmp_path / "run")
+    records = rundir.read_metrics(tmp_path / "run")
     sparsity = [r["sparsity"] for r in records]  # record k is after step k (1-based)
     assert all(abs(s - 0.75) < 1e-3 for s in sparsity[:4]) and not any(sparsity[4:])
     n = summary["n_params"]

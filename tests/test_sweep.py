@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 from conftest import TINY
 
-from sparsejax import cli, configlib, data, experiment, sweep
+from sparsejax import cli, sweep
+from sparsejax.run import configlib, data, experiment
 
 RECIPE = '''
-from sparsejax import configlib
+from sparsejax.run import configlib
 
 def get_config(arg=None):
     c = configlib.apply_arg(configlib.base(), TINY_ARG)  # tests/conftest.py's
@@ -207,7 +208,7 @@ def test_core_slots_and_worker_env():
     assert all(env[k] == "1" for k in sweep.THREAD_ENV)
     # XLA_FLAGS is part of the compilation cache's key: left as it is (the affinity bounds XLA)
     assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
-    root = str(Path(sweep.__file__).resolve().parents[1])
+    root = str(Path(sweep.__file__).resolve().parents[2])
     assert env["PYTHONPATH"].split(os.pathsep)[0] == root
     env = sweep.worker_env(None, {})
     assert not any(k in env for k in sweep.THREAD_ENV) and "XLA_FLAGS" not in env

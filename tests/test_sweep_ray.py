@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 from conftest import TINY
 
-from sparsejax import cli, configlib, runlog, sweep
+from sparsejax import cli, sweep
+from sparsejax.run import configlib, rundir
+from sparsejax.sweep import launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = '''
-from sparsejax import configlib
+from sparsejax.run import configlib
 
 def get_config(arg=None):
     c = configlib.apply_arg(configlib.base(), TINY_ARG)  # tests/conftest.py's
@@ -52,7 +54,7 @@ class FakeHandle:
     def _finish(self, status: str, code: int) -> None:
         summary = {"status": status, "steps": self.run.config.train.steps,
                    "final_val_loss": 1.0 + self.run.config.seed, "val_loss_se": 0.1}
-        runlog.write_json(self.run_dir / "summary.json", summary)
+        rundir.write_json(self.run_dir / "summary.json", summary)
         if code:
             with (self.run_dir / sweep.WORKER_LOG).open("a") as f:
                 f.write(f"sparsejax: error: fake {status}\n")
@@ -112,7 +114,7 @@ def _runs(out: Path) -> dict[str, dict]:
 
 
 def test_executor_runs_records_and_resumes(recipe, tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep, "POLL_S", 0.0)
+    monkeypatch.setattr(launcher, "POLL_S", 0.0)
     out = tmp_path / "sweep"
     ex = FakeExecutor(slots=2, fail="seed-2")
     entries = sweep.launch(recipe, out, executor=ex, progress=False, stream=open(os.devnull, "w"))
@@ -135,7 +137,7 @@ def test_executor_runs_records_and_resumes(recipe, tmp_path, monkeypatch):
 
 
 def test_executor_interrupt_signals_running_runs(recipe, tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep, "POLL_S", 0.0)
+    monkeypatch.setattr(launcher, "POLL_S", 0.0)
     out = tmp_path / "sweep"
     ex = FakeExecutor(slots=2, interrupt_at=1)  # Ctrl-C while starting the second run
     with pytest.raises(KeyboardInterrupt):
@@ -210,7 +212,7 @@ def test_ray_sweep_killed_midway_resumes(recipe, tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     runs = _runs(out)
     assert {n: e["status"] for n, e in runs.items()} == dict.fromkeys(first, "completed")
-    summary = runlog.read_json(out / SEED0 / "summary.json")
+    summary = rundir.read_json(out / SEED0 / "summary.json")
     assert summary["resumed_from"] >= 50 and summary["step"] == 300
-    steps = [r["step"] for r in runlog.read_metrics(out / SEED0)]
+    steps = [r["step"] for r in rundir.read_metrics(out / SEED0)]
     assert steps == list(range(50, 301, 50))  # one record per logged step, none twice

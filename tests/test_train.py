@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sparsejax import checkpoint, configlib, experiment, runlog, train
+from sparsejax.downstream import loading
+from sparsejax.run import build, checkpoint, configlib, experiment, rundir, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ("size=tiny,model.n_ctx=64,train.seq_len=64,train.batch_size=8,eval.batch_size=8,"
@@ -43,12 +44,12 @@ def test_gradual_run_lowers_loss_and_follows_schedule(tmp_path):
     c.sparsity.update_every = 2
     c.train.warmup_steps = 3
     summary = run_config(c, tmp_path / "run")
-    records = runlog.read_metrics(tmp_path / "run")
+    records = rundir.read_metrics(tmp_path / "run")
     assert [r["step"] for r in records] == list(range(2, 31, 2))
     assert records[-1]["train_loss"] < records[0]["train_loss"] - 1.0
     assert summary["val_loss"] < 4.0 and summary["status"] == "completed"
     n_prunable = summary["n_prunable"]
-    sched = experiment.sparsity_schedule(c)
+    sched = build.sparsity_schedule(c)
     for r in records:
         target = float(sched(r["step"] - 1))
         assert r["target_sparsity"] == pytest.approx(target)
@@ -60,12 +61,12 @@ def test_gradual_run_lowers_loss_and_follows_schedule(tmp_path):
                      for t in range(30)])
     assert summary["n_avg"] == pytest.approx(n_avg, rel=1e-6)
     # load for fine-tuning: dense (SPDF) and with masks
-    params, masks = checkpoint.load_for_finetuning(tmp_path / "run", dense=True)
+    params, masks = loading.load_for_finetuning(tmp_path / "run", dense=True)
     assert masks is None
     blocks = params["blocks"]
     k = (blocks["0"] if "0" in blocks else blocks[0])["mlp"]["fc_in"]["kernel"]
     assert (k == 0).any()
-    _, masks = checkpoint.load_for_finetuning(tmp_path / "run", dense=False)
+    _, masks = loading.load_for_finetuning(tmp_path / "run", dense=False)
     assert masks is not None
 
 
@@ -103,8 +104,8 @@ def test_sigkill_resume_is_bitwise_equal(tmp_path, capsys):
     assert proc.returncode == -signal.SIGKILL
     assert checkpoint.latest_step(killed) < steps
     assert json.loads((killed / "summary.json").read_text())["status"] == "running"
-    assert runlog.run_status(killed)["status"] == "interrupted"  # its process is gone
-    assert runlog.run_status(killed)["step"] == checkpoint.latest_step(killed)
+    assert rundir.run_status(killed)["status"] == "interrupted"  # its process is gone
+    assert rundir.run_status(killed)["step"] == checkpoint.latest_step(killed)
     capsys.readouterr()
     assert cli.main(_cli(killed, steps)[3:]) == 0  # the same command resumes
     assert "final validation loss" in capsys.readouterr().out
@@ -120,9 +121,9 @@ def test_sigkill_resume_is_bitwise_equal(tmp_path, capsys):
     assert sb["resumed_from"] > 0
     for key in ("train_loss", "val_loss", "n_active", "n_avg", "flops", "sparsity", "step"):
         assert sa[key] == sb[key], key
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in runlog.TIMING_FIELDS}
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in rundir.TIMING_FIELDS}
                         for r in rs]
-    assert strip(runlog.read_metrics(ref)) == strip(runlog.read_metrics(killed))
+    assert strip(rundir.read_metrics(ref)) == strip(rundir.read_metrics(killed))
 
     # unstructured pruning saves nothing as BSR: the export is refused (in-process CLI call)
     assert cli.main(["export", "--format", "bsr", str(ref), "--block", "16,16"]) == 2
@@ -156,7 +157,7 @@ def test_static_block_sparse_training_on_bsr_kernels(tmp_path):
     summary = run_config(c, tmp_path / "bsr")
     assert summary["status"] == "completed"
     assert summary["sparsity"] == pytest.approx(0.75)
-    params, _ = checkpoint.load_for_finetuning(tmp_path / "bsr")
+    params, _ = loading.load_for_finetuning(tmp_path / "bsr")
     blocks = params["blocks"]
     fc_in = (blocks["0"] if "0" in blocks else blocks[0])["mlp"]["fc_in"]
     assert fc_in["values"].shape == (16, 16, 16)  # 64x256 in 16x16 blocks, 25% kept

@@ -27,7 +27,7 @@ STEPS = (50, 100, 200)
 
 
 def get_config(arg=None):
-    from sparsejax import configlib
+    from sparsejax.run import configlib
 
     c = journey_tiny.get_config()
     c.train.warmup_steps = 10

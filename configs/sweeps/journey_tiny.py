@@ -27,7 +27,7 @@ Result:    `sparsejax fit DIR --compare-n`: N_avg fits best (RMSE of log loss 0.
 
 from pathlib import Path
 
-from sparsejax import configlib
+from sparsejax.run import configlib
 from sparsejax.sweep import load_recipe
 
 SIZES = ("nano", "tiny", "mini")

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax import prunable as prunable_lib
+from sparsejax import scores as scores_lib
 
 Params = Any
 Masks = Any
@@ -135,8 +136,6 @@ def check_method(method: Any) -> MaskMethod:
 def resolve_score(score: Any) -> Callable[..., Any]:
     """A score given by name (``"magnitude"``, ``"random"``, ``"saliency"``) or as a callable
     ``score(params, grads, key) -> pytree`` (e.g. ``scores.gblm_score(act_norms)``)."""
-    from sparsejax import scores as scores_lib
-
     if isinstance(score, str):
         return scores_lib.get(score)
     if score is scores_lib.gblm:
@@ -156,8 +155,6 @@ def score_name(score: Any) -> str:
 
 def needs_grads(score: Any) -> bool:
     """Whether a score reads gradients (so a one-shot mask from it waits for step 0)."""
-    from sparsejax import scores as scores_lib
-
     if isinstance(score, str):
         return score == "saliency"
     fn = getattr(score, "func", score)  # functools.partial

@@ -43,10 +43,14 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from sparsejax import calibration, data, masks, runlog
+from sparsejax import calibration, masks
 from sparsejax import prunable as prunable_lib
 from sparsejax import scores as scores_lib
+from sparsejax.downstream import loading
 from sparsejax.models.gpt import GPT, loss_fn
+from sparsejax.paths import path_str
+from sparsejax.run import data, rundir
+from sparsejax.run.train import make_eval_step
 
 SCORES = ("magnitude", "wanda", "gblm")
 ALLOCATIONS = ("global", "layerwise")
@@ -67,8 +71,6 @@ class LoadedRun:
 def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
     """Rebuild a run's GPT from ``RUN_DIR/config.json`` and load its checkpoint (the latest,
     or ``step``). Raises ``FileNotFoundError``/``ValueError`` naming the missing path."""
-    from sparsejax import loading
-
     config = loading.read_config(run_dir)
     step = loading.checkpoint_step(run_dir, step)  # names a missing checkpoint (step)
     if config.model.linear != "dense":
@@ -126,8 +128,6 @@ def knee(sparsities: Sequence[float], losses: Sequence[float], dense_loss: float
 
 def _evaluator(model: GPT):
     """The training loop's own eval step (``train.make_eval_step``) for ``model``."""
-    from sparsejax.train import make_eval_step
-
     graphdef, state, rest = nnx.split(model, nnx.Param, ...)
     return make_eval_step(graphdef, jax.tree_util.tree_structure(state), rest)
 
@@ -241,7 +241,7 @@ def oneshot(
     for path, p in jax.tree_util.tree_flatten_with_path(prunable)[0]:
         if p and not bool(jnp.all(jnp.isfinite(_at(sc, path)))):
             raise ValueError(f"score {score!r}: non-finite values at prunable leaf "
-                             f"{prunable_lib.path_str(path)}")
+                             f"{path_str(path)}")
 
     @jax.jit
     def prune_at(params, sc, s):  # params and scores as arguments: no constant folding
@@ -276,7 +276,7 @@ def oneshot(
         "levels": levels,
     }
     out = Path(out) if out is not None else run_dir / "oneshot.json"
-    runlog.write_json(out, result)
+    rundir.write_json(out, result)
     say(f"knee (essential sparsity): {'none' if k is None else f'{k:.3f}'} = the largest "
         f"sparsity whose val loss is within {100 * tolerance:g}% (relative) of dense "
         f"{dense_loss:.4f}")

@@ -31,8 +31,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from sparsejax import checkpoint, data, experiment, loading, runlog
-from sparsejax.train import make_eval_step
+from sparsejax.downstream import loading
+from sparsejax.run import checkpoint, data, experiment, rundir
+from sparsejax.run.train import make_eval_step
 
 
 def average(trees: list[Any]) -> Any:
@@ -102,10 +103,10 @@ class Evaluator:
 def _write_soup(run_dir: Path, config: ml_collections.ConfigDict, params: Any, masks: Any,
                 summary: dict[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    runlog.write_json(run_dir / "config.json", config.to_dict())
+    rundir.write_json(run_dir / "config.json", config.to_dict())
     if checkpoint.latest_step(run_dir) is None:
         checkpoint.save_weights(run_dir, 0, params, masks)
-    runlog.write_json(run_dir / "summary.json", {"status": "completed", "step": 0, **summary})
+    rundir.write_json(run_dir / "summary.json", {"status": "completed", "step": 0, **summary})
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -188,7 +189,7 @@ def soup(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: bo
                         {"sparsity": mask_sparsity(new_masks), "soup": "pruned start",
                          "from": str(cdir / config.soup.select)})
     out = {"cycles": cycles}
-    runlog.write_json(workdir / "soup.json", out)
+    rundir.write_json(workdir / "soup.json", out)
     return out
 
 

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparsejax import masks as masks_lib
 from sparsejax.models.layers import INIT_STD, LinearFactory, build_linear, dense_linear
 
 FAMILIES: tuple[str, ...] = ("wide", "parallel", "factorized", "doped")
@@ -195,8 +196,6 @@ def wide_selection(layer_sparsity: Callable[[int, int], float]) -> Callable[...,
     :func:`sparsejax.methods.static`, :func:`~sparsejax.methods.rigl`, ...) giving every
     prunable 2-D kernel its iso-FLOP sparsity :func:`wide_layer_sparsity`; the total it is
     handed is ignored (Sparse Wide fixes it by the widths: :func:`wide_sparsity`)."""
-    from sparsejax import masks as masks_lib
-
     def select(scores: Any, sparsity: Any, prunable: Any) -> Any:
         del sparsity
         per_leaf = jax.tree.map(

@@ -25,17 +25,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sparsejax import (
-    accounting,
-    checkpoint,
-    checks,
-    configlib,
-    data,
-    distributed,
-    evaluation,
-    runlog,
-)
+from sparsejax import checks
 from sparsejax.models.gpt import GPT, cross_entropy, loss_fn
+from sparsejax.run import accounting, checkpoint, configlib, data, distributed, evaluation, rundir
 from sparsejax.state import (
     SparsityStats,
     check,
@@ -94,12 +86,12 @@ def make_train_step(graphdef, params_def, rest, tx, *, fixed_flops, dense_flops,
                     shardings: tuple[Any, Any] | None = None):
     """The jitted step ``(state, inputs_BxL, targets_BxL[, loss_aux]) -> (state, metrics)``;
     ``state`` is donated. ``loss(model, x_BxL, y_BxL, loss_aux)`` replaces the cross-entropy
-    as the training objective when given (e.g. :func:`sparsejax.distill.squarehead_loss`).
+    as the training objective when given (e.g. :func:`sparsejax.run.distill.squarehead_loss`).
     Sparsity, counts and the target come from the optimizer state
     (:func:`sparsejax.sparsity_stats`, the single source of truth); ``structural`` stands in
     when the optimizer holds no masks (dense runs, and layers that are sparse by construction:
     :func:`accounting.structural_stats`). ``shardings``: ``(state, batch)`` shardings
-    (:mod:`sparsejax.distributed`); the state keeps its sharding across steps."""
+    (:mod:`sparsejax.run.distributed`); the state keeps its sharding across steps."""
 
     def loss_of(params, x_BxL, y_BxL, aux):
         model = merge_model(graphdef, params_def, rest, params)
@@ -151,9 +143,9 @@ def make_eval_step(graphdef, params_def, rest):
 
 def make_sequence_losses(graphdef, params_def, rest, mesh: jax.sharding.Mesh | None = None):
     """Per-sequence mean losses of one batch ``(B, L) -> (B,)`` float32, one compiled shape
-    for any number of batches (:mod:`sparsejax.evaluation` averages them and gives their
+    for any number of batches (:mod:`sparsejax.run.evaluation` averages them and gives their
     standard error). With a ``mesh``, host batches are split over it
-    (:func:`sparsejax.distributed.put`) and the losses come back replicated, so every process
+    (:func:`sparsejax.run.distributed.put`) and the losses come back replicated, so every process
     can read them."""
 
     def per_sequence(params, x_BxL, y_BxL):
@@ -186,7 +178,7 @@ def _check_config_matches(run_dir: Path, config: dict[str, Any] | None) -> None:
             "whether they belong to this config; restore config.json or use a new --workdir"
         )
     else:
-        runlog.write_json(path, config)
+        rundir.write_json(path, config)
 
 
 class _DeferredInterrupt:
@@ -224,7 +216,7 @@ def _holding_run_lock(fn):
         Path(workdir).mkdir(parents=True, exist_ok=True)
         if not distributed.is_main():  # process 0 holds the lock for the whole job
             return fn(model, tx, corpus, workdir, **kwargs)
-        with runlog.RunLock(Path(workdir)):
+        with rundir.RunLock(Path(workdir)):
             return fn(model, tx, corpus, workdir, **kwargs)
 
     return locked
@@ -272,12 +264,12 @@ def run(
     ``loss(model, x_BxL, y_BxL, loss_aux)``: the training objective instead of the
     cross-entropy (``train_loss`` logs it; ``val_loss`` stays the cross-entropy).
 
-    ``mesh``: the ``(data, fsdp)`` device mesh (:func:`sparsejax.distributed.make_mesh`;
+    ``mesh``: the ``(data, fsdp)`` device mesh (:func:`sparsejax.run.distributed.make_mesh`;
     default: every device on ``data``). Params, masks and optimizer state are sharded over
     ``fsdp``, batches over both axes; with several processes (``jax.distributed``) only
     process 0 writes the run dir's files and holds its lock.
 
-    Evaluation (:mod:`sparsejax.evaluation`): every ``eval_every`` steps on ``eval_batches``
+    Evaluation (:mod:`sparsejax.run.evaluation`): every ``eval_every`` steps on ``eval_batches``
     validation batches, and at the last step on ``final_eval_batches`` (default
     ``eval_batches``), both drawn with ``eval_seed``, never ``seed``, so every run of a sweep is
     scored on the same tokens. The final score is the summary's ``val_loss`` (and
@@ -285,7 +277,7 @@ def run(
     ``eval_sequences`` and the tokens' fingerprint ``eval_sha256``.
 
     A process holds ``RUN_DIR/lock`` while it trains (a second one raises
-    :class:`runlog.RunDirBusyError`). A finished run (``completed`` or ``diverged``) is
+    :class:`rundir.RunDirBusyError`). A finished run (``completed`` or ``diverged``) is
     returned as found. The run stops at the first log step whose loss is not finite, with
     status ``diverged``; ``KeyboardInterrupt`` leaves status ``interrupted`` at the last
     checkpoint's step and propagates. ``wall_time_s`` adds up over resumptions.
@@ -303,15 +295,15 @@ def run(
     distributed.check_batch("train.batch_size", batch_size, mesh)
     distributed.check_batch("eval.batch_size", eval_batch_size or batch_size, mesh)
     main = distributed.is_main()
-    write_json = runlog.write_json if main else (lambda path, obj: None)
+    write_json = rundir.write_json if main else (lambda path, obj: None)
     _check_config_matches(run_dir, config if main else None)
     distributed.sync("sparsejax-config")
     t_start = time.perf_counter()
-    previous = runlog.read_json(run_dir / "summary.json") or {}
+    previous = rundir.read_json(run_dir / "summary.json") or {}
     if previous.get("status") in ("completed", "diverged") and previous.get("steps") == steps:
         return previous  # finished: nothing to train, nothing rewritten
-    wall_base = max([runlog.number(r.get("wall_time_s")) or 0.0
-                     for r in [previous, *runlog.read_metrics(run_dir)[-1:]]])
+    wall_base = max([rundir.number(r.get("wall_time_s")) or 0.0
+                     for r in [previous, *rundir.read_metrics(run_dir)[-1:]]])
 
     graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
     params_def = jax.tree_util.tree_structure(params_state)
@@ -366,8 +358,8 @@ def run(
                  evaluation.eval_set(corpus.val, batch_size=eval_bs, seq_len=seq_len,
                                      n_batches=final_eval_batches, seed=eval_seed))
 
-    log = runlog.MetricsLog(run_dir, resume_step=start) if main else runlog.NullLog()
-    bar = runlog.Progress(steps, initial=start, enabled=progress and main)
+    log = rundir.MetricsLog(run_dir, resume_step=start) if main else rundir.NullLog()
+    bar = rundir.Progress(steps, initial=start, enabled=progress and main)
     wb = _wandb_start(wandb, run_dir, config) if main else None
     summary_base = {"n_params": counts.n_params, "n_prunable": counts.n_prunable, "steps": steps,
                     "batch_size": batch_size, "seq_len": seq_len, "eval_seed": eval_seed,
@@ -461,7 +453,7 @@ def run(
         if wb is not None:
             wb.finish()
     if not record:  # resumed a finished run: report the last logged values
-        records = runlog.read_metrics(run_dir)
+        records = rundir.read_metrics(run_dir)
         if not records:
             raise ValueError(f"{run_dir} holds its final checkpoint but metrics.jsonl has no "
                              "record to summarize; restore metrics.jsonl or use a new workdir")

@@ -7,7 +7,7 @@ copy to host first, so donated device buffers are never read after the step that
 Each save records a SHA-256 of the saved arrays in the step's metadata; resuming
 (:func:`restore_newest`) checks it and falls back past damaged checkpoints.
 
-Sharded states (:mod:`sparsejax.distributed`) restore onto the shardings of the ``like``
+Sharded states (:mod:`sparsejax.run.distributed`) restore onto the shardings of the ``like``
 state, so a checkpoint saved on one mesh resumes on another. When this process does not hold
 every shard (several hosts), the state is saved as sharded ``jax.Array`` s (each process
 writes its shards) and checked with :func:`fingerprint`, a checksum reduced across devices
@@ -29,6 +29,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from sparsejax import checks
+from sparsejax.radix import _flat_position
+from sparsejax.transforms import SparsifyState
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "damaged_checkpoints"
@@ -78,8 +80,6 @@ def _leaf_sums(x: Any, xp: Any = np) -> Any:
     reductions, so any sharding gives the same value, and any one changed word changes the
     first sum (its weight ``2 p + 1`` is odd, hence invertible mod 2**32). Same values with
     ``xp=numpy`` (host) and ``xp=jax.numpy`` (sharded arrays, reduced on their devices)."""
-    from sparsejax.radix import _flat_position
-
     w = _words(x, xp)
     u = np.uint32
     pos = (np.arange(w.size, dtype=u).reshape(w.shape) if xp is np
@@ -256,8 +256,6 @@ def _sharded_metadata(run_dir: str | Path, step: int) -> Any | None:
 
 def find_sparse_state(opt_state: Any) -> Any | None:
     """The sparsify state (a ``SparsifyState``, or its raw dict) inside an optimizer state."""
-    from sparsejax.transforms import SparsifyState
-
     if isinstance(opt_state, SparsifyState):
         return opt_state
     if isinstance(opt_state, dict):
@@ -295,23 +293,3 @@ def save_weights(run_dir: str | Path, step: int, params: Any, masks: Any | None 
         mngr.wait_until_finished()
     finally:
         mngr.close()
-
-
-def load_for_finetuning(
-    run_dir: str | Path, *, dense: bool = True, step: int | None = None
-) -> tuple[dict[str, Any], Any | None]:
-    """``(params, masks_or_None)`` of a (sparse) pre-training run, ready for a new optimizer:
-    a thin form of :func:`sparsejax.load` (the params and masks of its :class:`Loaded`, on
-    the model's own tree).
-
-    SPDF (Thangarasa et al. 2023, "SPDF: Sparse Pre-training and Dense Fine-tuning"): with
-    ``dense=True`` every weight becomes trainable again (pruned ones resume from exactly 0)
-    and the masks are ``None``; with ``dense=False`` the masks come too, for
-    ``methods.fixed`` (or set ``init_from`` and ``finetune.mode`` in a config instead).
-    """
-    from sparsejax.loading import load
-
-    loaded = load(run_dir, step=step, dense=dense)
-    if not dense and loaded.masks is None:
-        raise ValueError(f"{run_dir}: the checkpoint holds no masks (was it a dense run?)")
-    return loaded.params, loaded.masks

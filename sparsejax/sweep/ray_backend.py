@@ -3,7 +3,8 @@
 Each run of the sweep is one Ray task (Moritz et al. 2018, "Ray: A Distributed Framework for
 Emerging AI Applications") asking for the run's ``resources.cpus`` and ``resources.gpus``;
 the task starts the same worker process as the local backend (``python -m
-sparsejax.sweep_worker RUN_DIR``, :func:`sparsejax.sweep._start`), so run dirs, locks,
+sparsejax.sweep.worker RUN_DIR``, :func:`sparsejax.sweep.executors.start_worker`), so run
+dirs, locks,
 ``worker.log``, resuming and ``sweep.json`` are exactly the local backend's (planning and
 bookkeeping stay in :mod:`sparsejax.sweep`, on the machine that launches the sweep). Every
 run is submitted at once; Ray runs as many as the cluster's free resources allow.
@@ -31,17 +32,18 @@ from typing import Any
 
 import ray
 
-from sparsejax import sweep
+from sparsejax.sweep.executors import WORKER_LOG, start_worker
+from sparsejax.sweep.plan import Run
 
 CANCELLED = 130  # the exit status of a worker stopped by SIGINT
 POLL_S = 0.2
 
 
-def _run_worker(run: sweep.Run, run_dir: str, n_threads: int) -> int:
+def _run_worker(run: Run, run_dir: str, n_threads: int) -> int:
     """Inside a Ray worker: one sweep worker process for ``run``; its exit status.
 
     A cancelled task forwards SIGINT to the worker and waits for its checkpoint to land."""
-    proc = sweep._start(run, Path(run_dir), None, n_threads, 1)
+    proc = start_worker(run, Path(run_dir), None, n_threads, 1)
     try:  # short sleeps, not one blocking wait: ray.cancel's exception lands between them
         while proc.poll() is None:
             time.sleep(POLL_S)
@@ -79,7 +81,7 @@ class RayHandle:
             return CANCELLED
         except ray.exceptions.RayError as e:  # the task itself failed: say why in its log
             line = " ".join(str(e).split())[:500]
-            with (self.run_dir / sweep.WORKER_LOG).open("a") as log:
+            with (self.run_dir / WORKER_LOG).open("a") as log:
                 log.write(f"sparsejax: error: ray: {type(e).__name__}: {line}\n")
             return 1
 
@@ -100,8 +102,8 @@ class RayHandle:
 
 
 class RayExecutor:
-    """Every run as a Ray task (:mod:`sparsejax.sweep_ray`) on the cluster at ``address``, or
-    on a local Ray instance started here (``init_kwargs`` go to ``ray.init``, e.g.
+    """Every run as a Ray task (:mod:`sparsejax.sweep.ray_backend`) on the cluster at
+    ``address``, or on a local Ray instance started here (``init_kwargs`` go to ``ray.init``, e.g.
     ``num_cpus``)."""
 
     slots = 2**20  # no cap here: Ray schedules by resources
@@ -110,13 +112,13 @@ class RayExecutor:
         self.started = not ray.is_initialized()
         if self.started:
             if address is None:  # a local instance: its workers import this checkout
-                root = str(Path(__file__).resolve().parents[1])
+                root = str(Path(__file__).resolve().parents[2])
                 path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
                 init_kwargs.setdefault("runtime_env", {"env_vars": {"PYTHONPATH": path}})
                 init_kwargs.setdefault("include_dashboard", False)
             ray.init(address=address, log_to_driver=False, **init_kwargs)
 
-    def check(self, runs: list[sweep.Run]) -> None:
+    def check(self, runs: list[Run]) -> None:
         """``ValueError`` naming ``resources.*`` for a run no node of the cluster can host
         (Ray would queue it forever)."""
         nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
@@ -131,7 +133,7 @@ class RayExecutor:
                     f" fit on no node of the Ray cluster (the largest has {biggest[0]:g} CPUs,"
                     f" {biggest[1]:g} GPUs)")
 
-    def start(self, run: sweep.Run, run_dir: Path, slot: int) -> RayHandle:
+    def start(self, run: Run, run_dir: Path, slot: int) -> RayHandle:
         del slot
         run_dir.mkdir(parents=True, exist_ok=True)
         res = run.config.resources

@@ -13,7 +13,7 @@ coordinator or several processes (``mesh.coordinator``, ``mesh.num_processes``,
 ``mesh.process_id``) or the environment sets ``JAX_COORDINATOR_ADDRESS``; what the config
 leaves unset, JAX takes from the environment (its cluster detection: SLURM, Open MPI, TPU
 pods). Every process builds the same global batch from ``(seed, step)``
-(:mod:`sparsejax.data`) and hands XLA only its addressable shards (:func:`put`).
+(:mod:`sparsejax.run.data`) and hands XLA only its addressable shards (:func:`put`).
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ def squarehead_terms(
 
 def squarehead_loss(teacher: GPT, weights: SquareHeadWeights
                     ) -> tuple[Callable[[GPT, jax.Array, jax.Array, Any], jax.Array], Any]:
-    """``(loss, teacher_state)`` for :func:`sparsejax.train.run`'s ``loss``/``loss_aux``:
+    """``(loss, teacher_state)`` for :func:`sparsejax.run.train.run`'s ``loss``/``loss_aux``:
     ``loss(student, x_BxL, y_BxL, teacher_state)`` runs the teacher (its state passed as an
     argument, not baked into the compiled step as constants) and returns the SquareHead total.
     """

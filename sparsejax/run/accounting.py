@@ -28,9 +28,13 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from sparsejax.prunable import Predicate, is_embedding, path_str, resolve
+from sparsejax.paths import path_str
+from sparsejax.prunable import Predicate, default_prunable, is_embedding, resolve
+from sparsejax.state import SparsityStats
 
 
 class ParamCounts(NamedTuple):
@@ -88,11 +92,6 @@ def structural_stats(model: Any, params: Any) -> Any:
     any module with ``sparse_kernel()`` and a ``values`` Param). Their dense-equivalent size
     counts as prunable and their stored values as active, so N and the FLOP count of a
     kernel-sparse run follow its real layers, not a config value."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from sparsejax.state import SparsityStats
-
     n_stored = sum(int(np.prod(np.shape(x), dtype=np.int64))
                    for x in jax.tree_util.tree_leaves(params))
     dense = stored = 0
@@ -164,7 +163,6 @@ def block_matmul_weights(model: Any) -> tuple[int, int]:
     the other weight matrices (``ndim >= 2``), e.g. Sparse Doped's ``lowrank`` path."""
     from flax import nnx
 
-    from sparsejax.prunable import default_prunable
 
     maskable = dense = 0
     kernel_layers = []

@@ -3,7 +3,7 @@
 A scaling-law fit compares final losses across runs that differ by a few percent, so every run
 of a sweep must be scored on the *same* tokens, and the score must come with its sampling error.
 :func:`eval_set` draws ``n_batches · batch_size`` windows of the validation split with
-:func:`sparsejax.data.eval_batches` (one window drawn uniformly inside each of as many equal
+:func:`sparsejax.run.data.eval_batches` (one window drawn uniformly inside each of as many equal
 strata of the split) from a fixed *eval* seed, never the run's seed: the set is a deterministic
 function of the data, the sizes and ``eval_seed`` alone, and :func:`fingerprint` names it, so
 two runs that report the same ``eval_sha256`` in ``summary.json`` were scored on the same tokens.
@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from sparsejax import data
+from sparsejax.run import data
 
 
 class EvalSet(NamedTuple):

@@ -35,9 +35,10 @@ from flax import nnx
 from pallas_kernels.block_sparse.format import BSRLayout, BSRMatrix
 from pallas_kernels.layers import BSRLinear, NMLinear
 from pallas_kernels.nm.format import NMMatrix
-from sparsejax import safetensors_io
+from sparsejax.downstream import loading, safetensors_io
 from sparsejax.models.gpt import GPT, GPTConfig
-from sparsejax.prunable import Predicate, path_str, resolve
+from sparsejax.paths import path_str
+from sparsejax.prunable import Predicate, resolve
 
 Exported = dict[str, Any]  # {leaf path: BSRMatrix | NMMatrix | np.ndarray}
 FORMATS = ("bsr", "nm", "safetensors", "npz")
@@ -292,8 +293,6 @@ def export_run(
     plus a per-leaf summary; raises :class:`ExportRefused` with the reason and the fix when
     the structure would save less than 10% of the dense size.
     """
-    from sparsejax import loading
-
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     if fmt in LAYOUTS:

@@ -190,7 +190,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
 
     A ``running`` run whose process is gone reads as ``interrupted`` at its last checkpoint
     (the step the same command resumes from)."""
-    from sparsejax import checkpoint
+    from sparsejax.run import checkpoint
 
     summary = read_json(run_dir / "summary.json") or {}
     records = read_metrics(run_dir)

@@ -22,9 +22,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from sparsejax import checkpoint, configlib
 from sparsejax.models.gpt import GPT
-from sparsejax.prunable import path_str
+from sparsejax.paths import path_str
+from sparsejax.run import build, checkpoint, configlib
 
 
 class Loaded(NamedTuple):
@@ -81,7 +81,7 @@ def align(tree: Any, like: Any, what: str, *, scalars: bool = False) -> Any:
 
 def read_config(run_dir: str | Path) -> ml_collections.ConfigDict:
     """A run dir's ``config.json`` as a ConfigDict, keys added to the schema since the run was
-    written at their defaults (:func:`sparsejax.configlib.with_defaults`);
+    written at their defaults (:func:`sparsejax.run.configlib.with_defaults`);
     ``FileNotFoundError`` naming the path."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -116,12 +116,10 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> GPT:
     """The run's GPT to put weights on: abstract (shapes only, no random init) for dense
     layers; BSR layers are built as training built them (same seed, so the same block
     layout, which is host data)."""
-    from sparsejax import experiment
-
-    cfg = experiment.model_config(config, vocab_size)
+    cfg = build.model_config(config, vocab_size)
     if config.model.linear == "dense":
         return nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(config.seed)))
-    return GPT(cfg, rngs=nnx.Rngs(config.seed), linear=experiment.linear_factory(config))
+    return GPT(cfg, rngs=nnx.Rngs(config.seed), linear=build.linear_factory(config))
 
 
 def _forward_weight(raw: dict[str, Any]) -> float:
@@ -180,3 +178,21 @@ def load(run_dir: str | Path, *, step: int | None = None, dense: bool = False) -
     nnx.replace_by_pure_dict(state, params)
     model = nnx.merge(graphdef, state, rest)
     return Loaded(model, params, None if dense else masks, config, step)
+
+
+def load_for_finetuning(
+    run_dir: str | Path, *, dense: bool = True, step: int | None = None
+) -> tuple[dict[str, Any], Any | None]:
+    """``(params, masks_or_None)`` of a (sparse) pre-training run, ready for a new optimizer:
+    a thin form of :func:`sparsejax.load` (the params and masks of its :class:`Loaded`, on
+    the model's own tree).
+
+    SPDF (Thangarasa et al. 2023, "SPDF: Sparse Pre-training and Dense Fine-tuning"): with
+    ``dense=True`` every weight becomes trainable again (pruned ones resume from exactly 0)
+    and the masks are ``None``; with ``dense=False`` the masks come too, for
+    ``methods.fixed`` (or set ``init_from`` and ``finetune.mode`` in a config instead).
+    """
+    loaded = load(run_dir, step=step, dense=dense)
+    if not dense and loaded.masks is None:
+        raise ValueError(f"{run_dir}: the checkpoint holds no masks (was it a dense run?)")
+    return loaded.params, loaded.masks

@@ -10,7 +10,7 @@ config sets ``init_from`` to it (``configs/finetune.py``):
   pre-training left them) and the fresh optimizer's moments are zero everywhere.
 
 ``finetune.distill = "squarehead"`` adds SquareHead distillation (Kurtic et al. 2023) from the
-dense teacher run ``finetune.teacher`` (:mod:`sparsejax.distill`). :func:`check` validates
+dense teacher run ``finetune.teacher`` (:mod:`sparsejax.run.distill`). :func:`check` validates
 the run dirs a config names without loading weights; :func:`start` loads them.
 """
 
@@ -21,8 +21,10 @@ from typing import Any, NamedTuple
 import ml_collections
 import optax
 
-from sparsejax import distill, loading, schedules
+from sparsejax import schedules
+from sparsejax.downstream import loading
 from sparsejax.models.gpt import GPT, GPTConfig
+from sparsejax.run import build, distill
 
 
 class Start(NamedTuple):
@@ -80,8 +82,6 @@ def start(config: ml_collections.ConfigDict, model_cfg: GPTConfig,
           sparsity_schedule: schedules.Schedule | None) -> Start:
     """Load ``init_from`` (and the teacher) and build the optimizer that keeps or frees its
     masks. ``model_cfg`` (with the corpus's vocabulary) must be the loaded model's."""
-    from sparsejax import experiment
-
     masks = None
     if config.init_from:
         loaded = loading.load(config.init_from, step=_step(config.init_from_step),
@@ -99,8 +99,8 @@ def start(config: ml_collections.ConfigDict, model_cfg: GPTConfig,
         from flax import nnx
 
         model = GPT(model_cfg, rngs=nnx.Rngs(config.seed),
-                    linear=experiment.linear_factory(config))
-    tx, lr = experiment.optimizer(config, sparsity_schedule, masks=masks)
+                    linear=build.linear_factory(config))
+    tx, lr = build.optimizer(config, sparsity_schedule, masks=masks)
     loss = aux = None
     if config.finetune.distill == "squarehead":
         teacher = loading.load(config.finetune.teacher, step=_step(config.finetune.teacher_step),

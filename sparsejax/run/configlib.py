@@ -1,6 +1,6 @@
 """Run configs: the ``ConfigDict`` schema shared by every recipe, argument parsing, validation.
 
-Only entry points (the CLI, :func:`sparsejax.experiment.build`) read a ConfigDict; library
+Only entry points (the CLI, :func:`sparsejax.run.experiment.build`) read a ConfigDict; library
 functions take explicit arguments. Recipes in ``configs/`` start from :func:`base` and change
 values, never add keys: the base schema is the contract, and validation rejects unknown keys.
 """
@@ -18,7 +18,7 @@ KEY_ALIASES = {"size": "model.size", "steps": "train.steps", "final": "sparsity.
 MAX_STEPS = 2**31 - 1  # the step counter is int32
 # x eval.batch_size 16 = 3,840 windows of 128 tokens, nearly every disjoint one of the default
 # validation split: val_loss_se ~0.3% (measured, tiny); the recipes in configs/sweeps/ reach
-# 0.2% with data.val_fraction=0.2 and 768 batches (sparsejax.evaluation)
+# 0.2% with data.val_fraction=0.2 and 768 batches (sparsejax.run.evaluation)
 FINAL_EVAL_BATCHES = 240
 # logging / placement only: resuming may change them
 NON_RESULT_SECTIONS = ("wandb", "mesh", "resources")
@@ -31,7 +31,8 @@ def base() -> ml_collections.ConfigDict:
     c.seed = 0
     c.model = dict(size="tiny", n_ctx=128, pos="rope", tie_embeddings=True, dtype="float32",
                    linear="dense", block=32,
-                   # Sparse-IFT (sparsejax.sparse_ift): "" (none), wide, parallel, factorized, doped
+                   # Sparse-IFT (sparsejax.models.sparse_ift): "" (none), wide, parallel,
+                   # factorized, doped
                    sparse_ift=dict(family="", sparsity=0.0))
     c.data = dict(source="", cache_dir="", val_fraction=0.05)
     c.train = dict(
@@ -39,7 +40,7 @@ def base() -> ml_collections.ConfigDict:
         weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, log_every=10,
     )
     # eval.batches: the cheap periodic eval; eval.final_batches: the final score, sized for a
-    # standard error <= 0.2% (sparsejax.evaluation); eval.seed draws both, never the run's seed
+    # standard error <= 0.2% (sparsejax.run.evaluation); eval.seed draws both, never the run's seed
     c.eval = dict(every=100, batches=4, batch_size=16, final_batches=FINAL_EVAL_BATCHES, seed=0)
     c.sparsity = dict(
         method="dense", final=0.0, schedule="window", start=0.25, end=0.75, by="compute",
@@ -201,7 +202,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     got = _flatten(config)
     unknown = sorted(set(got) - set(schema))
     if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; see sparsejax.configlib.base()")
+        raise ValueError(f"unknown config key(s) {unknown}; see sparsejax.run.configlib.base()")
     missing = sorted(set(schema) - set(got))
     if missing:
         raise ValueError(f"missing config key(s) {missing}")

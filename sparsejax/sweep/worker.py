@@ -1,4 +1,4 @@
-"""One run of a sweep, in its own process: ``python -m sparsejax.sweep_worker RUN_DIR``.
+"""One run of a sweep, in its own process: ``python -m sparsejax.sweep.worker RUN_DIR``.
 
 Started by :func:`sparsejax.sweep.launch`, which writes the run's resolved config as JSON to
 the worker's stdin. Before JAX starts, the worker pins itself to its share of the cores
@@ -52,7 +52,7 @@ def _die_with_parent(parent: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Train the run; write ``RUN_DIR/worker.json`` (exit status, wall and CPU seconds of the
     whole process, cores) whatever happens."""
-    p = argparse.ArgumentParser(prog="python -m sparsejax.sweep_worker")
+    p = argparse.ArgumentParser(prog="python -m sparsejax.sweep.worker")
     p.add_argument("run_dir")
     p.add_argument("--cores", default=None, help="comma-separated CPU ids to run on")
     p.add_argument("--parent", type=int, default=None, help="the sweep's PID")
@@ -79,9 +79,9 @@ def _train(args: argparse.Namespace) -> int:
             os.sched_setaffinity(0, {int(c) for c in args.cores.split(",")})
         if args.parent is not None:
             _die_with_parent(args.parent)
-        import ml_collections
+        import ml_collections  # after the affinity is set: JAX sizes its pools on import
 
-        from sparsejax import experiment
+        from sparsejax.run import experiment
 
         config = ml_collections.ConfigDict(json.loads(sys.stdin.read()))
         summary = experiment.run(config, args.run_dir, progress=False)

@@ -1,41 +1,25 @@
-"""``build(config)``: turn a ConfigDict into the explicit pieces ``train.run`` takes.
-
-This is one of the two places that read a ConfigDict (the other is the CLI), and the one place
-that validates it: :func:`check` checks the schema and ranges (``configlib.validate``) and then
-builds the objects whose constructors check the rest (model variant, schedules, optimizer),
-so a bad value fails before any data is loaded, with ``ValueError`` naming the config key.
+"""Config -> the objects a run is made of: model config, schedules, mask method, optimizer,
+linear factory. Pure construction (no I/O, no data, no weights): :func:`check` builds them all
+to validate a config before anything is loaded.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import ml_collections
 import optax
-from flax import nnx
 
-from sparsejax import configlib, data, distributed, methods, schedules, sparse_ift
-from sparsejax.models.gpt import GPT, GPTConfig
+from pallas_kernels.layers import bsr_linear_factory
+from sparsejax import methods, schedules
+from sparsejax.models import sparse_ift
+from sparsejax.models.gpt import GPTConfig
 from sparsejax.models.layers import dense_linear
+from sparsejax.run import configlib
 from sparsejax.transforms import sparsify
-
-
-class Experiment(NamedTuple):
-    """Everything a run needs, built from a config."""
-
-    model: GPT
-    model_cfg: GPTConfig
-    tx: optax.GradientTransformation
-    lr_schedule: optax.Schedule
-    sparsity_schedule: schedules.Schedule | None  # target sparsity per step (None: dense)
-    corpus: data.Corpus
-    config: ml_collections.ConfigDict
-    loss: Any = None  # training objective loss(model, x, y, loss_aux); None: cross-entropy
-    loss_aux: Any = None  # e.g. the SquareHead teacher's state
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> GPTConfig:
@@ -63,7 +47,7 @@ def _wide_dims(config: ml_collections.ConfigDict) -> tuple[GPTConfig, GPTConfig]
 
 def target_sparsity(config: ml_collections.ConfigDict) -> float:
     """The total sparsity the mask method trains at: ``sparsity.final``, except under Sparse
-    Wide, whose widths are rounded up: there it is :func:`sparsejax.sparse_ift.wide_sparsity`
+    Wide, whose widths are rounded up: there it is :func:`sparsejax.models.sparse_ift.wide_sparsity`
     (slightly above ``s``), and each layer gets its own iso-FLOP share (:func:`allocation`)."""
     dims = _wide_dims(config)
     if dims is None:
@@ -74,7 +58,7 @@ def target_sparsity(config: ml_collections.ConfigDict) -> float:
 
 def allocation(config: ml_collections.ConfigDict) -> Any:
     """``sparsity.allocation``, or under Sparse Wide the per-layer iso-FLOP selection
-    (:func:`sparsejax.sparse_ift.wide_selection`)."""
+    (:func:`sparsejax.models.sparse_ift.wide_selection`)."""
     dims = _wide_dims(config)
     if dims is None:
         return config.sparsity.allocation
@@ -112,8 +96,6 @@ def linear_factory(config: ml_collections.ConfigDict):
     if m.linear == "dense":
         base = dense_linear
     else:
-        from pallas_kernels.layers import bsr_linear_factory
-
         dims = _wide_dims(config)
         if dims is None:
             base = bsr_linear_factory((m.block, m.block), 1.0 - config.sparsity.final)
@@ -222,52 +204,4 @@ def check(config: ml_collections.ConfigDict) -> Checked:
         schedule = sparsity_schedule(config)
     with _naming("train.* / sparsity.*"):
         tx, lr = optimizer(config, schedule)
-    if config.init_from or config.finetune.distill:
-        from sparsejax import finetune
-
-        finetune.check(config)
     return Checked(cfg, tx, lr, schedule)
-
-
-def build(config: ml_collections.ConfigDict) -> Experiment:
-    """Validate ``config`` (:func:`check`) and build model, optimizer, schedules and corpus."""
-    checked = check(config)
-    corpus = data.load_corpus(
-        config.data.source or None, cache_dir=config.data.cache_dir or None,
-        val_fraction=config.data.val_fraction,
-    )
-    cfg = dataclasses.replace(checked.model_cfg, vocab_size=corpus.vocab_size)
-    if config.init_from or config.finetune.distill:
-        from sparsejax import finetune
-
-        start = finetune.start(config, cfg, checked.sparsity_schedule)
-        return Experiment(start.model, cfg, start.tx, start.lr_schedule,
-                          checked.sparsity_schedule, corpus, config, start.loss, start.loss_aux)
-    model = GPT(cfg, rngs=nnx.Rngs(config.seed), linear=linear_factory(config))
-    return Experiment(model, cfg, checked.tx, checked.lr_schedule, checked.sparsity_schedule,
-                      corpus, config)
-
-
-def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
-        ) -> dict[str, Any]:
-    """Build ``config`` and train it in ``workdir`` (resuming from its checkpoints), on the
-    ``mesh.*`` device mesh (joining a multi-process job first when ``mesh.*`` or the
-    environment asks for one: :func:`sparsejax.distributed.initialize`)."""
-    configlib.validate(config)
-    m = config.mesh
-    distributed.initialize(distributed.Distributed(m.coordinator, m.num_processes, m.process_id))
-    exp = build(config)
-    mesh = distributed.make_mesh(distributed.MeshShape(m.data, m.fsdp))
-    from sparsejax import train  # after build: a bad config fails before the heavy imports
-
-    t, ev = config.train, config.eval
-    return train.run(
-        exp.model, exp.tx, exp.corpus, workdir, steps=t.steps, batch_size=t.batch_size,
-        seq_len=t.seq_len, seed=config.seed, lr_schedule=exp.lr_schedule,
-        eval_every=ev.every,
-        eval_batches=ev.batches, eval_batch_size=ev.batch_size,
-        final_eval_batches=ev.final_batches, eval_seed=ev.seed, log_every=t.log_every,
-        checkpoint_every=config.checkpoint.every, keep_checkpoints=config.checkpoint.keep,
-        config=config.to_dict(), wandb=config.wandb.to_dict(), progress=progress,
-        loss=exp.loss, loss_aux=exp.loss_aux, mesh=mesh,
-    )
