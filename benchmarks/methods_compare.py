@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from sparsejax.run import accounting, data, experiment, rundir
-from sparsejax.run.train import TrainState, make_train_step
+from sparsejax.run.step import TrainState, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {  # name -> (recipe file, extra overrides)

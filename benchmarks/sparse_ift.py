@@ -27,8 +27,8 @@ from flax import nnx
 
 from sparsejax.models import sparse_ift
 from sparsejax.models.gpt import GPT
-from sparsejax.run import accounting, build, configlib, data
-from sparsejax.run.train import TrainState, _flops_coefficients, _sparse_state, make_train_step
+from sparsejax.run import accounting, build, configlib, data, experiment
+from sparsejax.run.step import TrainState, flops_coefficients, make_train_step, sparse_state
 
 
 def config(size: str, family: str, s: float, *, seq: int, batch: int, bsr_block: int = 0,
@@ -42,8 +42,9 @@ def config(size: str, family: str, s: float, *, seq: int, batch: int, bsr_block:
                                "sparsity.score=random,sparsity.allocation=uniform")
     if bsr_block:
         configlib.apply_arg(c, f"model.linear=bsr,model.block={bsr_block}")
-    build.check(c)
-    return c
+    spec = configlib.validate(c)
+    experiment.check(spec)  # the whole blueprint builds
+    return spec
 
 
 def flop_table(size: str, sparsities: list[float], seq: int) -> None:
@@ -68,7 +69,7 @@ def flop_table(size: str, sparsities: list[float], seq: int) -> None:
                     if family == "wide" else lambda i, o, s=s: s)
             attn = sparse_ift.layer_flops(family, d, d, s_of(*w[0]), widened=w[0]) / (2 * d * d)
             mlp = sparse_ift.layer_flops(family, d, ff, s_of(*w[1]), widened=w[1]) / (2 * d * ff)
-            s_total = build.target_sparsity(c)
+            s_total = build.targets(c, build.wide_plan(c)).sparsity
             maskable, dense = accounting.block_matmul_weights(model)
             blocks = (maskable * (1 - s_total) + dense) / accounting.block_matmul_weights(
                 dense_model)[0]
@@ -82,14 +83,14 @@ def flop_table(size: str, sparsities: list[float], seq: int) -> None:
 def build_step(c):
     cfg = build.model_config(c, 256)
     model = GPT(cfg, rngs=nnx.Rngs(0), linear=build.linear_factory(c))
-    tx, _ = build.optimizer(c, build.sparsity_schedule(c))
+    tx = experiment.check(c).tx
     graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
     params_def = jax.tree_util.tree_structure(params_state)
     params = nnx.to_pure_dict(params_state)
     opt_state = tx.init(params)
-    sparse = _sparse_state(opt_state) is not None
+    sparse = sparse_state(opt_state) is not None
     seq, batch = c.train.seq_len, c.train.batch_size
-    fixed, dense = _flops_coefficients(model, seq)
+    fixed, dense = flops_coefficients(model, seq)
     step = make_train_step(graphdef, params_def, rest, tx, fixed_flops=fixed,
                            dense_flops=dense, tokens_per_step=float(batch * seq), sparse=sparse,
                            structural=accounting.structural_stats(model, params))

@@ -28,7 +28,7 @@ from flax import nnx
 from sparsejax import SparsifyState, methods, schedules, sparsify
 from sparsejax.models.gpt import GPT, GPTConfig
 from sparsejax.run import accounting, data
-from sparsejax.run.train import TrainState, make_train_step
+from sparsejax.run.step import TrainState, make_train_step
 
 
 def build_step(cfg: GPTConfig, tx, batch: int, seq: int, linear=None):

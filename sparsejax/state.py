@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sparsejax.errors import NoSparsifyState
 from sparsejax.paths import path_str
 from sparsejax.transforms import (
     COMPOSE_HINT,
@@ -92,7 +93,8 @@ def find_state(opt_state: Any) -> SparsifyState:
             if not isinstance(n, jax.core.Tracer) and int(n) > 0:
                 raise ValueError(violations_message(int(n), int(leaf.count) - 1))
             return leaf
-    raise ValueError("opt_state holds no sparsify state: was the optimizer built with sparsify?")
+    raise NoSparsifyState(
+        "opt_state holds no sparsify state: was the optimizer built with sparsify?")
 
 
 def masks_of(opt_state: Any) -> Any:

@@ -105,17 +105,11 @@ def _single_device(out_dir: Path) -> None:
     """The reference: ``train.run`` on a mesh of this process's first device."""
     import jax
 
-    from sparsejax.run import distributed, experiment, train
+    from sparsejax.run import configlib, distributed, experiment, train
 
-    exp = experiment.build(config())
+    spec = configlib.validate(config())
     one = distributed.make_mesh(distributed.MeshShape(1, 1), jax.devices()[:1])
-    c = exp.config
-    train.run(exp.model, exp.tx, exp.corpus, out_dir / "single", steps=STEPS,
-              batch_size=c.train.batch_size, seq_len=c.train.seq_len, seed=c.seed,
-              lr_schedule=exp.lr_schedule, eval_every=c.eval.every, eval_batches=c.eval.batches,
-              eval_batch_size=c.eval.batch_size, log_every=c.train.log_every,
-              checkpoint_every=c.checkpoint.every, keep_checkpoints=c.checkpoint.keep,
-              config=c.to_dict(), progress=False, mesh=one)
+    train.run(spec, experiment.build(spec), out_dir / "single", progress=False, mesh=one)
 
 
 def _resume(out_dir: Path, data: int, fsdp: int) -> dict:

@@ -1,4 +1,4 @@
-"""Configs: recipes validate; bad keys and values fail in one place (build.check), naming
+"""Configs: recipes validate; bad keys and values fail in one place (experiment.check), naming
 the key and the valid range."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sparsejax.run import build, configlib
+from sparsejax.run import configlib, experiment, mask_methods
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def test_config_value_errors(key, value, match):
     section, leaf = key.split(".")
     c[section][leaf] = value
     with pytest.raises(ValueError, match=match):
-        build.check(c)
+        experiment.check(c)
 
 
 def test_config_unknown_key_added():
@@ -58,7 +58,7 @@ def test_config_unknown_key_added():
     c.train.unlock()
     c.train.extra = 1
     with pytest.raises(ValueError, match="train.extra"):
-        build.check(c)
+        experiment.check(c)
 
 
 RECIPES = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
@@ -71,7 +71,7 @@ def test_recipes_validate(name):
     import sparsejax
 
     c = load_recipe(name, "size=tiny")
-    checked = build.check(c)
+    checked = experiment.check(c)
     wide = c.model.sparse_ift.family == "wide"  # Sparse Wide at s=0.75: d_model x 2
     assert checked.model_cfg.n_layer == 2 and checked.model_cfg.d_model == (128 if wide else 64)
     n = checked.model_cfg.d_model if wide else 8  # Wide's masks know its layers' shapes
@@ -94,7 +94,7 @@ def test_recipes_validate(name):
     assert float(checked.lr_schedule(c.train.warmup_steps)) == pytest.approx(c.train.lr)
     configlib.set_key(c, "train.b2", 1.5)
     with pytest.raises(ValueError, match="train.b2"):
-        build.check(c)
+        experiment.check(c)
 
 
 @pytest.mark.parametrize(
@@ -116,19 +116,19 @@ def test_training_value_errors(key, value, match):
     c = load_recipe("dense", "")
     configlib.set_key(c, key, value)
     with pytest.raises(ValueError, match=match):
-        build.check(c)
+        experiment.check(c)
 
 
 def test_window_solve_memory_bound():
     c = load_recipe("gradual_magnitude", "")
     c.train.steps = 2_000_000_000  # the compute-placed window solve would need ~48 GB
-    limit = configlib._physical_memory() // configlib.WINDOW_SOLVE_BYTES_PER_STEP
+    limit = mask_methods.physical_memory() // mask_methods.WINDOW_SOLVE_BYTES_PER_STEP
     if c.train.steps <= limit:
         pytest.skip(f"this machine could hold the solve for {c.train.steps} steps")
     with pytest.raises(ValueError, match="train.steps must be <= .* bytes per step"):
-        build.check(c)
+        experiment.check(c)
     c.sparsity.by = "steps"  # no solve: accepted
-    build.check(c)
+    experiment.check(c)
 
 
 def test_one_alias_per_key():

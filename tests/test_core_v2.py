@@ -16,7 +16,10 @@ from flax import nnx
 import sparsejax
 from sparsejax import masks, methods, schedules, scores
 from sparsejax.models.gpt import GPT, GPTConfig, loss_fn
+from sparsejax.errors import ExactnessError
 from sparsejax.run import data, rundir, train
+from sparsejax.run.build import Experiment
+from sparsejax.run.spec import EvalSpec, RunSpec, TrainSpec
 
 
 def mlp(seed=0):
@@ -179,12 +182,19 @@ def test_static_run_never_sees_a_dense_forward(tmp_path, corpus):
 
     sparse_loss, dense_loss = loss_with(pruned), loss_with(params)
     assert abs(sparse_loss - dense_loss) > 1e-3  # the two forwards differ at 90% sparsity
-    train.run(GPT(CFG, rngs=nnx.Rngs(0)), tx, corpus, tmp_path / "run", steps=1, batch_size=4,
-              seq_len=32, log_every=1, eval_every=1, eval_batches=1, progress=False)
+    train.run(_spec(steps=1, log_every=1, every=1), Experiment(GPT(CFG, rngs=nnx.Rngs(0)), tx,
+              corpus), tmp_path / "run", progress=False)
     first = rundir.read_metrics(tmp_path / "run")[0]
     assert first["train_loss"] == pytest.approx(sparse_loss, rel=1e-5)
     assert first["sparsity"] == pytest.approx(0.9, abs=1e-3) and first["target_sparsity"] == (
         pytest.approx(0.9))
+
+
+def _spec(*, steps: int, log_every: int, every: int) -> RunSpec:
+    """A hand-built run's spec: batches of 4 x 32 tokens, one eval batch."""
+    return RunSpec(train=TrainSpec(steps=steps, batch_size=4, seq_len=32, log_every=log_every,
+                                   warmup_steps=0),
+                   eval=EvalSpec(every=every, batches=1, batch_size=4, final_batches=1))
 
 
 class _ScaledState(tuple):
@@ -209,10 +219,9 @@ jax.tree_util.register_pytree_node(_ScaledState, lambda s: (tuple(s), None),
 def test_training_loop_fails_when_zeros_break(tmp_path, corpus):
     method = methods.gradual(schedules.polynomial(0.5, 0, 4, update_every=1))
     tx = scaled(sparsejax.sparsify(optax.adam(1e-2), method), 0.5)
-    with pytest.raises(ValueError, match=r"pruned weights are not 0 \(.*kernel"):
-        train.run(GPT(CFG, rngs=nnx.Rngs(0)), tx, corpus, tmp_path / "run", steps=6,
-                  batch_size=4, seq_len=32, log_every=2, eval_every=6, eval_batches=1,
-                  progress=False)
+    with pytest.raises(ExactnessError, match=r"pruned weights are not 0 \(.*kernel"):
+        train.run(_spec(steps=6, log_every=2, every=6), Experiment(GPT(CFG, rngs=nnx.Rngs(0)),
+                  tx, corpus), tmp_path / "run", progress=False)
     assert rundir.read_json(tmp_path / "run" / "summary.json")["status"] == "failed"
 
 
@@ -220,8 +229,8 @@ def test_training_loop_refuses_a_known_bad_composition(tmp_path, corpus):
     tx = optax.chain(sparsejax.sparsify(optax.adam(1e-2), methods.static(0.5)),
                      optax.clip_by_global_norm(1.0))
     with pytest.raises(ValueError, match="inside sparsify"):
-        train.run(GPT(CFG, rngs=nnx.Rngs(0)), tx, corpus, tmp_path / "run", steps=2,
-                  batch_size=4, seq_len=32, progress=False)
+        train.run(_spec(steps=2, log_every=10, every=100), Experiment(
+            GPT(CFG, rngs=nnx.Rngs(0)), tx, corpus), tmp_path / "run", progress=False)
 
 
 def test_reading_the_state_raises_after_the_zeros_broke():

@@ -276,17 +276,18 @@ def test_wide_layers_iso_flop_through_the_config():
     s, d, ff = 0.5, 64, 256
     c = tiny_config(model__sparse_ift__family="wide", model__sparse_ift__sparsity=s,
                     sparsity__method="static", sparsity__final=s, model__size=f"1,{d},4,{ff}")
-    wide = build.check(c).model_cfg
+    wide = experiment.check(c).model_cfg
     assert (wide.d_model, wide.d_ff) == (96, 364)
     shapes = {"q": (96, 96), "in": (96, 364), "out": (364, 96)}
     dense = {"q": d * d, "in": d * ff, "out": d * ff}
     scores = {k: jnp.asarray(np.random.default_rng(0).random(v), jnp.float32)
               for k, v in shapes.items()}
-    select = build.allocation(c)
+    spec = configlib.validate(c)
+    select = build.targets(spec, build.wide_plan(spec)).allocation
     masks = jax.jit(lambda sc: select(sc, None, dict.fromkeys(shapes, True)))(scores)
     for k, m in masks.items():
         assert int(m.sum()) == pytest.approx(dense[k], rel=0.01), k
-    assert build.target_sparsity(c) == pytest.approx(
+    assert build.targets(spec, build.wide_plan(spec)).sparsity == pytest.approx(
         1 - (4 * d * d + 2 * d * ff) / (4 * 96**2 + 2 * 96 * 364), rel=1e-12)
     assert (1 - s) * 96**2 / (d * d) == pytest.approx(1.125)  # the miss one s would make
 
@@ -326,7 +327,7 @@ def _bsr_config(family: str):
         "model.linear=bsr,sparsity.method=static,sparsity.score=random,sparsity.final=0.5,"
         "model.n_ctx=16,train.seq_len=16"))
     configlib.set_key(c, "model.size", "1,32,2,64")
-    return c, dataclasses.replace(build.check(c).model_cfg, vocab_size=CFG.vocab_size)
+    return c, dataclasses.replace(experiment.check(c).model_cfg, vocab_size=CFG.vocab_size)
 
 
 def test_bsr_wide_trains():

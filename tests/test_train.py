@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from sparsejax.downstream import loading
-from sparsejax.run import build, checkpoint, configlib, experiment, rundir, train
+from sparsejax.run import checkpoint, configlib, experiment, rundir, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ("size=tiny,model.n_ctx=64,train.seq_len=64,train.batch_size=8,eval.batch_size=8,"
@@ -49,7 +49,7 @@ def test_gradual_run_lowers_loss_and_follows_schedule(tmp_path):
     assert records[-1]["train_loss"] < records[0]["train_loss"] - 1.0
     assert summary["val_loss"] < 4.0 and summary["status"] == "completed"
     n_prunable = summary["n_prunable"]
-    sched = build.sparsity_schedule(c)
+    sched = experiment.check(c).sparsity_schedule
     for r in records:
         target = float(sched(r["step"] - 1))
         assert r["target_sparsity"] == pytest.approx(target)

@@ -18,13 +18,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
+from sparsejax.errors import InputError
 from sparsejax.models.gpt import GPT
 from sparsejax.paths import path_str
 from sparsejax.run import build, checkpoint, configlib
+from sparsejax.run.spec import RunSpec
 
 
 class Loaded(NamedTuple):
@@ -33,7 +34,7 @@ class Loaded(NamedTuple):
     model: GPT  # holds ``params``: the weights the run's forward pass computed with
     params: dict[str, Any]  # pure nested dict, the tree of nnx.to_pure_dict(nnx.state(model))
     masks: Any | None  # bool arrays on params' tree (scalar True on dense leaves); None: dense
-    config: ml_collections.ConfigDict  # the run's resolved config.json
+    config: RunSpec  # the run's resolved config.json
     step: int  # the checkpoint's step
 
 
@@ -79,17 +80,22 @@ def align(tree: Any, like: Any, what: str, *, scalars: bool = False) -> Any:
     return treedef.unflatten(out)
 
 
-def read_config(run_dir: str | Path) -> ml_collections.ConfigDict:
-    """A run dir's ``config.json`` as a ConfigDict, keys added to the schema since the run was
-    written at their defaults (:func:`sparsejax.run.configlib.with_defaults`);
-    ``FileNotFoundError`` naming the path."""
+def read_config(run_dir: str | Path) -> RunSpec:
+    """A run dir's ``config.json`` as a :class:`~sparsejax.run.spec.RunSpec`, keys added to
+    the schema since the run was written at their defaults
+    (:func:`sparsejax.run.configlib.stored_spec`); ``FileNotFoundError`` naming the path,
+    :class:`~sparsejax.errors.InputError` for a file that is not a valid config."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run dir {run_dir} does not exist")
     path = run_dir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"run dir {run_dir} holds no config.json ({path})")
-    return configlib.with_defaults(json.loads(path.read_text()))
+    try:
+        stored = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not a JSON config ({e})") from None
+    return configlib.stored_spec(stored, str(path))
 
 
 def checkpoint_step(run_dir: str | Path, step: int | None = None) -> int:
@@ -112,7 +118,7 @@ def checkpoint_step(run_dir: str | Path, step: int | None = None) -> int:
     return int(step)
 
 
-def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> GPT:
+def build_model(config: RunSpec, vocab_size: int) -> GPT:
     """The run's GPT to put weights on: abstract (shapes only, no random init) for dense
     layers; BSR layers are built as training built them (same seed, so the same block
     layout, which is host data)."""

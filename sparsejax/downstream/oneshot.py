@@ -39,7 +39,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -50,7 +49,8 @@ from sparsejax.downstream import loading
 from sparsejax.models.gpt import GPT, loss_fn
 from sparsejax.paths import path_str
 from sparsejax.run import data, rundir
-from sparsejax.run.train import make_eval_step
+from sparsejax.run.spec import RunSpec
+from sparsejax.run.step import make_eval_step
 
 SCORES = ("magnitude", "wanda", "gblm")
 ALLOCATIONS = ("global", "layerwise")
@@ -63,7 +63,7 @@ class LoadedRun:
 
     model: GPT
     params: dict[str, Any]  # pure nested dict, the structure of nnx.to_pure_dict
-    config: ml_collections.ConfigDict
+    config: RunSpec
     corpus: data.Corpus
     step: int
 
@@ -77,9 +77,7 @@ def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
         raise ValueError(f"{Path(run_dir) / 'config.json'}: model.linear must be 'dense' for "
                          f"one-shot pruning, got {config.model.linear!r}")
     loaded = loading.load(run_dir, step=step, dense=True)
-    corpus = data.load_corpus(config.data.source or None,
-                              cache_dir=config.data.cache_dir or None,
-                              val_fraction=config.data.val_fraction)
+    corpus = data.load_spec(config.data)
     return LoadedRun(loaded.model, loaded.params, config, corpus, loaded.step)
 
 
@@ -224,7 +222,7 @@ def oneshot(
     ev = {"split": "val", "batches": eval_batches or c.eval.batches,
           "batch_size": eval_batch_size or c.eval.batch_size,
           "seq_len": seq_len or c.train.seq_len,
-          "seed": c.eval.get("seed", c.seed)}  # the run's eval seed (older runs: its seed)
+          "seed": c.eval.seed}  # the run's eval seed
     val = data.eval_batches(loaded.corpus.val, batch_size=ev["batch_size"],
                             seq_len=ev["seq_len"], n_batches=ev["batches"], seed=ev["seed"])
     xs, ys = np.stack([b[0] for b in val]), np.stack([b[1] for b in val])

@@ -21,7 +21,6 @@ select the greedy soup.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +31,10 @@ import numpy as np
 from flax import nnx
 
 from sparsejax.downstream import loading
+from sparsejax.errors import ConfigError
 from sparsejax.run import checkpoint, data, experiment, rundir
-from sparsejax.run.train import make_eval_step
+from sparsejax.run.spec import RunSpec
+from sparsejax.run.step import make_eval_step
 
 
 def average(trees: list[Any]) -> Any:
@@ -100,7 +101,7 @@ class Evaluator:
         return float(self._eval(jax.tree_util.tree_map(jnp.asarray, params), self._x, self._y))
 
 
-def _write_soup(run_dir: Path, config: ml_collections.ConfigDict, params: Any, masks: Any,
+def _write_soup(run_dir: Path, config: RunSpec, params: Any, masks: Any,
                 summary: dict[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     rundir.write_json(run_dir / "config.json", config.to_dict())
@@ -109,29 +110,29 @@ def _write_soup(run_dir: Path, config: ml_collections.ConfigDict, params: Any, m
     rundir.write_json(run_dir / "summary.json", {"status": "completed", "step": 0, **summary})
 
 
-def check(config: ml_collections.ConfigDict) -> None:
-    """A soup needs a sparse start to fine-tune with its mask kept."""
+def check(config: ml_collections.ConfigDict | RunSpec) -> RunSpec:
+    """A soup needs a sparse start to fine-tune with its mask kept; returns the spec."""
+    config = experiment.spec_of(config)
     if not config.init_from:
-        raise ValueError("config init_from: a soup fine-tunes a pruned run; set init_from to "
+        raise ConfigError("config init_from: a soup fine-tunes a pruned run; set init_from to "
                          "its run dir")
     if config.finetune.mode != "sparse":
-        raise ValueError(f"config finetune.mode must be 'sparse' for a sparse model soup (the "
+        raise ConfigError(f"config finetune.mode must be 'sparse' for a sparse model soup (the "
                          f"ingredients share the start's mask), got {config.finetune.mode!r}")
     experiment.check(config)
+    return config
 
 
-def soup(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool = False
+def soup(config: ml_collections.ConfigDict | RunSpec, workdir: str | Path, *, progress: bool = False
          ) -> dict[str, Any]:
     """Run every cycle (ingredients, uniform and greedy soup, optional re-pruning) in
     ``workdir``; returns (and writes ``WORKDIR/soup.json``) the losses and sparsities.
 
     Completed ingredient runs and soups are reused, so running it again resumes."""
-    check(config)
+    config = check(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    corpus = data.load_corpus(config.data.source or None,
-                              cache_dir=config.data.cache_dir or None,
-                              val_fraction=config.data.val_fraction)
+    corpus = data.load_spec(config.data)
     start_dir, start_step = Path(config.init_from), config.init_from_step
     cycles = []
     evaluate = None
@@ -139,9 +140,8 @@ def soup(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: bo
         cdir = workdir / f"cycle{k}"
         ingredients = []
         for i in range(config.soup.ingredients):
-            c = copy.deepcopy(config)
-            c.init_from, c.init_from_step = str(start_dir), start_step
-            c.seed = config.seed + i
+            c = config.replace(init_from=str(start_dir), init_from_step=start_step,
+                               seed=config.seed + i)
             run_dir = cdir / f"ingredient{i}"
             experiment.run(c, str(run_dir), progress=progress)
             loaded = loading.load(run_dir)

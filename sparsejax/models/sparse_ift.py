@@ -31,7 +31,7 @@ import functools
 import math
 from collections.abc import Callable
 from fractions import Fraction
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -189,6 +189,29 @@ def wide_layer_sparsity(d_model: int, d_ff: int, wide_d_model: int, wide_d_ff: i
         return 1.0 - back[d_in] * back[d_out] / (d_in * d_out)
 
     return sparsity
+
+
+class WidePlan(NamedTuple):
+    """Sparse Wide's widths and sparsities, computed once (:func:`plan_wide`)."""
+
+    dense: Any  # GPTConfig of the dense model the run is iso-FLOP with
+    wide: Any  # the widened GPTConfig (:func:`widen`)
+    sparsity: float  # the total target: wide_sparsity(...) (slightly above s after rounding)
+    layer_sparsity: Callable[[int, int], float]  # (d_in', d_out') -> iso-FLOP share
+
+
+def plan_wide(cfg: Any, s: float, *, block: int | None = None) -> WidePlan:
+    """The :class:`WidePlan` of GPT config ``cfg`` widened at sparsity ``s`` (``block``: the
+    BSR block the widths must tile into, as in :func:`widen`).
+
+    >>> from sparsejax.models.gpt import GPTConfig
+    >>> p = plan_wide(GPTConfig.from_variant("tiny"), 0.5)
+    >>> (p.wide.d_model, p.wide.d_ff), round(p.sparsity, 4), round(p.layer_sparsity(96, 96), 4)
+    ((96, 364), 0.5396, 0.5556)
+    """
+    wide = widen(cfg, s, block=block)
+    dims = (cfg.d_model, cfg.d_ff, wide.d_model, wide.d_ff)
+    return WidePlan(cfg, wide, wide_sparsity(*dims), wide_layer_sparsity(*dims))
 
 
 def wide_selection(layer_sparsity: Callable[[int, int], float]) -> Callable[..., Any]:

@@ -1,71 +1,38 @@
-"""Run configs: the ``ConfigDict`` schema shared by every recipe, argument parsing, validation.
+"""Run configs: the ``ConfigDict`` face of the run spec, argument parsing, validation.
 
-Only entry points (the CLI, :func:`sparsejax.run.experiment.build`) read a ConfigDict; library
-functions take explicit arguments. Recipes in ``configs/`` start from :func:`base` and change
-values, never add keys: the base schema is the contract, and validation rejects unknown keys.
+The schema is :class:`sparsejax.run.spec.RunSpec` (typed, frozen sections); :func:`base` is
+its defaults as a ConfigDict, which recipes in ``configs/`` start from and change (never adding
+keys: validation rejects unknown ones). :func:`validate` checks a ConfigDict (types, ranges,
+and what each mask method asks: :mod:`sparsejax.run.mask_methods`) and returns it as a
+:class:`~sparsejax.run.spec.RunSpec`: the one place a config is read. Only entry points (the
+CLI, :func:`sparsejax.run.experiment.run`, the sweep planner) hold a ConfigDict; everything
+after them takes the spec's typed sections or explicit arguments.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
-import os
 from typing import Any
 
 import ml_collections
 
+from sparsejax.errors import ConfigError, InputError
+from sparsejax.run import mask_methods
+from sparsejax.run.spec import EvalSpec, RunSpec, _build
+
 KEY_ALIASES = {"size": "model.size", "steps": "train.steps", "final": "sparsity.final"}
 MAX_STEPS = 2**31 - 1  # the step counter is int32
-# x eval.batch_size 16 = 3,840 windows of 128 tokens, nearly every disjoint one of the default
-# validation split: val_loss_se ~0.3% (measured, tiny); the recipes in configs/sweeps/ reach
-# 0.2% with data.val_fraction=0.2 and 768 batches (sparsejax.run.evaluation)
-FINAL_EVAL_BATCHES = 240
+# the final eval's default size (sparsejax.run.evaluation: val_loss_se ~0.3% on tiny)
+FINAL_EVAL_BATCHES = EvalSpec().final_batches
 # logging / placement only: resuming may change them
 NON_RESULT_SECTIONS = ("wandb", "mesh", "resources")
-WINDOW_SOLVE_BYTES_PER_STEP = 24  # measured peak ~19.2 B/step (sparsity.by="compute" solve)
 
 
 def base() -> ml_collections.ConfigDict:
-    """The full schema with defaults (a tiny dense model on the default corpus)."""
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.model = dict(size="tiny", n_ctx=128, pos="rope", tie_embeddings=True, dtype="float32",
-                   linear="dense", block=32,
-                   # Sparse-IFT (sparsejax.models.sparse_ift): "" (none), wide, parallel,
-                   # factorized, doped
-                   sparse_ift=dict(family="", sparsity=0.0))
-    c.data = dict(source="", cache_dir="", val_fraction=0.05)
-    c.train = dict(
-        steps=300, batch_size=16, seq_len=128, lr=3e-3, min_lr_ratio=0.1, warmup_steps=30,
-        weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, log_every=10,
-    )
-    # eval.batches: the cheap periodic eval; eval.final_batches: the final score, sized for a
-    # standard error <= 0.2% (sparsejax.run.evaluation); eval.seed draws both, never the run's seed
-    c.eval = dict(every=100, batches=4, batch_size=16, final_batches=FINAL_EVAL_BATCHES, seed=0)
-    c.sparsity = dict(
-        method="dense", final=0.0, schedule="window", start=0.25, end=0.75, by="compute",
-        kind="geometric", begin_step=0, end_step=0, update_every=10, score="magnitude",
-        allocation="global", power_scale=1.0, dense_from=1.0,
-        # N:M family (nm, ste, sr_ste, mdgf, sdgf) and dynamic sparse training (set, rigl)
-        n=2, m=4, warmup=0.0, hard_from=1.0, decay=2e-4, alpha=0.0, decay_kind="linear",
-        frames=4, pattern="stepwise", drop_fraction=0.3,
-    )
-    c.checkpoint = dict(every=100, keep=3)
-    # fine-tuning from a run dir (SPDF across runs; Thangarasa et al. 2023), SquareHead
-    # distillation (Kurtic et al. 2023) and sparse model soups (Zimmer et al. 2023)
-    c.init_from = ""  # run dir whose weights (and masks) start this run; "" = from scratch
-    c.init_from_step = -1  # its checkpoint step; -1 = latest
-    c.finetune = dict(mode="sparse", distill="", teacher="", teacher_step=-1, h_ce=1.0,
-                      h_kl=1.0, h_sq=1.0, temperature=1.0)
-    c.soup = dict(ingredients=3, select="greedy", cycles=1, prune_fraction=0.0)
-    c.wandb = dict(enabled=False, project="sparsejax", mode="offline", name="", group="")
-    # Device mesh (data, fsdp); -1: the devices the other axis leaves. Multi-host: coordinator
-    # "host:port" of process 0 with num_processes/process_id, or ""/0/-1 to take them from the
-    # environment (JAX_COORDINATOR_ADDRESS, SLURM, TPU pods); a single process otherwise.
-    c.mesh = dict(data=-1, fsdp=1, coordinator="", num_processes=0, process_id=-1)
-    # What one run of a sweep asks of a Ray cluster (sparsejax sweep --backend ray)
-    c.resources = dict(cpus=1.0, gpus=0.0)
-    return c
+    """The full schema with defaults (a tiny dense model on the default corpus): the
+    defaults of :class:`sparsejax.run.spec.RunSpec` as a ConfigDict."""
+    return RunSpec().to_config()
 
 
 def _coerce(old: Any, text: str) -> Any:
@@ -83,21 +50,21 @@ def _coerce(old: Any, text: str) -> Any:
 
 
 def check_key(dotted: str) -> str:
-    """``dotted`` if it names a leaf of the schema, else ``ValueError`` naming it (with the
-    closest valid keys)."""
+    """``dotted`` if it names a leaf of the schema, else
+    :class:`~sparsejax.errors.ConfigError` naming it (with the closest valid keys)."""
     keys = list(_flatten(base()))
     if dotted not in keys:
         close = difflib.get_close_matches(dotted, keys, n=3, cutoff=0.6)
         hint = f"did you mean {' or '.join(map(repr, close))}?" if close else (
             f"valid keys: {', '.join(keys)}")
-        raise ValueError(f"unknown config key {dotted!r} ({hint})")
+        raise ConfigError(f"unknown config key {dotted!r} ({hint})")
     return dotted
 
 
 def set_key(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
     """Set ``config[dotted]`` (``"train.steps"``); strings are parsed to the key's type.
 
-    Unknown keys raise ``ValueError`` naming the key."""
+    Unknown keys raise :class:`~sparsejax.errors.ConfigError` naming the key."""
     dotted = check_key(KEY_ALIASES.get(dotted, dotted))
     *parents, leaf = dotted.split(".")
     node = config
@@ -106,17 +73,18 @@ def set_key(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
     try:
         node[leaf] = _coerce(node[leaf], value) if isinstance(value, str) else value
     except (ValueError, TypeError) as e:
-        raise ValueError(f"config key {dotted!r}: {e}") from None
+        raise ConfigError(f"config key {dotted!r}: {e}") from None
 
 
 def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
     """Apply ``"key=val,key2=val2"`` (dotted keys, or the aliases ``size``, ``steps`` and
-    ``final`` for ``sparsity.final``) to ``config``; unknown keys raise ``ValueError``."""
+    ``final`` for ``sparsity.final``) to ``config``; unknown keys raise
+    :class:`~sparsejax.errors.ConfigError`."""
     for item in (arg or "").split(","):
         if not item.strip():
             continue
         if "=" not in item:
-            raise ValueError(f"config argument {item!r} must look like key=value")
+            raise ConfigError(f"config argument {item!r} must look like key=value")
         key, value = (s.strip() for s in item.split("=", 1))
         set_key(config, key, value)
     return config
@@ -136,18 +104,31 @@ def with_defaults(stored: dict[str, Any]) -> ml_collections.ConfigDict:
     """A run's stored config (its ``config.json``) on top of :func:`base`: keys the schema
     gained after the run was written take their defaults, which for model keys reproduce what
     the run built (``model.sparse_ift`` absent = no Sparse-IFT), so older run dirs still load
-    and fine-tune. Stored keys the schema no longer has are kept."""
+    and fine-tune. Stored keys the schema no longer has are dropped (no code reads them)."""
     c = base()
 
     def overlay(node: ml_collections.ConfigDict, values: dict[str, Any]) -> None:
         for k, v in values.items():
             if isinstance(v, dict) and isinstance(node.get(k), ml_collections.ConfigDict):
                 overlay(node[k], v)
-            else:
+            elif k in node and not isinstance(node[k], ml_collections.ConfigDict):
                 node[k] = v
 
     overlay(c, stored)
     return c
+
+
+def stored_spec(stored: Any, where: str) -> RunSpec:
+    """The :class:`RunSpec` of a run's stored config (:func:`with_defaults`, then
+    :func:`validate`); :class:`~sparsejax.errors.InputError` naming ``where`` (the file) when
+    it is not a config or fails validation."""
+    if not isinstance(stored, dict):
+        raise InputError(f"{where}: expected a JSON object (a run's config), got "
+                         f"{type(stored).__name__}")
+    try:
+        return validate(with_defaults(stored))
+    except (ConfigError, TypeError, AttributeError) as e:
+        raise InputError(f"{where}: {e}") from None
 
 
 def differing_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -163,9 +144,7 @@ def differing_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 _MISSING = object()
 
 
-def _need(cond: bool, key: str, expected: str, value: Any) -> None:
-    if not cond:
-        raise ValueError(f"config.{key} must be {expected}, got {value!r}")
+_need = mask_methods.need  # ConfigError("config.KEY must be EXPECTED, got VALUE")
 
 
 ENUMS = {
@@ -173,8 +152,7 @@ ENUMS = {
     "model.dtype": ("float32", "bfloat16"),
     "model.linear": ("dense", "bsr"),
     "model.sparse_ift.family": ("", "wide", "parallel", "factorized", "doped"),
-    "sparsity.method": ("dense", "gradual", "static", "nm", "ste", "sr_ste", "mdgf", "sdgf",
-                        "set", "rigl"),
+    "sparsity.method": mask_methods.names(),
     "sparsity.decay_kind": ("linear", "exp"),
     "sparsity.pattern": ("stepwise", "geometric"),
     "sparsity.schedule": ("window", "polynomial", "geometric", "constant"),
@@ -196,45 +174,62 @@ NON_NEGATIVE_INTS = ("seed", "eval.seed", "train.warmup_steps", "sparsity.begin_
                      "sparsity.end_step", "sparsity.n")
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Fail fast on unknown keys and bad values, naming the key and the valid range."""
+def validate(config: ml_collections.ConfigDict | dict[str, Any]) -> RunSpec:
+    """Check ``config`` and return it as a :class:`~sparsejax.run.spec.RunSpec`.
+
+    Fails fast on unknown or missing keys, wrong types and values out of range, and on what
+    the chosen mask method asks (:mod:`sparsejax.run.mask_methods`), raising
+    :class:`~sparsejax.errors.ConfigError` naming the key and the valid range."""
     schema = _flatten(base())
     got = _flatten(config)
     unknown = sorted(set(got) - set(schema))
     if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; see sparsejax.run.configlib.base()")
+        raise ConfigError(f"unknown config key(s) {unknown}; see sparsejax.run.configlib.base()")
     missing = sorted(set(schema) - set(got))
     if missing:
-        raise ValueError(f"missing config key(s) {missing}")
+        raise ConfigError(f"missing config key(s) {missing}")
+    _check_types(got, schema)
     for key, valid in ENUMS.items():
         _need(got[key] in valid, key, f"one of {valid}", got[key])
     for key in POSITIVE_INTS:
-        v = got[key]
-        _need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, key, "an int >= 1", v)
+        _need(got[key] >= 1, key, "an int >= 1", got[key])
     for key in NON_NEGATIVE_INTS:
-        v = got[key]
-        _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, key, "an int >= 0", v)
+        _need(got[key] >= 0, key, "an int >= 0", got[key])
     _validate_mesh(got)
     for key, low in (("resources.cpus", "> 0"), ("resources.gpus", ">= 0")):
         v = got[key]
-        _need(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-              and (v > 0 if low == "> 0" else v >= 0), key,
-              f"a finite float {low} (per run, for Ray)", v)
+        _need(v > 0 if low == "> 0" else v >= 0, key, f"a finite float {low} (per run, for Ray)",
+              v)
     _validate_finetune(got)
+    _validate_train(got)
+    _validate_sparse_ift(got)
+    spec = _build(RunSpec, config.to_dict() if isinstance(config, ml_collections.ConfigDict)
+                  else config)
+    _validate_sparsity(spec)
+    return spec
+
+
+def _check_types(got: dict[str, Any], schema: dict[str, Any]) -> None:
+    """Every value has its default's type (an int may stand for a float; floats finite)."""
+    for key, default in schema.items():
+        v = got[key]
+        if isinstance(default, bool):
+            _need(isinstance(v, bool), key, "a bool", v)
+        elif isinstance(default, int):
+            _need(isinstance(v, int) and not isinstance(v, bool), key, "an int", v)
+        elif isinstance(default, float):
+            _need(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
+                  key, "a finite float", v)
+        elif isinstance(default, str):
+            _need(isinstance(v, str), key, "a string", v)
+
+
+def _validate_train(got: dict[str, Any]) -> None:
     _need(got["eval.final_batches"] * got["eval.batch_size"] >= 2, "eval.final_batches",
           "an int with eval.final_batches * eval.batch_size >= 2 (the standard error of the "
           "final loss needs 2 sequences)", got["eval.final_batches"])
-    _need(isinstance(got["wandb.group"], str), "wandb.group", "a string", got["wandb.group"])
     _need(got["train.steps"] <= MAX_STEPS, "train.steps", f"<= {MAX_STEPS} (int32 step counter)",
           got["train.steps"])
-    for key in ("train.lr", "train.b1", "train.b2", "train.weight_decay", "train.grad_clip",
-                "train.min_lr_ratio", "data.val_fraction", "sparsity.final", "sparsity.start",
-                "sparsity.end", "sparsity.power_scale", "sparsity.dense_from", "sparsity.warmup",
-                "sparsity.hard_from", "sparsity.decay", "sparsity.alpha",
-                "sparsity.drop_fraction", "model.sparse_ift.sparsity"):
-        v = got[key]
-        _need(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v), key,
-              "a finite float", v)
     for key in ("train.weight_decay", "train.grad_clip"):
         _need(got[key] >= 0, key, "a float >= 0", got[key])
     _need(0 < got["train.lr"], "train.lr", "a finite float > 0", got["train.lr"])
@@ -244,60 +239,45 @@ def validate(config: ml_collections.ConfigDict) -> None:
           got["train.min_lr_ratio"])
     _need(0 < got["data.val_fraction"] < 1, "data.val_fraction", "in (0, 1)",
           got["data.val_fraction"])
-    _validate_sparse_ift(got)
-    _need(0 <= got["sparsity.final"] < 1, "sparsity.final", "a float in [0, 1)",
-          got["sparsity.final"])
-    method = got["sparsity.method"]
-    _need(got["sparsity.n"] <= got["sparsity.m"], "sparsity.n", "<= sparsity.m",
-          got["sparsity.n"])
-    _need(0 <= got["sparsity.warmup"] < got["sparsity.hard_from"] <= 1,
-          "sparsity.warmup/hard_from", "0 <= warmup < hard_from <= 1 (fractions of steps)",
-          (got["sparsity.warmup"], got["sparsity.hard_from"]))
-    _need(got["sparsity.decay"] >= 0, "sparsity.decay", "a float >= 0 (SR-STE's lambda_W)",
-          got["sparsity.decay"])
-    if method == "mdgf":
-        _need(got["sparsity.alpha"] > 0, "sparsity.alpha", "a float > 0 (MDGF's decay rate)",
-              got["sparsity.alpha"])
-    _need(0 < got["sparsity.drop_fraction"] <= 1, "sparsity.drop_fraction", "in (0, 1]",
-          got["sparsity.drop_fraction"])
-    if method in ("set", "rigl"):
-        _need(got["sparsity.allocation"] in ("uniform", "erk"), "sparsity.allocation",
-              "'uniform' or 'erk' for set/rigl", got["sparsity.allocation"])
-    _need(0 < got["sparsity.dense_from"] <= 1, "sparsity.dense_from",
-          "a fraction of train.steps in (0, 1] (SPDF's switch to dense; 1: never)",
-          got["sparsity.dense_from"])
-    if got["sparsity.dense_from"] < 1:
-        _need(got["sparsity.method"] in ("static", "gradual") and got["model.linear"] == "dense",
-              "sparsity.dense_from", "1 unless a static or gradual method masks dense layers",
-              got["sparsity.dense_from"])
-        _need(round(got["sparsity.dense_from"] * got["train.steps"]) >= 1,
-              "sparsity.dense_from", "a fraction that leaves >= 1 sparse step",
-              got["sparsity.dense_from"])
-    _need(0 <= got["sparsity.start"] < got["sparsity.end"] <= 1, "sparsity.start/end",
-          "0 <= start < end <= 1", (got["sparsity.start"], got["sparsity.end"]))
     _need(got["train.seq_len"] <= got["model.n_ctx"], "train.seq_len",
           f"<= model.n_ctx ({got['model.n_ctx']})", got["train.seq_len"])
     _need(got["train.warmup_steps"] < got["train.steps"], "train.warmup_steps",
           f"< train.steps ({got['train.steps']})", got["train.warmup_steps"])
-    if got["sparsity.method"] == "gradual" and got["sparsity.schedule"] in ("polynomial",
-                                                                            "geometric"):
-        _need(got["sparsity.begin_step"] < got["sparsity.end_step"] <= got["train.steps"],
-              "sparsity.begin_step/end_step", "begin_step < end_step <= train.steps",
-              (got["sparsity.begin_step"], got["sparsity.end_step"]))
-    if got["model.linear"] == "bsr":  # block-sparse kernels: a static random block mask
-        _need(got["sparsity.method"] == "static" and got["sparsity.score"] == "random",
-              "model.linear", "'dense' unless sparsity.method='static' with score='random' "
-              "(the BSR layers hold a static random block mask)", got["model.linear"])
-    if got["sparsity.method"] in ("static", "gradual", "set", "rigl"):
-        _need(got["sparsity.final"] > 0, "sparsity.final", "> 0 for a sparse method",
-              got["sparsity.final"])
-    if (got["sparsity.method"] == "gradual" and got["sparsity.schedule"] == "window"
-            and got["sparsity.by"] == "compute"):
-        need, have = WINDOW_SOLVE_BYTES_PER_STEP * got["train.steps"], _physical_memory()
-        _need(need <= have, "train.steps", f"<= {have // WINDOW_SOLVE_BYTES_PER_STEP} on this "
-              f"machine (placing the sparsity window by compute takes about "
-              f"{WINDOW_SOLVE_BYTES_PER_STEP} bytes per step; {have / 2**30:.0f} GiB of memory; "
-              "sparsity.by='steps' needs none)", got["train.steps"])
+
+
+def _validate_sparsity(spec: RunSpec) -> None:
+    """The ``sparsity.*`` ranges shared by every method, then the method's own check
+    (:data:`sparsejax.run.mask_methods.REGISTRY`)."""
+    s, steps = spec.sparsity, spec.train.steps
+    _need(0 <= s.final < 1, "sparsity.final", "a float in [0, 1)", s.final)
+    _need(s.n <= s.m, "sparsity.n", "<= sparsity.m", s.n)
+    _need(0 <= s.warmup < s.hard_from <= 1, "sparsity.warmup/hard_from",
+          "0 <= warmup < hard_from <= 1 (fractions of steps)", (s.warmup, s.hard_from))
+    _need(s.decay >= 0, "sparsity.decay", "a float >= 0 (SR-STE's lambda_W)", s.decay)
+    _need(0 < s.drop_fraction <= 1, "sparsity.drop_fraction", "in (0, 1]", s.drop_fraction)
+    _need(0 < s.dense_from <= 1, "sparsity.dense_from",
+          "a fraction of train.steps in (0, 1] (SPDF's switch to dense; 1: never)", s.dense_from)
+    _need(0 <= s.start < s.end <= 1, "sparsity.start/end", "0 <= start < end <= 1",
+          (s.start, s.end))
+    if spec.model.linear == "bsr":  # block-sparse kernels: a static random block mask
+        _need(s.method == "static" and s.score == "random", "model.linear",
+              "'dense' unless sparsity.method='static' with score='random' (the BSR layers "
+              "hold a static random block mask)", spec.model.linear)
+    if s.method == "dense":
+        _need(s.dense_from == 1, "sparsity.dense_from",
+              "1 unless a static or gradual method masks dense layers", s.dense_from)
+        return
+    entry = mask_methods.REGISTRY[s.method]
+    if s.dense_from < 1:
+        spdf = tuple(n for n, e in mask_methods.REGISTRY.items() if e.spdf)
+        _need(entry.spdf and spec.model.linear == "dense", "sparsity.dense_from",
+              f"1 unless a method of {spdf} masks dense layers", s.dense_from)
+        _need(round(s.dense_from * steps) >= 1, "sparsity.dense_from",
+              "a fraction that leaves >= 1 sparse step", s.dense_from)
+    if entry.trains_final:
+        _need(s.final > 0, "sparsity.final", "> 0 for a sparse method", s.final)
+    if entry.check is not None:
+        entry.check(spec)
 
 
 def _validate_mesh(got: dict[str, Any]) -> None:
@@ -353,9 +333,6 @@ def _validate_finetune(got: dict[str, Any]) -> None:
               got["soup.prune_fraction"])
 
 
-IFT_METHODS = ("static", "set", "rigl")  # constant sparsity: iso-FLOP at every step
-
-
 def _validate_sparse_ift(got: dict[str, Any]) -> None:
     """Sparse-IFT: the mask method's sparsity is the transformation's ``s``, held constant."""
     family, s = got["model.sparse_ift.family"], got["model.sparse_ift.sparsity"]
@@ -369,13 +346,10 @@ def _validate_sparse_ift(got: dict[str, Any]) -> None:
               "'dense' for a Sparse-IFT model at model.sparse_ift.sparsity=0",
               got["sparsity.method"])
         return
-    _need(got["sparsity.method"] in IFT_METHODS, "sparsity.method",
-          f"one of {IFT_METHODS} for a Sparse-IFT model (constant sparsity keeps it iso-FLOP)",
+    constant = tuple(n for n, e in mask_methods.REGISTRY.items() if e.constant)
+    _need(got["sparsity.method"] in constant, "sparsity.method",
+          f"one of {constant} for a Sparse-IFT model (constant sparsity keeps it iso-FLOP)",
           got["sparsity.method"])
     _need(got["sparsity.final"] == s, "sparsity.final",
           f"model.sparse_ift.sparsity ({s}): the mask method trains the sparse parts at the "
           "Sparse-IFT sparsity", got["sparsity.final"])
-
-
-def _physical_memory() -> int:
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -36,6 +36,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from sparsejax.run.spec import DataSpec
+
 EXCLUDED_DIRS = ("site-packages", "test", "tests", "idlelib", "lib2to3")
 TEST_DIRS = ("test", "tests")
 STDLIB_TESTS = "stdlib-tests"  # data.source naming the standard library's test files
@@ -202,6 +204,12 @@ def load_corpus(
         raise ValueError(f"source: {str(path)!r} is too short to split ({len(tokens)} tokens)")
     return Corpus(train, val, vocab, path.name)
 
+
+
+def load_spec(spec: DataSpec) -> Corpus:
+    """:func:`load_corpus` of a run's ``data`` section (``source`` "" = the built-in corpus)."""
+    return load_corpus(spec.source or None, cache_dir=spec.cache_dir or None,
+                       val_fraction=spec.val_fraction)
 
 def _check_int(name: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:

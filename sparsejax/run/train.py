@@ -26,8 +26,18 @@ import optax
 from flax import nnx
 
 from sparsejax import checks
-from sparsejax.models.gpt import GPT, cross_entropy, loss_fn
+from sparsejax.errors import ConfigError, ExactnessError, InputError
 from sparsejax.run import accounting, checkpoint, configlib, data, distributed, evaluation, rundir
+from sparsejax.run.build import Experiment
+from sparsejax.run.spec import RunSpec
+from sparsejax.run.step import (
+    TrainState,
+    flops_coefficients,
+    is_sparse,
+    make_sequence_losses,
+    make_train_step,
+    sparse_state,
+)
 from sparsejax.state import (
     SparsityStats,
     check,
@@ -39,127 +49,6 @@ from sparsejax.state import (
 from sparsejax.state import sparsity_stats as _sparsity_stats
 
 
-class TrainState(NamedTuple):
-    step: jax.Array  # shape=(), int32: completed steps
-    params: Any  # pure nested dict of arrays (nnx.to_pure_dict of the model's Params)
-    opt_state: Any  # optimizer state (holds the masks for sparse runs)
-    rng: jax.Array  # shape=(2,), uint32: base key; step t uses fold_in(rng, t)
-    n_avg: jax.Array  # shape=(), float32: mean active params over completed steps
-    flops: jax.Array  # shape=(), float32: cumulative training FLOPs (3x forward)
-    loss_sum: jax.Array  # shape=(), float32: train-loss sum since the last log
-    loss_count: jax.Array  # shape=(), int32: steps in that sum
-
-
-def _flops_coefficients(model: GPT, seq_len: int) -> tuple[float, float]:
-    """Per-token training FLOPs = fixed + dense_part * density (DESIGN.md "Accounting"), read
-    off the model's layers (Sparse-IFT and kernel-sparse layers counted as built)."""
-    fixed, maskable = accounting.forward_flops_coefficients(model, seq_len)
-    return 3.0 * fixed, 3.0 * maskable
-
-
-def _sparse_state(opt_state: Any):
-    """The optimizer's SparsifyState, or None for a dense optimizer."""
-    try:
-        return find_state(opt_state)
-    except ValueError as err:
-        if "no sparsify state" in str(err):
-            return None
-        raise  # a composition that cannot keep the zeros: refuse before training
-
-
-def _is_sparse(tx: optax.GradientTransformation, params: Any) -> bool:
-    """Whether ``tx``'s state holds masks (traced abstractly: nothing is computed)."""
-    found: list[bool] = []
-    jax.eval_shape(lambda p: found.append(_sparse_state(tx.init(p)) is not None), params)
-    return found[0]
-
-
-def merge_model(graphdef, params_def, rest, params) -> GPT:
-    """The model of ``nnx.split(model, nnx.Param, ...)`` with ``params`` (a pure dict on the
-    params' tree) as its weights; traceable, for jitted steps."""
-    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(params_def, jax.tree.leaves(params)),
-                     rest)
-
-
-def make_train_step(graphdef, params_def, rest, tx, *, fixed_flops, dense_flops,
-                    tokens_per_step, sparse: bool, structural: SparsityStats, loss=None,
-                    shardings: tuple[Any, Any] | None = None):
-    """The jitted step ``(state, inputs_BxL, targets_BxL[, loss_aux]) -> (state, metrics)``;
-    ``state`` is donated. ``loss(model, x_BxL, y_BxL, loss_aux)`` replaces the cross-entropy
-    as the training objective when given (e.g. :func:`sparsejax.run.distill.squarehead_loss`).
-    Sparsity, counts and the target come from the optimizer state
-    (:func:`sparsejax.sparsity_stats`, the single source of truth); ``structural`` stands in
-    when the optimizer holds no masks (dense runs, and layers that are sparse by construction:
-    :func:`accounting.structural_stats`). ``shardings``: ``(state, batch)`` shardings
-    (:mod:`sparsejax.run.distributed`); the state keeps its sharding across steps."""
-
-    def loss_of(params, x_BxL, y_BxL, aux):
-        model = merge_model(graphdef, params_def, rest, params)
-        return loss_fn(model, x_BxL, y_BxL) if loss is None else loss(model, x_BxL, y_BxL, aux)
-
-    def step(state: TrainState, x_BxL, y_BxL, aux=None):
-        def loss_of_weights(params):  # straight-through forward weights for sparse runs
-            return loss_of(forward_params(params, state.opt_state) if sparse else params,
-                           x_BxL, y_BxL, aux)
-
-        loss, grads = jax.value_and_grad(loss_of_weights)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        stats = _sparsity_stats(opt_state, params) if sparse else structural
-        n_active = jnp.asarray(stats.n_active, jnp.float32)
-        density = 1.0 - stats.sparsity
-        new = TrainState(
-            step=state.step + 1,
-            params=params,
-            opt_state=opt_state,
-            rng=state.rng,
-            n_avg=accounting.n_avg_update(state.n_avg, n_active, state.step.astype(jnp.float32)),
-            flops=state.flops + tokens_per_step * (fixed_flops + dense_flops * density),
-            loss_sum=state.loss_sum + loss,
-            loss_count=state.loss_count + 1,
-        )
-        return new, {"n_active": n_active, "density": density,
-                     "target_sparsity": stats.target_sparsity}
-
-    if shardings is None:
-        return jax.jit(step, donate_argnums=0)
-    state_sh, batch_sh = shardings
-    replicated = distributed.replicated(batch_sh.mesh)  # metrics, and loss_aux (a teacher)
-    return jax.jit(step, donate_argnums=0,
-                   in_shardings=(state_sh, batch_sh, batch_sh, replicated),
-                   out_shardings=(state_sh, replicated))
-
-
-def make_eval_step(graphdef, params_def, rest):
-    """Mean loss over stacked batches ``(n, B, L)``, one compiled call."""
-
-    def evaluate(params, xs_NxBxL, ys_NxBxL):
-        model = merge_model(graphdef, params_def, rest, params)
-        losses = jax.lax.map(lambda xy: loss_fn(model, xy[0], xy[1]), (xs_NxBxL, ys_NxBxL))
-        return jnp.mean(losses)
-
-    return jax.jit(evaluate)
-
-
-def make_sequence_losses(graphdef, params_def, rest, mesh: jax.sharding.Mesh | None = None):
-    """Per-sequence mean losses of one batch ``(B, L) -> (B,)`` float32, one compiled shape
-    for any number of batches (:mod:`sparsejax.run.evaluation` averages them and gives their
-    standard error). With a ``mesh``, host batches are split over it
-    (:func:`sparsejax.run.distributed.put`) and the losses come back replicated, so every process
-    can read them."""
-
-    def per_sequence(params, x_BxL, y_BxL):
-        logits_BxLxV = merge_model(graphdef, params_def, rest, params)(x_BxL)
-        return jax.vmap(lambda lg, y: cross_entropy(lg[None], y[None]))(logits_BxLxV, y_BxL)
-
-    if mesh is None:
-        return jax.jit(per_sequence)
-    batch_sh = distributed.batch_sharding(mesh)
-    losses = jax.jit(per_sequence, out_shardings=distributed.replicated(mesh))
-    return lambda params, x_BxL, y_BxL: losses(params, distributed.put(x_BxL, batch_sh),
-                                               distributed.put(y_BxL, batch_sh))
-
-
 def _check_config_matches(run_dir: Path, config: dict[str, Any] | None) -> None:
     path = run_dir / "config.json"
     if config is None:
@@ -168,12 +57,12 @@ def _check_config_matches(run_dir: Path, config: dict[str, Any] | None) -> None:
         diff = configlib.differing_keys(json.loads(path.read_text()),
                                         json.loads(json.dumps(config)))
         if diff:  # logging and placement keys (wandb.*, mesh.*) may change on resume
-            raise ValueError(
+            raise InputError(
                 f"workdir {run_dir} holds a run with a different config (keys {diff}); "
                 "use a new --workdir or the same config to resume"
             )
     elif any((run_dir / checkpoint.CHECKPOINT_DIR).glob("*")):
-        raise ValueError(
+        raise InputError(
             f"workdir {run_dir} holds checkpoints but no config.json, so it cannot tell "
             "whether they belong to this config; restore config.json or use a new --workdir"
         )
@@ -208,60 +97,20 @@ class _DeferredInterrupt:
             self.previous = None
 
 
-def _holding_run_lock(fn):
-    """Run ``fn(model, tx, corpus, workdir, ...)`` holding the run dir's lock file."""
+def run(spec: RunSpec, exp: Experiment, workdir: str | Path, *,
+        mesh: jax.sharding.Mesh | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train ``exp`` (model, optimizer, corpus, ...) as ``spec`` says, in ``workdir``;
+    returns the summary.
 
-    @functools.wraps(fn)
-    def locked(model, tx, corpus, workdir, **kwargs):
-        Path(workdir).mkdir(parents=True, exist_ok=True)
-        if not distributed.is_main():  # process 0 holds the lock for the whole job
-            return fn(model, tx, corpus, workdir, **kwargs)
-        with rundir.RunLock(Path(workdir)):
-            return fn(model, tx, corpus, workdir, **kwargs)
-
-    return locked
-
-
-@_holding_run_lock
-def run(
-    model: GPT,
-    tx: optax.GradientTransformation,
-    corpus: data.Corpus,
-    workdir: str | Path,
-    *,
-    steps: int,
-    batch_size: int,
-    seq_len: int,
-    seed: int = 0,
-    lr_schedule: optax.Schedule | None = None,
-    eval_every: int = 100,
-    eval_batches: int = 4,
-    eval_batch_size: int | None = None,
-    final_eval_batches: int | None = None,
-    eval_seed: int = 0,
-    log_every: int = 10,
-    checkpoint_every: int = 100,
-    keep_checkpoints: int = 3,
-    config: dict[str, Any] | None = None,
-    wandb: dict[str, Any] | None = None,
-    progress: bool = True,
-    loss: Any = None,
-    loss_aux: Any = None,
-    mesh: jax.sharding.Mesh | None = None,
-) -> dict[str, Any]:
-    """Train ``model`` with ``tx`` on ``corpus`` for ``steps`` steps; returns the summary.
-
-    The run dir ``workdir`` receives ``config.json`` (``config``, when given), ``metrics.jsonl``,
+    The run dir ``workdir`` receives ``config.json`` (``spec``), ``metrics.jsonl``,
     ``summary.json`` and ``checkpoints/``. If it already holds checkpoints, training resumes
     from the latest one (the config must match). Sparsity, its target and the parameter
     counts are read from the optimizer state (:func:`sparsejax.sparsity_stats`), or from the
     model's layers when they are sparse by construction (BSR kernels); right after ``tx.init``
     the params are pruned with :func:`sparsejax.prune`, so step 0 already runs sparse. At
     every log step :func:`sparsejax.check` must find every pruned weight at 0, else the run
-    fails naming the leaves.
-    ``wandb``: ``{"enabled": bool, "project": str, "mode": "offline"|"online", "name": str,
-    "group": str}``.
-    ``loss(model, x_BxL, y_BxL, loss_aux)``: the training objective instead of the
+    fails (:class:`~sparsejax.errors.ExactnessError`) naming the leaves. ``exp.loss(model,
+    x_BxL, y_BxL, exp.loss_aux)``, when given, is the training objective instead of the
     cross-entropy (``train_loss`` logs it; ``val_loss`` stays the cross-entropy).
 
     ``mesh``: the ``(data, fsdp)`` device mesh (:func:`sparsejax.run.distributed.make_mesh`;
@@ -269,204 +118,333 @@ def run(
     ``fsdp``, batches over both axes; with several processes (``jax.distributed``) only
     process 0 writes the run dir's files and holds its lock.
 
-    Evaluation (:mod:`sparsejax.run.evaluation`): every ``eval_every`` steps on ``eval_batches``
-    validation batches, and at the last step on ``final_eval_batches`` (default
-    ``eval_batches``), both drawn with ``eval_seed``, never ``seed``, so every run of a sweep is
-    scored on the same tokens. The final score is the summary's ``val_loss`` (and
-    ``final_val_loss``) with its standard error ``val_loss_se``, the number of sequences
-    ``eval_sequences`` and the tokens' fingerprint ``eval_sha256``.
+    Evaluation (:mod:`sparsejax.run.evaluation`): every ``eval.every`` steps on
+    ``eval.batches`` validation batches, and at the last step on ``eval.final_batches``, both
+    drawn with ``eval.seed``, never ``seed``, so every run of a sweep is scored on the same
+    tokens. The final score is the summary's ``val_loss`` (and ``final_val_loss``) with its
+    standard error ``val_loss_se``, the number of sequences ``eval_sequences`` and the tokens'
+    fingerprint ``eval_sha256``.
 
     A process holds ``RUN_DIR/lock`` while it trains (a second one raises
-    :class:`rundir.RunDirBusyError`). A finished run (``completed`` or ``diverged``) is
-    returned as found. The run stops at the first log step whose loss is not finite, with
-    status ``diverged``; ``KeyboardInterrupt`` leaves status ``interrupted`` at the last
-    checkpoint's step and propagates. ``wall_time_s`` adds up over resumptions.
+    :class:`~sparsejax.errors.RunDirBusyError`). A finished run (``completed`` or
+    ``diverged``) is returned as found. The run stops at the first log step whose loss is not
+    finite, with status ``diverged``; ``KeyboardInterrupt`` leaves status ``interrupted`` at
+    the last checkpoint's step and propagates. ``wall_time_s`` adds up over resumptions.
     """
-    checks.positive_ints(steps=steps, batch_size=batch_size, seq_len=seq_len,
-                         eval_every=eval_every, eval_batches=eval_batches, log_every=log_every,
-                         checkpoint_every=checkpoint_every,
-                         final_eval_batches=final_eval_batches or eval_batches)
-    checks.integer("eval_seed", eval_seed, minimum=0)
-    if seq_len > model.cfg.n_ctx:
-        raise ValueError(f"seq_len ({seq_len}) must be <= the model's n_ctx ({model.cfg.n_ctx})")
     run_dir = Path(workdir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    mesh = distributed.make_mesh() if mesh is None else mesh
-    distributed.check_batch("train.batch_size", batch_size, mesh)
-    distributed.check_batch("eval.batch_size", eval_batch_size or batch_size, mesh)
-    main = distributed.is_main()
-    write_json = rundir.write_json if main else (lambda path, obj: None)
-    _check_config_matches(run_dir, config if main else None)
-    distributed.sync("sparsejax-config")
+    if not distributed.is_main():  # process 0 holds the lock for the whole job
+        return _run(spec, exp, run_dir, mesh, progress)
+    with rundir.RunLock(run_dir):
+        return _run(spec, exp, run_dir, mesh, progress)
+
+
+def _run(spec: RunSpec, exp: Experiment, run_dir: Path, mesh: jax.sharding.Mesh | None,
+         progress: bool) -> dict[str, Any]:
+    """:func:`run` holding the lock: check, set up, loop, summarize."""
     t_start = time.perf_counter()
+    mesh = _check(spec, exp, mesh)
+    main = distributed.is_main()
+    if main:
+        _check_config_matches(run_dir, spec.to_dict())
+    distributed.sync("sparsejax-config")
     previous = rundir.read_json(run_dir / "summary.json") or {}
-    if previous.get("status") in ("completed", "diverged") and previous.get("steps") == steps:
+    if previous.get("status") in ("completed", "diverged") and previous.get(
+            "steps") == spec.train.steps:
         return previous  # finished: nothing to train, nothing rewritten
     wall_base = max([rundir.number(r.get("wall_time_s")) or 0.0
                      for r in [previous, *rundir.read_metrics(run_dir)[-1:]]])
-
-    graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
-    params_def = jax.tree_util.tree_structure(params_state)
-    params = jax.device_get(nnx.to_pure_dict(params_state))  # host: same on every process
-    del params_state
-    fixed_flops, dense_flops = _flops_coefficients(model, seq_len)
-    sparse = _is_sparse(tx, params)
-
-    def init_state(params):
-        opt_state = tx.init(params)
-        if sparse:  # masks take effect before the first forward (straight-through: dense)
-            keep_dense = find_state(opt_state).dense_weights
-            pruned = prune(params, opt_state)
-            params = jax.tree.map(lambda p, q: jnp.where(keep_dense, p, q), params, pruned)
-        return TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-            rng=jax.random.PRNGKey(seed), n_avg=jnp.zeros((), jnp.float32),
-            flops=jnp.zeros((), jnp.float32), loss_sum=jnp.zeros((), jnp.float32),
-            loss_count=jnp.zeros((), jnp.int32),
-        )
-
-    state, state_sh = distributed.init_sharded(init_state, (params,), mesh, params)
-    if sparse:
-        _sparse_state(state.opt_state)  # refuses a composition that cannot keep the zeros
-        counts = _sparsity_stats(state.opt_state, state.params)
-    else:
-        counts = accounting.structural_stats(model, params)
-    del params
-    restored = checkpoint.restore_newest(run_dir, state, keep=keep_checkpoints)
-    if restored is not None:
-        state = TrainState(*restored[0])
-    distributed.sync("sparsejax-restored")  # all looked for checkpoints before any creates one
-    mngr = checkpoint.manager(run_dir, keep=keep_checkpoints)
-    start = int(state.step)
-
-    train_step = make_train_step(
-        graphdef, params_def, rest, tx, fixed_flops=fixed_flops, dense_flops=dense_flops,
-        tokens_per_step=float(batch_size * seq_len), sparse=sparse, structural=counts,
-        loss=loss, shardings=(state_sh, distributed.batch_sharding(mesh)),
-    )
-    evaluate = make_sequence_losses(graphdef, params_def, rest, mesh)
-    count_violations = jax.jit(lambda p, s: sum(jax.tree_util.tree_leaves(check(p, s))))
-    forward_weights = jax.jit(forward_params) if sparse else (lambda p, s: p)
-    batch_sh = distributed.batch_sharding(mesh)
-    if loss_aux is not None:  # replicated on the mesh, like the step expects it
-        loss_aux = jax.tree.map(
-            lambda a: distributed.put(np.asarray(a), distributed.replicated(mesh)), loss_aux)
-    eval_bs = eval_batch_size or batch_size
-    val = evaluation.eval_set(corpus.val, batch_size=eval_bs, seq_len=seq_len,
-                              n_batches=eval_batches, seed=eval_seed)
-    final_val = (val if (final_eval_batches or eval_batches) == eval_batches else
-                 evaluation.eval_set(corpus.val, batch_size=eval_bs, seq_len=seq_len,
-                                     n_batches=final_eval_batches, seed=eval_seed))
-
-    log = rundir.MetricsLog(run_dir, resume_step=start) if main else rundir.NullLog()
-    bar = rundir.Progress(steps, initial=start, enabled=progress and main)
-    wb = _wandb_start(wandb, run_dir, config) if main else None
-    summary_base = {"n_params": counts.n_params, "n_prunable": counts.n_prunable, "steps": steps,
-                    "batch_size": batch_size, "seq_len": seq_len, "eval_seed": eval_seed,
-                    "eval_sequences": final_val.xs.shape[0] * final_val.xs.shape[1],
-                    "eval_sha256": final_val.sha256}
-    write_json(run_dir / "summary.json", {**summary_base, "status": "running", "step": start})
+    setup = _setup(spec, exp, run_dir, mesh)
+    clock = _Clock(t_start, wall_base)
+    out = _Outputs.open(spec, run_dir, setup, main, progress)
     record: dict[str, Any] = {}
-    val_loss = None
-    diverged_at = None
     interrupt = _DeferredInterrupt()
     try:
-        t_log, step_log = time.perf_counter(), start
-        for step in range(start, steps):
-            interrupt.check()  # Ctrl-C takes effect between steps, never inside a save
-            x, y = data.get_batch(corpus.train, seed=seed, step=step, batch_size=batch_size,
-                                  seq_len=seq_len)
-            state, metrics = train_step(state, distributed.put(x, batch_sh),
-                                        distributed.put(y, batch_sh), loss_aux)
-            done = step + 1
-            is_eval = done % eval_every == 0 or done == steps
-            is_ckpt = done % checkpoint_every == 0 or done == steps
-            if done % log_every and not is_eval:
-                if is_ckpt:
-                    checkpoint.save(mngr, done, state)
-                continue
-            train_loss = float(state.loss_sum) / max(int(state.loss_count), 1)  # syncs
-            now = time.perf_counter()
-            scored = (evaluation.evaluate(evaluate, forward_weights(state.params, state.opt_state),
-                                          final_val if done == steps else val)
-                      if is_eval else None)
-            val_loss = scored.loss if scored is not None else None
-            record = {
-                "step": done,
-                "tokens": done * batch_size * seq_len,
-                "train_loss": train_loss,
-                "val_loss": val_loss,
-                "val_loss_se": scored.se if scored is not None else None,
-                "lr": float(lr_schedule(step)) if lr_schedule is not None else None,
-                "density": float(metrics["density"]),
-                "n_params": counts.n_params,
-                "n_active": int(metrics["n_active"]),
-                "n_avg": float(state.n_avg),
-                "flops": float(state.flops),
-                "step_time_s": (now - t_log) / (done - step_log),
-                "wall_time_s": wall_base + now - t_start,
-            }
-            record["sparsity"] = 1.0 - record["density"]
-            record["target_sparsity"] = float(metrics["target_sparsity"])
-            n_bad = int(count_violations(state.params, state.opt_state)) if sparse else 0
-            if n_bad:  # a weight that should be 0 is not: stop here
-                raise ValueError(
-                    f"step {done}: {n_bad} pruned weights are not 0 ("
-                    f"{violations_report(check(state.params, state.opt_state))}); the "
-                    "optimizer does not keep its masks exact (see README, 'Composition rules')"
-                )
-            state = state._replace(  # zeros placed as before: no recompile of the step
-                loss_sum=distributed.put(np.zeros((), np.float32), state.loss_sum.sharding),
-                loss_count=distributed.put(np.zeros((), np.int32), state.loss_count.sharding))
-            log.write(record)
-            if not all(math.isfinite(v) for v in (train_loss, val_loss) if v is not None):
-                diverged_at = done  # stop at the first non-finite loss
-                break
-            if wb is not None:
-                wb.log({k: v for k, v in record.items() if v is not None}, step=done)
-            bar.update(done, loss=record["train_loss"], val=val_loss,
-                       target=record["target_sparsity"], sparsity=record["sparsity"],
-                       tok_s=round(batch_size * seq_len * (done - step_log) / (now - t_log)))
-            if is_ckpt:
-                checkpoint.save(mngr, done, state)
-            t_log, step_log = time.perf_counter(), done
-        mngr.wait_until_finished()
+        record, diverged_at = _loop(spec, exp, setup, out, clock, interrupt)
+        setup.mngr.wait_until_finished()
     except KeyboardInterrupt:
         try:
-            mngr.wait_until_finished()  # a save in flight completes (or fails) first
+            setup.mngr.wait_until_finished()  # a save in flight completes (or fails) first
         finally:
-            write_json(run_dir / "summary.json", {
-                **summary_base, **record, "status": "interrupted",
-                "logged_step": record.get("step"), "step": mngr.latest_step() or 0,
-                "resumed_from": start, "wall_time_s": wall_base + time.perf_counter() - t_start})
+            out.write_summary({**out.last_record, "status": "interrupted",
+                               "logged_step": out.last_record.get("step"),
+                               "step": setup.mngr.latest_step() or 0,
+                               "resumed_from": setup.start, "wall_time_s": clock.wall()})
         raise
     except BaseException:
-        write_json(run_dir / "summary.json", {
-            **summary_base, **record, "status": "failed",
-            "wall_time_s": wall_base + time.perf_counter() - t_start})
+        out.write_summary({**out.last_record, "status": "failed", "wall_time_s": clock.wall()})
         raise
     finally:
         interrupt.restore()
-        bar.close()
-        log.close()
-        mngr.close()
-        if wb is not None:
-            wb.finish()
-    if not record:  # resumed a finished run: report the last logged values
+        out.close()
+        setup.mngr.close()
+    return _finish(run_dir, out, record, diverged_at, setup.start, clock)
+
+
+def _check(spec: RunSpec, exp: Experiment, mesh: jax.sharding.Mesh | None
+           ) -> jax.sharding.Mesh:
+    """The mesh to train on, after checking that the spec's sizes fit the model and mesh."""
+    t, ev = spec.train, spec.eval
+    checks.positive_ints(steps=t.steps, batch_size=t.batch_size, seq_len=t.seq_len,
+                         eval_every=ev.every, eval_batches=ev.batches, log_every=t.log_every,
+                         checkpoint_every=spec.checkpoint.every,
+                         final_eval_batches=ev.final_batches)
+    checks.integer("eval_seed", ev.seed, minimum=0)
+    if t.seq_len > exp.model.cfg.n_ctx:
+        raise ConfigError(f"config.train.seq_len ({t.seq_len}) must be <= the model's n_ctx "
+                          f"({exp.model.cfg.n_ctx})")
+    mesh = distributed.make_mesh() if mesh is None else mesh
+    distributed.check_batch("train.batch_size", t.batch_size, mesh)
+    distributed.check_batch("eval.batch_size", ev.batch_size, mesh)
+    return mesh
+
+
+class _Setup(NamedTuple):
+    """What the loop needs, built once: the state (restored when the run dir has a
+    checkpoint), the compiled functions, the evaluation sets and the checkpoint manager."""
+
+    state: TrainState
+    start: int  # the step training starts from (the restored checkpoint's; 0 when fresh)
+    sparse: bool  # the optimizer holds masks
+    counts: SparsityStats  # parameter counts (n_params, n_prunable)
+    train_step: Any  # jitted (state, x, y, loss_aux) -> (state, metrics), state donated
+    evaluate: Any  # (params, x_BxL, y_BxL) -> per-sequence losses
+    forward_weights: Any  # (params, opt_state) -> the weights the forward pass uses
+    count_violations: Any  # (params, opt_state) -> pruned weights that are not 0
+    val: evaluation.EvalSet  # the periodic evaluation set
+    final_val: evaluation.EvalSet  # the final one (the periodic one when the sizes match)
+    batch_sh: Any  # the batches' sharding
+    loss_aux: Any  # exp.loss_aux, replicated on the mesh
+    mngr: Any  # orbax CheckpointManager
+
+
+def _setup(spec: RunSpec, exp: Experiment, run_dir: Path, mesh: jax.sharding.Mesh) -> _Setup:
+    """Split the model, initialise (or restore) the sharded state, compile the steps."""
+    graphdef, params_state, rest = nnx.split(exp.model, nnx.Param, ...)
+    params_def = jax.tree_util.tree_structure(params_state)
+    params = jax.device_get(nnx.to_pure_dict(params_state))  # host: same on every process
+    del params_state
+    sparse = is_sparse(exp.tx, params)
+    state, state_sh = distributed.init_sharded(
+        functools.partial(_init_state, exp.tx, sparse, spec.seed), (params,), mesh, params)
+    if sparse:
+        sparse_state(state.opt_state)  # refuses a composition that cannot keep the zeros
+        counts = _sparsity_stats(state.opt_state, state.params)
+    else:
+        counts = accounting.structural_stats(exp.model, params)
+    del params
+    keep = spec.checkpoint.keep
+    restored = checkpoint.restore_newest(run_dir, state, keep=keep)
+    if restored is not None:
+        state = TrainState(*restored[0])
+    distributed.sync("sparsejax-restored")  # all looked for checkpoints before any creates one
+    fixed_flops, dense_flops = flops_coefficients(exp.model, spec.train.seq_len)
+    batch_sh = distributed.batch_sharding(mesh)
+    train_step = make_train_step(
+        graphdef, params_def, rest, exp.tx, fixed_flops=fixed_flops, dense_flops=dense_flops,
+        tokens_per_step=float(spec.train.batch_size * spec.train.seq_len), sparse=sparse,
+        structural=counts, loss=exp.loss, shardings=(state_sh, batch_sh))
+    loss_aux = exp.loss_aux
+    if loss_aux is not None:  # replicated on the mesh, like the step expects it
+        loss_aux = jax.tree.map(
+            lambda a: distributed.put(np.asarray(a), distributed.replicated(mesh)), loss_aux)
+    val, final_val = _eval_sets(spec, exp.corpus)
+    return _Setup(
+        state=state, start=int(state.step), sparse=sparse, counts=counts,
+        train_step=train_step,
+        evaluate=make_sequence_losses(graphdef, params_def, rest, mesh),
+        forward_weights=jax.jit(forward_params) if sparse else (lambda p, s: p),
+        count_violations=jax.jit(lambda p, s: sum(jax.tree_util.tree_leaves(check(p, s)))),
+        val=val, final_val=final_val, batch_sh=batch_sh, loss_aux=loss_aux,
+        mngr=checkpoint.manager(run_dir, keep=keep))
+
+
+def _init_state(tx: optax.GradientTransformation, sparse: bool, seed: int, params: Any
+                ) -> TrainState:
+    """Step 0's state; sparse runs start pruned (straight-through methods: dense)."""
+    opt_state = tx.init(params)
+    if sparse:  # masks take effect before the first forward
+        keep_dense = find_state(opt_state).dense_weights
+        pruned = prune(params, opt_state)
+        params = jax.tree.map(lambda p, q: jnp.where(keep_dense, p, q), params, pruned)
+    zero = jnp.zeros((), jnp.float32)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                      rng=jax.random.PRNGKey(seed), n_avg=zero, flops=zero, loss_sum=zero,
+                      loss_count=jnp.zeros((), jnp.int32))
+
+
+def _eval_sets(spec: RunSpec, corpus: data.Corpus
+               ) -> tuple[evaluation.EvalSet, evaluation.EvalSet]:
+    """The periodic and the final evaluation sets (one set when their sizes match)."""
+    ev = spec.eval
+
+    def draw(n_batches: int) -> evaluation.EvalSet:
+        return evaluation.eval_set(corpus.val, batch_size=ev.batch_size,
+                                   seq_len=spec.train.seq_len, n_batches=n_batches,
+                                   seed=ev.seed)
+
+    val = draw(ev.batches)
+    return val, (val if ev.final_batches == ev.batches else draw(ev.final_batches))
+
+
+class _Clock(NamedTuple):
+    t_start: float  # perf_counter at the start of this process's part of the run
+    wall_base: float  # wall time of earlier parts (resumptions add up)
+
+    def wall(self) -> float:
+        return self.wall_base + time.perf_counter() - self.t_start
+
+
+class _Outputs:
+    """Where a run reports: ``metrics.jsonl``, ``summary.json``, the progress bar and wandb
+    (process 0 only; other processes of a multi-process job write nothing)."""
+
+    def __init__(self, run_dir: Path, main: bool, log: Any, bar: rundir.Progress, wb: Any,
+                 summary_base: dict[str, Any]):
+        self.run_dir, self.main, self.log, self.bar, self.wb = run_dir, main, log, bar, wb
+        self.summary_base = summary_base
+        self.last_record: dict[str, Any] = {}  # the latest logged record of this process
+
+    @classmethod
+    def open(cls, spec: RunSpec, run_dir: Path, setup: _Setup, main: bool, progress: bool
+             ) -> _Outputs:
+        t, fv = spec.train, setup.final_val
+        base = {"n_params": setup.counts.n_params, "n_prunable": setup.counts.n_prunable,
+                "steps": t.steps, "batch_size": t.batch_size, "seq_len": t.seq_len,
+                "eval_seed": spec.eval.seed, "eval_sequences": fv.xs.shape[0] * fv.xs.shape[1],
+                "eval_sha256": fv.sha256}
+        log = rundir.MetricsLog(run_dir, resume_step=setup.start) if main else rundir.NullLog()
+        bar = rundir.Progress(t.steps, initial=setup.start, enabled=progress and main)
+        wb = _wandb_start(spec.wandb.to_dict(), run_dir, spec.to_dict()) if main else None
+        out = cls(run_dir, main, log, bar, wb, base)
+        out.write_summary({"status": "running", "step": setup.start})
+        return out
+
+    def write_summary(self, fields: dict[str, Any]) -> None:
+        if self.main:
+            rundir.write_json(self.run_dir / "summary.json", {**self.summary_base, **fields})
+
+    def record(self, record: dict[str, Any]) -> None:
+        self.last_record = record
+        self.log.write(record)
+
+    def report(self, record: dict[str, Any], tokens_per_s: float) -> None:
+        if self.wb is not None:
+            self.wb.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
+        self.bar.update(record["step"], loss=record["train_loss"], val=record["val_loss"],
+                        target=record["target_sparsity"], sparsity=record["sparsity"],
+                        tok_s=round(tokens_per_s))
+
+    def close(self) -> None:
+        self.bar.close()
+        self.log.close()
+        if self.wb is not None:
+            self.wb.finish()
+
+
+def _loop(spec: RunSpec, exp: Experiment, setup: _Setup, out: _Outputs, clock: _Clock,
+          interrupt: _DeferredInterrupt) -> tuple[dict[str, Any], int | None]:
+    """Train from ``setup.start`` to ``train.steps``; returns the last logged record and the
+    step the loss stopped being finite at (``None``: it stayed finite)."""
+    t, state = spec.train, setup.state
+    tokens_per_step = t.batch_size * t.seq_len
+    t_log, step_log = time.perf_counter(), setup.start
+    record: dict[str, Any] = {}
+    for step in range(setup.start, t.steps):
+        interrupt.check()  # Ctrl-C takes effect between steps, never inside a save
+        x, y = data.get_batch(exp.corpus.train, seed=spec.seed, step=step,
+                              batch_size=t.batch_size, seq_len=t.seq_len)
+        state, metrics = setup.train_step(state, distributed.put(x, setup.batch_sh),
+                                          distributed.put(y, setup.batch_sh), setup.loss_aux)
+        done = step + 1
+        is_eval = done % spec.eval.every == 0 or done == t.steps
+        is_ckpt = done % spec.checkpoint.every == 0 or done == t.steps
+        if done % t.log_every == 0 or is_eval:
+            now = time.perf_counter()
+            record = _log_step(spec, exp, setup, state, metrics, done, is_eval,
+                               step_time=(now - t_log) / (done - step_log), wall=clock.wall())
+            _check_exact(setup, state, done)
+            state = _reset_loss_window(state)
+            out.record(record)
+            if not all(math.isfinite(v) for v in (record["train_loss"], record["val_loss"])
+                       if v is not None):
+                return record, done  # stop at the first non-finite loss
+            out.report(record, tokens_per_step * (done - step_log) / (now - t_log))
+        if is_ckpt:
+            checkpoint.save(setup.mngr, done, state)
+        if record.get("step") == done:  # the next interval's step time starts after the save
+            t_log, step_log = time.perf_counter(), done
+    return record, None
+
+
+def _log_step(spec: RunSpec, exp: Experiment, setup: _Setup, state: TrainState,
+              metrics: dict[str, Any], done: int, is_eval: bool, *, step_time: float,
+              wall: float) -> dict[str, Any]:
+    """The ``metrics.jsonl`` record of step ``done`` (scoring the model on an eval step)."""
+    t = spec.train
+    train_loss = float(state.loss_sum) / max(int(state.loss_count), 1)  # syncs
+    scored = None
+    if is_eval:
+        eval_set = setup.final_val if done == t.steps else setup.val
+        scored = evaluation.evaluate(setup.evaluate,
+                                     setup.forward_weights(state.params, state.opt_state),
+                                     eval_set)
+    density = float(metrics["density"])
+    return {
+        "step": done,
+        "tokens": done * t.batch_size * t.seq_len,
+        "train_loss": train_loss,
+        "val_loss": scored.loss if scored is not None else None,
+        "val_loss_se": scored.se if scored is not None else None,
+        "lr": float(exp.lr_schedule(done - 1)) if exp.lr_schedule is not None else None,
+        "density": density,
+        "n_params": setup.counts.n_params,
+        "n_active": int(metrics["n_active"]),
+        "n_avg": float(state.n_avg),
+        "flops": float(state.flops),
+        "step_time_s": step_time,
+        "wall_time_s": wall,
+        "sparsity": 1.0 - density,
+        "target_sparsity": float(metrics["target_sparsity"]),
+    }
+
+
+def _check_exact(setup: _Setup, state: TrainState, done: int) -> None:
+    """Raise :class:`~sparsejax.errors.ExactnessError` when a pruned weight is not 0."""
+    if not setup.sparse:
+        return
+    n_bad = int(setup.count_violations(state.params, state.opt_state))
+    if n_bad:
+        raise ExactnessError(
+            f"step {done}: {n_bad} pruned weights are not 0 ("
+            f"{violations_report(check(state.params, state.opt_state))}); the optimizer does "
+            "not keep its masks exact (see README, 'Composition rules')")
+
+
+def _reset_loss_window(state: TrainState) -> TrainState:
+    """Zero the train-loss window, placed as before (no recompile of the step)."""
+    return state._replace(
+        loss_sum=distributed.put(np.zeros((), np.float32), state.loss_sum.sharding),
+        loss_count=distributed.put(np.zeros((), np.int32), state.loss_count.sharding))
+
+
+def _finish(run_dir: Path, out: _Outputs, record: dict[str, Any], diverged_at: int | None,
+            start: int, clock: _Clock) -> dict[str, Any]:
+    """Write and return the final summary (a resumed finished run reports its last record)."""
+    if not record:
         records = rundir.read_metrics(run_dir)
         if not records:
-            raise ValueError(f"{run_dir} holds its final checkpoint but metrics.jsonl has no "
+            raise InputError(f"{run_dir} holds its final checkpoint but metrics.jsonl has no "
                              "record to summarize; restore metrics.jsonl or use a new workdir")
         record = records[-1]
-    wall = wall_base + time.perf_counter() - t_start
-    summary = {**summary_base, **record,
+    summary = {**out.summary_base, **record,
                "status": "completed" if diverged_at is None else "diverged",
-               "final_val_loss": record.get("val_loss"), "wall_time_s": wall,
+               "final_val_loss": record.get("val_loss"), "wall_time_s": clock.wall(),
                "resumed_from": start}
     if diverged_at is not None:
         summary["diverged_step"] = diverged_at
-    write_json(run_dir / "summary.json", summary)
-    return summary
+    out.write_summary(summary)
+    return {**out.summary_base, **summary}
 
 
 def _wandb_start(cfg: dict[str, Any] | None, run_dir: Path, config: dict[str, Any] | None):

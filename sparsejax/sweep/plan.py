@@ -84,7 +84,7 @@ def _cost(config: ml_collections.ConfigDict) -> float:
     a fixed overhead plus its FLOPs, and each run a start-up and a final evaluation worth about
     150 steps; fitted to one-core runs of the nano / tiny / mini models (about 300k FLOPs per
     token for tiny)."""
-    m = build.model_config(config, vocab_size=256)
+    m = build.model_config(configlib.validate(config), vocab_size=256)
     f = accounting.flops_per_token(m.n_layer, m.d_model, m.d_ff, config.train.seq_len, 256)
     return config.train.steps * (1.0 + f / 3e5) + 150.0
 
