@@ -5,8 +5,9 @@ test files (sparse CE, sparse SquareHead, dense = SPDF), sparse model soups, exp
         [--finetune-steps 100] [--ingredients 3] [--export-steps 20]
 
 Every run is an ordinary run dir under WORKDIR (reused when complete, so a second call only
-prints). Validation losses on the test-files domain are measured on the same batches
-(``eval.batches`` of the fine-tuning config, its seed). Prints three tables.
+prints). Validation losses (± SE) on the test-files domain are measured on the same tokens:
+the fine-tuning config's final evaluation set (``eval.final_batches``, ``eval.seed``; see
+``soup.Evaluator``). Prints three tables.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 from sparsejax.downstream import export, loading, soup
-from sparsejax.run import configlib, data, experiment
+from sparsejax.run import configlib, data, evaluation, experiment
 
 
 def _finetune_config(init_from: Path, steps: int, **keys):
@@ -77,10 +78,10 @@ def main() -> None:
         ld = loading.load(dirs[name])
         rows.append((name, soup.mask_sparsity(ld.masks) if ld.masks is not None else 0.0,
                      evaluate(ld.params)))
-    print("\nfine-tuning on the standard library's test files (val loss, nats/byte)")
-    print(f"{'model':<28} {'sparsity':>8} {'val_loss':>9}")
-    for name, s, loss in rows:
-        print(f"{name:<28} {s:>8.3f} {loss:>9.4f}")
+    print("\nfine-tuning on the standard library's test files (val loss ± SE, nats/byte)")
+    print(f"{'model':<28} {'sparsity':>8} {'val_loss ± SE':>17}")
+    for name, s, scored in rows:
+        print(f"{name:<28} {s:>8.3f} {evaluation.format_loss(scored.loss, scored.se):>17}")
 
     soup_cfg = _finetune_config(root / "pretrain", steps,
                                 **{"soup.ingredients": args.ingredients})

@@ -15,8 +15,8 @@ from flax import nnx
 
 import sparsejax
 from sparsejax import masks, methods, schedules, scores
-from sparsejax.models.gpt import GPT, GPTConfig, loss_fn
 from sparsejax.errors import ExactnessError
+from sparsejax.models.gpt import GPT, GPTConfig, loss_fn
 from sparsejax.run import data, rundir, train
 from sparsejax.run.build import Experiment
 from sparsejax.run.spec import EvalSpec, RunSpec, TrainSpec

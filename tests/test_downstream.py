@@ -4,10 +4,13 @@ SquareHead), export that reloads, sparse model soups. One tiny static-sparse pre
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import re
 import shutil
 import struct
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -77,11 +80,16 @@ def test_load_round_trip(sparse_run, tokens):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert soup.mask_sparsity(loaded.masks) == pytest.approx(0.5, abs=1e-3)
     assert loaded.step == 8 and loaded.config.sparsity.method == "static"
-    # the run's own final validation loss, recomputed on the loaded model
+    # the run's own final evaluation, recomputed on the loaded model: on the eval.seed set,
+    # whatever the run's seed (a soup's ingredients differ in it)
     summary = json.loads((sparse_run / "summary.json").read_text())
     corpus = data.load_corpus(None, val_fraction=loaded.config.data.val_fraction)
-    val = soup.Evaluator(loaded.model, loaded.config, corpus)(loaded.params)
-    assert val == pytest.approx(summary["val_loss"], rel=1e-6)
+    config = copy.deepcopy(loaded.config)
+    config.seed = 7
+    val = soup.Evaluator(loaded.model, config, corpus)(loaded.params)
+    assert val.loss == pytest.approx(summary["val_loss"], rel=1e-6)
+    assert val.se == pytest.approx(summary["val_loss_se"], rel=1e-5)
+    assert (val.n_sequences, val.sha256) == (summary["eval_sequences"], summary["eval_sha256"])
     assert sparsejax.load(sparse_run, dense=True).masks is None
 
 
@@ -316,6 +324,22 @@ def test_soup_keeps_the_mask_and_greedy_is_never_worse(sparse_run, tmp_path):
     assert cycle["best_ingredient"] == first["val_loss"]
     assert cycle["greedy"]["members"][0] == first["run_dir"]
     assert cycle["greedy"]["val_loss"] <= first["val_loss"]
+    # every point: loss ± SE, sequences and fingerprint of the runs' final evaluation set
+    saved = json.loads((tmp_path / "soup" / "soup.json").read_text())["cycles"][0]
+    assert saved["ingredients"] == cycle["ingredients"]
+    for point in (*saved["ingredients"], saved["uniform"], saved["greedy"]):
+        assert math.isfinite(point["val_loss_se"]) and point["val_loss_se"] > 0
+        assert point["eval_sequences"] == c.eval.final_batches * c.eval.batch_size
+    for ing in saved["ingredients"]:  # scored again here: the ingredient run's own result
+        own = json.loads((Path(ing["run_dir"]) / "summary.json").read_text())
+        assert ing["eval_sha256"] == own["eval_sha256"]
+        assert ing["val_loss"] == pytest.approx(own["val_loss"], rel=1e-6)
+    for name in ("uniform", "greedy"):
+        own = json.loads((Path(saved[name]["run_dir"]) / "summary.json").read_text())
+        fields = ("val_loss", "val_loss_se", "eval_sequences", "eval_sha256")
+        assert {k: own[k] for k in fields} == {k: saved[name][k] for k in fields}
+        assert saved[name]["eval_sha256"] == saved["ingredients"][0]["eval_sha256"]
+    assert soup.table(result).count(" ± ") == 1 + 2 + 3  # header, 2 ingredients, 3 rows
 
 
 def test_prune_more_removes_the_smallest_kept_weights():

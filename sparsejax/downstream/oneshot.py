@@ -17,12 +17,15 @@ loss-vs-sparsity curve the *essential sparsity*. :func:`oneshot` does this for a
 * **Structure.** ``"unstructured"``, ``"N:M"`` (N of every M along the input axis,
   :func:`sparsejax.masks.nm_masks`; a single level at sparsity ``1 - N/M``) or ``"block"``
   (whole tiles by tile norm, layer-wise, :func:`sparsejax.masks.block_masks`).
-* **Evaluation.** The run's own validation batches and loss (``data.eval_batches`` on the
-  validation split with the run's ``eval.seed``, ``eval.batches``, ``eval.batch_size`` and
-  ``train.seq_len``; ``models.gpt.loss_fn``), so sparsity 0 reproduces the run's final
-  ``val_loss`` when the batch count is ``eval.final_batches`` (``--eval-batches``).
-* **Knee.** The largest evaluated sparsity whose loss is within ``tolerance`` (relative) of the
-  dense loss: ``loss <= dense * (1 + tolerance)``; ``None`` when no level is.
+* **Evaluation.** The training loop's own evaluation path (:mod:`sparsejax.run.evaluation`):
+  the fixed set ``evaluation.eval_set`` of the validation split with the run's ``eval.seed``,
+  ``eval.batches``, ``eval.batch_size`` and ``train.seq_len``, scored per sequence by
+  ``evaluation.sequence_losses``. Every point (dense and each level) records ``val_loss`` ±
+  ``val_loss_se`` (``s/√n`` over windows), ``eval_sequences`` and ``eval_sha256``; with
+  ``--eval-batches`` equal to the run's ``eval.final_batches``, sparsity 0 reproduces the run's
+  final ``val_loss`` and ``eval_sha256`` (``summary.json``).
+* **Knee.** The largest evaluated sparsity whose mean loss is within ``tolerance`` (relative) of
+  the dense mean loss: ``loss <= dense * (1 + tolerance)``; ``None`` when no level is.
 
 ``oneshot`` writes ``oneshot.json`` and ``oneshot.png`` (loss vs sparsity, dense line,
 tolerance band, knee) into the run dir; ``sparsejax oneshot RUN_DIR`` is its command line.
@@ -40,7 +43,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from sparsejax import calibration, masks
 from sparsejax import prunable as prunable_lib
@@ -48,9 +50,8 @@ from sparsejax import scores as scores_lib
 from sparsejax.downstream import loading
 from sparsejax.models.gpt import GPT, loss_fn
 from sparsejax.paths import path_str
-from sparsejax.run import data, rundir
+from sparsejax.run import data, evaluation, rundir
 from sparsejax.run.spec import RunSpec
-from sparsejax.run.step import make_eval_step
 
 SCORES = ("magnitude", "wanda", "gblm")
 ALLOCATIONS = ("global", "layerwise")
@@ -122,12 +123,6 @@ def knee(sparsities: Sequence[float], losses: Sequence[float], dense_loss: float
     bound = dense_loss + tolerance * abs(dense_loss)
     within = [s for s, v in zip(sparsities, losses, strict=True) if math.isfinite(v) and v <= bound]
     return max(within) if within else None
-
-
-def _evaluator(model: GPT):
-    """The training loop's own eval step (``train.make_eval_step``) for ``model``."""
-    graphdef, state, rest = nnx.split(model, nnx.Param, ...)
-    return make_eval_step(graphdef, jax.tree_util.tree_structure(state), rest)
 
 
 def prune(params: Any, scores: Any, sparsity: float | jax.Array, prunable: Any, *,
@@ -221,19 +216,19 @@ def oneshot(
     c = loaded.config
     ev = {"split": "val", "batches": eval_batches or c.eval.batches,
           "batch_size": eval_batch_size or c.eval.batch_size,
-          "seq_len": seq_len or c.train.seq_len,
-          "seed": c.eval.seed}  # the run's eval seed
-    val = data.eval_batches(loaded.corpus.val, batch_size=ev["batch_size"],
-                            seq_len=ev["seq_len"], n_batches=ev["batches"], seed=ev["seed"])
-    xs, ys = np.stack([b[0] for b in val]), np.stack([b[1] for b in val])
-    evaluate = _evaluator(loaded.model)
+          "seq_len": seq_len or c.train.seq_len, "seed": c.eval.seed}
+    val = evaluation.eval_set(loaded.corpus.val, batch_size=ev["batch_size"],
+                              seq_len=ev["seq_len"], n_batches=ev["batches"], seed=ev["seed"])
+    per_sequence = evaluation.sequence_losses(loaded.model)
     prunable = prunable_lib.check_selects_something(loaded.params)
     n_prunable = sum(int(np.size(w)) for w, p in zip(
         jax.tree.leaves(loaded.params), jax.tree.leaves(prunable), strict=True) if p)
 
-    dense_loss = float(evaluate(loaded.params, xs, ys))
-    say(f"oneshot: {run_dir} step {loaded.step}: dense val loss {dense_loss:.4f} "
-        f"({ev['batches']} x {ev['batch_size']} x {ev['seq_len']} tokens of the val split)")
+    dense = evaluation.evaluate(per_sequence, loaded.params, val)
+    dense_loss = dense.loss
+    say(f"oneshot: {run_dir} step {loaded.step}: dense val loss "
+        f"{evaluation.format_loss(dense.loss, dense.se)} ({ev['batches']} x {ev['batch_size']} "
+        f"x {ev['seq_len']} tokens of the val split, eval_sha256 {val.sha256})")
     sc, calib = compute_scores(loaded, score, calibration_batches=calibration_batches,
                                seq_len=seq_len, alpha=alpha)
     for path, p in jax.tree_util.tree_flatten_with_path(prunable)[0]:
@@ -253,13 +248,14 @@ def oneshot(
     for s in sparsities:
         pruned, kept = prune_at(loaded.params, sc, jnp.float32(s))
         n_pruned = n_prunable - int(kept)
-        loss = float(evaluate(pruned, xs, ys))
-        rel = (loss - dense_loss) / abs(dense_loss)
+        scored = evaluation.evaluate(per_sequence, pruned, val)
+        rel = (scored.loss - dense_loss) / abs(dense_loss)
         levels.append({"sparsity": s, "measured_sparsity": n_pruned / n_prunable,
                        "n_pruned": n_pruned, "score": score, "structure": structure,
-                       "allocation": allocation, "val_loss": loss, "relative_increase": rel})
-        say(f"  sparsity {s:.3f} (measured {n_pruned / n_prunable:.4f}): val loss {loss:.4f} "
-            f"({100 * rel:+.2f}% vs dense)")
+                       "allocation": allocation, **evaluation.summary_fields(scored),
+                       "relative_increase": rel})
+        say(f"  sparsity {s:.3f} (measured {n_pruned / n_prunable:.4f}): val loss "
+            f"{evaluation.format_loss(scored.loss, scored.se)} ({100 * rel:+.2f}% vs dense)")
     k = knee([lv["sparsity"] for lv in levels], [lv["val_loss"] for lv in levels], dense_loss,
              tolerance)
     k_loss = next((lv["val_loss"] for lv in levels if lv["sparsity"] == k), None)
@@ -268,7 +264,8 @@ def oneshot(
         "structure": structure, "allocation": allocation,
         "block": list(block) if kind == "block" else None, "prunable": "default_prunable",
         "n_prunable": n_prunable, "eval": ev, "calibration": calib,
-        "dense_val_loss": dense_loss, "tolerance": tolerance,
+        "dense": evaluation.summary_fields(dense), "dense_val_loss": dense_loss,
+        "tolerance": tolerance,
         "tolerance_rule": "relative: val_loss <= dense_val_loss * (1 + tolerance)",
         "knee": None if k is None else {"sparsity": k, "val_loss": k_loss},
         "levels": levels,
@@ -292,12 +289,16 @@ def _at(tree: Any, path: Sequence[Any]) -> Any:
 
 
 def table(result: dict[str, Any]) -> str:
-    """A plain-text table of one :func:`oneshot` result."""
-    lines = [f"{'sparsity':>8} {'measured':>9} {'val_loss':>9} {'vs dense':>9}",
-             f"{0.0:>8.3f} {0.0:>9.4f} {result['dense_val_loss']:>9.4f} {'dense':>9}"]
+    """A plain-text table of one :func:`oneshot` result: loss ± SE at each level."""
+    dense = result.get("dense") or {"val_loss": result["dense_val_loss"]}  # older files: no SE
+    lines = [f"{'sparsity':>8} {'measured':>9} {'val_loss ± SE':>17} {'vs dense':>9}",
+             f"{0.0:>8.3f} {0.0:>9.4f} "
+             f"{evaluation.format_loss(dense['val_loss'], dense.get('val_loss_se')):>17} "
+             f"{'dense':>9}"]
     for lv in result["levels"]:
         lines.append(f"{lv['sparsity']:>8.3f} {lv['measured_sparsity']:>9.4f} "
-                     f"{lv['val_loss']:>9.4f} {100 * lv['relative_increase']:>+8.2f}%")
+                     f"{evaluation.format_loss(lv['val_loss'], lv.get('val_loss_se')):>17} "
+                     f"{100 * lv['relative_increase']:>+8.2f}%")
     k = result["knee"]
     lines.append(f"knee: {'none' if k is None else k['sparsity']} (tolerance "
                  f"{100 * result['tolerance']:g}% relative)")

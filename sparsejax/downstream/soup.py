@@ -15,8 +15,12 @@ magnitude, removing ``soup.prune_fraction`` of its remaining prunable weights, a
 fine-tunes and soups that (the paper's prune-retrain cycles). Every ingredient is an ordinary
 run dir; every soup and pruned start is a run dir too (``config.json``, a weights-and-masks
 checkpoint, ``summary.json``), so :func:`sparsejax.load` and ``sparsejax export`` take it.
-All validation losses are measured on the same batches (the config's ``seed``), which also
-select the greedy soup.
+Every ingredient and soup is scored by the training loop's own evaluation path
+(:mod:`sparsejax.run.evaluation`) on the run's final evaluation set (``eval.final_batches``
+windows of ``eval.batch_size`` x ``train.seq_len`` drawn with ``eval.seed``, never the run's
+seed): the tokens each ingredient's own ``summary.json`` was scored on (same ``eval_sha256``).
+Each records ``val_loss`` ± ``val_loss_se``, ``eval_sequences`` and ``eval_sha256``; the greedy
+rule compares the mean losses.
 """
 
 from __future__ import annotations
@@ -25,16 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
 from sparsejax.downstream import loading
 from sparsejax.errors import ConfigError
-from sparsejax.run import checkpoint, data, experiment, rundir
+from sparsejax.run import checkpoint, data, evaluation, experiment, rundir
 from sparsejax.run.spec import RunSpec
-from sparsejax.run.step import make_eval_step
 
 
 def average(trees: list[Any]) -> Any:
@@ -85,20 +87,20 @@ def prune_more(params: Any, masks: Any, fraction: float) -> tuple[Any, Any]:
 
 
 class Evaluator:
-    """Validation loss of params on the config's validation batches (one compiled call)."""
+    """Scores params of ``model``'s architecture on the config's final evaluation set (the
+    training loop's: ``eval.final_batches``, ``eval.batch_size``, ``train.seq_len``,
+    ``eval.seed``), compiled once: ``Evaluator(model, config, corpus)(params)`` is an
+    :class:`sparsejax.run.evaluation.EvalResult` (loss, SE, sequences, fingerprint)."""
 
-    def __init__(self, model: nnx.Module, config: ml_collections.ConfigDict,
+    def __init__(self, model: nnx.Module, config: RunSpec,
                  corpus: data.Corpus):
-        graphdef, state, rest = nnx.split(model, nnx.Param, ...)
-        self._eval = make_eval_step(graphdef, jax.tree_util.tree_structure(state), rest)
-        batches = data.eval_batches(corpus.val, batch_size=config.eval.batch_size,
-                                    seq_len=config.train.seq_len,
-                                    n_batches=config.eval.batches, seed=config.seed)
-        self._x = np.stack([b[0] for b in batches])
-        self._y = np.stack([b[1] for b in batches])
+        self.eval_set = evaluation.eval_set(
+            corpus.val, batch_size=config.eval.batch_size, seq_len=config.train.seq_len,
+            n_batches=config.eval.final_batches, seed=config.eval.seed)
+        self._per_sequence = evaluation.sequence_losses(model)
 
-    def __call__(self, params: Any) -> float:
-        return float(self._eval(jax.tree_util.tree_map(jnp.asarray, params), self._x, self._y))
+    def __call__(self, params: Any) -> evaluation.EvalResult:
+        return evaluation.evaluate(self._per_sequence, params, self.eval_set)
 
 
 def _write_soup(run_dir: Path, config: RunSpec, params: Any, masks: Any,
@@ -147,8 +149,9 @@ def soup(config: ml_collections.ConfigDict | RunSpec, workdir: str | Path, *, pr
             loaded = loading.load(run_dir)
             if evaluate is None:
                 evaluate = Evaluator(loaded.model, config, corpus)
+            scored = evaluate(loaded.params)
             ingredients.append(dict(run_dir=str(run_dir), seed=c.seed, params=loaded.params,
-                                    masks=loaded.masks, val_loss=evaluate(loaded.params)))
+                                    masks=loaded.masks, scored=scored, val_loss=scored.loss))
         masks = ingredients[0]["masks"]
         sparsity = mask_sparsity(masks)
         for ing in ingredients:
@@ -158,27 +161,29 @@ def soup(config: ml_collections.ConfigDict | RunSpec, workdir: str | Path, *, pr
                 raise ValueError(f"soup: {ing['run_dir']} does not keep the start's mask")
         uniform = average([ing["params"] for ing in ingredients])
         ranked = sorted(ingredients, key=lambda ing: ing["val_loss"])
-        members, greedy, best = [ranked[0]], ranked[0]["params"], ranked[0]["val_loss"]
+        members, greedy, best = [ranked[0]], ranked[0]["params"], ranked[0]["scored"]
         for ing in ranked[1:]:
             candidate = average([m["params"] for m in [*members, ing]])
-            loss = evaluate(candidate)
-            if loss <= best:
-                members, greedy, best = [*members, ing], candidate, loss
+            scored = evaluate(candidate)
+            if scored.loss <= best.loss:  # the mean loss decides
+                members, greedy, best = [*members, ing], candidate, scored
         result = dict(cycle=k, start=str(start_dir), sparsity=sparsity,
                       ingredients=[{"run_dir": ing["run_dir"], "seed": ing["seed"],
-                                    "val_loss": ing["val_loss"]} for ing in ingredients],
+                                    **evaluation.summary_fields(ing["scored"])}
+                                   for ing in ingredients],
                       best_ingredient=ranked[0]["val_loss"])
         ing_config = loading.read_config(ingredients[0]["run_dir"])
         for name, params, members_ in (("uniform", uniform, ingredients),
                                        ("greedy", greedy, members)):
             if not zeros_kept(params, masks):
                 raise ValueError(f"soup: the {name} soup lost the mask")  # cannot happen
-            loss = evaluate(params) if name == "uniform" else best
-            entry = dict(val_loss=loss, sparsity=mask_sparsity(masks),
+            scored = evaluate(params) if name == "uniform" else best
+            entry = dict(**evaluation.summary_fields(scored), sparsity=mask_sparsity(masks),
                          members=[m["run_dir"] for m in members_], run_dir=str(cdir / name))
             _write_soup(cdir / name, ing_config, params, masks,
-                        {"val_loss": loss, "final_val_loss": loss, "sparsity": entry["sparsity"],
-                         "soup": name, "members": entry["members"]})
+                        {**evaluation.summary_fields(scored), "final_val_loss": scored.loss,
+                         "sparsity": entry["sparsity"], "soup": name,
+                         "members": entry["members"]})
             result[name] = entry
         cycles.append(result)
         if k + 1 < config.soup.cycles:  # prune the chosen soup again and fine-tune that
@@ -194,12 +199,15 @@ def soup(config: ml_collections.ConfigDict | RunSpec, workdir: str | Path, *, pr
 
 
 def table(result: dict[str, Any]) -> str:
-    """Plain text: per cycle, sparsity and the validation loss of each ingredient and soup."""
-    lines = [f"{'cycle':>5} {'sparsity':>8} {'model':<14} {'val_loss':>9}"]
+    """Plain text: per cycle, sparsity and the validation loss ± SE of each ingredient and
+    soup."""
+    lines = [f"{'cycle':>5} {'sparsity':>8} {'model':<14} {'val_loss ± SE':>17}"]
     for c in result["cycles"]:
-        rows = [(f"ingredient{i}", ing["val_loss"]) for i, ing in enumerate(c["ingredients"])]
-        rows += [("best ingr.", c["best_ingredient"]), ("uniform soup", c["uniform"]["val_loss"]),
-                 (f"greedy ({len(c['greedy']['members'])})", c["greedy"]["val_loss"])]
-        lines += [f"{c['cycle']:>5} {c['sparsity']:>8.4f} {name:<14} {loss:>9.4f}"
-                  for name, loss in rows]
+        rows = [(f"ingredient{i}", ing) for i, ing in enumerate(c["ingredients"])]
+        rows += [("best ingr.", min(c["ingredients"], key=lambda ing: ing["val_loss"])),
+                 ("uniform soup", c["uniform"]),
+                 (f"greedy ({len(c['greedy']['members'])})", c["greedy"])]
+        lines += [f"{c['cycle']:>5} {c['sparsity']:>8.4f} {name:<14} "
+                  f"{evaluation.format_loss(r['val_loss'], r.get('val_loss_se')):>17}"
+                  for name, r in rows]
     return "\n".join(lines)

@@ -19,6 +19,12 @@ variance whenever the loss varies smoothly along the split (neighbouring strata 
 so the SE reported is conservative. It measures the error of ``l̄`` as an estimate of the
 model's expected loss on a window of the validation split, for fixed weights; it does not
 include run-to-run (seed) variation.
+
+One path. Training (and so fine-tuning), one-shot pruning and model soups all score params the
+same way: :func:`sequence_losses` (the per-sequence loss step of a model, compiled once per batch
+shape) applied by :func:`evaluate` to an :class:`EvalSet`, giving an :class:`EvalResult` that
+:func:`summary_fields` writes as ``val_loss``, ``val_loss_se``, ``eval_sequences`` and
+``eval_sha256`` and :func:`format_loss` prints as ``loss ± SE``.
 """
 
 from __future__ import annotations
@@ -28,9 +34,14 @@ import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
+from flax import nnx
 
-from sparsejax.run import data
+from sparsejax.models.gpt import cross_entropy
+from sparsejax.run import data, distributed
+
+PerSequence = Callable[[Any, Any, Any], jax.Array]  # (params, x_BxL, y_BxL) -> (B,) float32
 
 
 class EvalSet(NamedTuple):
@@ -43,6 +54,7 @@ class EvalResult(NamedTuple):
     loss: float  # mean per-sequence loss (nats/token)
     se: float | None  # standard error of ``loss`` (None when n < 2)
     n_sequences: int
+    sha256: str | None = None  # the EvalSet's fingerprint (None: losses not from an EvalSet)
 
 
 def fingerprint(xs: np.ndarray, ys: np.ndarray) -> str:
@@ -74,10 +86,61 @@ def summarize(losses_N: np.ndarray) -> EvalResult:
     return EvalResult(mean, se, n)
 
 
-def evaluate(per_sequence: Callable[[Any, Any, Any], Any], params: Any,
-             eval_set_: EvalSet) -> EvalResult:
+def merge_model(graphdef: nnx.GraphDef, params_def: Any, rest: nnx.State,
+                params: Any) -> nnx.Module:
+    """The model of ``nnx.split(model, nnx.Param, ...)`` with ``params`` (a pure dict on the
+    params' tree; ``params_def`` is that tree's structure) as its weights; traceable, for
+    jitted steps."""
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(params_def, jax.tree.leaves(params)),
+                     rest)
+
+
+def sequence_losses(model: nnx.Module, *, mesh: jax.sharding.Mesh | None = None
+                    ) -> PerSequence:
+    """The per-sequence loss step of ``model``: ``(params, x_BxL, y_BxL) -> (B,)`` float32,
+    each the mean next-token cross-entropy of one window, computed by ``model`` holding
+    ``params`` (a pure dict shaped like ``nnx.to_pure_dict`` of its Params). Jitted once, so
+    one compiled shape serves any number of batches of an :class:`EvalSet`. With a ``mesh``,
+    host batches are split over it (:func:`sparsejax.run.distributed.put`) and the losses come
+    back replicated, so every process can read them."""
+    graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
+    params_def = jax.tree_util.tree_structure(params_state)
+    del params_state
+
+    def per_sequence(params, x_BxL, y_BxL):
+        logits_BxLxV = merge_model(graphdef, params_def, rest, params)(x_BxL)
+        return jax.vmap(lambda lg, y: cross_entropy(lg[None], y[None]))(logits_BxLxV, y_BxL)
+
+    if mesh is None:
+        return jax.jit(per_sequence)
+    batch_sh = distributed.batch_sharding(mesh)
+    losses = jax.jit(per_sequence, out_shardings=distributed.replicated(mesh))
+    return lambda params, x_BxL, y_BxL: losses(params, distributed.put(x_BxL, batch_sh),
+                                               distributed.put(y_BxL, batch_sh))
+
+
+def evaluate(per_sequence: PerSequence, params: Any, eval_set_: EvalSet) -> EvalResult:
     """Score ``params`` on ``eval_set_``: ``per_sequence(params, x_BxL, y_BxL) -> (B,)``
-    losses, batch by batch (one compiled shape for any number of batches)."""
+    losses (:func:`sequence_losses`), batch by batch (one compiled shape for any number of
+    batches), summarized by :func:`summarize`; the result carries the set's fingerprint."""
     losses = [per_sequence(params, x, y) for x, y in zip(eval_set_.xs, eval_set_.ys,
                                                         strict=True)]
-    return summarize(np.concatenate([np.asarray(v, np.float64) for v in losses]))
+    result = summarize(np.concatenate([np.asarray(v, np.float64) for v in losses]))
+    return result._replace(sha256=eval_set_.sha256)
+
+
+def summary_fields(result: EvalResult) -> dict[str, Any]:
+    """The four fields every evaluated point records in its JSON (``summary.json``,
+    ``oneshot.json``, ``soup.json``): ``val_loss``, ``val_loss_se``, ``eval_sequences``,
+    ``eval_sha256``."""
+    return {"val_loss": result.loss, "val_loss_se": result.se,
+            "eval_sequences": result.n_sequences, "eval_sha256": result.sha256}
+
+
+def format_loss(loss: float, se: float | None, digits: int = 4) -> str:
+    """``loss ± SE`` for tables and logs (``loss ± n/a`` without an SE).
+
+    >>> format_loss(2.345678, 0.01234)
+    '2.3457 ± 0.0123'
+    """
+    return f"{loss:.{digits}f} ± " + ("n/a" if se is None else f"{se:.{digits}f}")

@@ -12,11 +12,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from sparsejax.errors import NoSparsifyState
-from sparsejax.models.gpt import GPT, cross_entropy, loss_fn
-from sparsejax.run import accounting, distributed
+from sparsejax.models.gpt import GPT, loss_fn
+from sparsejax.run import accounting, distributed, evaluation
 from sparsejax.state import SparsityStats, find_state, forward_params
 from sparsejax.state import sparsity_stats as _sparsity_stats
 
@@ -54,11 +53,6 @@ def is_sparse(tx: optax.GradientTransformation, params: Any) -> bool:
     return found[0]
 
 
-def merge_model(graphdef, params_def, rest, params) -> GPT:
-    """The model of ``nnx.split(model, nnx.Param, ...)`` with ``params`` (a pure dict on the
-    params' tree) as its weights; traceable, for jitted steps."""
-    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(params_def, jax.tree.leaves(params)),
-                     rest)
 
 
 def make_train_step(graphdef, params_def, rest, tx, *, fixed_flops, dense_flops,
@@ -74,7 +68,7 @@ def make_train_step(graphdef, params_def, rest, tx, *, fixed_flops, dense_flops,
     (:mod:`sparsejax.run.distributed`); the state keeps its sharding across steps."""
 
     def loss_of(params, x_BxL, y_BxL, aux):
-        model = merge_model(graphdef, params_def, rest, params)
+        model = evaluation.merge_model(graphdef, params_def, rest, params)
         return loss_fn(model, x_BxL, y_BxL) if loss is None else loss(model, x_BxL, y_BxL, aux)
 
     def step(state: TrainState, x_BxL, y_BxL, aux=None):
@@ -108,33 +102,3 @@ def make_train_step(graphdef, params_def, rest, tx, *, fixed_flops, dense_flops,
     return jax.jit(step, donate_argnums=0,
                    in_shardings=(state_sh, batch_sh, batch_sh, replicated),
                    out_shardings=(state_sh, replicated))
-
-
-def make_eval_step(graphdef, params_def, rest):
-    """Mean loss over stacked batches ``(n, B, L)``, one compiled call."""
-
-    def evaluate(params, xs_NxBxL, ys_NxBxL):
-        model = merge_model(graphdef, params_def, rest, params)
-        losses = jax.lax.map(lambda xy: loss_fn(model, xy[0], xy[1]), (xs_NxBxL, ys_NxBxL))
-        return jnp.mean(losses)
-
-    return jax.jit(evaluate)
-
-
-def make_sequence_losses(graphdef, params_def, rest, mesh: jax.sharding.Mesh | None = None):
-    """Per-sequence mean losses of one batch ``(B, L) -> (B,)`` float32, one compiled shape
-    for any number of batches (:mod:`sparsejax.run.evaluation` averages them and gives their
-    standard error). With a ``mesh``, host batches are split over it
-    (:func:`sparsejax.run.distributed.put`) and the losses come back replicated, so every process
-    can read them."""
-
-    def per_sequence(params, x_BxL, y_BxL):
-        logits_BxLxV = merge_model(graphdef, params_def, rest, params)(x_BxL)
-        return jax.vmap(lambda lg, y: cross_entropy(lg[None], y[None]))(logits_BxLxV, y_BxL)
-
-    if mesh is None:
-        return jax.jit(per_sequence)
-    batch_sh = distributed.batch_sharding(mesh)
-    losses = jax.jit(per_sequence, out_shardings=distributed.replicated(mesh))
-    return lambda params, x_BxL, y_BxL: losses(params, distributed.put(x_BxL, batch_sh),
-                                               distributed.put(y_BxL, batch_sh))

@@ -34,7 +34,6 @@ from sparsejax.run.step import (
     TrainState,
     flops_coefficients,
     is_sparse,
-    make_sequence_losses,
     make_train_step,
     sparse_state,
 )
@@ -252,7 +251,7 @@ def _setup(spec: RunSpec, exp: Experiment, run_dir: Path, mesh: jax.sharding.Mes
     return _Setup(
         state=state, start=int(state.step), sparse=sparse, counts=counts,
         train_step=train_step,
-        evaluate=make_sequence_losses(graphdef, params_def, rest, mesh),
+        evaluate=evaluation.sequence_losses(exp.model, mesh=mesh),
         forward_weights=jax.jit(forward_params) if sparse else (lambda p, s: p),
         count_violations=jax.jit(lambda p, s: sum(jax.tree_util.tree_leaves(check(p, s)))),
         val=val, final_val=final_val, batch_sh=batch_sh, loss_aux=loss_aux,
