@@ -4,7 +4,6 @@ SquareHead), export that reloads, sparse model soups. One tiny static-sparse pre
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import re
@@ -84,8 +83,7 @@ def test_load_round_trip(sparse_run, tokens):
     # whatever the run's seed (a soup's ingredients differ in it)
     summary = json.loads((sparse_run / "summary.json").read_text())
     corpus = data.load_corpus(None, val_fraction=loaded.config.data.val_fraction)
-    config = copy.deepcopy(loaded.config)
-    config.seed = 7
+    config = loaded.config.replace(seed=7)
     val = soup.Evaluator(loaded.model, config, corpus)(loaded.params)
     assert val.loss == pytest.approx(summary["val_loss"], rel=1e-6)
     assert val.se == pytest.approx(summary["val_loss_se"], rel=1e-5)

@@ -152,7 +152,6 @@ ENUMS = {
     "model.dtype": ("float32", "bfloat16"),
     "model.linear": ("dense", "bsr"),
     "model.sparse_ift.family": ("", "wide", "parallel", "factorized", "doped"),
-    "sparsity.method": mask_methods.names(),
     "sparsity.decay_kind": ("linear", "exp"),
     "sparsity.pattern": ("stepwise", "geometric"),
     "sparsity.schedule": ("window", "polynomial", "geometric", "constant"),
@@ -189,7 +188,7 @@ def validate(config: ml_collections.ConfigDict | dict[str, Any]) -> RunSpec:
     if missing:
         raise ConfigError(f"missing config key(s) {missing}")
     _check_types(got, schema)
-    for key, valid in ENUMS.items():
+    for key, valid in {**ENUMS, "sparsity.method": mask_methods.names()}.items():
         _need(got[key] in valid, key, f"one of {valid}", got[key])
     for key in POSITIVE_INTS:
         _need(got[key] >= 1, key, "an int >= 1", got[key])
