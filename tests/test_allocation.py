@@ -41,8 +41,8 @@ def by_name(tree) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(shared_data):
-    return json.loads((shared_data / "erk_reference.json").read_text())
+def reference(reference_data):
+    return json.loads((reference_data / "erk_reference.json").read_text())
 
 
 @pytest.mark.parametrize(
