@@ -75,3 +75,36 @@ def test_reference_data_is_in_the_repository_with_its_origins(reference_data):
     for name in files:
         row = next(line for line in readme.splitlines() if line.startswith(f"| `{name}` |"))
         assert row.count("|") == 5 and row.split("|")[4].strip(), f"{name}: no license column"
+
+
+DESIGN = ROOT / "docs" / "design.md"
+# A citation: the notes' path, then the section's heading in double quotes (a comma, backticks,
+# a line break, a comment's '#' optional; escaped quotes inside notebooks).
+CITATION = re.compile(r'docs/design\.md`?,?\s*(?:#\s*)?\\?"([^"\\]+)\\?"')
+
+
+def design_citations(files: list[Path]) -> list[tuple[Path, str]]:
+    """``(file, section)`` for every citation of a design-notes section in ``files``."""
+    return [(path, " ".join(m.group(1).split())) for path in files
+            for m in CITATION.finditer(path.read_text(errors="replace"))]
+
+
+def test_design_citations_name_sections_of_the_design_notes():
+    headings = {line.lstrip("#").strip() for line in DESIGN.read_text().splitlines()
+                if line.startswith(("## ", "### "))}
+    this = Path(__file__).resolve()
+    files = [p for p in source_files() + [ROOT / "README.md", DATA / "README.md"]
+             if p not in (DESIGN, this)]
+    cited = design_citations(files)
+    assert len(cited) >= 10, cited  # the library, scaling and benchmarks cite the notes
+    missing = sorted({f"{p.relative_to(ROOT)}: {s!r}" for p, s in cited if s not in headings})
+    assert not missing, "citations of sections docs/design.md does not have:\n" + "\n".join(
+        missing)
+
+
+def test_the_citation_pattern_reads_every_spelling(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text('a (docs/design.md, "Core\ncontracts")\nb docs/design.md "Data"\n'
+                       'c `docs/design.md`, \\"Scaling\\"\n# d docs/design.md,\n# "Kernels"\n')
+    assert [s for _, s in design_citations([planted])] == ["Core contracts", "Data", "Scaling",
+                                                           "Kernels"]
