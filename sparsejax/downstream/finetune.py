@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import ml_collections
 import optax
+from flax import nnx
 
 from sparsejax import schedules
 from sparsejax.downstream import loading
@@ -96,8 +97,6 @@ def start(config: ml_collections.ConfigDict, model_cfg: GPTConfig,
                                  "holds no masks (a dense run); use finetune.mode='dense'")
             masks = loaded.masks
     else:  # distillation into a freshly initialised student
-        from flax import nnx
-
         model = GPT(model_cfg, rngs=nnx.Rngs(config.seed),
                     linear=build.linear_factory(config))
     tx, lr = build.optimizer(config, sparsity_schedule, masks=masks)
