@@ -1,13 +1,14 @@
 """Wall time of the full 4,500-start Chinchilla fit (batched damped Newton vs a scipy loop) and
 of a 1,000-replicate bootstrap of it.
 
-Data: ../shared/data/chinchilla_svg_extracted.csv (Besiroglu et al. 2024), the 5 highest-loss
+Data: tests/data/chinchilla_svg_extracted.csv (Besiroglu et al. 2024), the 5 highest-loss
 points dropped (240 left). Both methods minimise the same objective (sum of Huber 1e-3 on
-log residuals, log-sum-exp parameterisation) from every start of DESIGN.md's grid and keep the
-best: ``scaling.fit_chinchilla`` (all starts at once, the compiled passes of ``scaling.passes``)
-and a plain loop of ``scipy.optimize.minimize(method="L-BFGS-B", jac=True)`` with the analytic
-gradient. The bootstrap row is ``scaling.bootstrap(fit, n_boot=1000)`` (resampled points, every
-replicate refitted from the fit's 8 best distinct optima). They run interleaved in one process
+log residuals, log-sum-exp parameterisation) from every start of the 4,500-start grid
+(docs/design.md, "Scaling") and keep the best: ``scaling.fit_chinchilla`` (all starts at once,
+the compiled passes of ``scaling.passes``) and a plain loop of
+``scipy.optimize.minimize(method="L-BFGS-B", jac=True)`` with the analytic gradient. The
+bootstrap row is ``scaling.bootstrap(fit, n_boot=1000)`` (resampled points, every replicate
+refitted from the fit's 8 best distinct optima). They run interleaved in one process
 (fit, bootstrap, half the scipy loop, fit, bootstrap, other half, fit, bootstrap; the batched
 times are medians of three runs), so machine load hits all alike; BLAS is held to one thread
 for all of them. On a shared machine wall time follows the load, so the table gives CPU
@@ -52,7 +53,7 @@ from scaling.forms import CHINCHILLA, grid_starts
 from scaling.uncertainty import bootstrap
 
 DEFAULT_CSV = (
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "chinchilla_svg_extracted.csv"
+    Path(__file__).resolve().parents[1] / "tests" / "data" / "chinchilla_svg_extracted.csv"
 )
 
 

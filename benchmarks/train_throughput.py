@@ -4,7 +4,8 @@ Sparse: gradual global magnitude pruning in the 25%->75%-of-compute window, mask
 every 100 steps (the mask update's cost is amortized over the steps it covers). Dense: the same
 optimizer without ``sparsify``. Rounds alternate between the two (same process, same data), so
 the ratio is measured side by side. Also measures this machine's dense f32 matmul FLOP/s and
-the model FLOP/s both steps achieve (6·N-style accounting of DESIGN.md: 3x forward FLOPs).
+the model FLOP/s both steps achieve (6·N-style accounting, docs/design.md "Accounting":
+3x forward FLOPs).
 
 With ``--bsr-block B`` it also times the same model on the block-sparse kernel layers
 (``pallas_kernels.layers.BSRLinear``, static random block mask of ``--bsr-density``; its

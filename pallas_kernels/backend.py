@@ -1,4 +1,5 @@
-"""Backend choice shared by the sparse matmul ops (kept behind the wrappers, per STYLE.md)."""
+"""Backend choice shared by the sparse matmul ops, kept behind the op wrappers (as in
+``jax.experimental.pallas.ops``, whose jitted wrappers own backend, grid and tile sizes)."""
 
 from __future__ import annotations
 

@@ -308,8 +308,9 @@ def fit_chinchilla(
     """Fit ``L = E + A/N^alpha + B/D^beta`` (Hoffmann et al. 2022) as Besiroglu et al. 2024 do.
 
     Minimises the sum of Huber(``huber_delta``) on log residuals from every start of ``grid``
-    ("epoch": DESIGN.md's 4,500 points; "coarse": 243; a dict of per-parameter values over
-    ``a, b, e, alpha, beta``; or an (S, P) array of starts over the free ones).
+    ("epoch": the 4,500 points of docs/design.md, "Scaling"; "coarse": 243; a dict of
+    per-parameter values over ``a, b, e, alpha, beta``; or an (S, P) array of starts over the
+    free ones).
     ``drop_highest`` drops that many highest-loss points first. ``fixed`` pins coefficients by
     their natural names (``{"alpha": 0.34, "E": 1.69}``). ``asymmetry`` in (0, 1) weighs points
     above the fit by ``2 asymmetry`` and below it by ``2 (1 - asymmetry)`` (0.5: plain Huber).

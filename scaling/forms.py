@@ -55,7 +55,7 @@ def _frantar_design(data: Mapping[str, np.ndarray]) -> np.ndarray:
     return m
 
 
-_EPOCH = {  # DESIGN.md "Scaling": 6 * 6 * 5 * 5 * 5 = 4,500 starts
+_EPOCH = {  # docs/design.md, "Scaling": 6 * 6 * 5 * 5 * 5 = 4,500 starts
     "a": tuple(np.arange(0.0, 26.0, 5.0)),
     "b": tuple(np.arange(0.0, 26.0, 5.0)),
     "e": (-1.0, -0.5, 0.0, 0.5, 1.0),

@@ -1,6 +1,6 @@
 """Turn a sweep directory, a CSV file or a pandas DataFrame into the table a fit takes.
 
-A sweep dir (DESIGN.md, "Run directory") holds one run dir per run, each with a
+A sweep dir (docs/design.md, "Run directory") holds one run dir per run, each with a
 ``summary.json`` written by the trainer (status, step, tokens, train_loss, val_loss, n_params,
 n_active, n_avg, flops, sparsity, density, ...), plus an optional ``sweep.json``. A row is one
 run: ``loss = val_loss``, ``D = tokens`` and ``N`` the chosen count: ``n_avg`` (the average

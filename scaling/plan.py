@@ -11,7 +11,9 @@ Average density (continuous time, fraction ``u`` of the window elapsed, ``q = 1 
 - ``geometric`` (the Journey-Matters schedule): density ``q^u``, window mean ``(1 - q) / -ln q``;
 - ``polynomial`` (Zhu & Gupta 2017): sparsity ``s (1 - (1 - u)^p)``, mean density
   ``1 - s p / (p + 1)`` (``power=3``, the default, is the cubic schedule; ``power=1`` linear).
-The kind names are those of ``sparsejax.schedules``.
+The kind names are those of ``sparsejax.schedules``, whose ``window_average_density`` is the
+same closed form (``scaling`` imports nothing of ``sparsejax``, so it keeps its own copy; a test
+holds the two equal).
 With ``by="steps"`` the window is placed by fraction of steps:
 ``rho = start + (end - start) m + (1 - end) q``. With ``by="compute"`` (Journey Matters' "start
 at 25%, end at 75%" of compute) the fractions are of cumulative density-weighted compute, and
@@ -21,13 +23,12 @@ share divided by its mean density).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
 
 from scaling.laws import ChinchillaLaw
-from sparsejax.schedules import WINDOW_KINDS, window_mean_density
-from sparsejax.schedules import window_average_density as average_density
 
 __all__ = [
     "KINDS",
@@ -38,7 +39,58 @@ __all__ = [
     "window_mean_density",
 ]
 
-KINDS = WINDOW_KINDS
+KINDS = ("geometric", "polynomial")
+
+
+def window_mean_density(final_sparsity: float, kind: str = "geometric", *,
+                        power: float = 3.0) -> float:
+    """Mean density inside a pruning window from density 1 down to ``q = 1 - final_sparsity``
+    (module docstring): ``(1 - q) / -ln q`` geometric, ``1 - s p / (p + 1)`` polynomial.
+
+    >>> round(window_mean_density(0.5, "polynomial"), 6)
+    0.625
+    """
+    s = float(final_sparsity)
+    if not 0.0 <= s < 1.0:
+        raise ValueError(f"final_sparsity must be in [0, 1), got {final_sparsity!r}")
+    if kind == "geometric":
+        return 1.0 if s == 0 else s / -math.log1p(-s)
+    if kind == "polynomial":
+        if not (isinstance(power, int | float) and power > 0):
+            raise ValueError(f"power must be > 0, got {power!r}")
+        return 1.0 - s * power / (power + 1.0)
+    hint = {"cubic": " (the cubic schedule is kind='polynomial', power=3)",
+            "linear": " (linear is kind='polynomial', power=1)"}.get(kind, "")
+    raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}{hint}")
+
+
+def average_density(
+    final_sparsity: float,
+    start: float = 0.25,
+    end: float = 0.75,
+    *,
+    kind: str = "geometric",
+    by: str = "compute",
+    power: float = 3.0,
+) -> float:
+    """Average density over training of a dense-to-sparse window schedule, continuous limit:
+    ``rho`` of the module docstring, by fraction of ``"steps"`` or of ``"compute"``.
+
+    >>> round(average_density(0.5, by="steps"), 6)
+    0.735674
+    """
+    for name, v in (("start", start), ("end", end)):
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ValueError(f"{name} must be a float in [0, 1], got {v!r}")
+    if not 0.0 <= start <= end <= 1.0:
+        raise ValueError(f"need 0 <= start <= end <= 1, got start={start}, end={end}")
+    m = window_mean_density(final_sparsity, kind, power=power)
+    q = 1.0 - float(final_sparsity)
+    if by == "steps":
+        return start + (end - start) * m + (1.0 - end) * q
+    if by == "compute":
+        return 1.0 / (start + (end - start) / m + (1.0 - end) / q)
+    raise ValueError(f"by must be one of ['compute', 'steps'], got {by!r}")
 
 
 class SparsePlan(NamedTuple):

@@ -1,6 +1,6 @@
 """Exact, sort-free mask selection: layer-wise top-k, global top-k, N:M and block masks.
 
-Every selector keeps an *exact* number of entries (DESIGN.md, "Selection"): a leaf of ``n``
+Every selector keeps an *exact* number of entries (docs/design.md, "Selection"): a leaf of ``n``
 entries at sparsity ``s`` keeps ``n - round(s * n)`` of them (``round`` is half-to-even on the
 float32 product, the same rule numpy applies). Ties are broken deterministically: among equal
 scores the lower flat index is kept.

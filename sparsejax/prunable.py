@@ -1,10 +1,10 @@
 """Which leaves of a parameter pytree may be pruned, and why (:func:`describe`).
 
 A *prunable predicate* is ``prunable(path, leaf) -> bool`` where ``path`` is a JAX key path
-(as given by :func:`jax.tree_util.tree_flatten_with_path`). The default (DESIGN.md, "Core
-contracts") selects floating-point leaves with ``ndim >= 2`` none of whose path *components*
-names an embedding, a positional table, a normalization layer, a bias or a scale (or the
-dense ``lowrank`` path of a Sparse-IFT Doped layer).
+(as given by :func:`jax.tree_util.tree_flatten_with_path`). The default (docs/design.md,
+"Params and the prunable predicate") selects floating-point leaves with ``ndim >= 2`` none of
+whose path *components* names an embedding, a positional table, a normalization layer, a bias
+or a scale (or the dense ``lowrank`` path of a Sparse-IFT Doped layer).
 
 Matching is by whole path component, case-insensitive, never by substring:
 ``ConvTranspose_0/kernel``, ``compose/kernel``, ``posterior_head/kernel`` and
@@ -110,7 +110,8 @@ class ComponentPredicate:
 
 
 default_prunable = ComponentPredicate(DEFAULT_EXCLUDE)
-"""DESIGN.md's default: floating point, ``ndim >= 2``, no component in :data:`DEFAULT_EXCLUDE`."""
+"""The default (docs/design.md, "Params and the prunable predicate"): floating point,
+``ndim >= 2``, no component in :data:`DEFAULT_EXCLUDE`."""
 
 
 def excluding(*patterns: str, min_ndim: int = 2) -> ComponentPredicate:

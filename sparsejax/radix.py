@@ -1,12 +1,12 @@
 """Exact radix selection of the k largest ``uint32`` keys, per segment, without sorting.
 
-The engine behind :mod:`sparsejax.masks` (DESIGN.md, "Selection"). Float32 scores are mapped
-to ``uint32`` keys whose unsigned order is the float order (:func:`sortable_key`); the k-th
-largest key of every segment is found by a radix select over its two 16-bit digits (2 passes,
-each a single scatter-add into 65,536 bins per segment; same result as DESIGN.md's 32-pass
-bit bisection); the counts above and at the threshold come from the histograms. Ties at the
-threshold are kept in flat order, and only when some tied entries must be dropped does a
-running count of them run (under ``lax.cond``). Cost: about three O(n) passes, against
+The engine behind :mod:`sparsejax.masks` (docs/design.md, "Selection"). Float32 scores are
+mapped to ``uint32`` keys whose unsigned order is the float order (:func:`sortable_key`); the
+k-th largest key of every segment is found by a radix select over its two 16-bit digits (2
+passes, each a single scatter-add into 65,536 bins per segment; the same result as a 32-pass
+bisection over the key's bits); the counts above and at the threshold come from the histograms.
+Ties at the threshold are kept in flat order, and only when some tied entries must be dropped
+does a running count of them run (under ``lax.cond``). Cost: about three O(n) passes, against
 O(n log n) with a large constant for ``argsort``/``top_k`` on CPU.
 
 Segments let one selection serve many arrays at once: layer-wise masks give every leaf its own
@@ -121,8 +121,8 @@ def _kth_largest_key(
 
     ``keys[i]`` belongs to segment ``segs[i]``; ``k`` has one entry per segment. Returns
     ``(thresh, n_above, n_equal)`` per segment: the key, and how many keys of the segment are
-    greater than and equal to it. Two passes over 16-bit digits, most significant first (same
-    result as DESIGN.md's 32 passes of bit-wise bisection), each a single scatter-add over all
+    greater than and equal to it. Two passes over 16-bit digits, most significant first (the
+    same result as 32 passes of bit-wise bisection), each a single scatter-add over all
     arrays and segments at once. Pass 2 histograms ``key - (d1 << 16)``, which lies in
     ``[0, 2**16)`` exactly for the keys in the chosen high half; the others are dropped.
     """

@@ -1,6 +1,6 @@
 """``sparsify``: wrap any Optax transformation so that it trains a sparse network.
 
-DESIGN.md, "Optimizer side". One update:
+docs/design.md, "Optimizer side". One update:
 
 1. count the pruned weights that are not 0 in a fixed strided sample of every leaf (a
    transform *after* ``sparsify`` changed its updates, or params were edited outside the

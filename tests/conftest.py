@@ -1,4 +1,4 @@
-"""Shared test fixtures. Reference data lives in ../shared/data (beside the repo), never copied."""
+"""Shared test fixtures. Reference data (real data sets, published figures) is in tests/data."""
 
 from __future__ import annotations
 
@@ -29,21 +29,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 hypothesis.settings.register_profile("sparsejax", derandomize=True, deadline=None)
 hypothesis.settings.load_profile("sparsejax")
 
-SHARED_DATA = Path(os.environ.get("SPARSEJAX_SHARED_DATA")
-                   or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+REFERENCE_DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The reference-data folder. Outside CI a missing folder skips the tests that reproduce
-    published numbers (saying why); in CI (``CI=true``) it fails them: CI has the folder, so
-    its absence is a broken checkout, not a reason to stop checking published results."""
-    if not SHARED_DATA.is_dir():
-        message = f"reference data folder {SHARED_DATA} is absent"
-        if os.environ.get("CI", "").lower() in ("true", "1"):
-            pytest.fail(f"{message}; CI must have it (tests reproducing published numbers)")
-        pytest.skip(message)
-    return SHARED_DATA
+def reference_data() -> Path:
+    """The reference-data folder ``tests/data`` (origins and licenses in its README.md)."""
+    return REFERENCE_DATA
 
 
 # A tiny dense run for run-dir tests (status, checkpoints, CLI errors): 8 steps, checkpoints

@@ -41,8 +41,8 @@ def by_name(tree) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(shared_data):
-    return json.loads((shared_data / "erk_reference.json").read_text())
+def reference(reference_data):
+    return json.loads((reference_data / "erk_reference.json").read_text())
 
 
 @pytest.mark.parametrize(
@@ -87,7 +87,7 @@ def test_erk_invariants(s, name, power):
     (power-scaled) ratio among the non-dense leaves, and only the largest ratios go dense."""
     params = build(SHAPES)
     got = by_name(getattr(A, name)(params, s, power_scale=power))
-    assert got["a/bias"] == 0.0 and got["embed"] == 0.0  # DESIGN.md's default predicate
+    assert got["a/bias"] == 0.0 and got["embed"] == 0.0  # the default predicate (docs/design.md)
     prunable = ["conv", "tiny", "a/fc", "a/out"]
     sizes = {k: math.prod(SHAPES[k]) for k in prunable}
     dims = {k: SHAPES[k][-2:] if name == "er" else SHAPES[k] for k in prunable}

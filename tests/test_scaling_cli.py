@@ -12,11 +12,11 @@ from scaling.cli import main
 
 
 @pytest.mark.slow
-def test_cli_on_the_chinchilla_csv(shared_data, tmp_path, capsys):
+def test_cli_on_the_chinchilla_csv(reference_data, tmp_path, capsys):
     out = tmp_path / "plots"
     code = main(
         [
-            str(shared_data / "chinchilla_svg_extracted.csv"),
+            str(reference_data / "chinchilla_svg_extracted.csv"),
             "--drop-highest",
             "5",
             "--bootstrap",
@@ -88,7 +88,7 @@ def test_plots_of_a_sparse_fit(tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
 
 
-def test_cli_frantar_law_on_a_csv(tmp_path, shared_data, capsys):
+def test_cli_frantar_law_on_a_csv(tmp_path, reference_data, capsys):
     rng = np.random.default_rng(1)
     s = np.repeat([0.0, 0.5, 0.75], 12)
     n = np.tile(np.geomspace(1, 100, 4).repeat(3), 3) * (1 - s)
@@ -102,7 +102,7 @@ def test_cli_frantar_law_on_a_csv(tmp_path, shared_data, capsys):
     assert main([str(path), "--law", "frantar", "--bootstrap", "10", "--grid", "coarse"]) == 0
     out = capsys.readouterr().out
     assert "FrantarFit" in out and "Bootstrap (10 replicates" in out
-    assert main([str(shared_data / "chinchilla_svg_extracted.csv"), "--law", "frantar"]) == 2
+    assert main([str(reference_data / "chinchilla_svg_extracted.csv"), "--law", "frantar"]) == 2
     assert "sparsity column" in capsys.readouterr().err
 
 

@@ -18,8 +18,8 @@ def _read(path):
 
 
 @pytest.fixture(scope="module")
-def chinchilla(shared_data):
-    return _read(shared_data / "chinchilla_svg_extracted.csv")
+def chinchilla(reference_data):
+    return _read(reference_data / "chinchilla_svg_extracted.csv")
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from scaling import fit_frantar
 
 
 @pytest.fixture(scope="module")
-def vit(shared_data):
-    raw = json.loads((shared_data / "frantar_sparse_vit.json").read_text())
+def vit(reference_data):
+    raw = json.loads((reference_data / "frantar_sparse_vit.json").read_text())
     keys = sorted(raw["scale"], key=int)
     col = lambda name: np.array([float(raw[name][k]) for k in keys])
     s = col("sparsity")
@@ -47,8 +47,8 @@ def test_vit_log_space_fit_is_sensible(vit):
     assert fit.law.at_sparsity(0.0).E == pytest.approx(fit.g)
 
 
-def test_t5_fit_is_sensible(shared_data):
-    with open(shared_data / "frantar_sparse_t5.csv", newline="") as fh:
+def test_t5_fit_is_sensible(reference_data):
+    with open(reference_data / "frantar_sparse_t5.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     s = np.array([float(r["sparsity"]) for r in rows])
     scale = np.array([float(r["scale"]) for r in rows])

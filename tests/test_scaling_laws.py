@@ -7,7 +7,7 @@ import pytest
 from scipy.optimize import minimize_scalar
 
 from scaling import ChinchillaLaw, FrantarLaw, average_density, plan_sparse
-from scaling.plan import window_mean_density
+from scaling.plan import KINDS, window_mean_density
 
 HOFFMANN = ChinchillaLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
 BESIROGLU = ChinchillaLaw(E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658)
@@ -141,3 +141,31 @@ def test_plan_sparse_minimises_predicted_loss_over_dense_size():
     assert 6 * plan.n_avg * plan.tokens == pytest.approx(flops)
     # a sparse plan builds a larger dense model than the dense optimum, same N_avg
     assert plan.n_dense > float(law.compute_optimal(flops).N)
+
+
+@pytest.mark.parametrize("kind, power", [("geometric", 3.0), ("polynomial", 1.0),
+                                         ("polynomial", 3.0), ("polynomial", 0.5)])
+@pytest.mark.parametrize("by", ["steps", "compute"])
+def test_average_density_is_the_schedules_closed_form(kind, power, by):
+    """``scaling`` imports nothing of ``sparsejax`` and keeps its own copy of the closed form
+    ``sparsejax.schedules.window_average_density`` (which places ``window`` schedules): the
+    two must stay the same function, errors included."""
+    from sparsejax import schedules
+
+    for final in (0.0, 0.1, 0.5, 0.9, 0.99):
+        for start, end in ((0.25, 0.75), (0.0, 1.0), (0.1, 0.1), (0.5, 0.9)):
+            ours = average_density(final, start, end, kind=kind, by=by, power=power)
+            theirs = schedules.window_average_density(final, start, end, kind=kind, by=by,
+                                                      power=power)
+            assert ours == theirs, (final, start, end)
+        assert window_mean_density(final, kind, power=power) == schedules.window_mean_density(
+            final, kind, power=power)
+    assert KINDS == schedules.WINDOW_KINDS
+    for bad in ({"kind": "cubic"}, {"kind": "linear"}, {"by": "tokens"}, {"start": 0.9},
+                {"final_sparsity": 1.0}, {"power": 0.0, "kind": "polynomial"}):
+        args = {"final_sparsity": 0.5, "start": 0.5, "end": 0.75, **bad}
+        with pytest.raises(ValueError) as ours_err:
+            average_density(**args)
+        with pytest.raises(ValueError) as theirs_err:
+            schedules.window_average_density(**args)
+        assert str(ours_err.value) == str(theirs_err.value)

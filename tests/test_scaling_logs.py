@@ -129,11 +129,11 @@ def test_errors_name_the_problem(tmp_path):
         load_table(tmp_path / "g")
 
 
-def test_csv_and_dataframe(tmp_path, shared_data):
+def test_csv_and_dataframe(tmp_path, reference_data):
     pd = pytest.importorskip("pandas")
-    table = load_table(shared_data / "chinchilla_svg_extracted.csv")
+    table = load_table(reference_data / "chinchilla_svg_extracted.csv")
     assert table.loss.shape == (245,) and table.S is None and table.n_key == "N"
-    df = pd.read_csv(shared_data / "chinchilla_svg_extracted.csv")
+    df = pd.read_csv(reference_data / "chinchilla_svg_extracted.csv")
     np.testing.assert_array_equal(load_table(df).N, table.N)
     recs = pd.DataFrame(_records())
     from_df = load_table(recs, n_key="n_params")

@@ -1,9 +1,10 @@
 """``nm_matmul``: N:M sparse ``x @ W`` with in-kernel decompression and a ``custom_vjp``.
 
-Backward (no backward kernel, so the pure-jnp path serves, per STYLE.md): ``dX = dY @ W.T``
-with ``W`` decompressed, and ``dvalues`` = ``x.T @ dY`` read at the kept positions only, so
-pruned entries never receive gradient. Method: Mishra et al., "Accelerating Sparse Deep
-Neural Networks" (2021).
+Backward (no backward kernel, so pure ``jnp`` serves, as the reference does for
+``jax.experimental.pallas.ops.gpu.attention.mha`` with ``backward_pass_impl="xla"``):
+``dX = dY @ W.T`` with ``W`` decompressed, and ``dvalues`` = ``x.T @ dY`` read at the kept
+positions only, so pruned entries never receive gradient. Method: Mishra et al., "Accelerating
+Sparse Deep Neural Networks" (2021).
 """
 
 from __future__ import annotations

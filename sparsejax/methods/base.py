@@ -1,6 +1,6 @@
 """The ``MaskMethod`` protocol: how a pruning method plugs into :func:`sparsejax.sparsify`.
 
-A method is a NamedTuple of pure functions plus declared data (optax style, DESIGN.md
+A method is a NamedTuple of pure functions plus declared data (optax style, docs/design.md,
 "Optimizer side"):
 
 - ``init(params, key, prunable) -> (masks, state)``

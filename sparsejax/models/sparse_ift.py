@@ -14,8 +14,10 @@ whose *sparse* parts, at sparsity ``s``, cost the dense layer's FLOPs per token
   ``r = floor(s·d_in·d_out / (d_in + d_out))``; ``2(1 − s)·d_in·d_out + 2r(d_in + d_out)``.
 * **Wide** (model level, :func:`widen`): ``d_model`` and ``d_ff`` scaled by
   ``sqrt(1/(1 − s))`` and rounded up to a multiple of ``n_head`` (of ``2·n_head`` with rotary
-  positions, whose head dim must be even; of the block size too on BSR layers), every
-  linear trained at sparsity ``s``. The LM head and attention scores grow with ``d_model``.
+  positions, whose head dim must be even; of the block size too on BSR layers); a run
+  (:mod:`sparsejax.run.build`) trains every linear at its own iso-FLOP sparsity,
+  :func:`wide_layer_sparsity` (``s`` itself without the rounding). The LM head and attention
+  scores grow with ``d_model``.
 
 The layers hold plain linear sub-layers built by a *base* factory (``nnx.Linear`` masked by
 any :class:`sparsejax.methods.MaskMethod` through :func:`sparsejax.sparsify`, or
