@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sparsejax.errors import NoSparsifyState
 from sparsejax.paths import path_str
 from sparsejax.transforms import (
     COMPOSE_HINT,
@@ -73,9 +74,10 @@ def _composition_problems(opt_state: Any, path: tuple) -> list[str]:
 def find_state(opt_state: Any) -> SparsifyState:
     """The (first) :class:`SparsifyState` inside an arbitrary optimizer state.
 
-    Raises ``ValueError`` when there is none, when the state shows a composition that
-    breaks the zeros (``sparsify`` followed by other transforms in a chain, wrapped by
-    ``optax.lookahead``), or when an update found pruned weights that were not 0.
+    Raises :class:`~sparsejax.errors.NoSparsifyState` (a ``ValueError``) when there is none,
+    and ``ValueError`` when the state shows a composition that breaks the zeros (``sparsify``
+    followed by other transforms in a chain, wrapped by ``optax.lookahead``) or when an update
+    found pruned weights that were not 0.
     """
     found = jax.tree_util.tree_flatten_with_path(
         opt_state, is_leaf=lambda x: isinstance(x, SparsifyState)
@@ -92,7 +94,8 @@ def find_state(opt_state: Any) -> SparsifyState:
             if not isinstance(n, jax.core.Tracer) and int(n) > 0:
                 raise ValueError(violations_message(int(n), int(leaf.count) - 1))
             return leaf
-    raise ValueError("opt_state holds no sparsify state: was the optimizer built with sparsify?")
+    raise NoSparsifyState(
+        "opt_state holds no sparsify state: was the optimizer built with sparsify?")
 
 
 def masks_of(opt_state: Any) -> Any:
