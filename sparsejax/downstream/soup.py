@@ -31,8 +31,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from sparsejax import errors
 from sparsejax.downstream import loading
-from sparsejax.run import checkpoint, data, experiment, rundir
+from sparsejax.run import checkpoint, data, experiment
+from sparsejax.run.rundir import RunDir, SweepDir
 from sparsejax.run.train import make_eval_step
 
 
@@ -102,21 +104,22 @@ class Evaluator:
 
 def _write_soup(run_dir: Path, config: ml_collections.ConfigDict, params: Any, masks: Any,
                 summary: dict[str, Any]) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    rundir.write_json(run_dir / "config.json", config.to_dict())
-    if checkpoint.latest_step(run_dir) is None:
-        checkpoint.save_weights(run_dir, 0, params, masks)
-    rundir.write_json(run_dir / "summary.json", {"status": "completed", "step": 0, **summary})
+    run = RunDir(run_dir).create()
+    run.write_config(config.to_dict())
+    if run.latest_checkpoint_step() is None:
+        checkpoint.save_weights(run, 0, params, masks)
+    run.write_summary({"status": "completed", "step": 0, **summary})
 
 
 def check(config: ml_collections.ConfigDict) -> None:
     """A soup needs a sparse start to fine-tune with its mask kept."""
     if not config.init_from:
-        raise ValueError("config init_from: a soup fine-tunes a pruned run; set init_from to "
-                         "its run dir")
+        raise errors.ConfigError("config init_from: a soup fine-tunes a pruned run; set "
+                                 "init_from to its run dir")
     if config.finetune.mode != "sparse":
-        raise ValueError(f"config finetune.mode must be 'sparse' for a sparse model soup (the "
-                         f"ingredients share the start's mask), got {config.finetune.mode!r}")
+        raise errors.ConfigError(f"config finetune.mode must be 'sparse' for a sparse model soup "
+                                 f"(the ingredients share the start's mask), got "
+                                 f"{config.finetune.mode!r}")
     experiment.check(config)
 
 
@@ -127,8 +130,7 @@ def soup(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: bo
 
     Completed ingredient runs and soups are reused, so running it again resumes."""
     check(config)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = SweepDir(workdir).create().path
     corpus = data.load_corpus(config.data.source or None,
                               cache_dir=config.data.cache_dir or None,
                               val_fraction=config.data.val_fraction)
@@ -189,7 +191,7 @@ def soup(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: bo
                         {"sparsity": mask_sparsity(new_masks), "soup": "pruned start",
                          "from": str(cdir / config.soup.select)})
     out = {"cycles": cycles}
-    rundir.write_json(workdir / "soup.json", out)
+    SweepDir(workdir).write_soup(out)
     return out
 
 
