@@ -120,7 +120,9 @@ def _warn(fit) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``sparsejax fit``; returns the exit status (0 ok, 2 bad input)."""
+    """Run ``sparsejax fit``; returns the exit status (0 ok, 2 bad input: one line
+    ``sparsejax: error: ...``). ``scaling`` reports its own errors: it does not import
+    ``sparsejax``, whose CLI calls this."""
     args = _parser().parse_args(argv)
     if args.backend is not None:
         print(
@@ -130,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.bootstrap < 0 or args.bootstrap == 1:
         print("sparsejax: error: --bootstrap must be 0 or >= 2", file=sys.stderr)
+        return 2
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        print(f"sparsejax: error: --out {args.out} is not a folder", file=sys.stderr)
         return 2
     kwargs = {"grid": args.grid, "huber_delta": args.huber_delta,
               "drop_highest": args.drop_highest}
@@ -148,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             # Frantar et al. count final non-zero parameters (a CSV's own N column is kept)
             table = logs.load_table(args.source, n_key="n_active")
         fit = fit_table(table, args.law, fixed=fixed, **kwargs)
-    except ValueError as err:
-        print(f"sparsejax: error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # a source that cannot be read or fitted: the user's
+        print(f"sparsejax: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     print(f"{len(table.loss)} points from {args.source} (N = {table.n_key})")
     print(fit)

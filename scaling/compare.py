@@ -69,9 +69,7 @@ def compare_n(
     for key in n_keys:
         try:
             table = logs.load_table(source, n_key=key)
-        except ValueError as err:
-            if "missing field" not in str(err):
-                raise
+        except logs.MissingField as err:
             raise ValueError(
                 f"comparing N needs the summary fields {', '.join(n_keys)} for every run: {err}"
             ) from None

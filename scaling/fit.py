@@ -27,6 +27,7 @@ __all__ = [
     "FrantarFit",
     "LeaveOneOut",
     "bootstrap",
+    "BadPoint",
     "check_points",
     "fit_chinchilla",
     "fit_form",
@@ -36,16 +37,26 @@ __all__ = [
 ]
 
 
+class BadPoint(ValueError):
+    """A data point a law cannot be fitted to; ``row`` is its index in the table."""
+
+    def __init__(self, message: str, row: int):
+        super().__init__(message)
+        self.row = row
+
+
 def check_points(columns: Mapping[str, np.ndarray], loss: np.ndarray, n_free: int) -> None:
-    """Raise ValueError for data a law cannot be fitted to (shared by ``scaling.logs``)."""
+    """Raise ValueError for data a law cannot be fitted to (shared by ``scaling.logs``); a bad
+    value raises :class:`BadPoint`, which names its row."""
     loss = np.asarray(loss, np.float64)
     if loss.ndim != 1:
         raise ValueError(f"loss must be 1-D; got shape {loss.shape}")
     bad = ~np.isfinite(loss) | (loss <= 0)
     if bad.any():
-        raise ValueError(
-            f"loss must be finite and > 0; {bad.sum()} bad value(s), first at row "
-            f"{int(np.flatnonzero(bad)[0])}: {loss[bad][0]}"
+        row = int(np.flatnonzero(bad)[0])
+        raise BadPoint(
+            f"loss must be finite and > 0; {bad.sum()} bad value(s), first at row {row}: "
+            f"{loss[bad][0]}", row
         )
     for name, col in columns.items():
         col = np.asarray(col, np.float64)
@@ -57,7 +68,7 @@ def check_points(columns: Mapping[str, np.ndarray], loss: np.ndarray, n_free: in
             ok, valid = np.isfinite(col) & (col > 0), "finite and > 0"
         if not ok.all():
             i = int(np.flatnonzero(~ok)[0])
-            raise ValueError(f"{name} must be {valid}; bad value {col[i]} at row {i}")
+            raise BadPoint(f"{name} must be {valid}; bad value {col[i]} at row {i}", i)
         if name in ("N", "D") and np.unique(col).size < 2:
             raise ValueError(f"{name} has a single distinct value ({col[0]}); the law needs >= 2")
     if loss.shape[0] < n_free:

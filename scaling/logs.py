@@ -16,16 +16,19 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from scaling.fit import check_points
+from scaling.fit import BadPoint, check_points
 
 N_KEYS = ("n_avg", "n_params", "n_active")
+
+
+class MissingField(ValueError):
+    """A record (a run's summary, a CSV row) lacks a field the table needs."""
 
 
 class ScalingTable(NamedTuple):
@@ -56,7 +59,7 @@ def _rows_from_records(records, names, n_key, where):
         at = f"{where} {name}"
         for field in (n_key, "tokens"):
             if field not in rec:
-                raise ValueError(f"{at}: missing field {field!r} (has {sorted(rec)})")
+                raise MissingField(f"{at}: missing field {field!r} (has {sorted(rec)})")
         lv = rec.get("val_loss", rec.get("final_val_loss"))
         n.append(_num(rec[n_key], n_key, at))
         d.append(_num(rec["tokens"], "tokens", at))
@@ -79,10 +82,8 @@ def _finish(n, d, loss, s, names, n_key, has_s, min_points):
         cols["S"] = table.S
     try:
         check_points(cols, table.loss, min_points)
-    except ValueError as err:  # name the run behind a bad row
-        hit = re.search(r"row (\d+)", str(err))
-        suffix = f" (run {table.names[int(hit.group(1))]})" if hit else ""
-        raise ValueError(f"{err}{suffix}") from None
+    except BadPoint as err:  # name the run behind a bad row
+        raise ValueError(f"{err} (run {table.names[err.row]})") from None
     return table
 
 

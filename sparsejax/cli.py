@@ -9,8 +9,12 @@ bsr|nm|safetensors|npz RUN_DIR`` exports a run's model with its sparse layout (r
 that saves < 10%); ``sparsejax soup --config configs/soup.py --workdir DIR`` makes sparse
 model soups.
 
-Every command takes ``--help``. A bad key, value, file or run dir prints one line
-``sparsejax: error: ...`` and exits with status 2; ``--debug`` shows the traceback instead.
+Every command takes ``--help``. The exit status comes from the error's type
+(:mod:`sparsejax.errors`): a bad key, value, file or run dir (``ConfigError``, ``InputError``,
+a usage error) prints one line ``sparsejax: error: ...`` and exits with status 2; a run that
+failed or diverged (``RunFailed``) prints ``sparsejax: run STATUS: ...`` and exits with 1;
+Ctrl-C exits with 130; any other exception is a bug: one line ``sparsejax: internal error:
+...`` and status 1. ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ import shlex
 import sys
 from pathlib import Path
 from typing import Any
+
+from sparsejax import errors
+from sparsejax.errors import EXIT_INTERRUPTED, EXIT_RUN_FAILED, EXIT_USAGE
+from sparsejax.run.rundir import RunDir, SweepDir, number
 
 USAGE = """usage: sparsejax [--debug] COMMAND [ARGS]   (sparsejax COMMAND --help for details)
 
@@ -38,10 +46,9 @@ commands:
 OVERRIDES_HELP = ("Overrides: --config.KEY=VALUE for any key of sparsejax.run.configlib.base(), "
                   "e.g. --config.train.steps=200 --config.sparsity.final=0.75. "
                   "FILE.py:arg takes key=val,... (dotted keys, or size, steps, final).")
-EXIT_USAGE, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
 
-class UsageError(Exception):
+class UsageError(errors.InputError):
     """A bad command line: printed as one line, exit status 2."""
 
 
@@ -68,6 +75,7 @@ def _parse_config(spec: str, overrides: list[str]) -> tuple[Any, dict[str, Any]]
     from ml_collections import config_flags
 
     from sparsejax.run import configlib
+    from sparsejax.sweep.plan import load_recipe
 
     for item in overrides:
         m = re.fullmatch(r"--config\.([A-Za-z0-9_.]+)=(.*)", item, re.S)
@@ -77,24 +85,28 @@ def _parse_config(spec: str, overrides: list[str]) -> tuple[Any, dict[str, Any]]
         configlib.check_key(m.group(1))
     file = spec.partition(":")[0]
     if not Path(file).is_file():
-        raise UsageError(f"--config: config file {file!r} does not exist")
-    argv = ["sparsejax", f"--config={spec}", *overrides]
+        raise errors.MissingInputError(f"--config: config file {file!r} does not exist")
+    module, arg = load_recipe(spec)
+    try:
+        config = module.get_config(arg) if arg is not None else module.get_config()
+    except ValueError as e:  # the recipe refuses its argument (other exceptions are its bugs)
+        raise errors.ConfigError(f"--config {spec}: {_one_line(e)}") from e
+    argv = ["sparsejax", *overrides]
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "recipe", flag_values=fv, lock_config=True,
+    config_flags.DEFINE_config_dict("config", config, "recipe", flag_values=fv, lock_config=True,
                                     sys_argv=argv)
     try:
         fv(argv)
     except flags.Error as e:
-        text = str(e).strip()
-        if "Traceback" in text:  # an error raised by the recipe: keep its last line
-            text = f"--config {spec}: " + text.splitlines()[-1].split(": ", 1)[-1]
-        raise UsageError(" ".join(text.split())) from e
+        raise UsageError(_one_line(e)) from e
     return fv.config, dict(config_flags.get_override_values(fv["config"]))
 
 
-def _fmt(value: Any, spec: str = ".4f") -> str:
-    from sparsejax.run.rundir import number
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
+
+def _fmt(value: Any, spec: str = ".4f") -> str:
     return "n/a" if value is None else format(number(value), spec)
 
 
@@ -104,36 +116,37 @@ def train_main(argv: list[str], command: str) -> int:
                        "run dir (resumed if it holds checkpoints)")
     args, rest = p.parse_known_args(argv)
     config, _ = _parse_config(args.config, rest)
+    run = RunDir(args.workdir)
+    run.check_usable()
     from sparsejax.run import experiment
 
     try:
         summary = experiment.run(config, args.workdir, progress=not args.noprogress)
     except KeyboardInterrupt:
-        return _interrupted(Path(args.workdir), command)
-    return _report(summary, Path(args.workdir))
+        return _interrupted(run, command)
+    return _report(summary, run)
 
 
-def _report(summary: dict[str, Any], run_dir: Path) -> int:
+def _report(summary: dict[str, Any], run: RunDir) -> int:
+    """Print a finished run's result; :class:`~sparsejax.errors.RunDiverged` for a diverged
+    one (a rerun returns the summary it finds)."""
     if summary["status"] == "diverged":
-        print(f"sparsejax: run diverged: loss {summary.get('train_loss')} at step "
-              f"{summary.get('diverged_step')}; status 'diverged' in {run_dir / 'summary.json'}",
-              file=sys.stderr)
-        return EXIT_RUN_FAILED
-    print(f"run dir: {run_dir.absolute()}")
+        raise errors.RunDiverged(f"loss {summary.get('train_loss')} at step "
+                                 f"{summary.get('diverged_step')}; status 'diverged' in "
+                                 f"{run.summary_file}")
+    print(f"run dir: {run.path.absolute()}")
     print(f"final validation loss: {_fmt(summary.get('final_val_loss'))} "
           f"(step {summary['step']}, sparsity {_fmt(summary.get('sparsity'), '.3f')}, "
           f"N_avg {_fmt(summary.get('n_avg'), '.0f')} of {summary['n_params']})")
     return 0
 
 
-def _interrupted(run_dir: Path, command: str) -> int:
-    from sparsejax.run import rundir
-
-    if (run_dir / "summary.json").is_file():
-        s = rundir.run_status(run_dir)
-        where = f"status '{s['status']}', last checkpoint at step {s['step']} in {run_dir}"
+def _interrupted(run: RunDir, command: str) -> int:
+    if run.has_summary():
+        s = run.status()
+        where = f"status '{s.status}', last checkpoint at step {s.step} in {run}"
     else:
-        where = f"before training started in {run_dir}"
+        where = f"before training started in {run}"
     print(f"\nsparsejax: interrupted; {where}\nrun the same command to resume: {command}",
           file=sys.stderr)
     return EXIT_INTERRUPTED
@@ -162,6 +175,7 @@ def sweep_main(argv: list[str], command: str) -> int:
     args, rest = p.parse_known_args(argv)
     if args.parallel is not None and args.parallel < 1:
         raise UsageError(f"sweep: --parallel must be an int >= 1, got {args.parallel}")
+    SweepDir(args.workdir).check_usable()
     if args.backend == "ray" and not args.dry_run:
         import importlib.util
 
@@ -191,7 +205,8 @@ def sweep_main(argv: list[str], command: str) -> int:
     bad = [f"{e['name']} ({e['status']})" for e in entries if e["status"] != "completed"]
     if bad:
         print(f"sparsejax: {len(bad)} of {len(entries)} run(s) did not complete: "
-              f"{', '.join(bad)}; see sweep.json and each run's worker.log", file=sys.stderr)
+              f"{', '.join(bad)}; see the reasons in {SweepDir(args.workdir).sweep_file} and "
+              f"each run's {RunDir.WORKER_LOG}", file=sys.stderr)
         return EXIT_RUN_FAILED
     return 0
 
@@ -202,21 +217,18 @@ def status_main(argv: list[str]) -> int:
                 "left 'running' by a process that is gone reads as 'interrupted'.")
     p.add_argument("path", metavar="RUN_DIR|SWEEP_DIR")
     args = p.parse_args(argv)
-    from sparsejax.run import rundir
-
     path = Path(args.path)
     if not path.is_dir():
-        raise UsageError(f"status: {path} is not a directory")
-    runs = [path] if (path / "summary.json").is_file() else sorted(
-        d for d in path.iterdir() if (d / "summary.json").is_file())
+        raise errors.MissingInputError(f"status: {path} is not a directory")
+    runs = [RunDir(path)] if RunDir(path).has_summary() else SweepDir(path).runs()
     if not runs:
-        raise UsageError(f"status: {path} holds no run (no summary.json in it or its "
-                         "subfolders)")
+        raise errors.InputError(f"status: {path} holds no run (no {RunDir.SUMMARY} in it or its "
+                                "subfolders)")
     print(f"{'run':<32} {'status':<12} {'step':>8} {'loss':>8} {'wall_s':>9}")
     for run in runs:
-        s = rundir.run_status(run)
-        print(f"{run.name:<32} {s['status']:<12} {s['step'] or 0:>8} {_fmt(s['loss']):>8} "
-              f"{_fmt(s['wall_time_s'], '.1f'):>9}")
+        s = run.status()
+        print(f"{run.name:<32} {s.status:<12} {s.step or 0:>8} {_fmt(s.loss):>8} "
+              f"{_fmt(s.wall_time_s, '.1f'):>9}")
     return 0
 
 
@@ -231,7 +243,8 @@ def export_main(argv: list[str]) -> int:
                    "--layout")
     p.add_argument("--layout", default="auto", choices=("auto", "bsr", "nm"),
                    help="for safetensors / npz (auto: N:M if the kernels are N:M, else BSR)")
-    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export)")
+    p.add_argument("--out", default=None,
+                   help=f"output folder (default: RUN_DIR/{RunDir.EXPORT})")
     p.add_argument("--block", default=None, help="BSR block BK,BN (default: the run's "
                    "model.block, square)")
     p.add_argument("--n", type=int, default=None, help="N of N:M (default: sparsity.n)")
@@ -248,15 +261,13 @@ def export_main(argv: list[str]) -> int:
             raise UsageError(f"export: --block must be two ints >= 1 BK,BN, got "
                              f"{args.block!r}") from None
     from sparsejax.downstream import export
-    from sparsejax.run import checkpoint
 
-    run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
-        raise UsageError(f"export: run dir {run_dir} does not exist")
-    if checkpoint.latest_step(run_dir) is None:
-        raise UsageError(f"export: {run_dir} holds no checkpoint "
-                         f"({run_dir / checkpoint.CHECKPOINT_DIR})")
-    result = export.export_run(run_dir, args.format, out=args.out, layout=args.layout,
+    run = RunDir(args.run_dir)
+    if not run.path.is_dir():
+        raise errors.MissingInputError(f"export: run dir {run} does not exist")
+    if run.latest_checkpoint_step() is None:
+        raise errors.MissingInputError(f"export: {run} holds no checkpoint ({run.checkpoints})")
+    result = export.export_run(run, args.format, out=args.out, layout=args.layout,
                                block=block, n=args.n, m=args.m, step=args.step)
     print(result.table)
     print(f"wrote {result.path} ({result.layout}): {result.nbytes} bytes, "
@@ -272,6 +283,7 @@ def soup_main(argv: list[str], command: str) -> int:
                        "soup dir (one run dir per ingredient and soup)")
     args, rest = p.parse_known_args(argv)
     config, _ = _parse_config(args.config, rest)
+    SweepDir(args.workdir).check_usable()
     from sparsejax.downstream import soup
 
     try:
@@ -281,7 +293,7 @@ def soup_main(argv: list[str], command: str) -> int:
               file=sys.stderr)
         return EXIT_INTERRUPTED
     print(soup.table(result))
-    print(f"soup dir: {Path(args.workdir).absolute()} (soup.json)")
+    print(f"soup dir: {Path(args.workdir).absolute()} ({SweepDir.SOUP})")
     return 0
 
 
@@ -290,8 +302,9 @@ def oneshot_main(argv: list[str]) -> int:
     from sparsejax.downstream import oneshot
 
     p = _Parser("oneshot", description="Prune a run's checkpoint without retraining at each "
-                "sparsity, evaluate on the validation split, write RUN_DIR/oneshot.json and "
-                "oneshot.png, report the knee (Jaiswal et al. 2023).")
+                "sparsity, evaluate on the validation split, write "
+                f"RUN_DIR/{RunDir.ONESHOT} and {RunDir.ONESHOT_PLOT}, report the knee "
+                "(Jaiswal et al. 2023).")
     p.add_argument("run_dir")
     p.add_argument("--sparsities", default=",".join(map(str, oneshot.DEFAULT_SPARSITIES)),
                    help="comma-separated values in [0, 1] (ignored by N:M)")
@@ -309,7 +322,7 @@ def oneshot_main(argv: list[str]) -> int:
     p.add_argument("--calibration-batches", type=int, default=4,
                    help="training-split batches for wanda/gblm")
     p.add_argument("--alpha", type=float, default=1.0, help="gblm gradient weight")
-    p.add_argument("--out", default=None, help="JSON path (default RUN_DIR/oneshot.json)")
+    p.add_argument("--out", default=None, help=f"JSON path (default RUN_DIR/{RunDir.ONESHOT})")
     args = p.parse_args(argv)
     try:
         block = tuple(int(b) for b in args.block.split(","))
@@ -326,7 +339,7 @@ def oneshot_main(argv: list[str]) -> int:
             raise UsageError(f"oneshot: --{name.replace('_', '-')} must be >= 1, got {value}")
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
-        raise UsageError(f"oneshot: run dir {run_dir} does not exist")
+        raise errors.MissingInputError(f"oneshot: run dir {run_dir} does not exist")
     oneshot.oneshot(run_dir, sparsities, score=args.score, structure=args.structure,
                     allocation=args.allocation, block=block, tolerance=args.tolerance,
                     step=args.step, eval_batches=args.eval_batches,
@@ -362,21 +375,35 @@ def _dispatch(argv: list[str], command: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``sparsejax`` entry point; returns the exit status."""
-    from sparsejax.run.rundir import RunDirBusyError
-
+    """The ``sparsejax`` entry point; returns the exit status, which the error's type decides
+    (module docstring)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     command = shlex.join(["sparsejax", *argv])
     try:
         return _dispatch(argv, command)
-    except (UsageError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            IsADirectoryError, PermissionError, RunDirBusyError) as e:
+    except Exception as e:
         if debug:
             raise
-        print(f"sparsejax: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return EXIT_USAGE
+        code, line = _error_line(e)
+        print(line, file=sys.stderr)
+        return code
+    except KeyboardInterrupt:  # a command that does not say how to resume
+        if debug:
+            raise
+        print("\nsparsejax: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _error_line(e: Exception) -> tuple[int, str]:
+    """The exit status and the one line to print for an exception out of a command."""
+    if isinstance(e, errors.RunFailed):
+        return e.exit_code, f"sparsejax: run {e.status}: {_one_line(e)}"
+    if isinstance(e, errors.SparsejaxError):
+        return e.exit_code, f"sparsejax: error: {_one_line(e)}"
+    return EXIT_RUN_FAILED, (f"sparsejax: internal error: {type(e).__name__}: {_one_line(e)} "
+                             "(run with --debug for the traceback)")
 
 
 if __name__ == "__main__":

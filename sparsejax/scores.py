@@ -124,12 +124,14 @@ def gblm(params: Any, grads: Any, key: Any = None, *, act_norms: Any, alpha: flo
     def subtree(norm, w_sub, g_sub):  # act_norms may be a prefix: one norm for a subtree
         return jax.tree.map(lambda w, g: leaf(norm, w, g), w_sub, g_sub)
 
-    try:
-        return jax.tree.map(subtree, act_norms, params, grads, is_leaf=lambda x: x is None)
+    norms_def = jax.tree_util.tree_structure(act_norms, is_leaf=lambda x: x is None)
+    try:  # one norm (or None) per params subtree: act_norms is params' structure or a prefix
+        w_subs, g_subs = norms_def.flatten_up_to(params), norms_def.flatten_up_to(grads)
     except ValueError as err:
-        if "act_norms" in str(err):
-            raise
         raise ValueError(f"act_norms must have the structure of params: {err}") from err
+    norms = jax.tree_util.tree_leaves(act_norms, is_leaf=lambda x: x is None)
+    return norms_def.unflatten([subtree(n, w, g) for n, w, g in zip(norms, w_subs, g_subs,
+                                                                   strict=True)])
 
 
 def gblm_score(act_norms: Any, *, alpha: float = 1.0) -> Score:

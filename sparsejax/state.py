@@ -74,9 +74,10 @@ def _composition_problems(opt_state: Any, path: tuple) -> list[str]:
 def find_state(opt_state: Any) -> SparsifyState:
     """The (first) :class:`SparsifyState` inside an arbitrary optimizer state.
 
-    Raises ``ValueError`` when there is none, when the state shows a composition that
-    breaks the zeros (``sparsify`` followed by other transforms in a chain, wrapped by
-    ``optax.lookahead``), or when an update found pruned weights that were not 0.
+    Raises :class:`~sparsejax.errors.NoSparsifyState` (a ``ValueError``) when there is none,
+    and ``ValueError`` when the state shows a composition that breaks the zeros (``sparsify``
+    followed by other transforms in a chain, wrapped by ``optax.lookahead``) or when an update
+    found pruned weights that were not 0.
     """
     found = jax.tree_util.tree_flatten_with_path(
         opt_state, is_leaf=lambda x: isinstance(x, SparsifyState)

@@ -1,5 +1,6 @@
 """CLI errors a user can read: one ``sparsejax: error:`` line naming the key or path and the
-valid range, exit status 2, no traceback (``--debug`` shows it); ``--help`` everywhere."""
+valid range, exit status 2, no traceback (``--debug`` shows it); ``--help`` everywhere. The exit
+status comes from the error's type (sparsejax.errors), never from its message."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY
 
-from sparsejax import cli
+from sparsejax import cli, errors
+from sparsejax.run.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 DENSE = f"--config={ROOT / 'configs' / 'dense.py'}:{TINY}"
@@ -91,3 +93,40 @@ def test_every_command_has_help(capsys, command):
         cli.main([command, "--help"])
     assert e.value.code == 0
     assert "usage: sparsejax" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("raised, code, line", [
+    (errors.RunDiverged("loss nan at step 12;\nsee summary"), 1,
+     "sparsejax: run diverged: loss nan at step 12; see summary"),
+    (errors.ExactnessError("step 4: 3 pruned weights are not 0"), 1,
+     "sparsejax: run failed: step 4: 3 pruned weights are not 0"),
+    (errors.ConfigError("config train.lr must be > 0, got 0.0"), 2,
+     "sparsejax: error: config train.lr must be > 0, got 0.0"),
+    (errors.MissingInputError("run dir r does not exist"), 2,
+     "sparsejax: error: run dir r does not exist"),
+    (errors.RunDirBusyError("run dir r is in use by process 7"), 2,
+     "sparsejax: error: run dir r is in use by process 7"),
+    (ZeroDivisionError("division by zero"), 1, "sparsejax: internal error: ZeroDivisionError: "
+     "division by zero (run with --debug for the traceback)"),
+    (KeyError("params"), 1, "sparsejax: internal error: KeyError: 'params' (run with --debug "
+     "for the traceback)"),
+    (KeyboardInterrupt(), 130, "sparsejax: interrupted"),
+])
+def test_exit_status_comes_from_the_error_type(capsys, monkeypatch, raised, code, line):
+    def status_main(argv):
+        raise raised
+
+    monkeypatch.setattr(cli, "status_main", status_main)
+    assert cli.main(["status", "some/run"]) == code
+    out = capsys.readouterr()
+    assert out.err.strip() == line and out.out == ""
+    with pytest.raises(type(raised)):  # --debug: the exception itself, with its traceback
+        cli.main(["--debug", "status", "some/run"])
+
+
+def test_a_bad_run_dir_is_exit_status_2(capsys, tmp_path):
+    run = RunDir(tmp_path / "run").create()
+    run.summary_file.write_text('{"status": "runn')  # torn by hand: JSON files are atomic
+    assert f"{run.summary_file} is not valid JSON" in one_error_line(capsys, ["status", str(run)])
+    assert "does not exist" in one_error_line(capsys, ["oneshot", str(tmp_path / "missing")])
+    assert "--sparsities" in one_error_line(capsys, ["oneshot", str(run), "--sparsities", "x"])

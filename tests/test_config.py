@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sparsejax import errors
 from sparsejax.run import configlib, experiment, mask_methods
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +79,7 @@ def test_recipes_validate(name):
     params = {"w": {"kernel": np.ones((n, n), np.float32)}}
     state = checked.tx.init(params)
     if c.sparsity.method == "dense":
-        with pytest.raises(ValueError, match="no sparsify state"):
+        with pytest.raises(errors.NoSparsifyState):
             sparsejax.find_state(state)
         assert checked.sparsity_schedule is None
     elif checked.sparsity_schedule is None:  # N:M / DST methods: their own targets

@@ -68,6 +68,11 @@ def test_cli_on_a_sweep_dir_and_bad_input(tmp_path, capsys):
     assert main([str(tmp_path / "nowhere.csv")]) == 2
     assert capsys.readouterr().err.startswith("sparsejax: error: source must be")
     assert main([str(tmp_path / "sweep"), "--bootstrap", "1"]) == 2
+    capsys.readouterr()
+    (tmp_path / "file").write_text("")
+    assert main([str(tmp_path / "sweep"), "--out", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"sparsejax: error: --out {tmp_path / 'file'} is not a folder\n"
 
 
 def test_plots_of_a_sparse_fit(tmp_path):

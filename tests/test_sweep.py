@@ -19,6 +19,7 @@ from conftest import TINY
 
 from sparsejax import cli, sweep
 from sparsejax.run import configlib, data, experiment
+from sparsejax.run.rundir import RunDir
 
 RECIPE = '''
 from sparsejax.run import configlib
@@ -195,6 +196,25 @@ def test_sweep_overrides_use_the_config_syntax(tmp_path: Path, capsys):
     # the command line's value applies to every run, after the run's own overrides
     runs = sweep.configs(str(recipe), {"train.steps": 9})
     assert [c.train.steps for _, _, c in runs] == [9, 9, 9, 9]
+
+
+def test_worker_records_its_failure_and_the_sweep_reports_it(tmp_path: Path, capsys):
+    """A real worker process whose run fails on its config (data.source names no file): its
+    worker.json records the error's type, message and exit status (2: the user's input), and
+    sweep.json's reason, the finish line and the summary are read from it."""
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(RECIPE)
+    out = tmp_path / "sweep"
+    assert _sweep(recipe, out, "--only", BAD, "--noprogress") == 1
+    err = capsys.readouterr().err
+    record = RunDir(out / BAD).read_worker()
+    message = "source: no such file or folder: '/nonexistent/corpus.txt'"
+    assert (record.exit, record.error_type, record.error) == (2, "CorpusNotFoundError", message)
+    assert record.wall_s > 0 and record.cpu_s > 0
+    (entry,) = _entries(out).values()
+    assert entry["status"] == "failed"
+    assert entry["reason"] == f"CorpusNotFoundError: {message}" == record.reason()
+    assert f"failed {BAD} in" in err and entry["reason"] in err and "did not complete" in err
 
 
 def test_core_slots_and_worker_env():

@@ -19,6 +19,7 @@ from conftest import TINY
 
 from sparsejax import cli, sweep
 from sparsejax.run import configlib, rundir
+from sparsejax.run.rundir import RunDir, WorkerRecord
 from sparsejax.sweep import launcher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,26 +45,36 @@ SEED0 = sweep.run_name({"seed": 0, **LONG})
 
 
 class FakeHandle:
-    """A run that 'finishes' on its ``polls``-th poll, writing what a worker would."""
+    """A run that 'finishes' on its ``polls``-th poll, writing what a worker would:
+    ``outcome`` "completed", "failed" (its record names the error), "killed" (SIGKILL: no
+    record) or "silent" (exit status 1 and no record)."""
 
-    def __init__(self, run: sweep.Run, run_dir: Path, status: str, polls: int):
-        self.run, self.run_dir, self.status, self.polls = run, run_dir, status, polls
+    def __init__(self, run: sweep.Run, run_dir: Path, outcome: str, polls: int):
+        self.run, self.run_dir, self.outcome, self.polls = run, run_dir, outcome, polls
         self.returncode: int | None = None
         self.signals: list[int] = []
 
-    def _finish(self, status: str, code: int) -> None:
+    def _finish(self, status: str, code: int, record: bool = True) -> None:
         summary = {"status": status, "steps": self.run.config.train.steps,
                    "final_val_loss": 1.0 + self.run.config.seed, "val_loss_se": 0.1}
-        rundir.write_json(self.run_dir / "summary.json", summary)
-        if code:
-            with (self.run_dir / sweep.WORKER_LOG).open("a") as f:
-                f.write(f"sparsejax: error: fake {status}\n")
+        run = RunDir(self.run_dir)
+        run.write_summary(summary)
+        if record:
+            error = ("RunFailed", f"fake {status}") if code not in (0, 130) else (None, None)
+            run.write_worker(WorkerRecord(code, 0.1, 0.1, [0], 1, *error))
         self.returncode = code
 
     def poll(self) -> int | None:
         self.polls -= 1
         if self.returncode is None and self.polls <= 0:
-            self._finish(self.status, 0 if self.status == "completed" else 1)
+            if self.outcome == "completed":
+                self._finish("completed", 0)
+            elif self.outcome == "failed":
+                self._finish("failed", 1)
+            elif self.outcome == "killed":
+                self._finish("running", -signal.SIGKILL, record=False)
+            else:
+                self._finish("running", 1, record=False)
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
@@ -78,8 +89,10 @@ class FakeHandle:
 
 
 class FakeExecutor:
-    def __init__(self, slots: int, fail: str = "", interrupt_at: int = -1):
-        self.slots, self.fail, self.interrupt_at = slots, fail, interrupt_at
+    def __init__(self, slots: int, fail: str = "", interrupt_at: int = -1,
+                 outcomes: dict[str, str] | None = None):
+        self.slots, self.interrupt_at = slots, interrupt_at
+        self.outcomes = {fail: "failed", **(outcomes or {})}
         self.started: list[str] = []
         self.checked: list[str] = []
         self.handles: list[FakeHandle] = []
@@ -94,7 +107,7 @@ class FakeExecutor:
             raise KeyboardInterrupt
         self.started.append(run.name)
         run_dir.mkdir(parents=True, exist_ok=True)
-        h = FakeHandle(run, run_dir, "failed" if run.name == self.fail else "completed", 3)
+        h = FakeHandle(run, run_dir, self.outcomes.get(run.name, "completed"), 3)
         self.handles.append(h)
         return h
 
@@ -125,7 +138,7 @@ def test_executor_runs_records_and_resumes(recipe, tmp_path, monkeypatch):
     runs = _runs(out)
     assert {n: runs[n]["status"] for n in names} == {
         SEED0: "completed", "seed-1": "completed", "seed-2": "failed", "seed-3": "completed"}
-    assert runs["seed-2"]["reason"] == "fake failed"
+    assert runs["seed-2"]["reason"] == "RunFailed: fake failed"  # from its worker.json
     assert runs["seed-3"]["final_val_loss"] == 4.0
     assert [e["status"] for e in entries] == [runs[n]["status"] for n in names]
     # relaunch: the finished runs are skipped, only the failed one starts again
@@ -134,6 +147,28 @@ def test_executor_runs_records_and_resumes(recipe, tmp_path, monkeypatch):
     assert ex2.started == ["seed-2"]
     assert _runs(out)["seed-2"]["status"] == "completed"
     assert "reason" not in _runs(out)["seed-2"]
+
+
+def test_failure_reasons_come_from_the_worker_record(recipe, tmp_path, monkeypatch):
+    """The reason in sweep.json is what this launch's worker recorded in its worker.json; a
+    worker that left none (killed by a signal, or dead before writing it) is named by its
+    signal or exit status, never by a record an earlier launch left behind."""
+    monkeypatch.setattr(launcher, "POLL_S", 0.0)
+    out = tmp_path / "sweep"
+    for name in ("seed-1", "seed-2"):  # records of an earlier launch
+        RunDir(out / name).create().write_worker(WorkerRecord(1, error_type="ConfigError",
+                                                              error="stale"))
+    ex = FakeExecutor(slots=4, outcomes={"seed-1": "killed", "seed-2": "silent",
+                                         "seed-3": "failed"})
+    sweep.launch(recipe, out, executor=ex, progress=False, stream=open(os.devnull, "w"))
+    runs = _runs(out)
+    assert {n: runs[n]["status"] for n in ("seed-1", "seed-2", "seed-3")} == dict.fromkeys(
+        ("seed-1", "seed-2", "seed-3"), "failed")
+    assert runs["seed-1"]["reason"] == "killed by signal SIGKILL"
+    assert runs["seed-2"]["reason"] == (f"exit status 1; the worker left no record (see "
+                                        f"{RunDir(out / 'seed-2').worker_log})")
+    assert runs["seed-3"]["reason"] == "RunFailed: fake failed"
+    assert "reason" not in runs[SEED0] and runs[SEED0]["process_wall_s"] == 0.1
 
 
 def test_executor_interrupt_signals_running_runs(recipe, tmp_path, monkeypatch):

@@ -35,10 +35,12 @@ from flax import nnx
 from pallas_kernels.block_sparse.format import BSRLayout, BSRMatrix
 from pallas_kernels.layers import BSRLinear, NMLinear
 from pallas_kernels.nm.format import NMMatrix
+from sparsejax import errors
 from sparsejax.downstream import loading, safetensors_io
 from sparsejax.models.gpt import GPT, GPTConfig
 from sparsejax.paths import path_str
 from sparsejax.prunable import Predicate, resolve
+from sparsejax.run.rundir import RunDir
 
 Exported = dict[str, Any]  # {leaf path: BSRMatrix | NMMatrix | np.ndarray}
 FORMATS = ("bsr", "nm", "safetensors", "npz")
@@ -50,8 +52,9 @@ FIX = ("to export compactly, train with block masks (model.linear=bsr, model.blo
        "sparsity.n/m) and export --format nm")
 
 
-class ExportRefused(ValueError):
-    """The export would not save space, or the weights lack the structure asked for."""
+class ExportRefused(errors.InputError):
+    """The export would not save space, or the weights lack the structure asked for (exit
+    status 2: the user's choice of format or layout)."""
 
 
 def _to_bsr(name: str, leaf: np.ndarray, block: tuple[int, int]):
@@ -93,7 +96,7 @@ def export_params(
     :class:`ExportRefused` naming a leaf that is not ``n:m`` sparse.
     """
     if fmt not in LAYOUTS:
-        raise ValueError(f"fmt must be one of {LAYOUTS}, got {fmt!r}")
+        raise errors.InputError(f"fmt must be one of {LAYOUTS}, got {fmt!r}")
     pred = resolve(prunable)
     out: Exported = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
@@ -200,20 +203,21 @@ def read_export(path: str | Path) -> tuple[Exported, dict[str, Any]]:
     """``(exported, meta)`` of a file written by :func:`save_export` (npz or safetensors)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"export file {path} does not exist")
+        raise errors.MissingInputError(f"export file {path} does not exist")
     if path.suffix == ".safetensors":
         tensors, meta = safetensors_io.read(path)
         if "sparsejax" not in meta:
-            raise ValueError(f"{path}: a safetensors file without sparsejax metadata")
+            raise errors.InputError(f"{path}: a safetensors file without sparsejax metadata")
         header = json.loads(meta["sparsejax"])
     else:
         with np.load(path, allow_pickle=False) as data:
             if "__meta__" not in data:
-                raise ValueError(f"{path}: not a sparsejax export (no __meta__ entry)")
+                raise errors.InputError(f"{path}: not a sparsejax export (no __meta__ entry)")
             header = json.loads(data["__meta__"].tobytes().decode())
             tensors = {k: _restore(data[k], header["dtypes"][k]) for k in header["dtypes"]}
     if header.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format {header.get('format')!r}, expected {FORMAT_VERSION!r}")
+        raise errors.InputError(f"{path}: format {header.get('format')!r}, expected "
+                                f"{FORMAT_VERSION!r}")
     return _from_tensors(tensors, header["layout"]), header
 
 
@@ -294,11 +298,11 @@ def export_run(
     the structure would save less than 10% of the dense size.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+        raise errors.InputError(f"format must be one of {FORMATS}, got {fmt!r}")
     if fmt in LAYOUTS:
         layout = fmt
     if layout not in (*LAYOUTS, "auto"):
-        raise ValueError(f"layout must be one of {(*LAYOUTS, 'auto')}, got {layout!r}")
+        raise errors.InputError(f"layout must be one of {(*LAYOUTS, 'auto')}, got {layout!r}")
     loaded = loading.load(run_dir, step=step)
     config = loaded.config
     block = block or (config.model.block, config.model.block)
@@ -315,7 +319,7 @@ def export_run(
         reasons.append(reason)
     if exported is None:
         raise ExportRefused(f"export of {run_dir} refused: " + "; ".join(reasons) + "; " + FIX)
-    out = Path(out) if out is not None else Path(run_dir) / "export"
+    out = Path(out) if out is not None else RunDir(run_dir).export_dir
     target = out / ("model.safetensors" if fmt == "safetensors" else f"export_{fmt}.npz")
     meta = {"model": dataclasses.asdict(loaded.model.cfg),
             "source": {"run_dir": str(Path(run_dir).absolute()), "step": loaded.step}}
@@ -339,11 +343,12 @@ def load_export(path: str | Path, *, kernels: bool = True) -> GPT:
     ``kernels=True``: prunable kernels run on the sparse layers (``BSRLinear``/``NMLinear``:
     only the stored blocks / N:M values are multiplied); ``kernels=False``: they are
     decompressed into dense ``nnx.Linear`` kernels, whose logits equal the exported model's
-    bit for bit. Raises ``ValueError`` naming a leaf the model has and the file lacks."""
+    bit for bit. Raises :class:`~sparsejax.errors.InputError` naming a leaf the model has and
+    the file lacks."""
     exported, meta = read_export(path)
     if "model" not in meta:
-        raise ValueError(f"{path}: the export holds no model config (written by "
-                         "export_params without meta?)")
+        raise errors.InputError(f"{path}: the export holds no model config (written by "
+                                "export_params without meta?)")
     cfg = GPTConfig(**meta["model"])
     model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))  # shapes only: all replaced
     graphdef, state, rest = nnx.split(model, nnx.Param, ...)
@@ -352,14 +357,14 @@ def load_export(path: str | Path, *, kernels: bool = True) -> GPT:
     missing = [nm for nm in names if nm not in exported]
     extra = sorted(set(exported) - set(names))
     if missing or extra:
-        raise ValueError(f"{path}: the export does not match its model config: "
-                         f"missing {missing}, extra {extra}")
+        raise errors.InputError(f"{path}: the export does not match its model config: "
+                                f"missing {missing}, extra {extra}")
     dense = [jnp.asarray(exported[nm].to_dense() if isinstance(exported[nm], BSRMatrix | NMMatrix)
                          else exported[nm]) for nm in names]
     for nm, ref, arr in zip(names, (leaf for _, leaf in leaves), dense, strict=True):
         if arr.shape != tuple(ref.shape) or arr.dtype != ref.dtype:
-            raise ValueError(f"{path}: leaf {nm} is {arr.dtype}{arr.shape}, the model holds "
-                             f"{ref.dtype}{tuple(ref.shape)}")
+            raise errors.InputError(f"{path}: leaf {nm} is {arr.dtype}{arr.shape}, the model "
+                                    f"holds {ref.dtype}{tuple(ref.shape)}")
     nnx.replace_by_pure_dict(state, treedef.unflatten(dense))
     model = nnx.merge(graphdef, state, rest)
     if kernels:

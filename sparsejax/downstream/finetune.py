@@ -21,8 +21,8 @@ from typing import Any, NamedTuple
 import optax
 from flax import nnx
 
+from sparsejax import errors
 from sparsejax.downstream import loading
-from sparsejax.errors import ConfigError
 from sparsejax.methods.base import MaskMethod
 from sparsejax.models.gpt import GPT, GPTConfig
 from sparsejax.run import build, distill
@@ -49,26 +49,28 @@ def _run_config(key: str, run_dir: str, step: int) -> RunSpec:
         spec = loading.read_config(run_dir)
         loading.checkpoint_step(run_dir, _step(step))
     except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"config {key}: {e}") from None
+        raise errors.ConfigError(f"config {key}: {e}") from None
     return spec
 
 
 def check(config: RunSpec) -> None:
     """The run dirs named by ``init_from`` and ``finetune.teacher`` exist, hold a config and
     the checkpoint step asked for, and ``init_from``'s model is the config's (every
-    ``model.*`` key equal). Raises :class:`ConfigError` naming the key."""
+    ``model.*`` key equal). Raises :class:`~sparsejax.errors.ConfigError` naming the key."""
     if config.init_from:
         run = _run_config("init_from", config.init_from, config.init_from_step)
         ours, theirs_model = config.model.to_dict(), run.model.to_dict()
         diff = sorted(k for k in ours if ours[k] != theirs_model.get(k))
         if diff:
             theirs = ", ".join(f"model.{k}={theirs_model.get(k)!r}" for k in diff)
-            raise ConfigError(f"config model.{diff[0]}: the init_from run {config.init_from} "
-                             f"was trained with {theirs}; set the same model keys")
+            raise errors.ConfigError(f"config model.{diff[0]}: the init_from run "
+                                     f"{config.init_from} was trained with {theirs}; set the "
+                                     "same model keys")
         if config.finetune.mode == "dense" and run.model.linear != "dense":
-            raise ConfigError(f"config finetune.mode: the init_from run {config.init_from} has "
-                             "BSR layers (sparse by construction), which cannot train dense; "
-                             "use finetune.mode='sparse'")
+            raise errors.ConfigError(f"config finetune.mode: the init_from run "
+                                     f"{config.init_from} has BSR layers (sparse by "
+                                     "construction), which cannot train dense; use "
+                                     "finetune.mode='sparse'")
     if config.finetune.distill:
         _run_config("finetune.teacher", config.finetune.teacher, config.finetune.teacher_step)
 
@@ -89,13 +91,15 @@ def start(config: RunSpec, model_cfg: GPTConfig, method: MaskMethod | None = Non
         loaded = loading.load(config.init_from, step=_step(config.init_from_step),
                               dense=config.finetune.mode == "dense")
         if loaded.model.cfg != model_cfg:
-            raise ConfigError(f"config init_from: the run's model is {loaded.model.cfg}, this "
-                             f"config and corpus give {model_cfg} (vocabulary of data.source?)")
+            raise errors.ConfigError(f"config init_from: the run's model is {loaded.model.cfg}, "
+                                     f"this config and corpus give {model_cfg} (vocabulary of "
+                                     "data.source?)")
         model = loaded.model
         if config.finetune.mode == "sparse":
             if loaded.masks is None and loaded.config.model.linear == "dense":
-                raise ConfigError(f"config finetune.mode: the init_from run {config.init_from} "
-                                 "holds no masks (a dense run); use finetune.mode='dense'")
+                raise errors.ConfigError(f"config finetune.mode: the init_from run "
+                                         f"{config.init_from} holds no masks (a dense run); use "
+                                         "finetune.mode='dense'")
             masks = loaded.masks
     else:  # distillation into a freshly initialised student
         model = GPT(model_cfg, rngs=nnx.Rngs(config.seed),

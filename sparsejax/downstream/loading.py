@@ -12,8 +12,6 @@ another shape.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -21,10 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsejax.errors import InputError
+from sparsejax import errors
 from sparsejax.models.gpt import GPT
 from sparsejax.paths import path_str
 from sparsejax.run import build, checkpoint, configlib
+from sparsejax.run.rundir import PathLike, RunDir
 from sparsejax.run.spec import RunSpec
 
 
@@ -55,9 +54,9 @@ def align(tree: Any, like: Any, what: str, *, scalars: bool = False) -> Any:
     matched by path with every key compared as a string.
 
     Each leaf must have ``like``'s shape (``scalars=True`` also accepts a 0-d leaf, as masks
-    hold on dense leaves). Raises ``ValueError`` naming every leaf that is missing, extra or
-    of another shape (``what`` says whose leaves they are). ``like``'s leaves need only
-    ``shape`` (arrays or ``jax.ShapeDtypeStruct``)."""
+    hold on dense leaves). Raises :class:`~sparsejax.errors.InputError` (a ``ValueError``)
+    naming every leaf that is missing, extra or of another shape (``what`` says whose leaves
+    they are). ``like``'s leaves need only ``shape`` (arrays or ``jax.ShapeDtypeStruct``)."""
     given = _by_path(tree)
     out, problems = [], []
     leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
@@ -76,45 +75,39 @@ def align(tree: Any, like: Any, what: str, *, scalars: bool = False) -> Any:
         out.append(leaf)
     problems += [f"{'/'.join(k)}: not in the model" for k in sorted(set(given) - wanted)]
     if problems:
-        raise ValueError(f"{what} do not match the model: " + "; ".join(problems))
+        raise errors.InputError(f"{what} do not match the model: " + "; ".join(problems))
     return treedef.unflatten(out)
 
 
-def read_config(run_dir: str | Path) -> RunSpec:
-    """A run dir's ``config.json`` as a :class:`~sparsejax.run.spec.RunSpec`, keys added to
-    the schema since the run was written at their defaults
-    (:func:`sparsejax.run.configlib.stored_spec`); ``FileNotFoundError`` naming the path,
-    :class:`~sparsejax.errors.InputError` for a file that is not a valid config."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run dir {run_dir} does not exist")
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"run dir {run_dir} holds no config.json ({path})")
-    try:
-        stored = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not a JSON config ({e})") from None
-    return configlib.stored_spec(stored, str(path))
+def read_config(run_dir: PathLike) -> RunSpec:
+    """A run dir's stored config (:meth:`RunDir.read_config`) as a
+    :class:`~sparsejax.run.spec.RunSpec`, keys added to the schema since the run was written at
+    their defaults (:func:`sparsejax.run.configlib.stored_spec`);
+    :class:`~sparsejax.errors.MissingInputError` (a ``FileNotFoundError``) naming the path when
+    the run dir or its config is missing, :class:`~sparsejax.errors.InputError` naming the file
+    when it is not a valid config."""
+    run = RunDir(run_dir)
+    if not run.path.is_dir():
+        raise errors.MissingInputError(f"run dir {run} does not exist")
+    config = run.read_config()
+    if config is None:
+        raise errors.MissingInputError(f"run dir {run} holds no config ({run.config_file})")
+    return configlib.stored_spec(config, str(run.config_file))
 
 
-def checkpoint_step(run_dir: str | Path, step: int | None = None) -> int:
+def checkpoint_step(run_dir: PathLike, step: int | None = None) -> int:
     """``step`` if the run dir holds a checkpoint there, its latest when ``None`` (or -1);
-    ``FileNotFoundError`` naming the run dir and the steps it has otherwise."""
-    run_dir = Path(run_dir)
-    if checkpoint.latest_step(run_dir) is None:
-        raise FileNotFoundError(f"run dir {run_dir} holds no checkpoint "
-                                f"({run_dir / checkpoint.CHECKPOINT_DIR})")
-    mngr = checkpoint.manager(run_dir, create=False)
-    try:
-        steps = sorted(mngr.all_steps())
-    finally:
-        mngr.close()
+    :class:`~sparsejax.errors.MissingInputError` naming the run dir and the steps it has
+    otherwise."""
+    run = RunDir(run_dir)
+    steps = run.checkpoint_steps()
+    if not steps:
+        raise errors.MissingInputError(f"run dir {run} holds no checkpoint ({run.checkpoints})")
     if step is None or step == -1:
         return steps[-1]
     if step not in steps:
-        raise FileNotFoundError(f"run dir {run_dir}: no checkpoint at step {step} (it has "
-                                f"{steps})")
+        raise errors.MissingInputError(f"run dir {run}: no checkpoint at step {step} (it has "
+                                       f"{steps})")
     return int(step)
 
 
@@ -136,7 +129,7 @@ def _forward_weight(raw: dict[str, Any]) -> float:
     return float(np.asarray(state["forward_weight"]))
 
 
-def load(run_dir: str | Path, *, step: int | None = None, dense: bool = False) -> Loaded:
+def load(run_dir: PathLike, *, step: int | None = None, dense: bool = False) -> Loaded:
     """The run's model, rebuilt from ``RUN_DIR/config.json`` with the weights of its latest
     checkpoint (or ``step``).
 
@@ -149,18 +142,19 @@ def load(run_dir: str | Path, *, step: int | None = None, dense: bool = False) -
     pruned ones starting at 0). Runs on BSR layers (``model.linear='bsr'``) are sparse by
     construction and have no masks.
 
-    Raises ``FileNotFoundError`` for a missing run dir, config or checkpoint step and
-    ``ValueError`` naming each leaf whose structure or shape does not match the model.
+    Raises :class:`~sparsejax.errors.MissingInputError` (a ``FileNotFoundError``) for a
+    missing run dir, config or checkpoint step and :class:`~sparsejax.errors.InputError` (a
+    ``ValueError``) naming each leaf whose structure or shape does not match the model.
     """
     config = read_config(run_dir)
     step = checkpoint_step(run_dir, step)
     raw = checkpoint.load_raw(run_dir, step)
     if "params" not in raw:
-        raise ValueError(f"run dir {run_dir}: checkpoint {step} holds no params")
+        raise errors.InputError(f"run dir {run_dir}: checkpoint {step} holds no params")
     embed = _by_path(raw["params"]).get(("embed", "embedding"))
     if embed is None:
-        raise ValueError(f"run dir {run_dir}: checkpoint {step} has no embed/embedding leaf, "
-                         "so it is not a sparsejax GPT")
+        raise errors.InputError(f"run dir {run_dir}: checkpoint {step} has no embed/embedding "
+                                "leaf, so it is not a sparsejax GPT")
     model = build_model(config, vocab_size=int(np.shape(embed)[0]))
     graphdef, state, rest = nnx.split(model, nnx.Param, ...)
     like = nnx.to_pure_dict(state)
@@ -169,8 +163,8 @@ def load(run_dir: str | Path, *, step: int | None = None, dense: bool = False) -
     for (path, p), ref in zip(jax.tree_util.tree_flatten_with_path(params)[0],
                               jax.tree_util.tree_leaves(like), strict=True):
         if p.dtype != ref.dtype:
-            raise ValueError(f"{where}: params {path_str(path)} is {p.dtype}, the model "
-                             f"holds {ref.dtype}")
+            raise errors.InputError(f"{where}: params {path_str(path)} is {p.dtype}, the "
+                                    f"model holds {ref.dtype}")
     raw_masks = raw["masks"] if "masks" in raw else checkpoint.find_masks(raw.get("opt_state"))
     masks = None
     if raw_masks is not None:
@@ -187,7 +181,7 @@ def load(run_dir: str | Path, *, step: int | None = None, dense: bool = False) -
 
 
 def load_for_finetuning(
-    run_dir: str | Path, *, dense: bool = True, step: int | None = None
+    run_dir: PathLike, *, dense: bool = True, step: int | None = None
 ) -> tuple[dict[str, Any], Any | None]:
     """``(params, masks_or_None)`` of a (sparse) pre-training run, ready for a new optimizer:
     a thin form of :func:`sparsejax.load` (the params and masks of its :class:`Loaded`, on
@@ -200,5 +194,6 @@ def load_for_finetuning(
     """
     loaded = load(run_dir, step=step, dense=dense)
     if not dense and loaded.masks is None:
-        raise ValueError(f"{run_dir}: the checkpoint holds no masks (was it a dense run?)")
+        raise errors.InputError(f"{run_dir}: the checkpoint holds no masks (was it a dense "
+                                "run?)")
     return loaded.params, loaded.masks

@@ -44,13 +44,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax import calibration, masks
+from sparsejax import calibration, errors, masks
 from sparsejax import prunable as prunable_lib
 from sparsejax import scores as scores_lib
 from sparsejax.downstream import loading
 from sparsejax.models.gpt import GPT, loss_fn
 from sparsejax.paths import path_str
 from sparsejax.run import data, evaluation, rundir
+from sparsejax.run.rundir import RunDir
 from sparsejax.run.spec import RunSpec
 
 SCORES = ("magnitude", "wanda", "gblm")
@@ -75,8 +76,8 @@ def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
     config = loading.read_config(run_dir)
     step = loading.checkpoint_step(run_dir, step)  # names a missing checkpoint (step)
     if config.model.linear != "dense":
-        raise ValueError(f"{Path(run_dir) / 'config.json'}: model.linear must be 'dense' for "
-                         f"one-shot pruning, got {config.model.linear!r}")
+        raise errors.InputError(f"{RunDir(run_dir).config_file}: model.linear must be 'dense' "
+                                f"for one-shot pruning, got {config.model.linear!r}")
     loaded = loading.load(run_dir, step=step, dense=True)
     corpus = data.load_spec(config.data)
     return LoadedRun(loaded.model, loaded.params, config, corpus, loaded.step)
@@ -89,10 +90,11 @@ def parse_sparsities(text: str) -> list[float]:
         try:
             v = float(item)
         except ValueError:
-            raise ValueError(f"--sparsities: {item.strip()!r} is not a number "
-                             "(expected comma-separated values in [0, 1])") from None
+            raise errors.InputError(f"--sparsities: {item.strip()!r} is not a number "
+                                    "(expected comma-separated values in [0, 1])") from None
         if not (math.isfinite(v) and 0.0 <= v <= 1.0):
-            raise ValueError(f"--sparsities: every value must be in [0, 1], got {item.strip()}")
+            raise errors.InputError(f"--sparsities: every value must be in [0, 1], got "
+                                    f"{item.strip()}")
         values.append(v)
     return sorted(set(values))
 
@@ -103,11 +105,11 @@ def parse_structure(structure: str) -> tuple[str, tuple[int, int] | None]:
         return structure, None
     match = re.fullmatch(r"(\d+):(\d+)", structure)
     if match is None:
-        raise ValueError(f"structure must be 'unstructured', 'block' or 'N:M' (e.g. '2:4'), "
-                         f"got {structure!r}")
+        raise errors.InputError(f"structure must be 'unstructured', 'block' or 'N:M' (e.g. "
+                                f"'2:4'), got {structure!r}")
     n, m = int(match.group(1)), int(match.group(2))
     if not 0 < n < m:
-        raise ValueError(f"structure {structure!r}: need 0 < N < M")
+        raise errors.InputError(f"structure {structure!r}: need 0 < N < M")
     return "nm", (n, m)
 
 
@@ -141,7 +143,7 @@ def prune(params: Any, scores: Any, sparsity: float | jax.Array, prunable: Any, 
     elif allocation == "layerwise":
         mask = masks.layerwise(scores, jax.tree.map(lambda _: sparsity, scores), prunable)
     else:
-        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+        raise errors.InputError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     pruned = jax.tree.map(lambda w, k: jnp.where(k, w, jnp.zeros((), w.dtype)), params, mask)
     return pruned, mask
 
@@ -153,7 +155,7 @@ def compute_scores(loaded: LoadedRun, score: str, *, calibration_batches: int = 
     the calibration set: ``calibration_batches`` stratified batches of the *training* split
     (``data.eval_batches`` with the run's seed), never the validation batches."""
     if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        raise errors.InputError(f"score must be one of {SCORES}, got {score!r}")
     if score == "magnitude":
         return scores_lib.magnitude(loaded.params), None
     c = loaded.config
@@ -200,16 +202,16 @@ def oneshot(
     if allocation is None:
         allocation = "global" if score == "magnitude" else "layerwise"
     if allocation not in ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+        raise errors.InputError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     if not (math.isfinite(tolerance) and tolerance >= 0):
-        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
+        raise errors.InputError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
     masks.check_block(block)
     if kind == "nm":
         sparsities = [1.0 - nm[0] / nm[1]]
     sparsities = sorted({float(s) for s in sparsities})
     if not sparsities or not all(0.0 <= s <= 1.0 for s in sparsities):
-        raise ValueError(f"sparsities must be a non-empty list of values in [0, 1], "
-                         f"got {sparsities}")
+        raise errors.InputError(f"sparsities must be a non-empty list of values in [0, 1], "
+                                f"got {sparsities}")
     say = log or (lambda _: None)
     run_dir = Path(run_dir)
     loaded = load_run(run_dir, step)
@@ -233,8 +235,8 @@ def oneshot(
                                seq_len=seq_len, alpha=alpha)
     for path, p in jax.tree_util.tree_flatten_with_path(prunable)[0]:
         if p and not bool(jnp.all(jnp.isfinite(_at(sc, path)))):
-            raise ValueError(f"score {score!r}: non-finite values at prunable leaf "
-                             f"{path_str(path)}")
+            raise errors.InputError(f"score {score!r}: non-finite values at prunable leaf "
+                                    f"{path_str(path)}")
 
     @jax.jit
     def prune_at(params, sc, s):  # params and scores as arguments: no constant folding
@@ -270,15 +272,16 @@ def oneshot(
         "knee": None if k is None else {"sparsity": k, "val_loss": k_loss},
         "levels": levels,
     }
-    out = Path(out) if out is not None else run_dir / "oneshot.json"
+    run = RunDir(run_dir)
+    out, png = ((run.oneshot_file, run.oneshot_plot) if out is None
+                else (Path(out), Path(out).with_suffix(".png")))
     rundir.write_json(out, result)
     say(f"knee (essential sparsity): {'none' if k is None else f'{k:.3f}'} = the largest "
         f"sparsity whose val loss is within {100 * tolerance:g}% (relative) of dense "
         f"{dense_loss:.4f}")
     say(f"wrote {out}")
     if plot:
-        png = plot_curves([result], out.with_suffix(".png"))
-        say(f"wrote {png}")
+        say(f"wrote {plot_curves([result], png)}")
     return result
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax import errors
+
 DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
     "BF16": jnp.dtype(jnp.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
@@ -68,26 +70,33 @@ def write(path: str | Path, tensors: dict[str, np.ndarray],
 
 
 def read(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """``(tensors, metadata)`` of a safetensors file; ``ValueError`` if it is malformed."""
+    """``(tensors, metadata)`` of a safetensors file; :class:`~sparsejax.errors.InputError` (a
+    ``ValueError``) naming the file if it is malformed."""
     raw = Path(path).read_bytes()
     if len(raw) < 8:
-        raise ValueError(f"{path}: too short for a safetensors file")
+        raise errors.InputError(f"{path}: too short for a safetensors file")
     (n,) = struct.unpack("<Q", raw[:8])
     if n > MAX_HEADER or 8 + n > len(raw):
-        raise ValueError(f"{path}: header length {n} does not fit the file ({len(raw)} bytes)")
-    header = json.loads(raw[8:8 + n].decode("utf-8"))
+        raise errors.InputError(f"{path}: header length {n} does not fit the file "
+                                f"({len(raw)} bytes)")
+    try:
+        header = json.loads(raw[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise errors.InputError(f"{path}: the safetensors header is not JSON ({err})") from None
     data = memoryview(raw)[8 + n:]
     metadata = header.pop("__metadata__", {}) or {}
     tensors = {}
     for name, info in header.items():
         if info["dtype"] not in DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unknown dtype {info['dtype']!r}")
+            raise errors.InputError(f"{path}: tensor {name!r} has unknown dtype "
+                                    f"{info['dtype']!r}")
         dtype = DTYPES[info["dtype"]]
         begin, end = info["data_offsets"]
         shape = tuple(info["shape"])
         count = int(np.prod(shape, dtype=np.int64))
         if not 0 <= begin <= end <= len(data) or end - begin != count * dtype.itemsize:
-            raise ValueError(f"{path}: tensor {name!r} has byte range {begin}:{end}, which does "
-                             f"not hold {shape} {info['dtype']} inside the data")
+            raise errors.InputError(f"{path}: tensor {name!r} has byte range {begin}:{end}, "
+                                    f"which does not hold {shape} {info['dtype']} inside the "
+                                    "data")
         tensors[name] = np.frombuffer(data[begin:end], dtype=dtype).reshape(shape).copy()
     return tensors, metadata

@@ -33,9 +33,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from sparsejax import errors
 from sparsejax.downstream import loading
-from sparsejax.errors import ConfigError
-from sparsejax.run import checkpoint, data, evaluation, experiment, rundir
+from sparsejax.run import checkpoint, data, evaluation, experiment
+from sparsejax.run.rundir import RunDir, SweepDir
 from sparsejax.run.spec import RunSpec
 
 
@@ -105,22 +106,23 @@ class Evaluator:
 
 def _write_soup(run_dir: Path, config: RunSpec, params: Any, masks: Any,
                 summary: dict[str, Any]) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    rundir.write_json(run_dir / "config.json", config.to_dict())
-    if checkpoint.latest_step(run_dir) is None:
-        checkpoint.save_weights(run_dir, 0, params, masks)
-    rundir.write_json(run_dir / "summary.json", {"status": "completed", "step": 0, **summary})
+    run = RunDir(run_dir).create()
+    run.write_config(config.to_dict())
+    if run.latest_checkpoint_step() is None:
+        checkpoint.save_weights(run, 0, params, masks)
+    run.write_summary({"status": "completed", "step": 0, **summary})
 
 
 def check(config: ml_collections.ConfigDict | RunSpec) -> RunSpec:
     """A soup needs a sparse start to fine-tune with its mask kept; returns the spec."""
     config = experiment.spec_of(config)
     if not config.init_from:
-        raise ConfigError("config init_from: a soup fine-tunes a pruned run; set init_from to "
-                         "its run dir")
+        raise errors.ConfigError("config init_from: a soup fine-tunes a pruned run; set "
+                                 "init_from to its run dir")
     if config.finetune.mode != "sparse":
-        raise ConfigError(f"config finetune.mode must be 'sparse' for a sparse model soup (the "
-                         f"ingredients share the start's mask), got {config.finetune.mode!r}")
+        raise errors.ConfigError(f"config finetune.mode must be 'sparse' for a sparse model soup "
+                                 f"(the ingredients share the start's mask), got "
+                                 f"{config.finetune.mode!r}")
     experiment.check(config)
     return config
 
@@ -132,8 +134,7 @@ def soup(config: ml_collections.ConfigDict | RunSpec, workdir: str | Path, *, pr
 
     Completed ingredient runs and soups are reused, so running it again resumes."""
     config = check(config)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = SweepDir(workdir).create().path
     corpus = data.load_spec(config.data)
     start_dir, start_step = Path(config.init_from), config.init_from_step
     cycles = []
@@ -194,7 +195,7 @@ def soup(config: ml_collections.ConfigDict | RunSpec, workdir: str | Path, *, pr
                         {"sparsity": mask_sparsity(new_masks), "soup": "pruned start",
                          "from": str(cdir / config.soup.select)})
     out = {"cycles": cycles}
-    rundir.write_json(workdir / "soup.json", out)
+    SweepDir(workdir).write_soup(out)
     return out
 
 

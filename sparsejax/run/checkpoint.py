@@ -20,7 +20,6 @@ import functools
 import hashlib
 import shutil
 import warnings
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -28,18 +27,17 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from sparsejax import checks
+from sparsejax import checks, errors
 from sparsejax.radix import _flat_position
+from sparsejax.run.rundir import PathLike, RunDir
 from sparsejax.transforms import SparsifyState
 
-CHECKPOINT_DIR = "checkpoints"
-DAMAGED_DIR = "damaged_checkpoints"
 
-
-def manager(run_dir: str | Path, *, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
-    """A CheckpointManager on ``run_dir/checkpoints`` keeping the last ``keep`` checkpoints."""
+def manager(run_dir: PathLike, *, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
+    """A CheckpointManager on the run dir's checkpoints (:attr:`RunDir.checkpoints`) keeping
+    the last ``keep`` checkpoints."""
     checks.integer("keep", keep, 1)
-    directory = Path(run_dir).absolute() / CHECKPOINT_DIR
+    directory = RunDir(run_dir).checkpoints.absolute()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
     return ocp.CheckpointManager(directory, options=options)
 
@@ -129,20 +127,22 @@ def restore(mngr: ocp.CheckpointManager, like: Any, step: int | None = None) -> 
     """Restore the checkpoint at ``step`` (default: latest) into the structure of ``like``."""
     step = mngr.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
+        raise errors.MissingInputError(f"no checkpoint in {mngr.directory}")
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
     return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
-def restore_newest(run_dir: str | Path, like: Any, *, keep: int = 3) -> tuple[Any, int] | None:
+def restore_newest(run_dir: PathLike, like: Any, *, keep: int = 3) -> tuple[Any, int] | None:
     """Restore the newest checkpoint of ``run_dir`` that restores and matches its checksum.
 
     Returns ``(state, step)``, or ``None`` when the run dir holds no checkpoint. Newer damaged
     checkpoints (unreadable, or data that does not match the checksum recorded at save) are
-    moved to ``RUN_DIR/damaged_checkpoints/`` with a warning naming them, so training can save
-    those steps again. When none restores, raises ``ValueError`` naming the run dir.
+    moved to :attr:`RunDir.damaged_checkpoints` with a warning naming them, so training can
+    save those steps again. When none restores, raises :class:`~sparsejax.errors.InputError`
+    naming the run dir.
     """
-    if not (Path(run_dir) / CHECKPOINT_DIR).is_dir():
+    run = RunDir(run_dir)
+    if not run.checkpoints.is_dir():
         return None
     mngr = manager(run_dir, keep=keep, create=False)
     steps = sorted(mngr.all_steps(), reverse=True)
@@ -172,12 +172,12 @@ def restore_newest(run_dir: str | Path, like: Any, *, keep: int = 3) -> tuple[An
         break
     else:
         why = "; ".join(f"step {s}: {r}" for s, r in skipped)
-        raise ValueError(f"run dir {run_dir}: no checkpoint restores ({why})")
+        raise errors.InputError(f"run dir {run_dir}: no checkpoint restores ({why})")
     if skipped and jax.process_index() == 0:  # one process moves them
-        damaged = Path(run_dir) / DAMAGED_DIR
+        damaged = run.damaged_checkpoints
         damaged.mkdir(exist_ok=True)
         for s, _ in skipped:
-            src = Path(run_dir).absolute() / CHECKPOINT_DIR / str(s)
+            src = run.checkpoints.absolute() / str(s)
             dst = damaged / str(s)
             n = 1
             while dst.exists():
@@ -194,7 +194,7 @@ def restore_newest(run_dir: str | Path, like: Any, *, keep: int = 3) -> tuple[An
     return state, step
 
 
-def _recorded_digest(run_dir: str | Path, step: int) -> dict[str, str]:
+def _recorded_digest(run_dir: PathLike, step: int) -> dict[str, str]:
     """The checksums recorded at save (``sha256`` and/or ``fingerprint``; may be empty)."""
     mngr = manager(run_dir, create=False)
     try:
@@ -206,19 +206,13 @@ def _recorded_digest(run_dir: str | Path, step: int) -> dict[str, str]:
         mngr.close()
 
 
-def latest_step(run_dir: str | Path) -> int | None:
-    """The latest complete checkpoint step of a run dir, or ``None``."""
-    path = Path(run_dir) / CHECKPOINT_DIR
-    if not path.is_dir():
-        return None
-    mngr = manager(run_dir, create=False)
-    try:
-        return mngr.latest_step()
-    finally:
-        mngr.close()
+def latest_step(run_dir: PathLike) -> int | None:
+    """The latest committed checkpoint step of a run dir, or ``None``
+    (:meth:`RunDir.latest_checkpoint_step`)."""
+    return RunDir(run_dir).latest_checkpoint_step()
 
 
-def load_raw(run_dir: str | Path, step: int | None = None) -> dict[str, Any]:
+def load_raw(run_dir: PathLike, step: int | None = None) -> dict[str, Any]:
     """The checkpoint as saved, without a target structure (NamedTuples come back as dicts).
 
     Enough to read ``params`` and the masks for export and inspection.
@@ -227,7 +221,7 @@ def load_raw(run_dir: str | Path, step: int | None = None) -> dict[str, Any]:
     try:
         step = mngr.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {Path(run_dir) / CHECKPOINT_DIR}")
+            raise errors.MissingInputError(f"no checkpoint in {RunDir(run_dir).checkpoints}")
         meta = _sharded_metadata(run_dir, step)
         if meta is None:  # saved from host arrays
             return mngr.restore(step, args=ocp.args.StandardRestore())
@@ -240,10 +234,10 @@ def load_raw(run_dir: str | Path, step: int | None = None) -> dict[str, Any]:
         mngr.close()
 
 
-def _sharded_metadata(run_dir: str | Path, step: int) -> Any | None:
+def _sharded_metadata(run_dir: PathLike, step: int) -> Any | None:
     """The checkpoint's array metadata when it was saved from sharded ``jax.Array`` s (their
     device mesh recorded), else ``None``."""
-    directory = Path(run_dir).absolute() / CHECKPOINT_DIR
+    directory = RunDir(run_dir).checkpoints.absolute()
     mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
                                  item_handlers=ocp.StandardCheckpointHandler())
     try:
@@ -281,7 +275,7 @@ def find_masks(opt_state: Any) -> Any | None:
     return state.masks if hasattr(state, "masks") else state["masks"]
 
 
-def save_weights(run_dir: str | Path, step: int, params: Any, masks: Any | None = None) -> None:
+def save_weights(run_dir: PathLike, step: int, params: Any, masks: Any | None = None) -> None:
     """Write a checkpoint holding only ``{"step", "params"[, "masks"]}`` (e.g. a model soup),
     which :func:`sparsejax.load` reads like a training checkpoint."""
     state = {"step": np.int32(step), "params": params}

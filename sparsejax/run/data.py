@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from sparsejax import errors
 from sparsejax.run.spec import DataSpec
 
 EXCLUDED_DIRS = ("site-packages", "test", "tests", "idlelib", "lib2to3")
@@ -51,8 +52,9 @@ class Corpus(NamedTuple):
     name: str
 
 
-class CorpusNotFoundError(FileNotFoundError, ValueError):
-    """The corpus source does not exist (both a ``FileNotFoundError`` and a ``ValueError``)."""
+class CorpusNotFoundError(errors.MissingInputError):
+    """The corpus source does not exist (a :class:`~sparsejax.errors.MissingInputError`: both a
+    ``FileNotFoundError`` and a ``ValueError``; exit status 2)."""
 
 
 def stdlib_root() -> Path:
@@ -121,7 +123,7 @@ def _folder_corpus(
     root: Path, rels: list[str], every: int, cache_dir: Path, prefix: str, val_fraction: float
 ) -> Corpus:
     if not rels:
-        raise ValueError(f"source: no usable files under {root} (the corpus is empty)")
+        raise errors.InputError(f"source: no usable files under {root} (the corpus is empty)")
     stat = [(r, (root / r).stat()) for r in rels]
     desc = [_CACHE_VERSION, every, val_fraction, [(r, s.st_size, s.st_mtime_ns) for r, s in stat]]
     key = hashlib.sha256(json.dumps(desc).encode()).hexdigest()[:20]
@@ -186,10 +188,10 @@ def load_corpus(
         return _folder_corpus(path, _text_files(path), every, cache_dir, name, val_fraction)
     size = path.stat().st_size
     if size == 0:
-        raise ValueError(f"source: {str(path)!r} is empty")
+        raise errors.InputError(f"source: {str(path)!r} is empty")
     if path.suffix == ".bin":
         if size % 2:
-            raise ValueError(f"source: {str(path)!r} has an odd byte count; expected uint16")
+            raise errors.InputError(f"source: {str(path)!r} has an odd byte count; expected uint16")
         tokens = np.memmap(path, dtype=np.uint16, mode="r")
         vocab = int(tokens.max()) + 1 if vocab_size is None else vocab_size
     else:
@@ -201,7 +203,8 @@ def load_corpus(
         raise ValueError(f"vocab_size must be >= 256 for a byte corpus, got {vocab_size!r}")
     train, val = _tail_split(tokens, val_fraction)
     if len(train) < 2 or len(val) < 2:
-        raise ValueError(f"source: {str(path)!r} is too short to split ({len(tokens)} tokens)")
+        raise errors.InputError(f"source: {str(path)!r} is too short to split "
+                                f"({len(tokens)} tokens)")
     return Corpus(train, val, vocab, path.name)
 
 

@@ -1,8 +1,25 @@
-"""Run-directory files: ``metrics.jsonl``, ``summary.json``, ``config.json``, the lock, progress.
+"""The run directory: the one owner of its file names, and of reading and writing each file.
 
-DESIGN.md, "Run directory". ``metrics.jsonl`` holds one JSON object per logged step; on resume,
-records past the restored checkpoint are dropped (the file is replaced atomically), so a
-resumed run's log equals an uninterrupted one's.
+DESIGN.md, "Run directory". Every other module asks :class:`RunDir` (a run dir) or
+:class:`SweepDir` (a folder of run dirs: a sweep or a soup) for a path, or reads and writes
+through them; none spells a file name. A run dir holds:
+
+* ``config.json``: the resolved config (:meth:`RunDir.read_config`, :meth:`RunDir.write_config`);
+* ``metrics.jsonl``: one JSON object per logged step (:class:`MetricsLog`, :func:`read_metrics`);
+  on resume, records past the restored checkpoint are dropped (the file is replaced
+  atomically), so a resumed run's log equals an uninterrupted one's;
+* ``summary.json``: status, step and final scores (:meth:`RunDir.read_summary`);
+* ``lock``: the PID of the process training in it (:class:`RunLock`, :func:`lock_owner`);
+* ``checkpoints/`` (orbax step folders, :mod:`sparsejax.run.checkpoint`) and
+  ``damaged_checkpoints/`` (those that did not restore, moved aside);
+* ``wandb_id``: the wandb run id, so a resumed run continues the same wandb run;
+* ``worker.json`` and ``worker.log``: a sweep worker's record (:class:`WorkerRecord`: exit
+  status, wall and CPU seconds, the error that failed the run) and its output;
+* ``oneshot.json`` and ``oneshot.png`` (``sparsejax oneshot``) and ``export/``
+  (``sparsejax export``'s default output folder).
+
+A sweep dir holds one run dir per run, ``sweep.json`` and its own ``lock``; a soup dir holds
+``soup.json`` beside its run dirs.
 
 Non-finite floats are written as the JSON strings ``"nan"``, ``"inf"`` and ``"-inf"`` (JSON has
 no such numbers); ``float(value)`` reads them back, and :func:`number` does so for any field.
@@ -12,15 +29,25 @@ A run whose loss became non-finite has ``"status": "diverged"`` and ``"diverged_
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, ClassVar, NamedTuple, Self, TextIO
 
 from tqdm import tqdm
+
+from sparsejax import errors
+from sparsejax.errors import RunDirBusyError
+
+__all__ = [
+    "METRIC_FIELDS", "STATUSES", "TIMING_FIELDS", "MetricsLog", "NullLog", "Progress", "RunDir",
+    "PathLike", "RunDirBusyError", "RunLock", "RunStatus", "SweepDir", "WorkerRecord",
+    "lock_owner", "number", "read_json", "read_metrics", "run_status", "write_json",
+]
 
 METRIC_FIELDS = (
     "step", "tokens", "train_loss", "val_loss", "val_loss_se", "lr", "sparsity",
@@ -29,7 +56,7 @@ METRIC_FIELDS = (
 )
 TIMING_FIELDS = ("step_time_s", "tokens_per_s", "wall_time_s")
 STATUSES = ("running", "completed", "failed", "diverged", "interrupted")
-LOCK_FILE = "lock"
+PathLike = str | os.PathLike  # a path, or a RunDir / SweepDir
 
 
 def _clean(value: Any) -> Any:
@@ -48,9 +75,9 @@ def number(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def write_json(path: Path, obj: dict[str, Any]) -> None:
+def write_json(path: PathLike, obj: dict[str, Any]) -> None:
     """Write atomically (temp file + rename) so a kill never leaves half a file."""
-    _write_atomic(path, json.dumps(_clean(obj), indent=2, sort_keys=True, allow_nan=False))
+    _write_atomic(Path(path), json.dumps(_clean(obj), indent=2, sort_keys=True, allow_nan=False))
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -62,31 +89,306 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    """The object in ``path``, or ``None`` when the file does not exist."""
-    return json.loads(path.read_text()) if path.exists() else None
+def read_json(path: PathLike) -> dict[str, Any] | None:
+    """The object in ``path``, or ``None`` when the file does not exist; :class:`InputError
+    <sparsejax.errors.InputError>` naming the file when it is not a JSON object."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise errors.InputError(f"{path} is not valid JSON ({err}); restore or delete it"
+                                ) from None
+    if not isinstance(obj, dict):
+        raise errors.InputError(f"{path} holds a JSON {type(obj).__name__}, not an object")
+    return obj
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of ``run_dir/metrics.jsonl`` (a torn last line is ignored)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
+class RunStatus(NamedTuple):
+    """What a run dir's files say about the run (:meth:`RunDir.status`)."""
+
+    status: str  # one of STATUSES, or "unknown" (no summary.json)
+    step: int | None  # the latest logged step; an interrupted run's last checkpoint
+    loss: float | None  # the latest val_loss, else train_loss
+    wall_time_s: float | None
+
+
+class WorkerRecord(NamedTuple):
+    """``worker.json``: what a sweep worker process recorded when it ended."""
+
+    exit: int  # its exit status: 0 completed, 130 interrupted, else failed (errors.*.exit_code)
+    wall_s: float | None = None  # the process's wall seconds
+    cpu_s: float | None = None  # its user + system CPU seconds
+    cores: list[int] | None = None  # the CPUs it ran on
+    pid: int | None = None
+    error_type: str | None = None  # the class name of the exception that failed the run
+    error: str | None = None  # its message, on one line
+
+    def reason(self) -> str | None:
+        """``"ErrorType: message"`` (or the message alone), ``None`` when nothing failed."""
+        if self.error is None:
+            return None
+        return self.error if self.error_type is None else f"{self.error_type}: {self.error}"
+
+
+class _In:
+    """A file or folder of a run (or sweep) dir: on an instance, ``instance.path / name``."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, instance: RunDir | SweepDir, owner: type | None = None) -> Path:
+        return instance.path / self.name
+
+
+class _Folder:
+    """A folder given by its path; ``os.PathLike`` (``Path(folder)`` and ``open``-style APIs
+    take it) and ``str(folder)`` is its path."""
+
+    path: Path
+    KIND: ClassVar[str] = "folder"
+
+    def __init__(self, path: PathLike):
+        object.__setattr__(self, "path", Path(path))
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def check_usable(self) -> None:
+        """:class:`InputError <sparsejax.errors.InputError>` naming the path when it (or its
+        nearest existing parent) is not a folder, so it cannot be, or become, one."""
+        existing = next((p for p in (self.path, *self.path.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            what = "it" if existing == self.path else str(existing)
+            raise errors.InputError(f"{self.path} cannot be a {self.KIND}: {what} is not a "
+                                    "folder; use another --workdir")
+
+    def create(self) -> Self:
+        """Make the folder (and its parents), :meth:`check_usable` first; returns ``self``."""
+        self.check_usable()
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class RunDir(_Folder):
+    """A run directory (``RunDir("runs/x")``): every file name in it, and its files' IO."""
+
+    path: Path
+    KIND: ClassVar[str] = "run dir"
+
+    CONFIG: ClassVar[str] = "config.json"
+    METRICS: ClassVar[str] = "metrics.jsonl"
+    SUMMARY: ClassVar[str] = "summary.json"
+    WORKER: ClassVar[str] = "worker.json"
+    WORKER_LOG: ClassVar[str] = "worker.log"
+    LOCK: ClassVar[str] = "lock"
+    CHECKPOINTS: ClassVar[str] = "checkpoints"
+    DAMAGED_CHECKPOINTS: ClassVar[str] = "damaged_checkpoints"
+    WANDB_ID: ClassVar[str] = "wandb_id"
+    ONESHOT: ClassVar[str] = "oneshot.json"
+    ONESHOT_PLOT: ClassVar[str] = "oneshot.png"
+    EXPORT: ClassVar[str] = "export"
+    NAMES: ClassVar[tuple[str, ...]] = (
+        CONFIG, METRICS, SUMMARY, WORKER, WORKER_LOG, LOCK, CHECKPOINTS, DAMAGED_CHECKPOINTS,
+        WANDB_ID, ONESHOT, ONESHOT_PLOT, EXPORT)
+
+    # -- paths (each ``self.path / NAME``) ---------------------------------------------------
+    config_file = _In(CONFIG)
+    metrics_file = _In(METRICS)
+    summary_file = _In(SUMMARY)
+    worker_file = _In(WORKER)
+    worker_log = _In(WORKER_LOG)
+    lock_file = _In(LOCK)
+    checkpoints = _In(CHECKPOINTS)  # orbax: one folder per step, named by the step
+    damaged_checkpoints = _In(DAMAGED_CHECKPOINTS)
+    wandb_id_file = _In(WANDB_ID)
+    oneshot_file = _In(ONESHOT)
+    oneshot_plot = _In(ONESHOT_PLOT)
+    export_dir = _In(EXPORT)
+
+    def has_summary(self) -> bool:
+        """Whether it holds a ``summary.json`` (a run trained, or is training, here)."""
+        return self.summary_file.is_file()
+
+    # -- config.json, summary.json, worker.json, wandb_id ------------------------------------
+    def read_config(self) -> dict[str, Any] | None:
+        """The stored config as a plain dict, ``None`` when there is none."""
+        return read_json(self.config_file)
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        write_json(self.config_file, config)
+
+    def read_summary(self) -> dict[str, Any] | None:
+        return read_json(self.summary_file)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json(self.summary_file, summary)
+
+    def read_worker(self) -> WorkerRecord | None:
+        """The sweep worker's record, ``None`` when there is none (or the file holds no
+        worker record)."""
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return out
+            obj = read_json(self.worker_file)
+        except errors.InputError:
+            return None
+        if obj is None or not isinstance(obj.get("exit"), int):
+            return None
+        return WorkerRecord(**{k: obj.get(k) for k in WorkerRecord._fields})
+
+    def write_worker(self, record: WorkerRecord) -> None:
+        write_json(self.worker_file, record._asdict())
+
+    def clear_worker(self) -> None:
+        """Remove the previous worker's record (before a new worker starts)."""
+        self.worker_file.unlink(missing_ok=True)
+
+    def read_wandb_id(self) -> str | None:
+        try:
+            return self.wandb_id_file.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def write_wandb_id(self, run_id: str) -> None:
+        self.wandb_id_file.write_text(run_id)
+
+    # -- metrics.jsonl -----------------------------------------------------------------------
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """All records of ``metrics.jsonl`` (a torn last line is ignored)."""
+        try:
+            text = self.metrics_file.read_text()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in text.splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        return out
+
+    def last_logged_step(self) -> int:
+        """The last logged step (read from the tail of ``metrics.jsonl``), 0 when none."""
+        try:
+            with self.metrics_file.open("rb") as f:
+                f.seek(max(0, self.metrics_file.stat().st_size - 4096))
+                lines = f.read().decode(errors="replace").splitlines()
+        except FileNotFoundError:
+            return 0
+        for line in reversed(lines):
+            try:
+                return int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                continue
+        return 0
+
+    def metrics_log(self, *, resume_step: int) -> MetricsLog:
+        return MetricsLog(self, resume_step=resume_step)
+
+    # -- lock, checkpoints, status -----------------------------------------------------------
+    def lock(self) -> RunLock:
+        return RunLock(self)
+
+    def lock_owner(self) -> int | None:
+        return lock_owner(self)
+
+    def checkpoint_steps(self) -> list[int]:
+        """The committed checkpoint steps, ascending: the step folders orbax finalized (named
+        by the step; one in progress is named ``STEP.orbax-checkpoint-tmp-...``)."""
+        try:
+            return sorted(int(p.name) for p in self.checkpoints.iterdir()
+                          if p.name.isdigit() and p.is_dir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def latest_checkpoint_step(self) -> int | None:
+        steps = self.checkpoint_steps()
+        return steps[-1] if steps else None
+
+    def status(self) -> RunStatus:
+        """What the files say: status, step, loss, wall time. A ``running`` run whose process
+        is gone reads as ``interrupted`` at its last checkpoint (the step the same command
+        resumes from)."""
+        summary = self.read_summary() or {}
+        records = self.read_metrics()
+        last = records[-1] if records else {}
+        status = summary.get("status", "unknown")
+        step = summary.get("step", last.get("step"))
+        if status == "running":
+            if self.lock_owner() is None:
+                status, step = "interrupted", self.latest_checkpoint_step() or 0
+            else:
+                step = last.get("step", step)
+        loss = summary.get("val_loss", last.get("val_loss"))
+        if loss is None:
+            loss = summary.get("train_loss", last.get("train_loss"))
+        wall = summary.get("wall_time_s", last.get("wall_time_s"))
+        return RunStatus(status, step, number(loss), number(wall))
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class SweepDir(_Folder):
+    """A folder of run dirs: a sweep (``sweep.json``, its ``lock``) or a soup (``soup.json``)."""
+
+    path: Path
+    KIND: ClassVar[str] = "sweep dir"
+
+    SWEEP: ClassVar[str] = "sweep.json"
+    SOUP: ClassVar[str] = "soup.json"
+    NAMES: ClassVar[tuple[str, ...]] = (SWEEP, SOUP)
+
+    sweep_file = _In(SWEEP)
+    soup_file = _In(SOUP)
+
+    def run(self, name: str) -> RunDir:
+        return RunDir(self.path / name)
+
+    def runs(self) -> list[RunDir]:
+        """Its run dirs (sub-folders holding a ``summary.json``), by name."""
+        return sorted((RunDir(p) for p in self.path.iterdir() if RunDir(p).has_summary()),
+                      key=lambda r: r.name)
+
+    def lock(self) -> RunLock:
+        return RunLock(self.path)
+
+    def lock_owner(self) -> int | None:
+        return lock_owner(self.path)
+
+    def read_sweep(self) -> dict[str, Any] | None:
+        return read_json(self.sweep_file)
+
+    def write_sweep(self, book: dict[str, Any]) -> None:
+        write_json(self.sweep_file, book)
+
+    def write_soup(self, result: dict[str, Any]) -> None:
+        write_json(self.soup_file, result)
+
+
+def read_metrics(run_dir: PathLike) -> list[dict[str, Any]]:
+    """All records of ``run_dir``'s ``metrics.jsonl`` (:meth:`RunDir.read_metrics`)."""
+    return RunDir(run_dir).read_metrics()
+
+
+def run_status(run_dir: PathLike) -> RunStatus:
+    """:meth:`RunDir.status` of ``run_dir``."""
+    return RunDir(run_dir).status()
 
 
 class MetricsLog:
     """Append-only ``metrics.jsonl`` writer; opening it drops records past ``resume_step``."""
 
-    def __init__(self, run_dir: Path, *, resume_step: int):
-        self.path = run_dir / "metrics.jsonl"
-        kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= resume_step]
+    def __init__(self, run_dir: PathLike, *, resume_step: int):
+        run = RunDir(run_dir)
+        self.path = run.metrics_file
+        kept = [r for r in run.read_metrics() if r.get("step", 0) <= resume_step]
         _write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file: TextIO = self.path.open("a")
 
@@ -127,20 +429,16 @@ class Progress:
         self._bar.close()
 
 
-class RunDirBusyError(RuntimeError):
-    """Another live process trains in the run dir."""
-
-
 class RunLock:
-    """An exclusive lock on a run dir (``RUN_DIR/lock``, holding the owner's PID).
+    """An exclusive lock on a run dir or sweep dir (its ``lock`` file, holding the owner's PID).
 
     ``flock`` is released by the kernel when its process dies, so a lock file left by a killed
     process is taken over; one held by a live process raises :class:`RunDirBusyError` naming
     its PID.
     """
 
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / LOCK_FILE
+    def __init__(self, run_dir: PathLike):
+        self.path = RunDir(run_dir).lock_file
         self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
@@ -173,37 +471,13 @@ class RunLock:
             self._fd = None
 
 
-def lock_owner(run_dir: Path) -> int | None:
+def lock_owner(run_dir: PathLike) -> int | None:
     """The PID of the live process holding ``run_dir``'s lock, or ``None``."""
     try:
-        pid = int((Path(run_dir) / LOCK_FILE).read_text().strip())
+        pid = int(RunDir(run_dir).lock_file.read_text().strip())
         os.kill(pid, 0)
     except (FileNotFoundError, ValueError, ProcessLookupError):
         return None
     except PermissionError:  # alive, owned by another user
         pass
     return pid
-
-
-def run_status(run_dir: Path) -> dict[str, Any]:
-    """What a run dir's files say: status, step, loss, wall time.
-
-    A ``running`` run whose process is gone reads as ``interrupted`` at its last checkpoint
-    (the step the same command resumes from)."""
-    from sparsejax.run import checkpoint
-
-    summary = read_json(run_dir / "summary.json") or {}
-    records = read_metrics(run_dir)
-    last = records[-1] if records else {}
-    status = summary.get("status", "unknown")
-    step = summary.get("step", last.get("step"))
-    if status == "running":
-        if lock_owner(run_dir) is None:
-            status, step = "interrupted", checkpoint.latest_step(run_dir) or 0
-        else:
-            step = last.get("step", step)
-    loss = summary.get("val_loss", last.get("val_loss"))
-    if loss is None:
-        loss = summary.get("train_loss", last.get("train_loss"))
-    wall = summary.get("wall_time_s", last.get("wall_time_s"))
-    return {"status": status, "step": step, "loss": number(loss), "wall_time_s": number(wall)}

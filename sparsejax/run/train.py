@@ -29,6 +29,7 @@ from sparsejax import checks
 from sparsejax.errors import ConfigError, ExactnessError, InputError
 from sparsejax.run import accounting, checkpoint, configlib, data, distributed, evaluation, rundir
 from sparsejax.run.build import Experiment
+from sparsejax.run.rundir import RunDir
 from sparsejax.run.spec import RunSpec
 from sparsejax.run.step import (
     TrainState,
@@ -48,25 +49,22 @@ from sparsejax.state import (
 from sparsejax.state import sparsity_stats as _sparsity_stats
 
 
-def _check_config_matches(run_dir: Path, config: dict[str, Any] | None) -> None:
-    path = run_dir / "config.json"
-    if config is None:
-        return
-    if path.exists():
-        diff = configlib.differing_keys(json.loads(path.read_text()),
-                                        json.loads(json.dumps(config)))
-        if diff:  # logging and placement keys (wandb.*, mesh.*) may change on resume
-            raise InputError(
-                f"workdir {run_dir} holds a run with a different config (keys {diff}); "
-                "use a new --workdir or the same config to resume"
-            )
-    elif any((run_dir / checkpoint.CHECKPOINT_DIR).glob("*")):
+def _check_config_matches(run: RunDir, config: dict[str, Any]) -> None:
+    """Write ``config`` into a new run dir, or check that it is the one the run dir holds
+    (logging and placement keys, ``wandb.*`` and ``mesh.*``, may change on resume)."""
+    old = run.read_config()
+    if old is not None:
+        diff = configlib.differing_keys(old, json.loads(json.dumps(config)))
+        if diff:
+            raise ConfigError(
+                f"workdir {run} holds a run with a different config (keys {diff}); use a new "
+                "--workdir or the same config to resume")
+    elif run.checkpoint_steps():
         raise InputError(
-            f"workdir {run_dir} holds checkpoints but no config.json, so it cannot tell "
-            "whether they belong to this config; restore config.json or use a new --workdir"
-        )
+            f"workdir {run} holds checkpoints but no {RunDir.CONFIG}, so it cannot tell whether "
+            f"they belong to this config; restore {run.config_file} or use a new --workdir")
     else:
-        rundir.write_json(path, config)
+        run.write_config(config)
 
 
 class _DeferredInterrupt:
@@ -130,32 +128,31 @@ def run(spec: RunSpec, exp: Experiment, workdir: str | Path, *,
     finite, with status ``diverged``; ``KeyboardInterrupt`` leaves status ``interrupted`` at
     the last checkpoint's step and propagates. ``wall_time_s`` adds up over resumptions.
     """
-    run_dir = Path(workdir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run = RunDir(workdir).create()
     if not distributed.is_main():  # process 0 holds the lock for the whole job
-        return _run(spec, exp, run_dir, mesh, progress)
-    with rundir.RunLock(run_dir):
-        return _run(spec, exp, run_dir, mesh, progress)
+        return _run(spec, exp, run, mesh, progress)
+    with run.lock():
+        return _run(spec, exp, run, mesh, progress)
 
 
-def _run(spec: RunSpec, exp: Experiment, run_dir: Path, mesh: jax.sharding.Mesh | None,
+def _run(spec: RunSpec, exp: Experiment, run: RunDir, mesh: jax.sharding.Mesh | None,
          progress: bool) -> dict[str, Any]:
     """:func:`run` holding the lock: check, set up, loop, summarize."""
     t_start = time.perf_counter()
     mesh = _check(spec, exp, mesh)
     main = distributed.is_main()
     if main:
-        _check_config_matches(run_dir, spec.to_dict())
+        _check_config_matches(run, spec.to_dict())
     distributed.sync("sparsejax-config")
-    previous = rundir.read_json(run_dir / "summary.json") or {}
+    previous = run.read_summary() or {}
     if previous.get("status") in ("completed", "diverged") and previous.get(
             "steps") == spec.train.steps:
         return previous  # finished: nothing to train, nothing rewritten
     wall_base = max([rundir.number(r.get("wall_time_s")) or 0.0
-                     for r in [previous, *rundir.read_metrics(run_dir)[-1:]]])
-    setup = _setup(spec, exp, run_dir, mesh)
+                     for r in [previous, *run.read_metrics()[-1:]]])
+    setup = _setup(spec, exp, run, mesh)
     clock = _Clock(t_start, wall_base)
-    out = _Outputs.open(spec, run_dir, setup, main, progress)
+    out = _Outputs.open(spec, run, setup, main, progress)
     record: dict[str, Any] = {}
     interrupt = _DeferredInterrupt()
     try:
@@ -177,7 +174,7 @@ def _run(spec: RunSpec, exp: Experiment, run_dir: Path, mesh: jax.sharding.Mesh 
         interrupt.restore()
         out.close()
         setup.mngr.close()
-    return _finish(run_dir, out, record, diverged_at, setup.start, clock)
+    return _finish(run, out, record, diverged_at, setup.start, clock)
 
 
 def _check(spec: RunSpec, exp: Experiment, mesh: jax.sharding.Mesh | None
@@ -217,7 +214,7 @@ class _Setup(NamedTuple):
     mngr: Any  # orbax CheckpointManager
 
 
-def _setup(spec: RunSpec, exp: Experiment, run_dir: Path, mesh: jax.sharding.Mesh) -> _Setup:
+def _setup(spec: RunSpec, exp: Experiment, run: RunDir, mesh: jax.sharding.Mesh) -> _Setup:
     """Split the model, initialise (or restore) the sharded state, compile the steps."""
     graphdef, params_state, rest = nnx.split(exp.model, nnx.Param, ...)
     params_def = jax.tree_util.tree_structure(params_state)
@@ -233,7 +230,7 @@ def _setup(spec: RunSpec, exp: Experiment, run_dir: Path, mesh: jax.sharding.Mes
         counts = accounting.structural_stats(exp.model, params)
     del params
     keep = spec.checkpoint.keep
-    restored = checkpoint.restore_newest(run_dir, state, keep=keep)
+    restored = checkpoint.restore_newest(run, state, keep=keep)
     if restored is not None:
         state = TrainState(*restored[0])
     distributed.sync("sparsejax-restored")  # all looked for checkpoints before any creates one
@@ -255,7 +252,7 @@ def _setup(spec: RunSpec, exp: Experiment, run_dir: Path, mesh: jax.sharding.Mes
         forward_weights=jax.jit(forward_params) if sparse else (lambda p, s: p),
         count_violations=jax.jit(lambda p, s: sum(jax.tree_util.tree_leaves(check(p, s)))),
         val=val, final_val=final_val, batch_sh=batch_sh, loss_aux=loss_aux,
-        mngr=checkpoint.manager(run_dir, keep=keep))
+        mngr=checkpoint.manager(run, keep=keep))
 
 
 def _init_state(tx: optax.GradientTransformation, sparse: bool, seed: int, params: Any
@@ -298,30 +295,30 @@ class _Outputs:
     """Where a run reports: ``metrics.jsonl``, ``summary.json``, the progress bar and wandb
     (process 0 only; other processes of a multi-process job write nothing)."""
 
-    def __init__(self, run_dir: Path, main: bool, log: Any, bar: rundir.Progress, wb: Any,
+    def __init__(self, run: RunDir, main: bool, log: Any, bar: rundir.Progress, wb: Any,
                  summary_base: dict[str, Any]):
-        self.run_dir, self.main, self.log, self.bar, self.wb = run_dir, main, log, bar, wb
+        self.run, self.main, self.log, self.bar, self.wb = run, main, log, bar, wb
         self.summary_base = summary_base
         self.last_record: dict[str, Any] = {}  # the latest logged record of this process
 
     @classmethod
-    def open(cls, spec: RunSpec, run_dir: Path, setup: _Setup, main: bool, progress: bool
+    def open(cls, spec: RunSpec, run: RunDir, setup: _Setup, main: bool, progress: bool
              ) -> _Outputs:
         t, fv = spec.train, setup.final_val
         base = {"n_params": setup.counts.n_params, "n_prunable": setup.counts.n_prunable,
                 "steps": t.steps, "batch_size": t.batch_size, "seq_len": t.seq_len,
                 "eval_seed": spec.eval.seed, "eval_sequences": fv.xs.shape[0] * fv.xs.shape[1],
                 "eval_sha256": fv.sha256}
-        log = rundir.MetricsLog(run_dir, resume_step=setup.start) if main else rundir.NullLog()
+        log = run.metrics_log(resume_step=setup.start) if main else rundir.NullLog()
         bar = rundir.Progress(t.steps, initial=setup.start, enabled=progress and main)
-        wb = _wandb_start(spec.wandb.to_dict(), run_dir, spec.to_dict()) if main else None
-        out = cls(run_dir, main, log, bar, wb, base)
+        wb = _wandb_start(spec.wandb.to_dict(), run, spec.to_dict()) if main else None
+        out = cls(run, main, log, bar, wb, base)
         out.write_summary({"status": "running", "step": setup.start})
         return out
 
     def write_summary(self, fields: dict[str, Any]) -> None:
         if self.main:
-            rundir.write_json(self.run_dir / "summary.json", {**self.summary_base, **fields})
+            self.run.write_summary({**self.summary_base, **fields})
 
     def record(self, record: dict[str, Any]) -> None:
         self.last_record = record
@@ -427,14 +424,14 @@ def _reset_loss_window(state: TrainState) -> TrainState:
         loss_count=distributed.put(np.zeros((), np.int32), state.loss_count.sharding))
 
 
-def _finish(run_dir: Path, out: _Outputs, record: dict[str, Any], diverged_at: int | None,
+def _finish(run: RunDir, out: _Outputs, record: dict[str, Any], diverged_at: int | None,
             start: int, clock: _Clock) -> dict[str, Any]:
     """Write and return the final summary (a resumed finished run reports its last record)."""
     if not record:
-        records = rundir.read_metrics(run_dir)
+        records = run.read_metrics()
         if not records:
-            raise InputError(f"{run_dir} holds its final checkpoint but metrics.jsonl has no "
-                             "record to summarize; restore metrics.jsonl or use a new workdir")
+            raise InputError(f"{run} holds its final checkpoint but {run.metrics_file} has no "
+                             "record to summarize; restore it or use a new workdir")
         record = records[-1]
     summary = {**out.summary_base, **record,
                "status": "completed" if diverged_at is None else "diverged",
@@ -446,16 +443,15 @@ def _finish(run_dir: Path, out: _Outputs, record: dict[str, Any], diverged_at: i
     return {**out.summary_base, **summary}
 
 
-def _wandb_start(cfg: dict[str, Any] | None, run_dir: Path, config: dict[str, Any] | None):
+def _wandb_start(cfg: dict[str, Any] | None, run: RunDir, config: dict[str, Any] | None):
     """Start wandb when enabled (default offline: no network unless mode='online')."""
     if not cfg or not cfg.get("enabled"):
         return None
     import wandb  # imported lazily: heavy, and unused unless enabled
 
-    id_file = run_dir / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
-    id_file.write_text(run_id)
+    run_id = run.read_wandb_id() or uuid.uuid4().hex[:12]
+    run.write_wandb_id(run_id)
     return wandb.init(project=cfg.get("project", "sparsejax"), mode=cfg.get("mode", "offline"),
-                      name=cfg.get("name") or run_dir.name, group=cfg.get("group") or None,
-                      dir=str(run_dir), id=run_id,
+                      name=cfg.get("name") or run.name, group=cfg.get("group") or None,
+                      dir=str(run), id=run_id,
                       resume="allow", config=config)

@@ -8,7 +8,6 @@ sweep and keeps ``sweep.json``; :mod:`~sparsejax.sweep.worker` is one run's proc
 
 from sparsejax.sweep.executors import (
     THREAD_ENV,
-    WORKER_LOG,
     Executor,
     Handle,
     LocalExecutor,
@@ -16,11 +15,10 @@ from sparsejax.sweep.executors import (
     core_slots,
     worker_env,
 )
-from sparsejax.sweep.launcher import SWEEP_FILE, launch, make_executor
+from sparsejax.sweep.launcher import launch, make_executor
 from sparsejax.sweep.plan import Run, configs, load_recipe, plan, run_name
 
 __all__ = [
-    "SWEEP_FILE", "THREAD_ENV", "WORKER_LOG", "Executor", "Handle", "LocalExecutor", "Run",
-    "check_backend", "configs", "core_slots", "launch", "load_recipe", "make_executor", "plan",
-    "run_name", "worker_env",
+    "THREAD_ENV", "Executor", "Handle", "LocalExecutor", "Run", "check_backend", "configs",
+    "core_slots", "launch", "load_recipe", "make_executor", "plan", "run_name", "worker_env",
 ]

@@ -11,10 +11,9 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from sparsejax import errors
+from sparsejax.run.rundir import RunDir
 from sparsejax.sweep.plan import Run
-
-WORKER_LOG = "worker.log"
-
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
 
@@ -23,7 +22,7 @@ def core_slots(parallel: int, cores: list[int] | None = None) -> list[list[int]]
     """Split the usable cores into ``parallel`` disjoint, equal slots (a process per slot);
     with more processes than cores, slots share cores round-robin, one core each."""
     if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
-        raise ValueError(f"--parallel must be an int >= 1, got {parallel!r}")
+        raise errors.InputError(f"--parallel must be an int >= 1, got {parallel!r}")
     cores = sorted(os.sched_getaffinity(0)) if cores is None else sorted(cores)
     share = len(cores) // parallel
     if share == 0:
@@ -56,13 +55,15 @@ def worker_env(n_threads: int | None, base: dict[str, str] | None = None, *,
 
 
 def start_worker(run: Run, run_dir: Path, cores: list[int] | None, n_threads: int | None,
-           parallel: int) -> subprocess.Popen:
-    run_dir.mkdir(parents=True, exist_ok=True)
+                 parallel: int) -> subprocess.Popen:
+    """Start ``python -m sparsejax.sweep.worker RUN_DIR`` (the config on its stdin), its output
+    appended to the run dir's worker log."""
+    rd = RunDir(run_dir).create()
     argv = [sys.executable, "-m", "sparsejax.sweep.worker", str(run_dir),
             "--parent", str(os.getpid())]
     if cores is not None:
         argv += ["--cores", ",".join(map(str, cores))]
-    with (run_dir / WORKER_LOG).open("a") as log:
+    with rd.worker_log.open("a") as log:
         log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {run.action} {run.name}\n")
         log.flush()
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
@@ -118,14 +119,15 @@ BACKENDS = ("local", "ray")
 
 
 def check_backend(backend: str, parallel: int | None, address: str | None) -> None:
-    """``ValueError`` naming the flag for a backend/flag combination that cannot work."""
+    """:class:`~sparsejax.errors.InputError` naming the flag for a backend/flag combination
+    that cannot work."""
     if backend not in BACKENDS:
-        raise ValueError(f"--backend must be one of {BACKENDS}, got {backend!r}")
+        raise errors.InputError(f"--backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "local":
         if address is not None:
-            raise ValueError("--address is for --backend ray (the Ray cluster to use)")
+            raise errors.InputError("--address is for --backend ray (the Ray cluster to use)")
         core_slots(1 if parallel is None else parallel)  # checks --parallel
     elif parallel is not None:
-        raise ValueError("--parallel is for --backend local; Ray runs as many runs at once as "
-                         "the cluster's resources allow (resources.cpus / resources.gpus of "
-                         "each run's config)")
+        raise errors.InputError("--parallel is for --backend local; Ray runs as many runs at "
+                                "once as the cluster's resources allow (resources.cpus / "
+                                "resources.gpus of each run's config)")

@@ -24,7 +24,6 @@ planning, resuming and ``sweep.json`` bookkeeping here; the local backend never 
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -32,46 +31,21 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from sparsejax import errors
 from sparsejax.run import rundir
-from sparsejax.sweep.executors import (
-    WORKER_LOG,
-    Executor,
-    Handle,
-    LocalExecutor,
-    check_backend,
-)
+from sparsejax.run.rundir import RunDir, SweepDir
+from sparsejax.sweep.executors import Executor, Handle, LocalExecutor, check_backend
 from sparsejax.sweep.plan import FINISHED, Run, plan
 
-SWEEP_FILE = "sweep.json"
 POLL_S = 0.5
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 class SweepFile:
     """``sweep.json``: one entry per run ever planned in the sweep dir, merged, never wiped."""
 
     def __init__(self, sweep_dir: Path, recipe: str):
-        self.path = sweep_dir / SWEEP_FILE
-        old = rundir.read_json(self.path) or {}
+        self.sweep = SweepDir(sweep_dir)
+        old = self.sweep.read_sweep() or {}
         self.entries: dict[str, dict[str, Any]] = {
             e["name"]: e for e in old.get("runs", []) if isinstance(e, dict) and "name" in e}
         self.recipe = recipe
@@ -81,48 +55,32 @@ class SweepFile:
         entry.update(fields)
         if fields.get("status") not in ("failed", "interrupted"):
             entry.pop("reason", None)
-        rundir.write_json(self.path, {"recipe": self.recipe, "runs": list(self.entries.values())})
+        self.sweep.write_sweep({"recipe": self.recipe, "runs": list(self.entries.values())})
         return entry
 
 
-def _summary_fields(run_dir: Path) -> dict[str, Any]:
-    s = rundir.read_json(run_dir / "summary.json") or {}
-    w = rundir.read_json(run_dir / "worker.json") or {}
+def _summary_fields(run: RunDir) -> dict[str, Any]:
+    s = run.read_summary() or {}
+    w = run.read_worker()
     return {"status": s.get("status", "unknown"), "final_val_loss": s.get("final_val_loss"),
             "val_loss_se": s.get("val_loss_se"), "wall_time_s": s.get("wall_time_s"),
-            "step": s.get("step"), "process_wall_s": w.get("wall_s"), "cpu_s": w.get("cpu_s")}
+            "step": s.get("step"), "process_wall_s": w and w.wall_s, "cpu_s": w and w.cpu_s}
 
 
-def _last_step(run_dir: Path) -> int:
-    """The last logged step (the tail of ``metrics.jsonl``), 0 when none."""
-    path = run_dir / "metrics.jsonl"
-    try:
-        with path.open("rb") as f:
-            f.seek(max(0, path.stat().st_size - 4096))
-            lines = f.read().decode(errors="replace").splitlines()
-    except FileNotFoundError:
-        return 0
-    for line in reversed(lines):
-        try:
-            return int(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):
-            continue
-    return 0
-
-
-def _failure_reason(log_path: Path, returncode: int) -> str:
-    if returncode < 0:
+def failure_reason(run: RunDir, returncode: int) -> str:
+    """Why a run's worker did not complete: the error its record names
+    (:class:`~sparsejax.run.rundir.WorkerRecord`, ``"ErrorType: message"``), else its signal
+    or exit status."""
+    if returncode < 0:  # killed: whatever record there is belongs to no one
         return f"killed by signal {signal.Signals(-returncode).name}"
-    try:
-        lines = log_path.read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        lines = []
-    for line in reversed(lines):
-        if line.startswith("sparsejax: error: "):
-            return line.removeprefix("sparsejax: error: ")
-        if line.startswith("sparsejax: interrupted"):
-            return "interrupted (SIGINT); the next launch resumes it"
-    return f"exit status {returncode} (see {log_path})"
+    record = run.read_worker()
+    if record is None:
+        return f"exit status {returncode}; the worker left no record (see {run.worker_log})"
+    if record.reason() is not None:
+        return record.reason()
+    if record.exit == errors.EXIT_INTERRUPTED:
+        return "interrupted (SIGINT); the next launch resumes it"
+    return f"exit status {record.exit} (see {run.worker_log})"
 
 
 def _fmt_time(seconds: float) -> str:
@@ -147,8 +105,8 @@ class Progress:
         self.done_cost = 0.0  # cost of the runs finished this launch
 
     def line(self, running: list[tuple[Run, Path]]) -> str:
-        partial = sum(max(0, _last_step(d) - r.done_steps) / r.config.train.steps * r.cost
-                      for r, d in running)
+        partial = sum(max(0, RunDir(d).last_logged_step() - r.done_steps)
+                      / r.config.train.steps * r.cost for r, d in running)
         done = self.done_cost + partial
         elapsed = time.monotonic() - self.t0
         frac = min(1.0, done / self.total) if self.total else 1.0
@@ -177,25 +135,11 @@ class Progress:
             self.stream.flush()
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def make_executor(backend: str = "local", *, parallel: int | None = None,
                   address: str | None = None) -> Executor:
     """``"local"`` (``parallel`` processes, default 1) or ``"ray"`` (every run submitted as a
     Ray task with the resources of its config; on the cluster at ``address``, or on a local
-    one started for the sweep); ``ValueError`` for anything else."""
+    one started for the sweep); :class:`~sparsejax.errors.InputError` for anything else."""
     check_backend(backend, parallel, address)
     if backend == "local":
         return LocalExecutor(1 if parallel is None else parallel)
@@ -226,10 +170,10 @@ def launch(recipe: str, sweep_dir: str | Path, *, extra: dict[str, Any] | None =
     ``status``, ``final_val_loss``, ``val_loss_se``, ``wall_time_s``, ``reason``).
 
     Finished-run lines and the progress line go to ``stream`` (default stderr). A run that
-    fails is marked ``failed`` with the reason (the last ``sparsejax: error:`` line of its
-    ``worker.log``) and the others go on. ``KeyboardInterrupt`` forwards SIGINT to the running
-    workers (they stop at the next step boundary and keep their checkpoints), marks them
-    ``interrupted`` and propagates.
+    fails is marked ``failed`` with the reason (:func:`failure_reason`: the error its worker
+    recorded in ``worker.json``) and the others go on. ``KeyboardInterrupt`` forwards SIGINT
+    to the running workers (they stop at the next step boundary and keep their checkpoints),
+    marks them ``interrupted`` and propagates.
 
     ``backend``/``parallel``/``address``: see :func:`make_executor`; ``executor`` replaces
     them (tests pass their own)."""
@@ -243,11 +187,11 @@ def launch(recipe: str, sweep_dir: str | Path, *, extra: dict[str, Any] | None =
     stream = sys.stderr if stream is None else stream
     sweep_dir.mkdir(parents=True, exist_ok=True)
     try:
-        lock = rundir.RunLock(sweep_dir).__enter__()
-    except rundir.RunDirBusyError:
-        raise rundir.RunDirBusyError(
+        lock = SweepDir(sweep_dir).lock().__enter__()
+    except errors.RunDirBusyError:
+        raise errors.RunDirBusyError(
             f"sweep dir {sweep_dir} is in use by another sweep (process "
-            f"{rundir.lock_owner(sweep_dir)}); wait for it to end or stop it") from None
+            f"{SweepDir(sweep_dir).lock_owner()}); wait for it to end or stop it") from None
     try:
         if executor is None:
             executor = make_executor(backend, parallel=parallel, address=address)
@@ -264,7 +208,7 @@ def _execute(runs: list[Run], sweep_dir: Path, book: SweepFile, executor: Execut
              bar: Progress) -> list[dict[str, Any]]:
     entries: dict[str, dict[str, Any]] = {}
     for r in runs:
-        fields = _summary_fields(sweep_dir / r.name) if r.action == "skip" else {
+        fields = _summary_fields(RunDir(sweep_dir / r.name)) if r.action == "skip" else {
             "status": "pending"}
         entries[r.name] = book.update(r.name, overrides=r.overrides, action=r.action, **fields)
     # longest first (by remaining expected cost): the shortest makespan on parallel slots
@@ -279,6 +223,7 @@ def _execute(runs: list[Run], sweep_dir: Path, book: SweepFile, executor: Execut
         while pending and free:
             slot = free.pop(0)
             r = pending.pop(0)
+            RunDir(sweep_dir / r.name).clear_worker()  # the record read at its end is its own
             proc = executor.start(r, sweep_dir / r.name, slot)
             running[slot] = (r, proc, time.monotonic())
             book.update(r.name, status="running")
@@ -297,14 +242,14 @@ def _execute(runs: list[Run], sweep_dir: Path, book: SweepFile, executor: Execut
                 del running[slot]
                 free.append(slot)
                 wall = time.monotonic() - t0
-                fields = _summary_fields(sweep_dir / r.name)
+                run = RunDir(sweep_dir / r.name)
+                fields = _summary_fields(run)
                 reason = None
                 if proc.returncode != 0 or fields["status"] not in FINISHED:
                     if fields["status"] not in ("diverged", "interrupted"):
                         fields["status"] = "failed"  # whatever the run dir says
                     if fields["status"] != "diverged":
-                        reason = _failure_reason(sweep_dir / r.name / WORKER_LOG,
-                                                 proc.returncode)
+                        reason = failure_reason(run, proc.returncode)
                 entries[r.name] = book.update(r.name, reason=reason, **fields)
                 bar.finished += 1
                 bar.failed += fields["status"] != "completed"
@@ -325,7 +270,7 @@ def _execute(runs: list[Run], sweep_dir: Path, book: SweepFile, executor: Execut
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            fields = _summary_fields(sweep_dir / r.name)
+            fields = _summary_fields(RunDir(sweep_dir / r.name))
             if fields["status"] not in FINISHED:  # it may have finished before the signal
                 fields["status"] = "interrupted"
             entries[r.name] = book.update(r.name, **fields)

@@ -13,7 +13,9 @@ from typing import Any, NamedTuple
 
 import ml_collections
 
-from sparsejax.run import accounting, build, checkpoint, configlib, experiment, rundir
+from sparsejax import errors
+from sparsejax.run import accounting, build, configlib, experiment
+from sparsejax.run.rundir import SweepDir
 
 FINISHED = ("completed", "diverged")  # rerunning gives the same result: skipped on relaunch
 
@@ -22,12 +24,12 @@ def load_recipe(path: str) -> tuple[Any, str | None]:
     """Import a recipe file given as ``FILE.py[:arg]``; returns ``(module, arg)``."""
     file, _, arg = path.partition(":")
     if not Path(file).is_file():
-        raise ValueError(f"config file {file!r} does not exist")
+        raise errors.MissingInputError(f"config file {file!r} does not exist")
     spec = importlib.util.spec_from_file_location(Path(file).stem, file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-        raise ValueError(f"{file} defines no get_config(arg)")
+        raise errors.InputError(f"{file} defines no get_config(arg)")
     return module, (arg or None)
 
 
@@ -53,7 +55,7 @@ def configs(recipe: str, extra: dict[str, Any] | None = None
     (:func:`sparsejax.run.experiment.check`) before any run starts."""
     module, arg = load_recipe(recipe)
     if not hasattr(module, "sweep"):
-        raise ValueError(f"{recipe}: the recipe defines no sweep(add)")
+        raise errors.InputError(f"{recipe}: the recipe defines no sweep(add)")
     out = []
     for overrides in expand(module.sweep):
         config = module.get_config(arg)
@@ -63,7 +65,7 @@ def configs(recipe: str, extra: dict[str, Any] | None = None
         out.append((run_name(overrides), overrides, config))
     names = [n for n, _, _ in out]
     if len(set(names)) != len(names):
-        raise ValueError(f"sweep of {recipe} lists duplicate runs: {names}")
+        raise errors.InputError(f"sweep of {recipe} lists duplicate runs: {names}")
     return out
 
 
@@ -103,47 +105,50 @@ def _config_change(old: dict[str, Any], new: dict[str, Any], keys: list[str]) ->
 def plan(recipe: str, sweep_dir: str | Path, *, extra: dict[str, Any] | None = None,
          only: str | None = None) -> list[Run]:
     """The runs of ``recipe`` (those whose name matches a glob of ``only``, comma-separated)
-    and what a launch
-    does with each. Raises ``ValueError`` naming every run whose ``config.json`` differs from
-    its resolved config (and the keys), and every run another process trains right now."""
-    sweep_dir = Path(sweep_dir)
+    and what a launch does with each. Raises :class:`~sparsejax.errors.InputError` naming every
+    run whose stored config differs from its resolved config (and the keys), and
+    :class:`~sparsejax.errors.RunDirBusyError` naming every run another process trains right
+    now."""
+    sweep = SweepDir(sweep_dir)
+    sweep_dir = sweep.path
     runs = configs(recipe, extra)
     if only is not None:  # comma-separated globs (run names hold no commas)
         globs = [g for g in only.split(",") if g]
         picked = [r for r in runs if any(fnmatch.fnmatchcase(r[0], g) for g in globs)]
         if not picked:
-            raise ValueError(f"--only {only!r} matches no run of {recipe} (runs: "
-                             f"{', '.join(n for n, _, _ in runs)})")
+            raise errors.InputError(f"--only {only!r} matches no run of {recipe} (runs: "
+                                    f"{', '.join(n for n, _, _ in runs)})")
         runs = picked
     out, changed, busy = [], [], []
     for name, overrides, config in runs:
         if not config.wandb.group:  # wandb runs of a sweep share a group
             config.wandb.group = sweep_dir.resolve().name
-        run_dir = sweep_dir / name
-        old = rundir.read_json(run_dir / "config.json")
+        run = sweep.run(name)
+        old = run.read_config()
         new = json.loads(json.dumps(config.to_dict()))
         if old is not None:
             keys = configlib.differing_keys(old, new)
             if keys:
                 changed.append(f"{name} ({_config_change(old, new, keys)})")
                 continue
-        if rundir.lock_owner(run_dir) is not None:
-            busy.append(f"{name} (process {rundir.lock_owner(run_dir)})")
-        summary = rundir.read_json(run_dir / "summary.json") or {}
+        owner = run.lock_owner()
+        if owner is not None:
+            busy.append(f"{name} (process {owner})")
+        summary = run.read_summary() or {}
         steps = config.train.steps
         if summary.get("status") in FINISHED and summary.get("steps") == steps:
             action, done = "skip", steps
         else:
-            done = checkpoint.latest_step(run_dir) or 0
+            done = run.latest_checkpoint_step() or 0
             action = "resume" if done else "run"
         out.append(Run(name, {**overrides, **(extra or {})}, config, action, done,
                        _cost(config)))
     if changed:
-        raise ValueError(
+        raise errors.InputError(
             f"sweep dir {sweep_dir}: the config of {len(changed)} run(s) differs from the one "
             f"they were trained with: {'; '.join(changed)}. Relaunch with the same recipe and "
             "overrides, use a new --workdir, or delete those run dirs")
     if busy:
-        raise ValueError(f"sweep dir {sweep_dir}: run(s) in use by another process: "
-                         f"{', '.join(busy)}; wait for them or stop them")
+        raise errors.RunDirBusyError(f"sweep dir {sweep_dir}: run(s) in use by another process: "
+                                     f"{', '.join(busy)}; wait for them or stop them")
     return out

@@ -32,10 +32,12 @@ from typing import Any
 
 import ray
 
-from sparsejax.sweep.executors import WORKER_LOG, start_worker
+from sparsejax import errors
+from sparsejax.run.rundir import RunDir, WorkerRecord
+from sparsejax.sweep.executors import start_worker
 from sparsejax.sweep.plan import Run
 
-CANCELLED = 130  # the exit status of a worker stopped by SIGINT
+CANCELLED = errors.EXIT_INTERRUPTED  # the exit status of a worker stopped by SIGINT
 POLL_S = 0.2
 
 
@@ -79,16 +81,16 @@ class RayHandle:
             return int(ray.get(self.ref))
         except ray.exceptions.TaskCancelledError:
             return CANCELLED
-        except ray.exceptions.RayError as e:  # the task itself failed: say why in its log
+        except ray.exceptions.RayError as e:  # the task itself failed: its record says why
             line = " ".join(str(e).split())[:500]
-            with (self.run_dir / WORKER_LOG).open("a") as log:
-                log.write(f"sparsejax: error: ray: {type(e).__name__}: {line}\n")
-            return 1
+            RunDir(self.run_dir).write_worker(WorkerRecord(
+                exit=errors.EXIT_RUN_FAILED, error_type=f"ray.{type(e).__name__}", error=line))
+            return errors.EXIT_RUN_FAILED
 
     def send_signal(self, sig: int) -> None:
         """SIGINT: cancel the task (its worker stops at the next step boundary)."""
         if sig != signal.SIGINT:
-            raise ValueError(f"a Ray run takes only SIGINT, got {sig}")
+            raise ValueError(f"a Ray run takes only SIGINT, got {sig}")  # a caller's bug
         ray.cancel(self.ref)
 
     def wait(self, timeout: float | None = None) -> int:
@@ -119,8 +121,8 @@ class RayExecutor:
             ray.init(address=address, log_to_driver=False, **init_kwargs)
 
     def check(self, runs: list[Run]) -> None:
-        """``ValueError`` naming ``resources.*`` for a run no node of the cluster can host
-        (Ray would queue it forever)."""
+        """:class:`~sparsejax.errors.ConfigError` naming ``resources.*`` for a run no node of
+        the cluster can host (Ray would queue it forever)."""
         nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
         for r in runs:
             need = {"CPU": r.config.resources.cpus, "GPU": r.config.resources.gpus}
@@ -128,7 +130,7 @@ class RayExecutor:
                        for have in nodes):
                 biggest = max(((h.get("CPU", 0.0), h.get("GPU", 0.0)) for h in nodes),
                               default=(0.0, 0.0))
-                raise ValueError(
+                raise errors.ConfigError(
                     f"run {r.name}: resources.cpus={need['CPU']}, resources.gpus={need['GPU']}"
                     f" fit on no node of the Ray cluster (the largest has {biggest[0]:g} CPUs,"
                     f" {biggest[1]:g} GPUs)")

@@ -6,9 +6,12 @@ the worker's stdin. Before JAX starts, the worker pins itself to its share of th
 signal it when the sweep process dies (``--parent``; Linux ``PR_SET_PDEATHSIG``, turned into
 one SIGINT), so a killed sweep leaves no orphan training: the run stops at the next step
 boundary, keeps its checkpoints, and the next launch resumes it. ``RUN_DIR/worker.json``
-records the process's wall and CPU seconds (what a run costs on a dedicated core). Exit
-status 0 when the run completed, 1 when it diverged or failed (the last line is then
-``sparsejax: error: ...``), 130 when interrupted.
+(:class:`~sparsejax.run.rundir.WorkerRecord`) records the exit status, the process's wall and
+CPU seconds (what a run costs on a dedicated core) and, when the run failed, the error's type
+and message, which the sweep reports as the run's failure reason. Exit status 0 when the run
+completed, 130 when interrupted, else the error's (:mod:`sparsejax.errors`: 2 for a bad
+config or input, 1 for a run that failed or diverged, and for any other exception); the log's
+last line is then ``sparsejax: error: ...``.
 """
 
 from __future__ import annotations
@@ -22,9 +25,20 @@ import signal
 import sys
 import time
 import traceback
-from pathlib import Path
+from typing import NamedTuple
+
+from sparsejax import errors
+from sparsejax.run.rundir import RunDir, WorkerRecord
 
 PR_SET_PDEATHSIG = 1
+
+
+class Outcome(NamedTuple):
+    """How the training in this process ended."""
+
+    exit: int  # the process's exit status
+    error_type: str | None = None  # the exception's class name, when one failed the run
+    error: str | None = None  # its message, on one line
 
 
 def _die_with_parent(parent: int) -> None:
@@ -50,26 +64,29 @@ def _die_with_parent(parent: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train the run; write ``RUN_DIR/worker.json`` (exit status, wall and CPU seconds of the
-    whole process, cores) whatever happens."""
+    """Train the run; write its :class:`~sparsejax.run.rundir.WorkerRecord` (exit status,
+    wall and CPU seconds of the whole process, cores, the error that failed the run) whatever
+    happens."""
     p = argparse.ArgumentParser(prog="python -m sparsejax.sweep.worker")
     p.add_argument("run_dir")
     p.add_argument("--cores", default=None, help="comma-separated CPU ids to run on")
     p.add_argument("--parent", type=int, default=None, help="the sweep's PID")
     args = p.parse_args(argv)
     t0 = time.monotonic()
-    status = _train(args)
+    outcome = _train(args)
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    record = {"exit": status, "wall_s": time.monotonic() - t0,
-              "cpu_s": usage.ru_utime + usage.ru_stime,
-              "cores": sorted(os.sched_getaffinity(0)), "pid": os.getpid()}
-    tmp = Path(args.run_dir) / "worker.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, Path(args.run_dir) / "worker.json")
-    return status
+    RunDir(args.run_dir).write_worker(WorkerRecord(
+        exit=outcome.exit, wall_s=time.monotonic() - t0, cpu_s=usage.ru_utime + usage.ru_stime,
+        cores=sorted(os.sched_getaffinity(0)), pid=os.getpid(), error_type=outcome.error_type,
+        error=outcome.error))
+    return outcome.exit
 
 
-def _train(args: argparse.Namespace) -> int:
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _train(args: argparse.Namespace) -> Outcome:
     # SIGINT stops the run at a step boundary even when the starting process blocks or
     # ignores it (Ray workers do; a child inherits both, and Python then never raises on it)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGUSR1})
@@ -87,19 +104,21 @@ def _train(args: argparse.Namespace) -> int:
         summary = experiment.run(config, args.run_dir, progress=False)
     except KeyboardInterrupt:
         print("sparsejax: interrupted", file=sys.stderr, flush=True)
-        return 130
+        return Outcome(errors.EXIT_INTERRUPTED)
     except Exception as e:  # the sweep records the reason and goes on with the other runs
         traceback.print_exc()
-        print(f"sparsejax: error: {type(e).__name__}: {' '.join(str(e).split())}",
-              file=sys.stderr, flush=True)
-        return 1
+        outcome = Outcome(e.exit_code if isinstance(e, errors.SparsejaxError)
+                          else errors.EXIT_RUN_FAILED, type(e).__name__, _one_line(str(e)))
+        print(f"sparsejax: error: {outcome.error_type}: {outcome.error}", file=sys.stderr,
+              flush=True)
+        return outcome
     if summary["status"] != "completed":
-        print(f"sparsejax: error: run {summary['status']} at step {summary.get('step')}",
-              file=sys.stderr, flush=True)
-        return 1
+        error = f"run {summary['status']} at step {summary.get('step')}"
+        print(f"sparsejax: error: {error}", file=sys.stderr, flush=True)
+        return Outcome(errors.EXIT_RUN_FAILED, None, error)
     print(f"completed: val_loss {summary.get('final_val_loss')} ± {summary.get('val_loss_se')}",
           flush=True)
-    return 0
+    return Outcome(0)
 
 
 if __name__ == "__main__":
