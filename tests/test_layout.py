@@ -60,13 +60,7 @@ LOCAL_IMPORTS: dict[tuple[str, str], str] = {
 }
 # Local imports with no reason to be local, in files being rewritten elsewhere: hoist each to
 # the top of its module, then delete its entry here.
-LOCAL_IMPORTS_TO_HOIST: dict[tuple[str, str], str] = {
-    ("sparsejax.run.accounting", "flax"): "the module imports flax.nnx at its top already",
-    ("sparsejax.run.rundir", "sparsejax.run.checkpoint"): "no cycle to break; rundir's users "
-    "load checkpoint anyway",
-    ("sparsejax.run.checkpoint", "jax.experimental.multihost_utils"): "part of jax",
-    ("sparsejax.run.distributed", "jax.experimental.multihost_utils"): "part of jax",
-}
+LOCAL_IMPORTS_TO_HOIST: dict[tuple[str, str], str] = {}  # none left
 
 
 class Import(NamedTuple):

@@ -161,9 +161,6 @@ def block_matmul_weights(model: Any) -> tuple[int, int]:
     plus the dense-equivalent size of kernel-sparse layers (any module with
     ``sparse_kernel()`` and a ``values`` Param: ``BSRLinear``, ``NMLinear``); *dense* ones are
     the other weight matrices (``ndim >= 2``), e.g. Sparse Doped's ``lowrank`` path."""
-    from flax import nnx
-
-
     maskable = dense = 0
     kernel_layers = []
     for path, node in nnx.iter_graph(model.blocks):

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from sparsejax import checks, errors
 from sparsejax.radix import _flat_position
@@ -188,8 +189,6 @@ def restore_newest(run_dir: PathLike, like: Any, *, keep: int = 3) -> tuple[Any,
             + "; ".join(f"step {s} ({r})" for s, r in skipped)
             + f"; moved to {damaged}; resuming from step {step}", stacklevel=2)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("sparsejax-restore")
     return state, step
 
