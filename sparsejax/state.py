@@ -1,6 +1,6 @@
 """Reading a sparse optimizer state: masks, pruning params at init, exactness checks, stats.
 
-The optimizer state is the single source of truth for sparsity (DESIGN.md, "Optimizer
+The optimizer state is the single source of truth for sparsity (docs/design.md, "Optimizer
 side"): :func:`sparsity_stats` reports the method's target and the measured sparsity with
 the prunable and active counts that the masks define, and the training loop logs exactly
 that. Every function here finds the :class:`~sparsejax.transforms.SparsifyState` anywhere

@@ -17,7 +17,7 @@ from sparsejax.run.rundir import RunDir, RunStatus, SweepDir, WorkerRecord
 ROOT = Path(__file__).resolve().parents[1]
 OWNER = ROOT / "sparsejax" / "run" / "rundir.py"
 PENDING: set = set()  # modules that may still spell run-dir names: none
-# the contract (README, DESIGN.md "Run directory", scaling.logs): these names must not change
+# the contract (README, docs/design.md "Run directory", scaling.logs): these names must not change
 CONTRACT = {"config.json", "metrics.jsonl", "summary.json", "worker.json", "worker.log", "lock",
             "checkpoints", "damaged_checkpoints", "wandb_id", "oneshot.json", "oneshot.png",
             "export", "sweep.json", "soup.json"}

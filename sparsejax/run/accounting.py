@@ -1,4 +1,4 @@
-"""Parameter and FLOP accounting (DESIGN.md, "Accounting").
+"""Parameter and FLOP accounting (docs/design.md, "Accounting").
 
 * :func:`count_params`: total, prunable and active (unpruned) parameter counts.
 * :func:`flops_per_token`: forward FLOPs per token of a GPT at weight sparsity ``s``,

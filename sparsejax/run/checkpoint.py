@@ -1,7 +1,8 @@
 """Checkpoints: orbax ``CheckpointManager`` over the whole training state, and loading for
 downstream use (fine-tuning, export).
 
-A checkpoint holds one pytree: ``{"step", "params", "opt_state", "rng", "n_avg", "flops"}``,
+A checkpoint holds the loop's ``TrainState``: ``step, params, opt_state, rng, n_avg, flops,
+loss_sum, loss_count``,
 params as a pure nested dict (``nnx.to_pure_dict``), the optimizer state with its masks. Saves
 copy to host first, so donated device buffers are never read after the step that donates them.
 Each save records a SHA-256 of the saved arrays in the step's metadata; resuming

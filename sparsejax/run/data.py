@@ -1,4 +1,4 @@
-"""Token corpora and batches (DESIGN.md, "Data").
+"""Token corpora and batches (docs/design.md, "Data").
 
 Sources understood by :func:`load_corpus`:
 

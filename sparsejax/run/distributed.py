@@ -1,6 +1,6 @@
 """One ``(data, fsdp)`` device mesh for training, its shardings, and multi-host start-up.
 
-DESIGN.md, "Distributed". Params are sharded along their largest dim that the ``fsdp`` axis
+docs/design.md, "Distributed". Params are sharded along their largest dim that the ``fsdp`` axis
 divides (replicated when none does); every state leaf shaped like a param (masks, Adam
 moments, accumulators) gets that param's sharding, every other leaf (counters, keys,
 scalars) is replicated; batches are split over both axes, ``(data, fsdp)``, as in ZeRO-3 /

@@ -1,6 +1,6 @@
 """The run directory: the one owner of its file names, and of reading and writing each file.
 
-DESIGN.md, "Run directory". Every other module asks :class:`RunDir` (a run dir) or
+docs/design.md, "Run directory". Every other module asks :class:`RunDir` (a run dir) or
 :class:`SweepDir` (a folder of run dirs: a sweep or a soup) for a path, or reads and writes
 through them; none spells a file name. A run dir holds:
 

@@ -32,8 +32,9 @@ class TrainState(NamedTuple):
 
 
 def flops_coefficients(model: GPT, seq_len: int) -> tuple[float, float]:
-    """Per-token training FLOPs = fixed + dense_part * density (DESIGN.md "Accounting"), read
-    off the model's layers (Sparse-IFT and kernel-sparse layers counted as built)."""
+    """Per-token training FLOPs = fixed + dense_part * density (docs/design.md,
+    "Accounting"), read off the model's layers (Sparse-IFT and kernel-sparse layers counted as
+    built)."""
     fixed, maskable = accounting.forward_flops_coefficients(model, seq_len)
     return 3.0 * fixed, 3.0 * maskable
 

@@ -96,7 +96,7 @@ def _train(args: argparse.Namespace) -> Outcome:
             os.sched_setaffinity(0, {int(c) for c in args.cores.split(",")})
         if args.parent is not None:
             _die_with_parent(args.parent)
-        import ml_collections  # after the affinity is set: JAX sizes its pools on import
+        import ml_collections  # after the affinity is set: XLA sizes its CPU pool on start
 
         from sparsejax.run import experiment
 
