@@ -75,10 +75,10 @@ def test_sweep_life(tmp_path: Path, capsys, monkeypatch):
     # killed sweep leaves). In this process first: its compile fills the persistent cache
     # (conftest) that the workers below read.
     (run,) = sweep.plan(spec, out, extra=extra, only=PARTIAL)
-    assert run.config.wandb.group == "sweep"  # the sweep dir's name, for every run
+    assert run.spec.wandb.group == "sweep"  # the sweep dir's name, for every run
     _interrupt_at(3, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
-        experiment.run(run.config, str(out / PARTIAL), progress=False)
+        experiment.run(run.spec, str(out / PARTIAL), progress=False)
     monkeypatch.undo()
     assert json.loads((out / PARTIAL / "summary.json").read_text())["status"] == "interrupted"
 

@@ -55,8 +55,8 @@ class FakeHandle:
         self.signals: list[int] = []
 
     def _finish(self, status: str, code: int, record: bool = True) -> None:
-        summary = {"status": status, "steps": self.run.config.train.steps,
-                   "final_val_loss": 1.0 + self.run.config.seed, "val_loss_se": 0.1}
+        summary = {"status": status, "steps": self.run.spec.train.steps,
+                   "final_val_loss": 1.0 + self.run.spec.seed, "val_loss_se": 0.1}
         run = RunDir(self.run_dir)
         run.write_summary(summary)
         if record:

@@ -16,6 +16,7 @@ import pytest
 
 from sparsejax.downstream import loading
 from sparsejax.run import checkpoint, configlib, experiment, rundir, train
+from sparsejax.run.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ("size=tiny,model.n_ctx=64,train.seq_len=64,train.batch_size=8,eval.batch_size=8,"
@@ -144,7 +145,7 @@ def _flatten(tree, prefix=""):
 def test_workdir_with_other_config_refuses(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"seed": 1}))
     with pytest.raises(ValueError, match="different config"):
-        train._check_config_matches(tmp_path, {"seed": 2})
+        train._check_config_matches(RunDir(tmp_path), {"seed": 2})
 
 
 @pytest.mark.slow

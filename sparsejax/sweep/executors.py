@@ -68,7 +68,7 @@ def start_worker(run: Run, run_dir: Path, cores: list[int] | None, n_threads: in
         log.flush()
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                                 env=worker_env(n_threads, parallel=parallel), text=True)
-    proc.stdin.write(json.dumps(run.config.to_dict()))
+    proc.stdin.write(json.dumps(run.spec.to_dict()))
     proc.stdin.close()
     return proc
 

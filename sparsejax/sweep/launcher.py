@@ -96,7 +96,7 @@ class Progress:
     place; otherwise it is printed after every finished run."""
 
     def __init__(self, runs: list[Run], stream: TextIO, enabled: bool):
-        self.total = sum(r.cost * (1 - r.done_steps / r.config.train.steps) for r in runs)
+        self.total = sum(r.cost * (1 - r.done_steps / r.spec.train.steps) for r in runs)
         self.n_runs = len(runs)
         self.stream, self.enabled = stream, enabled
         self.tty = enabled and stream.isatty()
@@ -106,7 +106,7 @@ class Progress:
 
     def line(self, running: list[tuple[Run, Path]]) -> str:
         partial = sum(max(0, RunDir(d).last_logged_step() - r.done_steps)
-                      / r.config.train.steps * r.cost for r, d in running)
+                      / r.spec.train.steps * r.cost for r, d in running)
         done = self.done_cost + partial
         elapsed = time.monotonic() - self.t0
         frac = min(1.0, done / self.total) if self.total else 1.0
@@ -183,7 +183,7 @@ def launch(recipe: str, sweep_dir: str | Path, *, extra: dict[str, Any] | None =
     runs = plan(recipe, sweep_dir, extra=extra, only=only)
     if dry_run:
         return [{"name": r.name, "action": r.action, "overrides": r.overrides,
-                 "done_steps": r.done_steps, "steps": r.config.train.steps} for r in runs]
+                 "done_steps": r.done_steps, "steps": r.spec.train.steps} for r in runs]
     stream = sys.stderr if stream is None else stream
     sweep_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -213,7 +213,7 @@ def _execute(runs: list[Run], sweep_dir: Path, book: SweepFile, executor: Execut
         entries[r.name] = book.update(r.name, overrides=r.overrides, action=r.action, **fields)
     # longest first (by remaining expected cost): the shortest makespan on parallel slots
     pending = sorted((r for r in runs if r.action != "skip"),
-                     key=lambda r: -r.cost * (1 - r.done_steps / r.config.train.steps))
+                     key=lambda r: -r.cost * (1 - r.done_steps / r.spec.train.steps))
     bar.n_runs = len(pending)
     executor.check(pending)
     free = list(range(min(executor.slots, len(pending))))
@@ -253,7 +253,7 @@ def _execute(runs: list[Run], sweep_dir: Path, book: SweepFile, executor: Execut
                 entries[r.name] = book.update(r.name, reason=reason, **fields)
                 bar.finished += 1
                 bar.failed += fields["status"] != "completed"
-                bar.done_cost += r.cost * (1 - r.done_steps / r.config.train.steps)
+                bar.done_cost += r.cost * (1 - r.done_steps / r.spec.train.steps)
                 lines.append(_finish_line(r.name, fields, reason, wall))
             if lines:
                 fill()  # the next runs start before the progress line counts them

@@ -3,6 +3,7 @@ what a launch does with each (run, resume, skip), checked before anything runs."
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import importlib.util
 import json
@@ -11,11 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import ml_collections
-
 from sparsejax import errors
 from sparsejax.run import accounting, build, configlib, experiment
 from sparsejax.run.rundir import SweepDir
+from sparsejax.run.spec import RunSpec
 
 FINISHED = ("completed", "diverged")  # rerunning gives the same result: skipped on relaunch
 
@@ -47,8 +47,9 @@ def run_name(overrides: dict[str, Any]) -> str:
 
 
 def configs(recipe: str, extra: dict[str, Any] | None = None
-            ) -> list[tuple[str, dict[str, Any], ml_collections.ConfigDict]]:
-    """``(name, overrides, validated config)`` for every run of the recipe's sweep.
+            ) -> list[tuple[str, dict[str, Any], RunSpec]]:
+    """``(name, overrides, spec)`` for every run of the recipe's sweep: the recipe's config
+    with the overrides, read once into its :class:`~sparsejax.run.spec.RunSpec`.
 
     ``extra`` (dotted key -> value, e.g. the command line's ``--config.KEY=VALUE``) applies to
     every run after the run's own overrides. Every config is checked
@@ -61,8 +62,9 @@ def configs(recipe: str, extra: dict[str, Any] | None = None
         config = module.get_config(arg)
         for key, value in {**overrides, **(extra or {})}.items():
             configlib.set_key(config, key, value)
-        experiment.check(config)
-        out.append((run_name(overrides), overrides, config))
+        spec = configlib.validate(config)
+        experiment.check(spec)
+        out.append((run_name(overrides), overrides, spec))
     names = [n for n, _, _ in out]
     if len(set(names)) != len(names):
         raise errors.InputError(f"sweep of {recipe} lists duplicate runs: {names}")
@@ -74,21 +76,21 @@ class Run(NamedTuple):
 
     name: str
     overrides: dict[str, Any]  # the run's own overrides, then the command line's
-    config: ml_collections.ConfigDict  # resolved (wandb.group set to the sweep's)
+    spec: RunSpec  # resolved (wandb.group set to the sweep's)
     action: str  # "run" (new), "resume" (from its latest checkpoint) or "skip" (finished)
     done_steps: int  # steps already trained (the latest checkpoint; steps when skipped)
     cost: float  # expected cost in step-equivalents (the progress bar's weight, _cost)
 
 
-def _cost(config: ml_collections.ConfigDict) -> float:
+def _cost(spec: RunSpec) -> float:
     """A run's expected cost in step-equivalents, the progress bar's weight: ``steps · (1 +
     f / 3e5) + 150`` with ``f`` the model's forward FLOPs per token. At CPU scale a step costs
     a fixed overhead plus its FLOPs, and each run a start-up and a final evaluation worth about
     150 steps; fitted to one-core runs of the nano / tiny / mini models (about 300k FLOPs per
     token for tiny)."""
-    m = build.model_config(configlib.validate(config), vocab_size=256)
-    f = accounting.flops_per_token(m.n_layer, m.d_model, m.d_ff, config.train.seq_len, 256)
-    return config.train.steps * (1.0 + f / 3e5) + 150.0
+    m = build.model_config(spec, vocab_size=256)
+    f = accounting.flops_per_token(m.n_layer, m.d_model, m.d_ff, spec.train.seq_len, 256)
+    return spec.train.steps * (1.0 + f / 3e5) + 150.0
 
 
 def _config_change(old: dict[str, Any], new: dict[str, Any], keys: list[str]) -> str:
@@ -120,12 +122,13 @@ def plan(recipe: str, sweep_dir: str | Path, *, extra: dict[str, Any] | None = N
                                     f"{', '.join(n for n, _, _ in runs)})")
         runs = picked
     out, changed, busy = [], [], []
-    for name, overrides, config in runs:
-        if not config.wandb.group:  # wandb runs of a sweep share a group
-            config.wandb.group = sweep_dir.resolve().name
+    for name, overrides, spec in runs:
+        if not spec.wandb.group:  # wandb runs of a sweep share a group
+            spec = spec.replace(wandb=dataclasses.replace(spec.wandb,
+                                                          group=sweep_dir.resolve().name))
         run = sweep.run(name)
         old = run.read_config()
-        new = json.loads(json.dumps(config.to_dict()))
+        new = json.loads(json.dumps(spec.to_dict()))
         if old is not None:
             keys = configlib.differing_keys(old, new)
             if keys:
@@ -135,14 +138,13 @@ def plan(recipe: str, sweep_dir: str | Path, *, extra: dict[str, Any] | None = N
         if owner is not None:
             busy.append(f"{name} (process {owner})")
         summary = run.read_summary() or {}
-        steps = config.train.steps
+        steps = spec.train.steps
         if summary.get("status") in FINISHED and summary.get("steps") == steps:
             action, done = "skip", steps
         else:
             done = run.latest_checkpoint_step() or 0
             action = "resume" if done else "run"
-        out.append(Run(name, {**overrides, **(extra or {})}, config, action, done,
-                       _cost(config)))
+        out.append(Run(name, {**overrides, **(extra or {})}, spec, action, done, _cost(spec)))
     if changed:
         raise errors.InputError(
             f"sweep dir {sweep_dir}: the config of {len(changed)} run(s) differs from the one "

@@ -125,7 +125,7 @@ class RayExecutor:
         the cluster can host (Ray would queue it forever)."""
         nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
         for r in runs:
-            need = {"CPU": r.config.resources.cpus, "GPU": r.config.resources.gpus}
+            need = {"CPU": r.spec.resources.cpus, "GPU": r.spec.resources.gpus}
             if not any(all(have.get(k, 0.0) >= v for k, v in need.items() if v)
                        for have in nodes):
                 biggest = max(((h.get("CPU", 0.0), h.get("GPU", 0.0)) for h in nodes),
@@ -138,7 +138,7 @@ class RayExecutor:
     def start(self, run: Run, run_dir: Path, slot: int) -> RayHandle:
         del slot
         run_dir.mkdir(parents=True, exist_ok=True)
-        res = run.config.resources
+        res = run.spec.resources
         ref = _task.options(num_cpus=res.cpus, num_gpus=res.gpus, name=run.name).remote(
             run, str(run_dir.absolute()), max(1, math.ceil(res.cpus)))
         return RayHandle(ref, run_dir)
