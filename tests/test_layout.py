@@ -48,7 +48,7 @@ LOCAL_IMPORTS: dict[tuple[str, str], str] = {
     ("sparsejax.sweep.worker", "sparsejax.run.experiment"): "after the CPU affinity is set",
     ("sparsejax.sweep.worker", "ml_collections"): "after the CPU affinity is set",
     ("sparsejax.sweep.launcher", "sparsejax.sweep.ray_backend"): "ray: optional extra",
-    ("sparsejax.run.train", "wandb"): "heavy, and only when wandb.enabled",
+    ("sparsejax.run.outputs", "wandb"): "heavy, and only when wandb.enabled",
     ("sparsejax.downstream.oneshot", "matplotlib"): "heavy, only for the plot",
     ("pallas_kernels.block_sparse.kernel", "jax.experimental.pallas.tpu"): "TPU backend only",
     ("pallas_kernels.block_sparse.kernel", "jax.experimental.pallas.triton"): "GPU backend only",

@@ -12,10 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-import signal
-import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,7 +26,9 @@ from sparsejax import checks
 from sparsejax.errors import ConfigError, ExactnessError, InputError
 from sparsejax.run import accounting, checkpoint, configlib, data, distributed, evaluation, rundir
 from sparsejax.run.build import Experiment
+from sparsejax.run.outputs import Clock, Outputs
 from sparsejax.run.rundir import RunDir
+from sparsejax.run.signals import DeferredInterrupt
 from sparsejax.run.spec import RunSpec
 from sparsejax.run.step import (
     TrainState,
@@ -67,31 +66,6 @@ def _check_config_matches(run: RunDir, config: dict[str, Any]) -> None:
         run.write_config(config)
 
 
-class _DeferredInterrupt:
-    """While training, the first SIGINT only sets a flag that :meth:`check` turns into a
-    ``KeyboardInterrupt`` at the next step boundary, so an asynchronous checkpoint save is
-    never interrupted midway (its thread would print a traceback and leave a partial step);
-    a second SIGINT interrupts at once. Only installed in the main thread."""
-
-    def __init__(self) -> None:
-        self.pending = False
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.pending:
-            raise KeyboardInterrupt
-        self.pending = True
-
-    def check(self) -> None:
-        if self.pending:
-            raise KeyboardInterrupt
-
-    def restore(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-            self.previous = None
 
 
 def run(spec: RunSpec, exp: Experiment, workdir: str | Path, *,
@@ -151,10 +125,11 @@ def _run(spec: RunSpec, exp: Experiment, run: RunDir, mesh: jax.sharding.Mesh | 
     wall_base = max([rundir.number(r.get("wall_time_s")) or 0.0
                      for r in [previous, *run.read_metrics()[-1:]]])
     setup = _setup(spec, exp, run, mesh)
-    clock = _Clock(t_start, wall_base)
-    out = _Outputs.open(spec, run, setup, main, progress)
+    clock = Clock(t_start, wall_base)
+    out = Outputs.open(spec, run, start=setup.start, counts=setup.counts,
+                       final_eval=setup.final_val, main=main, progress=progress)
     record: dict[str, Any] = {}
-    interrupt = _DeferredInterrupt()
+    interrupt = DeferredInterrupt()
     try:
         record, diverged_at = _loop(spec, exp, setup, out, clock, interrupt)
         setup.mngr.wait_until_finished()
@@ -283,63 +258,12 @@ def _eval_sets(spec: RunSpec, corpus: data.Corpus
     return val, (val if ev.final_batches == ev.batches else draw(ev.final_batches))
 
 
-class _Clock(NamedTuple):
-    t_start: float  # perf_counter at the start of this process's part of the run
-    wall_base: float  # wall time of earlier parts (resumptions add up)
-
-    def wall(self) -> float:
-        return self.wall_base + time.perf_counter() - self.t_start
 
 
-class _Outputs:
-    """Where a run reports: ``metrics.jsonl``, ``summary.json``, the progress bar and wandb
-    (process 0 only; other processes of a multi-process job write nothing)."""
-
-    def __init__(self, run: RunDir, main: bool, log: Any, bar: rundir.Progress, wb: Any,
-                 summary_base: dict[str, Any]):
-        self.run, self.main, self.log, self.bar, self.wb = run, main, log, bar, wb
-        self.summary_base = summary_base
-        self.last_record: dict[str, Any] = {}  # the latest logged record of this process
-
-    @classmethod
-    def open(cls, spec: RunSpec, run: RunDir, setup: _Setup, main: bool, progress: bool
-             ) -> _Outputs:
-        t, fv = spec.train, setup.final_val
-        base = {"n_params": setup.counts.n_params, "n_prunable": setup.counts.n_prunable,
-                "steps": t.steps, "batch_size": t.batch_size, "seq_len": t.seq_len,
-                "eval_seed": spec.eval.seed, "eval_sequences": fv.xs.shape[0] * fv.xs.shape[1],
-                "eval_sha256": fv.sha256}
-        log = run.metrics_log(resume_step=setup.start) if main else rundir.NullLog()
-        bar = rundir.Progress(t.steps, initial=setup.start, enabled=progress and main)
-        wb = _wandb_start(spec.wandb.to_dict(), run, spec.to_dict()) if main else None
-        out = cls(run, main, log, bar, wb, base)
-        out.write_summary({"status": "running", "step": setup.start})
-        return out
-
-    def write_summary(self, fields: dict[str, Any]) -> None:
-        if self.main:
-            self.run.write_summary({**self.summary_base, **fields})
-
-    def record(self, record: dict[str, Any]) -> None:
-        self.last_record = record
-        self.log.write(record)
-
-    def report(self, record: dict[str, Any], tokens_per_s: float) -> None:
-        if self.wb is not None:
-            self.wb.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
-        self.bar.update(record["step"], loss=record["train_loss"], val=record["val_loss"],
-                        target=record["target_sparsity"], sparsity=record["sparsity"],
-                        tok_s=round(tokens_per_s))
-
-    def close(self) -> None:
-        self.bar.close()
-        self.log.close()
-        if self.wb is not None:
-            self.wb.finish()
 
 
-def _loop(spec: RunSpec, exp: Experiment, setup: _Setup, out: _Outputs, clock: _Clock,
-          interrupt: _DeferredInterrupt) -> tuple[dict[str, Any], int | None]:
+def _loop(spec: RunSpec, exp: Experiment, setup: _Setup, out: Outputs, clock: Clock,
+          interrupt: DeferredInterrupt) -> tuple[dict[str, Any], int | None]:
     """Train from ``setup.start`` to ``train.steps``; returns the last logged record and the
     step the loss stopped being finite at (``None``: it stayed finite)."""
     t, state = spec.train, setup.state
@@ -424,8 +348,8 @@ def _reset_loss_window(state: TrainState) -> TrainState:
         loss_count=distributed.put(np.zeros((), np.int32), state.loss_count.sharding))
 
 
-def _finish(run: RunDir, out: _Outputs, record: dict[str, Any], diverged_at: int | None,
-            start: int, clock: _Clock) -> dict[str, Any]:
+def _finish(run: RunDir, out: Outputs, record: dict[str, Any], diverged_at: int | None,
+            start: int, clock: Clock) -> dict[str, Any]:
     """Write and return the final summary (a resumed finished run reports its last record)."""
     if not record:
         records = run.read_metrics()
@@ -443,15 +367,3 @@ def _finish(run: RunDir, out: _Outputs, record: dict[str, Any], diverged_at: int
     return {**out.summary_base, **summary}
 
 
-def _wandb_start(cfg: dict[str, Any] | None, run: RunDir, config: dict[str, Any] | None):
-    """Start wandb when enabled (default offline: no network unless mode='online')."""
-    if not cfg or not cfg.get("enabled"):
-        return None
-    import wandb  # imported lazily: heavy, and unused unless enabled
-
-    run_id = run.read_wandb_id() or uuid.uuid4().hex[:12]
-    run.write_wandb_id(run_id)
-    return wandb.init(project=cfg.get("project", "sparsejax"), mode=cfg.get("mode", "offline"),
-                      name=cfg.get("name") or run.name, group=cfg.get("group") or None,
-                      dir=str(run), id=run_id,
-                      resume="allow", config=config)
