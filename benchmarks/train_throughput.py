@@ -28,7 +28,7 @@ from flax import nnx
 
 from sparsejax import SparsifyState, methods, schedules, sparsify
 from sparsejax.models.gpt import GPT, GPTConfig
-from sparsejax.run import accounting, data
+from sparsejax.run import accounting, data, hardware
 from sparsejax.run.step import TrainState, make_train_step
 
 
@@ -57,15 +57,6 @@ def build_step(cfg: GPTConfig, tx, batch: int, seq: int, linear=None):
     return step, state, f0
 
 
-def matmul_flops(n: int = 1024, reps: int = 20) -> float:
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(reps):
-        out = f(a)
-    out.block_until_ready()
-    return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
 def main() -> None:
@@ -113,7 +104,7 @@ def main() -> None:
             jax.block_until_ready(state.params)
             times[name].append((time.perf_counter() - t) / args.steps)
             states[name] = state
-    peak = matmul_flops()
+    peak = hardware.device_peak(jax.devices()[0])
     tokens = args.batch * args.seq
     base_total = sum(times["dense"])
     print(f"\nGPT {args.size} {cfg.n_layer}x{cfg.d_model} ff {cfg.d_ff}, batch {args.batch}x"
@@ -121,14 +112,16 @@ def main() -> None:
           f"sparse ended at sparsity {float(sched(total - 1)):.2f} "
           f"({int(states['sparse (gradual, every 100)'].step)} steps)")
     print(f"{'step':<30}{'median ms':>10}{'tokens/s':>11}{'ratio':>8}{'model GFLOP/s':>15}"
-          f"{'of matmul':>11}")
+          f"{'MFU':>8}")
     for name, ts in times.items():
         med = statistics.median(ts)
         flops = configs[name][2] * tokens / med
         ratio = sum(ts) / base_total
         print(f"{name:<30}{med * 1e3:>10.2f}{tokens / med:>11.0f}{ratio:>8.3f}"
-              f"{flops / 1e9:>15.2f}{flops / peak:>11.1%}")
-    print(f"dense f32 matmul 1024^3 on this machine: {peak / 1e9:.1f} GFLOP/s")
+              f"{flops / 1e9:>15.2f}" + (f"{flops / peak.flops_per_s:>8.1%}" if peak else
+                                         f"{'n/a':>8}"))
+    print("MFU: model FLOPs/s over " + (f"{peak.flops_per_s / 1e9:.1f} GFLOP/s ({peak.source})"
+                                        if peak else "an unknown peak (device not in the table)"))
     print("ratio = total sparse time / total dense time over the same rounds; target <= 1.05")
 
 

@@ -52,9 +52,9 @@ __all__ = [
 METRIC_FIELDS = (
     "step", "tokens", "train_loss", "val_loss", "val_loss_se", "lr", "sparsity",
     "target_sparsity", "density",
-    "n_params", "n_active", "n_avg", "flops", "step_time_s", "wall_time_s",
+    "n_params", "n_active", "n_avg", "flops", "step_time_s", "wall_time_s", "mfu",
 )
-TIMING_FIELDS = ("step_time_s", "tokens_per_s", "wall_time_s")
+TIMING_FIELDS = ("step_time_s", "tokens_per_s", "wall_time_s", "mfu")
 STATUSES = ("running", "completed", "failed", "diverged", "interrupted")
 PathLike = str | os.PathLike  # a path, or a RunDir / SweepDir
 

@@ -24,7 +24,16 @@ from flax import nnx
 
 from sparsejax import checks
 from sparsejax.errors import ConfigError, ExactnessError, InputError
-from sparsejax.run import accounting, checkpoint, configlib, data, distributed, evaluation, rundir
+from sparsejax.run import (
+    accounting,
+    checkpoint,
+    configlib,
+    data,
+    distributed,
+    evaluation,
+    hardware,
+    rundir,
+)
 from sparsejax.run.build import Experiment
 from sparsejax.run.outputs import Clock, Outputs
 from sparsejax.run.rundir import RunDir
@@ -268,7 +277,8 @@ def _loop(spec: RunSpec, exp: Experiment, setup: _Setup, out: Outputs, clock: Cl
     step the loss stopped being finite at (``None``: it stayed finite)."""
     t, state = spec.train, setup.state
     tokens_per_step = t.batch_size * t.seq_len
-    t_log, step_log = time.perf_counter(), setup.start
+    t_log, step_log, flops_log = time.perf_counter(), setup.start, float(state.flops)
+    devices = list(setup.batch_sh.mesh.devices.flat)
     record: dict[str, Any] = {}
     for step in range(setup.start, t.steps):
         interrupt.check()  # Ctrl-C takes effect between steps, never inside a save
@@ -283,6 +293,7 @@ def _loop(spec: RunSpec, exp: Experiment, setup: _Setup, out: Outputs, clock: Cl
             now = time.perf_counter()
             record = _log_step(spec, exp, setup, state, metrics, done, is_eval,
                                step_time=(now - t_log) / (done - step_log), wall=clock.wall())
+            record["mfu"] = hardware.mfu(record["flops"] - flops_log, now - t_log, devices)
             _check_exact(setup, state, done)
             state = _reset_loss_window(state)
             out.record(record)
@@ -293,7 +304,7 @@ def _loop(spec: RunSpec, exp: Experiment, setup: _Setup, out: Outputs, clock: Cl
         if is_ckpt:
             checkpoint.save(setup.mngr, done, state)
         if record.get("step") == done:  # the next interval's step time starts after the save
-            t_log, step_log = time.perf_counter(), done
+            t_log, step_log, flops_log = time.perf_counter(), done, record["flops"]
     return record, None
 
 
