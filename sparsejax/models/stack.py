@@ -11,8 +11,9 @@
   model keeps ``blocks/<i>/...`` (prunable leaves, contraction axes, masks, checkpoints, export
   and the FLOP accounting are unchanged); the blocks' weights are stacked when the model runs,
   weight matrices (floating, ``ndim >= 2``) cast to the compute dtype first, which every layer
-  does before its matmul anyway, so the stack is the copy in the compute dtype that the layers
-  would make. Scanning needs blocks of one structure: BSR layers, whose static block layout
+  does before its matmul anyway: in bfloat16 the stack is the cast copy the layers would make;
+  in float32 it is one extra copy of the block weights (and of their gradients, unstacked after
+  the scan). Scanning needs blocks of one structure: BSR layers, whose static block layout
   differs per layer, cannot be scanned.
 
 Non-parameter variables a block writes while it runs (e.g. :mod:`sparsejax.calibration`'s
