@@ -6,6 +6,10 @@ a static mask gradients reach the kept weights only. The sparsity metadata lives
 non-trainable ``nnx.Variable`` subclasses (``BlockLayout`` holds the static BSR layout, a
 leaf-less pytree, so ``nnx.jit`` treats it as compile-time structure; ``NMCodes`` holds the
 packed N:M position codes). Dense equivalent: ``nnx.Linear`` with ``kernel`` ``(in, out)``.
+
+``dtype`` is the compute dtype: input, values and bias are cast to it and the kernels accumulate
+in float32 and return it (mixed precision: float32 values, bfloat16 compute). ``None`` computes
+in the wider of the input's and the values' dtypes.
 """
 
 from __future__ import annotations
@@ -46,17 +50,19 @@ def _bias_param(bias, out_features: int, param_dtype) -> nnx.Param | None:
 class BSRLinear(nnx.Module):
     """Block-sparse linear layer: the trainable Param ``values`` holds the kept blocks."""
 
-    def __init__(self, w: BSRMatrix, bias=None, *, backend: str = "auto"):
+    def __init__(self, w: BSRMatrix, bias=None, *, backend: str = "auto", dtype=None):
         self.in_features, self.out_features = w.shape
         self.block = w.block
         self.backend = backend
+        self.dtype = dtype
         self.values = nnx.Param(w.values)
         self.layout = BlockLayout(w.layout)
         self.bias = _bias_param(bias, self.out_features, w.values.dtype)
 
     @classmethod
     def from_dense(
-        cls, kernel, bias=None, *, block: tuple[int, int], block_mask=None, backend: str = "auto"
+        cls, kernel, bias=None, *, block: tuple[int, int], block_mask=None, backend: str = "auto",
+        dtype=None,
     ) -> BSRLinear:
         """From a dense ``(in, out)`` kernel. Without ``block_mask`` all-zero blocks are
         dropped (inference); with a boolean ``(in/bk, out/bn)`` mask exactly those blocks are
@@ -65,14 +71,14 @@ class BSRLinear(nnx.Module):
             w = BSRMatrix.from_dense(kernel, block=block)
         else:
             w = BSRMatrix.from_mask(kernel, block_mask, block=block)
-        return cls(w, bias, backend=backend)
+        return cls(w, bias, backend=backend, dtype=dtype)
 
     def sparse_kernel(self) -> BSRMatrix:
         return BSRMatrix(self.values[...], self.layout.get_value())
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w = self.sparse_kernel()
-        dtype = jnp.result_type(x.dtype, w.values.dtype)
+        dtype = self.dtype or jnp.result_type(x.dtype, w.values.dtype)
         w = BSRMatrix(w.values.astype(dtype), w.layout)
         y = bsr_matmul(x.astype(dtype), w, backend=self.backend)
         return y if self.bias is None else y + self.bias[...].astype(dtype)
@@ -81,21 +87,24 @@ class BSRLinear(nnx.Module):
 class NMLinear(nnx.Module):
     """N:M sparse linear layer: the trainable Param ``values`` holds the kept entries."""
 
-    def __init__(self, w: NMMatrix, bias=None, *, backend: str = "auto"):
+    def __init__(self, w: NMMatrix, bias=None, *, backend: str = "auto", dtype=None):
         self.in_features, self.out_features = w.shape
         self.n, self.m = w.n, w.m
         self.backend = backend
+        self.dtype = dtype
         self.values = nnx.Param(w.values)
         self.codes = NMCodes(w.codes)
         self.bias = _bias_param(bias, self.out_features, w.values.dtype)
 
     @classmethod
     def from_dense(
-        cls, kernel, bias=None, *, n: int, m: int, prune: bool = False, backend: str = "auto"
+        cls, kernel, bias=None, *, n: int, m: int, prune: bool = False, backend: str = "auto",
+        dtype=None,
     ) -> NMLinear:
         """From a dense ``(in, out)`` kernel that is ``n:m`` sparse along ``in`` (or, with
         ``prune=True``, after magnitude N:M pruning)."""
-        return cls(NMMatrix.from_dense(kernel, n, m, prune=prune), bias, backend=backend)
+        return cls(NMMatrix.from_dense(kernel, n, m, prune=prune), bias, backend=backend,
+                   dtype=dtype)
 
     def sparse_kernel(self) -> NMMatrix:
         shape = (self.in_features, self.out_features)
@@ -103,7 +112,7 @@ class NMLinear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w = self.sparse_kernel()
-        dtype = jnp.result_type(x.dtype, w.values.dtype)
+        dtype = self.dtype or jnp.result_type(x.dtype, w.values.dtype)
         w = NMMatrix(w.values.astype(dtype), w.codes, w.shape, w.n, w.m)
         y = nm_matmul(x.astype(dtype), w, backend=self.backend)
         return y if self.bias is None else y + self.bias[...].astype(dtype)
@@ -136,18 +145,22 @@ def bsr_linear_factory(
     backend: str = "auto",
     param_dtype=jnp.float32,
     kernel_init=_default_kernel_init,
+    dtype=None,
 ) -> Callable[..., BSRLinear]:
-    """Factory ``(in_features, out_features, *, use_bias, rngs) -> BSRLinear`` for the model.
+    """Factory ``(in_features, out_features, *, use_bias, rngs[, init_scale][, dtype]) ->
+    BSRLinear`` for the model.
 
     ``density_or_mask_fn``: a float (a random static block mask keeping that fraction of
     blocks) or ``fn(in_blocks, out_blocks, key) -> bool mask``. The kernel is initialised as
     ``nnx.Linear``'s (LeCun normal) and only the kept blocks are stored. Construct eagerly
-    (the mask is host data).
+    (the mask is host data). ``dtype``: the compute dtype (the model hands its own to the
+    factory, which overrides this default).
     """
+    default_dtype = dtype
 
     def factory(
         in_features: int, out_features: int, *, use_bias: bool, rngs: nnx.Rngs,
-        init_scale: float = 1.0,
+        init_scale: float = 1.0, dtype=default_dtype,
     ) -> BSRLinear:
         bk, bn = check_block((in_features, out_features), block)
         grid = (in_features // bk, out_features // bn)
@@ -158,7 +171,8 @@ def bsr_linear_factory(
         else:
             mask = random_block_mask(float(density_or_mask_fn), grid, rngs.params())
         bias = jnp.zeros((out_features,), param_dtype) if use_bias else None
-        return BSRLinear.from_dense(kernel, bias, block=(bk, bn), block_mask=mask, backend=backend)
+        return BSRLinear.from_dense(kernel, bias, block=(bk, bn), block_mask=mask, backend=backend,
+                                    dtype=dtype)
 
     return factory
 
@@ -170,16 +184,20 @@ def nm_linear_factory(
     backend: str = "auto",
     param_dtype=jnp.float32,
     kernel_init=_default_kernel_init,
+    dtype=None,
 ) -> Callable[..., NMLinear]:
-    """Factory ``(in_features, out_features, *, use_bias, rngs) -> NMLinear``: LeCun-normal
-    init, then magnitude ``n:m`` pruning along ``in_features`` (a static N:M mask)."""
+    """Factory ``(in_features, out_features, *, use_bias, rngs[, init_scale][, dtype]) ->
+    NMLinear``: LeCun-normal init, then magnitude ``n:m`` pruning along ``in_features`` (a
+    static N:M mask); ``dtype`` as in :func:`bsr_linear_factory`."""
+    default_dtype = dtype
 
     def factory(in_features: int, out_features: int, *, use_bias: bool, rngs: nnx.Rngs,
-                init_scale: float = 1.0) -> NMLinear:
+                init_scale: float = 1.0, dtype=default_dtype) -> NMLinear:
         check_nm((in_features, out_features), n, m)
         kernel = _init(kernel_init, rngs.params(), (in_features, out_features), param_dtype)
         kernel = kernel if init_scale == 1.0 else (kernel * init_scale).astype(param_dtype)
         bias = jnp.zeros((out_features,), param_dtype) if use_bias else None
-        return NMLinear.from_dense(kernel, bias, n=n, m=m, prune=True, backend=backend)
+        return NMLinear.from_dense(kernel, bias, n=n, m=m, prune=True, backend=backend,
+                                   dtype=dtype)
 
     return factory

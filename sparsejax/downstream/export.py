@@ -377,7 +377,7 @@ def load_export(path: str | Path, *, kernels: bool = True) -> GPT:
                 layer = getattr(layer, parts[-2])
                 bias = layer.bias[...] if layer.bias is not None else None
                 cls = BSRLinear if isinstance(obj, BSRMatrix) else NMLinear
-                _set_module(model, parts[:-1], cls(obj, bias))
+                _set_module(model, parts[:-1], cls(obj, bias, dtype=cfg.dtype))  # compute dtype
     return model
 
 

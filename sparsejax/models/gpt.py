@@ -5,11 +5,17 @@ One class serves every size: :meth:`GPTConfig.from_variant` decodes ``"tiny"``, 
 blocks, causal attention, GELU MLP, rotary (RoFormer, Su et al., 2021) or learned positions,
 optionally tied input/output embeddings. Prunable leaves under the default predicate are
 exactly the attention (query, key, value, out) and MLP (fc_in, fc_out) kernels.
+
+Accelerator settings (docs/design.md, "Models and Sparse-IFT"): ``dtype`` is the compute dtype
+(weights stay in ``param_dtype``; logits and loss are float32), ``attention`` the attention
+implementation (:mod:`sparsejax.models.attention`), ``remat`` and ``scan`` how the blocks run
+(:mod:`sparsejax.models.stack`); none of them changes the params tree.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -18,7 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsejax.models.layers import INIT_STD, Block, LinearFactory, dense_linear
+from sparsejax.models.attention import ATTENTION, cudnn_unfit
+from sparsejax.models.layers import (
+    INIT_STD,
+    Block,
+    LinearFactory,
+    dense_linear,
+    linear_dot_general,
+    matmul,
+)
+from sparsejax.models.stack import REMAT, apply_blocks
 
 # name -> (n_layer, d_model, n_head, d_ff); the only place variant names are decoded.
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
@@ -52,6 +67,8 @@ class GPTConfig:
 
     ``dtype`` is the compute dtype and ``param_dtype`` the storage dtype; both are stored as
     dtype names (``"float32"``, ``"bfloat16"``, ...) so the config is JSON- and hash-friendly.
+    ``attention`` (``auto | xla | cudnn``, or ``reference``), ``remat`` (:data:`~sparsejax.
+    models.stack.REMAT`) and ``scan`` (bool) change how the model computes, not its params.
     """
 
     n_layer: int
@@ -64,6 +81,9 @@ class GPTConfig:
     tie_embeddings: bool = True
     dtype: Any = "float32"
     param_dtype: Any = "float32"
+    attention: str = "auto"
+    remat: str = "none"
+    scan: bool = False
 
     def __post_init__(self):
         for field in ("n_layer", "d_model", "n_head", "d_ff", "vocab_size", "n_ctx"):
@@ -87,6 +107,14 @@ class GPTConfig:
         object.__setattr__(
             self, "param_dtype", _dtype_name(self.param_dtype, "param_dtype", PARAM_DTYPES)
         )
+        if self.attention not in ATTENTION + ("reference",):
+            raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
+        if self.attention == "cudnn" and (reason := cudnn_unfit(self.dtype, self.head_dim)):
+            raise ValueError(f"attention='cudnn': {reason}")
+        if self.remat not in REMAT:
+            raise ValueError(f"remat must be one of {REMAT}, got {self.remat!r}")
+        if not isinstance(self.scan, bool):
+            raise ValueError(f"scan must be a bool, got {self.scan!r}")
 
     @property
     def head_dim(self) -> int:
@@ -122,8 +150,9 @@ class GPT(nnx.Module):
     """GPT language model: ``tokens_BxL (int) -> logits_BxLxV (float32)``.
 
     ``linear`` builds every linear layer of the blocks (see
-    :data:`sparsejax.models.layers.LinearFactory`); the default :func:`dense_linear` gets the
-    config's dtypes, a custom factory owns its own. Attention and MLP output projections are
+    :data:`sparsejax.models.layers.LinearFactory`) and is handed the compute dtype ``dtype``
+    (:func:`~sparsejax.models.layers.build_linear`); the default :func:`dense_linear` also gets
+    ``param_dtype``. Attention and MLP output projections are
     initialised with std scaled by 1/sqrt(2·n_layer) (GPT-2 init) through the factory's
     ``init_scale`` (:func:`~sparsejax.models.layers.build_linear`), so a factory that holds
     given weights gets them unscaled.
@@ -134,13 +163,12 @@ class GPT(nnx.Module):
             raise ValueError(f"cfg must be a GPTConfig, got {type(cfg)!r}")
         self.cfg = cfg
         if linear is dense_linear:
-            linear = _dense_with_dtypes(cfg.dtype, cfg.param_dtype)
+            linear = functools.partial(dense_linear, param_dtype=cfg.param_dtype)
         init = nnx.initializers.normal(INIT_STD)
-        self.embed = nnx.Embed(
+        self.embed = nnx.Embed(  # looked up in param_dtype (its gradient's scatter-add too)
             cfg.vocab_size,
             cfg.d_model,
             embedding_init=init,
-            dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
             rngs=rngs,
         )
@@ -161,6 +189,7 @@ class GPT(nnx.Module):
                     dtype=cfg.dtype,
                     param_dtype=cfg.param_dtype,
                     rngs=rngs,
+                    attention=cfg.attention,
                 )
                 for _ in range(cfg.n_layer)
             ]
@@ -176,6 +205,8 @@ class GPT(nnx.Module):
                 kernel_init=init,
                 dtype=cfg.dtype,
                 param_dtype=cfg.param_dtype,
+                dot_general=linear_dot_general,
+                preferred_element_type=jnp.float32,  # float32 logits
                 rngs=rngs,
             )
 
@@ -204,38 +235,21 @@ class GPT(nnx.Module):
         return self._forward(self.embed_tokens(tokens_BxL))
 
     def _forward(self, x_BxLxD: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-        x_BxLxD = x_BxLxD.astype(self.cfg.dtype)
-        hidden = []
-        for block in self.blocks:
-            x_BxLxD = block(x_BxLxD)
-            hidden.append(x_BxLxD)
-        return self._head(x_BxLxD), tuple(hidden)
+        cfg = self.cfg
+        x_BxLxD, hidden = apply_blocks(list(self.blocks), x_BxLxD.astype(cfg.dtype),
+                                       remat=cfg.remat, scan=cfg.scan, dtype=cfg.dtype)
+        return self._head(x_BxLxD), hidden
 
     def _head(self, x_BxLxD: jax.Array) -> jax.Array:
+        """Final norm and LM head: compute-dtype operands, float32 accumulation and logits."""
         h_BxLxD = self.final_norm(x_BxLxD)
         if self.cfg.tie_embeddings:
-            w_VxD = self.embed.embedding[...].astype(h_BxLxD.dtype)
-            return jnp.einsum("bld,vd->blv", h_BxLxD, w_VxD, preferred_element_type=jnp.float32)
+            w_DxV = self.embed.embedding[...].T
+            return matmul(h_BxLxD, w_DxV, dtype=self.cfg.dtype, out_dtype=jnp.float32)
         return self.unembed(h_BxLxD).astype(jnp.float32)
 
     def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
         return self.logits_from_embeddings(self.embed_tokens(tokens_BxL))
-
-
-def _dense_with_dtypes(dtype: str, param_dtype: str) -> LinearFactory:
-    def linear(in_features: int, out_features: int, *, use_bias: bool, rngs: nnx.Rngs,
-               init_scale: float = 1.0):
-        return dense_linear(
-            in_features,
-            out_features,
-            use_bias=use_bias,
-            rngs=rngs,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            init_scale=init_scale,
-        )
-
-    return linear
 
 
 def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparsejax import masks as masks_lib
-from sparsejax.models.layers import INIT_STD, LinearFactory, build_linear, dense_linear
+from sparsejax.models.layers import INIT_STD, LinearFactory, build_linear, dense_linear, matmul
 
 FAMILIES: tuple[str, ...] = ("wide", "parallel", "factorized", "doped")
 LAYER_FAMILIES: tuple[str, ...] = ("parallel", "factorized", "doped")  # per-layer transforms
@@ -261,20 +261,26 @@ def layer_flops(
 
 class SparseParallel(nnx.Module):
     """Sparse Parallel: ``y = Σ_i W_i x`` over :func:`parallel_branches` ``(s)`` sparse branches
-    (``branches/<i>/kernel``), the bias (if any) on branch 0 only."""
+    (``branches/<i>/kernel``), the bias (if any) on branch 0 only; the branches computed in the
+    compute dtype ``dtype`` and summed in float32."""
 
     def __init__(self, in_features: int, out_features: int, *, sparsity: float, use_bias: bool,
-                 rngs: nnx.Rngs, linear: LinearFactory = dense_linear, init_scale: float = 1.0):
+                 rngs: nnx.Rngs, linear: LinearFactory = dense_linear, init_scale: float = 1.0,
+                 dtype: Any = None):
         k = parallel_branches(sparsity)
+        self.dtype = dtype
         self.branches = nnx.List([
             build_linear(linear, in_features, out_features, use_bias=use_bias and i == 0,
-                         rngs=rngs, init_scale=init_scale) for i in range(k)])
+                         rngs=rngs, init_scale=init_scale, dtype=dtype) for i in range(k)])
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self.branches[0](x)
+        if len(self.branches) == 1:
+            return y
+        total = y.astype(jnp.promote_types(y.dtype, jnp.float32))
         for branch in self.branches[1:]:
-            y = y + branch(x)
-        return y
+            total = total + branch(x).astype(total.dtype)
+        return total.astype(y.dtype)
 
 
 class SparseFactorized(nnx.Module):
@@ -284,12 +290,13 @@ class SparseFactorized(nnx.Module):
     def __init__(self, in_features: int, out_features: int, *, sparsity: float, use_bias: bool,
                  rngs: nnx.Rngs, linear: LinearFactory = dense_linear,
                  activation: Callable[[jax.Array], jax.Array] | None = None,
-                 rank_multiple: int = 1, init_scale: float = 1.0):
+                 rank_multiple: int = 1, init_scale: float = 1.0, dtype: Any = None):
         self.rank = factorized_rank(in_features, out_features, sparsity, multiple=rank_multiple)
-        self.u = linear(in_features, self.rank, use_bias=False, rngs=rngs)
+        self.u = build_linear(linear, in_features, self.rank, use_bias=False, rngs=rngs,
+                              dtype=dtype)
         # the residual-projection scale (``init_scale``) goes on the output factor only
         self.v = build_linear(linear, self.rank, out_features, use_bias=use_bias, rngs=rngs,
-                              init_scale=init_scale)
+                              init_scale=init_scale, dtype=dtype)
         self.activation = activation
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -299,8 +306,9 @@ class SparseFactorized(nnx.Module):
 
 class LowRank(nnx.Module):
     """Dense ``x -> (x u) v`` with ``u`` ``(d_in, r)`` ~ N(0, 0.02²) and ``v`` ``(r, d_out)`` = 0
-    (the path starts silent and learns through ``v``'s gradient). Name it ``lowrank`` in
-    its parent: the default prunable predicate keeps that component dense."""
+    (the path starts silent and learns through ``v``'s gradient); both matmuls in the compute
+    dtype ``dtype`` with float32 accumulation (:func:`~sparsejax.models.layers.matmul`). Name it
+    ``lowrank`` in its parent: the default prunable predicate keeps that component dense."""
 
     def __init__(self, in_features: int, rank: int, out_features: int, *, rngs: nnx.Rngs,
                  dtype: Any = None, param_dtype: Any = jnp.float32):
@@ -311,37 +319,41 @@ class LowRank(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.dtype or jnp.result_type(x.dtype, self.u.dtype)
-        h = jnp.dot(x.astype(dtype), self.u[...].astype(dtype))
-        return jnp.dot(h, self.v[...].astype(dtype))
+        return matmul(matmul(x, self.u[...], dtype=dtype), self.v[...], dtype=dtype)
 
 
 class SparseDoped(nnx.Module):
     """Sparse Doped: ``y = W x + (x U) V``, ``W`` sparse (``sparse/kernel``), ``U V`` dense of
-    rank :func:`doped_rank` (``lowrank/u``, ``lowrank/v``; absent when the rank is 0)."""
+    rank :func:`doped_rank` (``lowrank/u``, ``lowrank/v``; absent when the rank is 0); both
+    paths in the compute dtype ``dtype``, summed in float32."""
 
     def __init__(self, in_features: int, out_features: int, *, sparsity: float, use_bias: bool,
                  rngs: nnx.Rngs, linear: LinearFactory = dense_linear, dtype: Any = None,
                  param_dtype: Any = jnp.float32, init_scale: float = 1.0):
         self.rank = doped_rank(in_features, out_features, sparsity)
         self.sparse = build_linear(linear, in_features, out_features, use_bias=use_bias,
-                                   rngs=rngs, init_scale=init_scale)
+                                   rngs=rngs, init_scale=init_scale, dtype=dtype)
         self.lowrank = (LowRank(in_features, self.rank, out_features, rngs=rngs, dtype=dtype,
                                 param_dtype=param_dtype) if self.rank else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self.sparse(x)
-        return y if self.lowrank is None else y + self.lowrank(x).astype(y.dtype)
+        if self.lowrank is None:
+            return y
+        acc = jnp.promote_types(y.dtype, jnp.float32)
+        return (y.astype(acc) + self.lowrank(x).astype(acc)).astype(y.dtype)
 
 
 def factory(family: str, sparsity: float, *, base: LinearFactory = dense_linear,
-            rank_multiple: int = 1, dtype: Any = None, param_dtype: Any = jnp.float32
-            ) -> LinearFactory:
-    """A model linear factory ``(in, out, *, use_bias, rngs) -> module`` for ``family``.
+            rank_multiple: int = 1, param_dtype: Any = jnp.float32) -> LinearFactory:
+    """A model linear factory ``(in, out, *, use_bias, rngs[, init_scale][, dtype]) -> module``
+    for ``family``.
 
     ``base`` builds every sparse part (the masked linears); ``"wide"`` returns ``base`` itself
     (the widening is :func:`widen`'s, at the model level). ``rank_multiple`` rounds the
-    factorized rank (the block size on BSR layers); ``dtype``/``param_dtype`` are those of
-    Doped's dense low-rank path.
+    factorized rank (the block size on BSR layers); ``param_dtype`` is the storage dtype of
+    Doped's dense low-rank path. The model hands the compute ``dtype`` to every layer, which
+    hands it to ``base``.
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
@@ -353,5 +365,4 @@ def factory(family: str, sparsity: float, *, base: LinearFactory = dense_linear,
     if family == "factorized":
         return functools.partial(SparseFactorized, sparsity=sparsity, linear=base,
                                  rank_multiple=rank_multiple)
-    return functools.partial(SparseDoped, sparsity=sparsity, linear=base, dtype=dtype,
-                             param_dtype=param_dtype)
+    return functools.partial(SparseDoped, sparsity=sparsity, linear=base, param_dtype=param_dtype)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -19,6 +18,7 @@ from sparsejax import methods, schedules
 from sparsejax.errors import ConfigError
 from sparsejax.methods.base import MaskMethod
 from sparsejax.models import sparse_ift
+from sparsejax.models.attention import resolve_attention
 from sparsejax.models.gpt import GPT, GPTConfig
 from sparsejax.models.layers import LinearFactory, dense_linear
 from sparsejax.run import mask_methods
@@ -35,7 +35,8 @@ def base_model_config(spec: RunSpec, vocab_size: int = PLACEHOLDER_VOCAB) -> GPT
     m = spec.model
     return GPTConfig.from_variant(m.size, n_ctx=m.n_ctx, pos=m.pos,
                                   tie_embeddings=m.tie_embeddings, dtype=m.dtype,
-                                  vocab_size=vocab_size)
+                                  vocab_size=vocab_size, attention=m.attention, remat=m.remat,
+                                  scan=m.scan)
 
 
 def wide_plan(spec: RunSpec) -> sparse_ift.WidePlan | None:
@@ -79,7 +80,8 @@ def targets(spec: RunSpec, wide: sparse_ift.WidePlan | None) -> mask_methods.Tar
 def linear_factory(spec: RunSpec, wide: sparse_ift.WidePlan | None = None) -> LinearFactory:
     """The model's linear-layer factory: dense, or BSR kernels with a static block mask (under
     Sparse Wide each widened layer keeps its iso-FLOP share of blocks); a Sparse-IFT family
-    (``model.sparse_ift``) builds its layers from that one."""
+    (``model.sparse_ift``) builds its layers from that one. The model hands every layer its
+    compute dtype (``model.dtype``)."""
     m = spec.model
     wide = wide if wide is not None else wide_plan(spec)
     if m.linear == "dense":
@@ -92,10 +94,8 @@ def linear_factory(spec: RunSpec, wide: sparse_ift.WidePlan | None = None) -> Li
             return bsr_linear_factory((m.block, m.block), density)(d_in, d_out, **kwargs)
     if m.sparse_ift.family in ("", "wide"):  # Wide: the model is widened, linears unchanged
         return base
-    if base is dense_linear:  # GPT gives its dtypes to dense_linear only
-        base = functools.partial(dense_linear, dtype=m.dtype, param_dtype="float32")
     return sparse_ift.factory(m.sparse_ift.family, m.sparse_ift.sparsity, base=base,
-                              rank_multiple=m.block if m.linear == "bsr" else 1, dtype=m.dtype)
+                              rank_multiple=m.block if m.linear == "bsr" else 1)
 
 
 def mask_method(spec: RunSpec, targets_: mask_methods.Targets) -> MaskMethod | None:
@@ -144,6 +144,16 @@ def _naming(keys: str) -> Iterator[None]:
         raise
     except ValueError as e:
         raise ConfigError(f"config {keys}: {e}") from e
+
+
+def check_device(cfg: GPTConfig) -> None:
+    """What the model asks of this process's device: ``model.attention='cudnn'`` needs cuDNN
+    flash attention to run here (an NVIDIA GPU); :class:`ConfigError` naming the key otherwise.
+    Called where the model is built (:func:`sparsejax.run.experiment.build`), not by
+    :func:`blueprint`, which also checks configs planned on another machine (sweeps)."""
+    if cfg.attention == "cudnn":
+        with _naming("model.attention"):
+            resolve_attention("cudnn", dtype=cfg.dtype, head_dim=cfg.head_dim)
 
 
 class Blueprint(NamedTuple):

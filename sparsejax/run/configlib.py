@@ -18,6 +18,8 @@ from typing import Any
 import ml_collections
 
 from sparsejax.errors import ConfigError, InputError
+from sparsejax.models.attention import ATTENTION
+from sparsejax.models.stack import REMAT
 from sparsejax.run import mask_methods
 from sparsejax.run.spec import EvalSpec, RunSpec, _build
 
@@ -27,6 +29,9 @@ MAX_STEPS = 2**31 - 1  # the step counter is int32
 FINAL_EVAL_BATCHES = EvalSpec().final_batches
 # logging / placement only: resuming may change them
 NON_RESULT_SECTIONS = ("wandb", "mesh", "resources")
+# how the model computes, not what (same params tree, same results to float rounding): a run
+# may resume with other values, and run dirs written before these keys existed still match
+NON_RESULT_KEYS = ("model.attention", "model.remat", "model.scan")
 
 
 def base() -> ml_collections.ConfigDict:
@@ -134,11 +139,11 @@ def stored_spec(stored: Any, where: str) -> RunSpec:
 def differing_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two config dicts (``config.to_dict()`` or a
     run's ``config.json``), present in only one counting as differing; keys under
-    ``NON_RESULT_SECTIONS`` (logging only) are ignored."""
+    ``NON_RESULT_SECTIONS`` (logging only) and ``NON_RESULT_KEYS`` are ignored."""
     a, b = _flatten(old), _flatten(new)
     return sorted(k for k in set(a) | set(b)
-                  if k.split(".")[0] not in NON_RESULT_SECTIONS and a.get(k, _MISSING) != b.get(
-                      k, _MISSING))
+                  if k.split(".")[0] not in NON_RESULT_SECTIONS and k not in NON_RESULT_KEYS
+                  and a.get(k, _MISSING) != b.get(k, _MISSING))
 
 
 _MISSING = object()
@@ -151,6 +156,8 @@ ENUMS = {
     "model.pos": ("rope", "learned"),
     "model.dtype": ("float32", "bfloat16"),
     "model.linear": ("dense", "bsr"),
+    "model.attention": ATTENTION,
+    "model.remat": REMAT,
     "model.sparse_ift.family": ("", "wide", "parallel", "factorized", "doped"),
     "sparsity.decay_kind": ("linear", "exp"),
     "sparsity.pattern": ("stepwise", "geometric"),
@@ -202,6 +209,7 @@ def validate(config: ml_collections.ConfigDict | dict[str, Any]) -> RunSpec:
     _validate_finetune(got)
     _validate_train(got)
     _validate_sparse_ift(got)
+    _validate_model(got)
     spec = _build(RunSpec, config.to_dict() if isinstance(config, ml_collections.ConfigDict)
                   else config)
     _validate_sparsity(spec)
@@ -330,6 +338,19 @@ def _validate_finetune(got: dict[str, Any]) -> None:
         _need(got["soup.prune_fraction"] > 0, "soup.prune_fraction",
               "> 0 when soup.cycles > 1 (each further cycle prunes the soup again)",
               got["soup.prune_fraction"])
+
+
+def _validate_model(got: dict[str, Any]) -> None:
+    """Combinations of the accelerator keys (``model.attention``, ``model.scan``) that cannot
+    run; the head dim is checked where ``model.size`` is decoded (``run.build.blueprint``) and
+    the device when the model runs."""
+    _need(not (got["model.attention"] == "cudnn" and got["model.dtype"] == "float32"),
+          "model.attention/model.dtype", "'auto' or 'xla' with model.dtype='float32' (cuDNN "
+          "flash attention computes in bfloat16)", (got["model.attention"], got["model.dtype"]))
+    _need(not (got["model.scan"] and got["model.linear"] == "bsr"), "model.scan/model.linear",
+          "False with model.linear='bsr' (each BSR layer holds its own static block layout, "
+          "so the blocks cannot be stacked into one scan)", (got["model.scan"],
+                                                            got["model.linear"]))
 
 
 def _validate_sparse_ift(got: dict[str, Any]) -> None:

@@ -49,6 +49,7 @@ def build(config: Config) -> Experiment:
     (from ``init_from`` for fine-tuning)."""
     spec = spec_of(config)
     blueprint = check(spec)
+    build_lib.check_device(blueprint.model_cfg)  # before the corpus loads
     corpus = data.load_spec(spec.data)
     cfg = dataclasses.replace(blueprint.model_cfg, vocab_size=corpus.vocab_size)
     if spec.init_from or spec.finetune.distill:

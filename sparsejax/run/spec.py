@@ -38,10 +38,14 @@ class ModelSpec(_Section):
     n_ctx: int = 128
     pos: str = "rope"  # rope | learned
     tie_embeddings: bool = True
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     linear: str = "dense"  # dense | bsr (block-sparse kernels, pallas_kernels)
     block: int = 32  # BSR block size
     sparse_ift: SparseIFTSpec = SparseIFTSpec()
+    # how the model computes, never its params (sparsejax.models.attention / .stack):
+    attention: str = "auto"  # auto (cuDNN flash attention where it runs, else XLA) | xla | cudnn
+    remat: str = "none"  # per block: none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    scan: bool = False  # one lax.scan over the blocks: compile time independent of depth
 
 
 @dataclasses.dataclass(frozen=True)
