@@ -1,6 +1,7 @@
 """The whole bf16 train step lowers for GPU (``cuda``) and TPU on this host, with dense, BSR
-and N:M linears: :func:`sparsejax.run.memory.abstract_step` (abstract state, donated) traced
-and lowered with ``lowering_platforms=(platform,)``, nothing run or allocated on a device.
+and N:M linears: :func:`sparsejax.run.abstract_step.abstract_step` (abstract state, donated)
+traced and lowered with ``lowering_platforms=(platform,)``, nothing run or allocated on a
+device.
 
 The kernel layers pick their implementation from the default device's platform
 (``pallas_kernels.backend.default_platform``), which here is the CPU; the test points it at
@@ -13,7 +14,7 @@ from __future__ import annotations
 import pytest
 
 import pallas_kernels.backend
-from sparsejax.run import configlib, memory
+from sparsejax.run import abstract_step, configlib
 
 TARGET = {"cuda": "@__gpu$xla.gpu.triton", "tpu": "@tpu_custom_call"}
 PLATFORM = {"cuda": "gpu", "tpu": "tpu"}
@@ -32,7 +33,7 @@ def test_bf16_train_step_lowers(platform, linear, monkeypatch):
     monkeypatch.setattr(pallas_kernels.backend, "default_platform", lambda: PLATFORM[platform])
     config = configlib.apply_arg(configlib.base(), BASE + LINEAR[linear])
     configlib.set_key(config, "model.size", "1,1024,8,4096")  # 1 layer, d 1024, 8 heads, ff 4096
-    step = memory.abstract_step(configlib.validate(config), vocab_size=256)
+    step = abstract_step.abstract_step(configlib.validate(config), vocab_size=256)
     lowered = step.train_step.trace(step.state, step.batch, step.batch, None).lower(
         lowering_platforms=(platform,))
     text = lowered.as_text()

@@ -1,8 +1,7 @@
 """How much device memory a run's training step needs, without allocating its weights.
 
-:func:`plan` builds the run's model abstractly (``nnx.eval_shape``: shapes, no weights), the
-abstract :class:`~sparsejax.run.step.TrainState` and batch, and lowers and compiles the *whole*
-jitted train step (:func:`sparsejax.run.step.make_train_step`, state donated) for the default
+:func:`plan` lowers and compiles the *whole* jitted train step on abstract state and batch
+(:func:`sparsejax.run.abstract_step.abstract_step`: no weights, state donated) for the default
 backend, then reads XLA's compiled memory analysis. The peak is taken as
 
     peak = arguments + outputs - aliases + temporaries + generated code
@@ -13,12 +12,9 @@ temporaries are XLA's heap-simulated peak of everything else (activations kept f
 pass, gradients, the optimizer's intermediates, workspace), counted as if they coexisted with
 all arguments and outputs, so this errs high. Run on a CPU host, this is XLA:CPU's plan of the
 same program: an estimate of an accelerator's, whose fusion and layouts differ (XLA:CPU keeps
-some bf16 intermediates in f32, so bf16 plans err high). The activations JAX's autodiff saves
-for the backward pass (the jaxpr's residuals, before XLA fuses anything) are reported beside
-it, in the compute dtype and platform independent.
-
-Kernel layers (``model.linear=bsr|nm``) choose their static masks on the host, so for a plan
-they are built on the host CPU (their stored values, at most the dense weights' size).
+some bf16 intermediates in f32, so bf16 plans err high). Reported beside it, not in the sum:
+the activations autodiff saves for the backward pass (the jaxpr's residuals, before XLA fuses
+anything), in the compute dtype, platform independent.
 
 :func:`check_fits` is what ``train`` runs before it loads data or allocates weights: it
 refuses (:class:`~sparsejax.errors.ConfigError`) a run whose step cannot fit the memory of
@@ -32,22 +28,20 @@ is refused at once; only in between is the step compiled and its peak compared.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from sparsejax.errors import ConfigError
-from sparsejax.models.gpt import GPT, loss_fn
-from sparsejax.run import accounting, build, distributed, evaluation
+from sparsejax.run import distributed
+from sparsejax.run.abstract_step import AbstractStep, abstract_step
 from sparsejax.run.mask_methods import physical_memory
 from sparsejax.run.spec import RunSpec
-from sparsejax.run.step import TrainState, flops_coefficients, is_sparse, make_train_step
 from sparsejax.transforms import SparsifyState
 
 #: skip compiling when the upper estimate is below this fraction of the device's memory
@@ -66,72 +60,6 @@ def corpus_vocab(spec: RunSpec, *, exact: bool = True) -> int:
     if not exact:
         return TOKEN_VOCAB_BOUND
     return int(np.memmap(Path(source).expanduser(), dtype=np.uint16, mode="r").max()) + 1
-
-
-class AbstractStep(NamedTuple):
-    """The run's jitted train step with abstract arguments (:func:`abstract_step`)."""
-
-    train_step: Any  # jitted (state, x_BxL, y_BxL) -> (state, metrics), state donated
-    state: TrainState  # jax.ShapeDtypeStruct leaves
-    batch: jax.ShapeDtypeStruct  # int32 (per-device batch, seq_len) when sharded: global
-    shardings: Any  # the state's shardings on the mesh, or None
-    loss: Any  # (params, x, y) -> loss, for the residuals
-    n_devices: int
-
-
-def _abstract(tree: Any) -> Any:
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), tree)
-
-
-def _model(spec: RunSpec, bp: build.Blueprint, vocab_size: int) -> GPT:
-    """The run's GPT: abstract for dense (and Sparse-IFT) layers; kernel layers pick their
-    masks on the host, so those models are built there, on the CPU."""
-    cfg = dataclasses.replace(bp.model_cfg, vocab_size=vocab_size)
-    make = functools.partial(GPT, cfg, linear=build.linear_factory(spec, bp.wide))
-    if spec.model.linear == "dense":
-        return nnx.eval_shape(lambda: make(rngs=nnx.Rngs(spec.seed)))
-    with jax.default_device(jax.devices("cpu")[0]):
-        return make(rngs=nnx.Rngs(spec.seed))
-
-
-def abstract_step(spec: RunSpec, vocab_size: int, mesh: jax.sharding.Mesh | None = None
-                  ) -> AbstractStep:
-    """The train step :func:`sparsejax.run.train.run` would compile for ``spec``, on abstract
-    state and batch (no weights); with a ``mesh``, sharded as training shards it."""
-    bp = build.blueprint(spec)
-    tx, model = bp.tx, _model(spec, bp, vocab_size)
-    graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
-    params_def = jax.tree_util.tree_structure(params_state)
-    params = _abstract(nnx.to_pure_dict(params_state))
-    # non-trainable state (N:M codes) is a constant of the step, as in training
-    rest = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype)
-                        if isinstance(a, jax.ShapeDtypeStruct) else a, rest)
-    sparse = is_sparse(tx, params)
-
-    def init(p):
-        zero = jnp.zeros((), jnp.float32)
-        return TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), jax.random.PRNGKey(0), zero,
-                          zero, zero, jnp.zeros((), jnp.int32))
-
-    state = jax.eval_shape(init, params)
-    fixed, dense = flops_coefficients(model, spec.train.seq_len)
-    shardings = n = None
-    if mesh is not None:
-        shardings = (distributed.state_shardings(mesh, state, params),
-                     distributed.batch_sharding(mesh))
-        n = mesh.size
-    t = spec.train
-    step = make_train_step(
-        graphdef, params_def, rest, tx, fixed_flops=fixed, dense_flops=dense,
-        tokens_per_step=float(t.batch_size * t.seq_len), sparse=sparse,
-        structural=accounting.structural_stats(model, params), shardings=shardings)
-
-    def loss(p, x, y):
-        return loss_fn(evaluation.merge_model(graphdef, params_def, rest, p), x, y)
-
-    batch = jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.int32)
-    return AbstractStep(step, state, batch, None if shardings is None else shardings[0], loss,
-                        n or 1)
 
 
 def _nbytes(tree: Any, shardings: Any = None) -> int:
@@ -161,10 +89,10 @@ def residual_bytes(step: AbstractStep, min_itemsize: int = 1) -> int:
     jaxpr = closed.jaxpr
     n_res = len(jax.tree.leaves(shapes[1]))
     inputs = {id(v) for v in jaxpr.invars}
-    return sum(int(np.prod(v.aval.shape, dtype=np.int64)) * max(min_itemsize,
-                                                                 v.aval.dtype.itemsize)
+    return sum(int(np.prod(v.aval.shape, dtype=np.int64))
+               * max(min_itemsize, v.aval.dtype.itemsize)
                for v in jaxpr.outvars[len(jaxpr.outvars) - n_res:]
-               if hasattr(v, "aval") and id(v) not in inputs and type(v).__name__ != "Literal")
+               if not isinstance(v, jax.extend.core.Literal) and id(v) not in inputs)
 
 
 class StateBytes(NamedTuple):
@@ -208,7 +136,7 @@ class MemoryPlan:
     aliases: int
     temporaries: int
     generated_code: int
-    residuals: int  # activations saved for the backward pass (jaxpr; inside temporaries)
+    residuals: int  # activations autodiff saves for the backward (jaxpr; not in the peak)
     platform: str  # the backend that compiled it
     compile_s: float
     n_params: int  # parameter entries the model stores (all devices)
@@ -304,11 +232,11 @@ def size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.1f} MB"
 
 
-def refusal(spec: RunSpec, need: str, how: str, memory: str) -> str:
+def refusal(spec: RunSpec, need: str, how: str, capacity: str) -> str:
     """The one line that refuses a run: what it needs, how that was found, the memory it
     does not fit, and the config keys that lower it."""
     fixes = ["train.batch_size", "train.seq_len",
              *(["model.dtype=bfloat16"] if spec.model.dtype == "float32" else []),
              *(["model.remat"] if hasattr(spec.model, "remat") else []), "mesh.fsdp"]
-    return (f"this run needs about {need} per device ({how}), more than the {memory}; "
+    return (f"this run needs about {need} per device ({how}), more than the {capacity}; "
             f"lower it with {', '.join(fixes)} (sparsejax plan-memory shows the parts)")
