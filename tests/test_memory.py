@@ -152,3 +152,8 @@ def test_accelerator_preset_refuses_unknown_sizes_and_seqs():
         _accel("size=2B")
     with pytest.raises(ValueError, match="seq must be one of"):
         _accel("seq=4096")
+
+
+def test_check_fits_names_a_mesh_the_devices_cannot_make():
+    with pytest.raises(ConfigError, match=r"mesh\.fsdp=2 must divide the 1 devices"):
+        memory.check_fits(spec_of(TINY + ",mesh.fsdp=2"), limit=(10**9, "test memory"))

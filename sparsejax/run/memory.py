@@ -212,7 +212,11 @@ def check_fits(spec: RunSpec, limit: tuple[int, str] | None = None) -> Estimate 
     docstring: it compiles only between the two bounds)."""
     limit_bytes, where = device_memory() if limit is None else limit
     m = spec.mesh
-    mesh = distributed.make_mesh(distributed.MeshShape(m.data, m.fsdp))
+    try:  # the mesh and batch split train makes and checks, as the config's error (exit 2)
+        mesh = distributed.make_mesh(distributed.MeshShape(m.data, m.fsdp))
+        distributed.check_batch("train.batch_size", spec.train.batch_size, mesh)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     est = estimate(spec, corpus_vocab(spec, exact=False), mesh)
     if est.upper <= SKIP_COMPILE_FRACTION * limit_bytes:
         return est
