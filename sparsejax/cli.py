@@ -7,7 +7,8 @@ workdir holds checkpoints); ``sparsejax sweep`` runs a recipe's ``sweep(add)`` w
 status; ``sparsejax fit SWEEP_DIR_OR_CSV`` fits a scaling law; ``sparsejax export --format
 bsr|nm|safetensors|npz RUN_DIR`` exports a run's model with its sparse layout (refused when
 that saves < 10%); ``sparsejax soup --config configs/soup.py --workdir DIR`` makes sparse
-model soups.
+model soups; ``sparsejax plan-memory --config FILE.py [--device h100]`` prints the memory plan
+of a config's train step (:mod:`sparsejax.run.memory`).
 
 Every command takes ``--help``. The exit status comes from the error's type
 (:mod:`sparsejax.errors`): a bad key, value, file or run dir (``ConfigError``, ``InputError``,
@@ -42,6 +43,8 @@ commands:
           [--block BK,BN] [--n N --m M] [--step S]
   soup    --config FILE.py[:key=val,...] --workdir DIR [--config.KEY=VALUE ...]
   oneshot RUN_DIR [--sparsities S,...] [--score magnitude|wanda|gblm] [--structure STRUCTURE]
+  plan-memory --config FILE.py[:key=val,...] [--config.KEY=VALUE ...]
+          [--device h100|h200|a100-40|a100-80|b200|v4|v5e|v5p|v6e|BYTES]
 """
 OVERRIDES_HELP = ("Overrides: --config.KEY=VALUE for any key of sparsejax.run.configlib.base(), "
                   "e.g. --config.train.steps=200 --config.sparsity.final=0.75. "
@@ -349,6 +352,34 @@ def oneshot_main(argv: list[str]) -> int:
     return 0
 
 
+def plan_memory_main(argv: list[str]) -> int:
+    """Print the memory plan of a config's train step against a device; exit status 2 when
+    it does not fit."""
+    p = _Parser("plan-memory", description="Compile the config's whole train step on abstract "
+                "inputs (no weights) and print XLA's memory plan per device: params, "
+                "optimizer state, masks, temporaries, peak, against a device's memory. "
+                "Compiled by this host's backend (XLA:CPU without an accelerator): an "
+                "estimate of the accelerator's. Exit status 2 when it does not fit.",
+                epilog=OVERRIDES_HELP)
+    p.add_argument("--config", required=True, metavar="FILE.py[:arg]", help="recipe file")
+    p.add_argument("--device", default="h100", help="h100 (default), h200, a100-40, a100-80, "
+                   "b200, v4, v5e, v5p, v6e, or its memory in bytes")
+    args, rest = p.parse_known_args(argv)
+    config, _ = _parse_config(args.config, rest)
+    from sparsejax.run import configlib, memory, memory_table
+
+    dev = memory_table.device(args.device)
+    spec = configlib.validate(config)
+    plan = memory.plan(spec, memory.corpus_vocab(spec))
+    print(memory_table.table(plan, dev, spec))
+    if plan.peak > dev.bytes:
+        scale = memory_table.GB if dev.unit == "GB" else memory_table.GIB
+        raise errors.ConfigError(memory.refusal(
+            spec, f"{plan.peak / scale:.2f} {dev.unit}",
+            f"XLA:{plan.platform.upper()}'s plan of its train step", f"{dev.stated} of {dev.name}"))
+    return 0
+
+
 def _dispatch(argv: list[str], command: str) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
@@ -366,12 +397,14 @@ def _dispatch(argv: list[str], command: str) -> int:
         return soup_main(rest, command)
     if name == "oneshot":
         return oneshot_main(rest)
+    if name == "plan-memory":
+        return plan_memory_main(rest)
     if name == "fit":
         from scaling import cli as scaling_cli
 
         return scaling_cli.main(rest)
     raise UsageError(f"unknown command {name!r} (commands: train, sweep, status, fit, export, "
-                     "oneshot, soup)")
+                     "oneshot, soup, plan-memory)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from sparsejax.downstream import loading
-from sparsejax.run import checkpoint, configlib, experiment, rundir, train
+from sparsejax.errors import ConfigError
+from sparsejax.run import build, checkpoint, configlib, experiment, rundir, train
 from sparsejax.run.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,6 +166,36 @@ def test_static_block_sparse_training_on_bsr_kernels(tmp_path):
     bad = load_recipe("gradual_magnitude", "model.linear=bsr")
     with pytest.raises(ValueError, match="model.linear"):
         configlib.validate(bad)
+
+
+@pytest.mark.slow
+def test_static_nm_training_on_nm_kernels(tmp_path):
+    """model.linear=nm: 2:4 layers (pallas_kernels.layers.NMLinear, the CPU path) keep the
+    largest half of every group of the initial weights and train a few steps."""
+    c = load_recipe("base", TINY + ",steps=4,model.linear=nm,sparsity.method=nm")
+    c.train.log_every = 2
+    c.train.warmup_steps = 1
+    c.eval.every = 4
+    c.eval.batches = 1
+    summary = run_config(c, tmp_path / "nm")
+    assert summary["status"] == "completed"
+    assert summary["sparsity"] == pytest.approx(0.5)
+    losses = [r["train_loss"] for r in rundir.RunDir(tmp_path / "nm").read_metrics()]
+    assert losses[-1] < losses[0]
+    params, _ = loading.load_for_finetuning(tmp_path / "nm")
+    blocks = params["blocks"]
+    fc_out = (blocks["0"] if "0" in blocks else blocks[0])["mlp"]["fc_out"]
+    assert fc_out["values"].shape == (128, 64)  # (256, 64) kernel, 2 of every 4 along K
+    for bad, key in (("sparsity.method=static,sparsity.final=0.5", "model.linear"),
+                     ("sparsity.method=nm,sparsity.n=4", "sparsity.n")):
+        with pytest.raises(ValueError, match=key):
+            configlib.validate(load_recipe("base", f"model.linear=nm,{bad}"))
+    for bad, words in (("model.linear=nm,sparsity.method=nm,sparsity.n=1,sparsity.m=3",
+                        "m = 3 must divide K"),
+                       ("model.linear=bsr,sparsity.method=static,sparsity.score=random,"
+                        "sparsity.final=0.5,model.block=48", "not divisible by block")):
+        with pytest.raises(ConfigError, match=words):  # before any data or weights
+            build.blueprint(configlib.validate(load_recipe("base", bad)))
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """Decoder-only transformer language model (GPT-2, Radford et al., 2019) in Flax NNX.
 
-One class serves every size: :meth:`GPTConfig.from_variant` decodes ``"tiny"``, ``"XS"``,
-``"S"``, ``"M"``, ``"L"`` or an explicit ``"n_layer,d_model,n_head,d_ff"`` string. Pre-norm
+One class serves every size: :meth:`GPTConfig.from_variant` decodes a name of
+:data:`VARIANTS` (``"tiny"``, ``"S"``, ``"L"``, ..., the paper sizes ``"125M"`` to ``"1.3B"``)
+or an explicit ``"n_layer,d_model,n_head,d_ff"`` string. Pre-norm
 blocks, causal attention, GELU MLP, rotary (RoFormer, Su et al., 2021) or learned positions,
 optionally tied input/output embeddings. Prunable leaves under the default predicate are
 exactly the attention (query, key, value, out) and MLP (fc_in, fc_out) kernels.
@@ -45,6 +46,13 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
     "S": (6, 256, 8, 1024),
     "M": (8, 512, 8, 2048),
     "L": (12, 768, 12, 3072),  # GPT-2 small's body
+    # the shapes sparse pre-training papers train (SPDF, Sparse-IFT): GPT-3 Small, Medium,
+    # Large, XL (Brown et al. 2020, Table 2.1; XL with 16 heads of 128). Names count a
+    # 50257-token vocabulary; on a byte corpus (vocab 256) they hold 85M, 303M, 680M, 1.21B.
+    "125M": (12, 768, 12, 3072),
+    "350M": (24, 1024, 16, 4096),
+    "760M": (24, 1536, 16, 6144),
+    "1.3B": (24, 2048, 16, 8192),
 }
 POSITIONS = ("rope", "learned")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")

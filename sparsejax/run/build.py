@@ -13,7 +13,9 @@ from typing import Any, NamedTuple
 
 import optax
 
-from pallas_kernels.layers import bsr_linear_factory
+from pallas_kernels.block_sparse.format import check_block
+from pallas_kernels.layers import bsr_linear_factory, nm_linear_factory
+from pallas_kernels.nm.format import check_nm, code_layout
 from sparsejax import methods, schedules
 from sparsejax.errors import ConfigError
 from sparsejax.methods.base import MaskMethod
@@ -78,14 +80,17 @@ def targets(spec: RunSpec, wide: sparse_ift.WidePlan | None) -> mask_methods.Tar
 
 
 def linear_factory(spec: RunSpec, wide: sparse_ift.WidePlan | None = None) -> LinearFactory:
-    """The model's linear-layer factory: dense, or BSR kernels with a static block mask (under
-    Sparse Wide each widened layer keeps its iso-FLOP share of blocks); a Sparse-IFT family
-    (``model.sparse_ift``) builds its layers from that one. The model hands every layer its
-    compute dtype (``model.dtype``)."""
+    """The model's linear-layer factory: dense, N:M kernels with a static
+    ``sparsity.n:sparsity.m`` mask (the largest initial weights of every group), or BSR kernels
+    with a static block mask (under Sparse Wide each widened layer keeps its iso-FLOP share of
+    blocks); a Sparse-IFT family (``model.sparse_ift``) builds its layers from that one. The
+    model hands every layer its compute dtype (``model.dtype``)."""
     m = spec.model
     wide = wide if wide is not None else wide_plan(spec)
     if m.linear == "dense":
         base: LinearFactory = dense_linear
+    elif m.linear == "nm":  # validation: no Sparse-IFT (a constant method) with N:M layers
+        base = nm_linear_factory(spec.sparsity.n, spec.sparsity.m)
     elif wide is None or spec.sparsity.final == 0:
         base = bsr_linear_factory((m.block, m.block), 1.0 - spec.sparsity.final)
     else:
@@ -98,9 +103,26 @@ def linear_factory(spec: RunSpec, wide: sparse_ift.WidePlan | None = None) -> Li
                               rank_multiple=m.block if m.linear == "bsr" else 1)
 
 
+def check_kernel_shapes(spec: RunSpec, cfg: GPTConfig) -> None:
+    """``ValueError`` unless the kernel layers of ``model.linear`` take the model's linears:
+    BSR blocks must tile ``(d_model, d_ff)`` matrices, and N:M groups of ``sparsity.m`` must
+    divide every contraction dim (``d_model``, ``d_ff``) with the in-group positions of a group
+    fitting 32 bits. Sparse-IFT builds other widths; its layers check themselves."""
+    m, s = spec.model, spec.sparsity
+    if m.linear == "dense" or m.sparse_ift.family not in ("", "wide"):
+        return
+    for d_in, d_out in ((cfg.d_model, cfg.d_model), (cfg.d_model, cfg.d_ff),
+                        (cfg.d_ff, cfg.d_model)):
+        if m.linear == "bsr":
+            check_block((d_in, d_out), (m.block, m.block))
+        else:
+            check_nm((d_in, d_out), s.n, s.m)
+            code_layout(d_in // s.m, s.n, s.m)
+
+
 def mask_method(spec: RunSpec, targets_: mask_methods.Targets) -> MaskMethod | None:
     """The registered method ``sparsity.method`` (:mod:`sparsejax.run.mask_methods`), under
-    SPDF when ``sparsity.dense_from < 1``; ``None`` for dense runs and BSR layers (sparse by
+    SPDF when ``sparsity.dense_from < 1``; ``None`` for dense runs and kernel layers (sparse by
     construction)."""
     s = spec.sparsity
     if s.method == "dense" or spec.model.linear != "dense":
@@ -175,6 +197,8 @@ def blueprint(spec: RunSpec) -> Blueprint:
     with _naming("model.*"):
         wide = wide_plan(spec)
         cfg = model_config(spec, PLACEHOLDER_VOCAB, wide)
+    with _naming("model.linear / model.block / sparsity.n / sparsity.m"):
+        check_kernel_shapes(spec, cfg)
     with _naming("sparsity.*"):
         t = targets(spec, wide)
         method = mask_method(spec, t)

@@ -155,7 +155,7 @@ _need = mask_methods.need  # ConfigError("config.KEY must be EXPECTED, got VALUE
 ENUMS = {
     "model.pos": ("rope", "learned"),
     "model.dtype": ("float32", "bfloat16"),
-    "model.linear": ("dense", "bsr"),
+    "model.linear": ("dense", "bsr", "nm"),
     "model.attention": ATTENTION,
     "model.remat": REMAT,
     "model.sparse_ift.family": ("", "wide", "parallel", "factorized", "doped"),
@@ -270,6 +270,13 @@ def _validate_sparsity(spec: RunSpec) -> None:
         _need(s.method == "static" and s.score == "random", "model.linear",
               "'dense' unless sparsity.method='static' with score='random' (the BSR layers "
               "hold a static random block mask)", spec.model.linear)
+    if spec.model.linear == "nm":  # N:M kernels: a static N:M mask chosen by magnitude at init
+        _need(s.method == "nm" and s.score == "magnitude", "model.linear",
+              "'dense' unless sparsity.method='nm' with score='magnitude' (the N:M layers hold "
+              "a static sparsity.n:sparsity.m mask, the largest initial weights)",
+              spec.model.linear)
+        _need(1 <= s.n < s.m, "sparsity.n", f"in [1, sparsity.m) = [1, {s.m}) for N:M layers",
+              s.n)
     if s.method == "dense":
         _need(s.dense_from == 1, "sparsity.dense_from",
               "1 unless a static or gradual method masks dense layers", s.dense_from)

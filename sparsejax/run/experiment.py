@@ -20,7 +20,7 @@ from flax import nnx
 from sparsejax.downstream import finetune
 from sparsejax.models.gpt import GPT
 from sparsejax.run import build as build_lib
-from sparsejax.run import configlib, data, distributed, train
+from sparsejax.run import configlib, data, distributed, memory, train
 from sparsejax.run.build import Experiment
 from sparsejax.run.spec import RunSpec
 
@@ -65,10 +65,13 @@ def build(config: Config) -> Experiment:
 def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Build ``config`` and train it in ``workdir`` (resuming from its checkpoints), on the
     ``mesh.*`` device mesh (joining a multi-process job first when ``mesh.*`` or the
-    environment asks for one: :func:`sparsejax.run.distributed.initialize`)."""
+    environment asks for one: :func:`sparsejax.run.distributed.initialize`). A run whose train
+    step cannot fit its devices' memory is refused first
+    (:func:`sparsejax.run.memory.check_fits`, :class:`~sparsejax.errors.ConfigError`)."""
     spec = spec_of(config)
     m = spec.mesh
     distributed.initialize(distributed.Distributed(m.coordinator, m.num_processes, m.process_id))
+    memory.check_fits(spec)  # refuses, before data and weights, a step the device cannot hold
     exp = build(spec)
     mesh = distributed.make_mesh(distributed.MeshShape(m.data, m.fsdp))
     return train.run(spec, exp, workdir, mesh=mesh, progress=progress)

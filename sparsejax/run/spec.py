@@ -39,7 +39,7 @@ class ModelSpec(_Section):
     pos: str = "rope"  # rope | learned
     tie_embeddings: bool = True
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
-    linear: str = "dense"  # dense | bsr (block-sparse kernels, pallas_kernels)
+    linear: str = "dense"  # dense | bsr | nm (block-sparse / N:M kernels, pallas_kernels)
     block: int = 32  # BSR block size
     sparse_ift: SparseIFTSpec = SparseIFTSpec()
     # how the model computes, never its params (sparsejax.models.attention / .stack):
