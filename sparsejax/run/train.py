@@ -290,6 +290,7 @@ def _loop(spec: RunSpec, exp: Experiment, setup: _Setup, out: Outputs, clock: Cl
         is_eval = done % spec.eval.every == 0 or done == t.steps
         is_ckpt = done % spec.checkpoint.every == 0 or done == t.steps
         if done % t.log_every == 0 or is_eval:
+            jax.block_until_ready(state.loss_sum)  # the interval's steps are done
             now = time.perf_counter()
             record = _log_step(spec, exp, setup, state, metrics, done, is_eval,
                                step_time=(now - t_log) / (done - step_log), wall=clock.wall())
