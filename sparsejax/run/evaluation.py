@@ -101,8 +101,10 @@ def sequence_losses(model: nnx.Module, *, mesh: jax.sharding.Mesh | None = None
     each the mean next-token cross-entropy of one window, computed by ``model`` holding
     ``params`` (a pure dict shaped like ``nnx.to_pure_dict`` of its Params). Jitted once, so
     one compiled shape serves any number of batches of an :class:`EvalSet`. With a ``mesh``,
-    host batches are split over it (:func:`sparsejax.run.distributed.put`) and the losses come
-    back replicated, so every process can read them."""
+    host batches are split over it (:func:`sparsejax.run.distributed.put`), the step runs with
+    the mesh in context (:class:`~sparsejax.run.distributed.OnMesh`: the sparse kernel layers
+    split their batch over it) and the losses come back replicated, so every process can
+    read them."""
     graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
     params_def = jax.tree_util.tree_structure(params_state)
     del params_state
@@ -114,7 +116,8 @@ def sequence_losses(model: nnx.Module, *, mesh: jax.sharding.Mesh | None = None
     if mesh is None:
         return jax.jit(per_sequence)
     batch_sh = distributed.batch_sharding(mesh)
-    losses = jax.jit(per_sequence, out_shardings=distributed.replicated(mesh))
+    losses = distributed.OnMesh(
+        jax.jit(per_sequence, out_shardings=distributed.replicated(mesh)), mesh)
     return lambda params, x_BxL, y_BxL: losses(params, distributed.put(x_BxL, batch_sh),
                                                distributed.put(y_BxL, batch_sh))
 
