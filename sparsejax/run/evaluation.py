@@ -125,10 +125,23 @@ def sequence_losses(model: nnx.Module, *, mesh: jax.sharding.Mesh | None = None
 def evaluate(per_sequence: PerSequence, params: Any, eval_set_: EvalSet) -> EvalResult:
     """Score ``params`` on ``eval_set_``: ``per_sequence(params, x_BxL, y_BxL) -> (B,)``
     losses (:func:`sequence_losses`), batch by batch (one compiled shape for any number of
-    batches), summarized by :func:`summarize`; the result carries the set's fingerprint."""
-    losses = [per_sequence(params, x, y) for x, y in zip(eval_set_.xs, eval_set_.ys,
-                                                        strict=True)]
-    result = summarize(np.concatenate([np.asarray(v, np.float64) for v in losses]))
+    batches), summarized by :func:`summarize`; the result carries the set's fingerprint.
+
+    At most two batches are in flight: a batch's losses are read once the next batch is
+    dispatched. XLA:CPU queues at most 32 computations per device, and a dispatch past that
+    blocks one of its client's ``max(cores, devices)`` threads; on simulated devices a launch
+    over all of them then waits forever for its last device, and the process aborts (the
+    final eval's 240 batches did, every time; docs/design.md, "Distributed")."""
+    losses: list[np.ndarray] = []
+    pending = None
+    for x, y in zip(eval_set_.xs, eval_set_.ys, strict=True):
+        dispatched = per_sequence(params, x, y)
+        if pending is not None:
+            losses.append(np.asarray(pending, np.float64))  # waits for the batch before only
+        pending = dispatched
+    if pending is not None:
+        losses.append(np.asarray(pending, np.float64))
+    result = summarize(np.concatenate(losses))
     return result._replace(sha256=eval_set_.sha256)
 
 
