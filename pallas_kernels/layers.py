@@ -26,6 +26,7 @@ from pallas_kernels.block_sparse.format import BSRMatrix, check_block
 from pallas_kernels.block_sparse.ops import bsr_matmul
 from pallas_kernels.nm.format import NMMatrix, check_nm
 from pallas_kernels.nm.ops import nm_matmul
+from pallas_kernels.sharding import split_batch
 
 _default_kernel_init = nnx.initializers.lecun_normal()
 
@@ -45,6 +46,20 @@ def _bias_param(bias, out_features: int, param_dtype) -> nnx.Param | None:
     if b.shape != (out_features,):
         raise ValueError(f"bias must have shape ({out_features},), got {b.shape}")
     return nnx.Param(b)
+
+
+def _bsr_call(x: jax.Array, w: BSRMatrix, backend: str) -> jax.Array:
+    """``bsr_matmul(x, w)``, on a context mesh per device on its batch rows
+    (:func:`pallas_kernels.sharding.split_batch`)."""
+    return split_batch(lambda x, v: bsr_matmul(x, BSRMatrix(v, w.layout), backend=backend),
+                       x, w.values)
+
+
+def _nm_call(x: jax.Array, w: NMMatrix, backend: str) -> jax.Array:
+    """``nm_matmul(x, w)``, on a context mesh per device on its batch rows."""
+    return split_batch(
+        lambda x, v, c: nm_matmul(x, NMMatrix(v, c, w.shape, w.n, w.m), backend=backend),
+        x, w.values, w.codes)
 
 
 class BSRLinear(nnx.Module):
@@ -80,7 +95,7 @@ class BSRLinear(nnx.Module):
         w = self.sparse_kernel()
         dtype = self.dtype or jnp.result_type(x.dtype, w.values.dtype)
         w = BSRMatrix(w.values.astype(dtype), w.layout)
-        y = bsr_matmul(x.astype(dtype), w, backend=self.backend)
+        y = _bsr_call(x.astype(dtype), w, self.backend)
         return y if self.bias is None else y + self.bias[...].astype(dtype)
 
 
@@ -114,7 +129,7 @@ class NMLinear(nnx.Module):
         w = self.sparse_kernel()
         dtype = self.dtype or jnp.result_type(x.dtype, w.values.dtype)
         w = NMMatrix(w.values.astype(dtype), w.codes, w.shape, w.n, w.m)
-        y = nm_matmul(x.astype(dtype), w, backend=self.backend)
+        y = _nm_call(x.astype(dtype), w, self.backend)
         return y if self.bias is None else y + self.bias[...].astype(dtype)
 
 

@@ -161,6 +161,16 @@ def mesh_checks(out_dir: Path) -> None:
     t = time.perf_counter()
     hlo_check(out)
     out["time_hlo_s"] = time.perf_counter() - t
+    import _scale_out_kernels as kernels
+
+    t = time.perf_counter()
+    kernels.kernel_hlo(out)
+    kernels.kernel_grads(out)
+    out["time_kernels_s"] = time.perf_counter() - t
+    (out_dir / "mesh.json").write_text(json.dumps(out, indent=1))
+    t = time.perf_counter()
+    kernels.eval_queue(out)  # last: before the fix it aborted the process
+    out["time_eval_queue_s"] = time.perf_counter() - t
     (out_dir / "mesh.json").write_text(json.dumps(out, indent=1))
 
 

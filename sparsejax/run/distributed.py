@@ -104,6 +104,24 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+class OnMesh:
+    """A jitted function called (and lowered) with ``mesh`` as JAX's context mesh
+    (``jax.set_mesh``), so what it traces sees the mesh (``jax.sharding.get_abstract_mesh()``):
+    the sparse kernel layers split their batch over it (:mod:`pallas_kernels.sharding`)."""
+
+    def __init__(self, jitted: Any, mesh: Mesh):
+        self.jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args, **kwargs)
+
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        """``jitted.lower`` under the mesh (for HLO checks)."""
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args, **kwargs)
+
+
 def check_batch(name: str, size: int, mesh: Mesh) -> None:
     """``ValueError`` naming the config key when ``size`` does not split over the mesh."""
     n = mesh.size

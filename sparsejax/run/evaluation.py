@@ -101,8 +101,10 @@ def sequence_losses(model: nnx.Module, *, mesh: jax.sharding.Mesh | None = None
     each the mean next-token cross-entropy of one window, computed by ``model`` holding
     ``params`` (a pure dict shaped like ``nnx.to_pure_dict`` of its Params). Jitted once, so
     one compiled shape serves any number of batches of an :class:`EvalSet`. With a ``mesh``,
-    host batches are split over it (:func:`sparsejax.run.distributed.put`) and the losses come
-    back replicated, so every process can read them."""
+    host batches are split over it (:func:`sparsejax.run.distributed.put`), the step runs with
+    the mesh in context (:class:`~sparsejax.run.distributed.OnMesh`: the sparse kernel layers
+    split their batch over it) and the losses come back replicated, so every process can
+    read them."""
     graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
     params_def = jax.tree_util.tree_structure(params_state)
     del params_state
@@ -114,7 +116,8 @@ def sequence_losses(model: nnx.Module, *, mesh: jax.sharding.Mesh | None = None
     if mesh is None:
         return jax.jit(per_sequence)
     batch_sh = distributed.batch_sharding(mesh)
-    losses = jax.jit(per_sequence, out_shardings=distributed.replicated(mesh))
+    losses = distributed.OnMesh(
+        jax.jit(per_sequence, out_shardings=distributed.replicated(mesh)), mesh)
     return lambda params, x_BxL, y_BxL: losses(params, distributed.put(x_BxL, batch_sh),
                                                distributed.put(y_BxL, batch_sh))
 
@@ -122,10 +125,23 @@ def sequence_losses(model: nnx.Module, *, mesh: jax.sharding.Mesh | None = None
 def evaluate(per_sequence: PerSequence, params: Any, eval_set_: EvalSet) -> EvalResult:
     """Score ``params`` on ``eval_set_``: ``per_sequence(params, x_BxL, y_BxL) -> (B,)``
     losses (:func:`sequence_losses`), batch by batch (one compiled shape for any number of
-    batches), summarized by :func:`summarize`; the result carries the set's fingerprint."""
-    losses = [per_sequence(params, x, y) for x, y in zip(eval_set_.xs, eval_set_.ys,
-                                                        strict=True)]
-    result = summarize(np.concatenate([np.asarray(v, np.float64) for v in losses]))
+    batches), summarized by :func:`summarize`; the result carries the set's fingerprint.
+
+    At most two batches are in flight: a batch's losses are read once the next batch is
+    dispatched. XLA:CPU queues at most 32 computations per device, and a dispatch past that
+    blocks one of its client's ``max(cores, devices)`` threads; on simulated devices a launch
+    over all of them then waits forever for its last device, and the process aborts (the
+    final eval's 240 batches did, every time; docs/design.md, "Distributed")."""
+    losses: list[np.ndarray] = []
+    pending = None
+    for x, y in zip(eval_set_.xs, eval_set_.ys, strict=True):
+        dispatched = per_sequence(params, x, y)
+        if pending is not None:
+            losses.append(np.asarray(pending, np.float64))  # waits for the batch before only
+        pending = dispatched
+    if pending is not None:
+        losses.append(np.asarray(pending, np.float64))
+    result = summarize(np.concatenate(losses))
     return result._replace(sha256=eval_set_.sha256)
 
 

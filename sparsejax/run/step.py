@@ -66,7 +66,8 @@ def make_train_step(graphdef, params_def, rest, tx, *, fixed_flops, dense_flops,
     (:func:`sparsejax.sparsity_stats`, the single source of truth); ``structural`` stands in
     when the optimizer holds no masks (dense runs, and layers that are sparse by construction:
     :func:`accounting.structural_stats`). ``shardings``: ``(state, batch)`` shardings
-    (:mod:`sparsejax.run.distributed`); the state keeps its sharding across steps."""
+    (:mod:`sparsejax.run.distributed`); the state keeps its sharding across steps, and the step
+    traces and runs with their mesh in context (:class:`distributed.OnMesh`)."""
 
     def loss_of(params, x_BxL, y_BxL, aux):
         model = evaluation.merge_model(graphdef, params_def, rest, params)
@@ -100,6 +101,7 @@ def make_train_step(graphdef, params_def, rest, tx, *, fixed_flops, dense_flops,
         return jax.jit(step, donate_argnums=0)
     state_sh, batch_sh = shardings
     replicated = distributed.replicated(batch_sh.mesh)  # metrics, and loss_aux (a teacher)
-    return jax.jit(step, donate_argnums=0,
-                   in_shardings=(state_sh, batch_sh, batch_sh, replicated),
-                   out_shardings=(state_sh, replicated))
+    jitted = jax.jit(step, donate_argnums=0,
+                     in_shardings=(state_sh, batch_sh, batch_sh, replicated),
+                     out_shardings=(state_sh, replicated))
+    return distributed.OnMesh(jitted, batch_sh.mesh)  # the kernel layers read the mesh
