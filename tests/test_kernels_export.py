@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import struct
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels import BSRMatrix, NMMatrix
+from sparsejax.downstream import safetensors_io
 from sparsejax.downstream.export import (
     ExportRefused,
     export_params,
@@ -84,3 +88,26 @@ def test_summary_reports_bytes_and_density():
     assert density == pytest.approx(0.5, abs=1e-3)
     with pytest.raises(ValueError, match="fmt must be one of"):
         export_params(make_params(), "csr")
+
+
+def test_safetensors_stores_big_endian_arrays_little_endian(tmp_path):
+    """The safetensors format is little-endian whatever the array's byte order: big-endian
+    ``>f4`` / ``>i4`` arrays are written as the little-endian encoding of their values (bytes
+    built here with ``struct``, not numpy), with the plain ``F32`` / ``I32`` dtypes, and read
+    back equal (as native little-endian arrays)."""
+    f = np.array([1.0, -2.5, 3.0e-3], dtype=">f4")
+    i = np.array([[1, -2], [70000, -(2**31)]], dtype=">i4")
+    path = safetensors_io.write(tmp_path / "be.safetensors", {"f": f, "i": i})
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    assert header == {"f": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]},
+                      "i": {"dtype": "I32", "shape": [2, 2], "data_offsets": [12, 28]}}
+    assert raw[8 + n:] == (struct.pack("<3f", 1.0, -2.5, 3.0e-3)
+                           + struct.pack("<4i", 1, -2, 70000, -(2**31)))
+    assert raw[8 + n:8 + n + 4] == bytes([0x00, 0x00, 0x80, 0x3F])  # 1.0f, low byte first
+    tensors, metadata = safetensors_io.read(path)
+    assert metadata == {}
+    for name, want in (("f", f), ("i", i)):
+        assert tensors[name].dtype.str == "<" + want.dtype.str[1:]
+        np.testing.assert_array_equal(tensors[name], want)
