@@ -295,6 +295,7 @@ def test_grown_weights_start_from_zero_with_fresh_moments():
     assert np.abs(g[grown]).min() >= np.abs(g[candidates & ~grown]).max()
 
 
+@pytest.mark.slow
 def test_trains_with_inject_hyperparams_on_tree_with_norms():
     """A short run under inject_hyperparams(adamw) with biases and a norm scale lowers the loss,
     the learning rate can be changed through the state, and sparsity stays exact."""

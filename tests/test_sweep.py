@@ -198,6 +198,7 @@ def test_sweep_overrides_use_the_config_syntax(tmp_path: Path, capsys):
     assert [c.train.steps for _, _, c in runs] == [9, 9, 9, 9]
 
 
+@pytest.mark.slow
 def test_worker_records_its_failure_and_the_sweep_reports_it(tmp_path: Path, capsys):
     """A real worker process whose run fails on its config (data.source names no file): its
     worker.json records the error's type, message and exit status (2: the user's input), and
