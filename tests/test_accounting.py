@@ -5,9 +5,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
+import sparsejax
+from sparsejax import methods, schedules
 from sparsejax.models import GPT, GPTConfig
 from sparsejax.run.accounting import (
     ParamCounts,
@@ -158,3 +161,48 @@ def test_non_embedding_count_matches_whole_components():
     # only the token/position tables and the unembed head are embeddings; a diffusion model's
     # "time_embed_mlp" layer merely contains the letters
     assert count_params(params, exclude_embeddings=True).total == 12 + 16
+
+
+def test_flops_coefficients_are_three_forwards_by_hand():
+    """``step.flops_coefficients`` (what the training loop accumulates per token): training =
+    3 x forward, read off a built GPT. L=2, d=8, ff=24, V=11 at seq_len 5: forward fixed part
+    4·L·T·d + 2·d·V = 320 + 176 = 496 (attention scores, LM head), maskable part
+    2·L·(4d² + 2d·ff) = 4·(256 + 384) = 2560 (the block weights, scaled by density)."""
+    from sparsejax.run.step import flops_coefficients
+
+    cfg = GPTConfig(n_layer=2, d_model=8, n_head=2, d_ff=24, vocab_size=11, n_ctx=16)
+    model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+    assert flops_coefficients(model, 5) == (3 * 496.0, 3 * 2560.0)
+
+
+def test_train_step_accumulates_n_avg_and_flops_by_hand():
+    """``make_train_step`` on a hand-built model (one 4x2 Dense layer: 8 prunable weights and
+    2 biases) pruned by an iterative schedule to 50% at step 1 and 75% at step 2: the counts
+    after each step's update are 10, 6 and 4 active parameters (densities 1, 1/2, 1/4), so
+    N_avg after 1, 2, 3 steps is 10, 8, 20/3, and the FLOPs add tokens_per_step · (fixed +
+    dense · density) per step: 7·1100, then + 7·600, then + 7·350."""
+    from sparsejax.run.step import TrainState, make_train_step
+
+    model = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
+    graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
+    params = nnx.to_pure_dict(params_state)
+    sched = schedules.iterative([0.5, 0.75], [1, 2])
+    tx = sparsejax.sparsify(optax.sgd(0.1),
+                            methods.gradual(sched, score="magnitude", allocation="uniform"))
+    zero = lambda: jnp.zeros((), jnp.float32)  # noqa: E731 - one buffer each (donated)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                       rng=jax.random.PRNGKey(0), n_avg=zero(), flops=zero(), loss_sum=zero(),
+                       loss_count=jnp.zeros((), jnp.int32))
+    step = make_train_step(
+        graphdef, jax.tree_util.tree_structure(params_state), rest, tx, fixed_flops=100.0,
+        dense_flops=1000.0, tokens_per_step=7.0, sparse=True, structural=None,
+        loss=lambda m, x, y, aux: jnp.mean((m(x) - y) ** 2))
+    x, y = jnp.ones((3, 4)), jnp.zeros((3, 2))
+    seen = []
+    for _ in range(3):
+        state, metrics = step(state, x, y)
+        seen.append((float(metrics["n_active"]), float(metrics["density"]),
+                     float(state.n_avg), float(state.flops)))
+    want = [(10.0, 1.0, 10.0, 7700.0), (6.0, 0.5, 8.0, 11900.0), (4.0, 0.25, 20 / 3, 14350.0)]
+    np.testing.assert_allclose(seen, want, rtol=1e-6)
+    assert int(state.step) == 3 and int(state.loss_count) == 3

@@ -76,6 +76,7 @@ def test_missing_arguments_and_commands(capsys, tmp_path):
                                                              f"--workdir={tmp_path / 'file'}"])
 
 
+@pytest.mark.slow
 def test_export_nm_on_unstructured_weights(capsys, finished_run, tmp_path):
     line = one_error_line(capsys, ["export", "--format", "nm", str(finished_run),
                                    "--out", str(tmp_path / "x")])

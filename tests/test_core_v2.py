@@ -167,6 +167,7 @@ def corpus():
     return data.Corpus(train=text[:16_000], val=text[16_000:], vocab_size=256, name="random")
 
 
+@pytest.mark.slow
 def test_static_run_never_sees_a_dense_forward(tmp_path, corpus):
     model = GPT(CFG, rngs=nnx.Rngs(0))
     tx = sparsejax.sparsify(optax.sgd(0.0), methods.static(0.9, score="magnitude"))
@@ -216,6 +217,7 @@ jax.tree_util.register_pytree_node(_ScaledState, lambda s: (tuple(s), None),
                                    lambda _, c: _ScaledState(c))
 
 
+@pytest.mark.slow
 def test_training_loop_fails_when_zeros_break(tmp_path, corpus):
     method = methods.gradual(schedules.polynomial(0.5, 0, 4, update_every=1))
     tx = scaled(sparsejax.sparsify(optax.adam(1e-2), method), 0.5)

@@ -1,6 +1,8 @@
 """Downstream (issue 16): load a run as a model, fine-tune from a config (sparse, dense,
-SquareHead), export that reloads, sparse model soups. One tiny static-sparse pre-training run
-(module scope) serves every test; ``finished_run`` (dense) is the SquareHead teacher."""
+SquareHead), export that reloads, sparse model soups. The fast tests come first (hand-made
+params, the soup's greedy rule on faked training and evaluation); the slow ones share one tiny
+static-sparse pre-training run (module scope), with ``finished_run`` (dense) as the SquareHead
+teacher. SquareHead's loss by hand: tests/test_distill.py."""
 
 from __future__ import annotations
 
@@ -23,11 +25,96 @@ from sparsejax import cli
 from sparsejax.downstream import loading, soup
 from sparsejax.models.gpt import GPT
 from sparsejax.prunable import prunable_tree
-from sparsejax.run import build, checkpoint, configlib, data, experiment, rundir
-from sparsejax.run.distill import SquareHeadWeights, squarehead_terms
+from sparsejax.run import build, checkpoint, configlib, data, evaluation, experiment, rundir
 from sparsejax.run.train import TrainState
 
 FT_STEPS = 2  # warm-up 1: step 0 runs at lr 0, step 1 moves every trainable weight
+
+
+# --- fast: no trained run (hand-made params, fakes) ----------------------------------------
+
+
+def test_align_names_every_mismatching_leaf():
+    like = {"blocks": {0: {"kernel": np.zeros((2, 3))}}, "embed": np.zeros(4)}
+    raw = {"blocks": {"0": {"kernel": np.zeros((3, 2))}}, "extra": np.zeros(1)}
+    with pytest.raises(ValueError) as e:
+        loading.align(raw, like, "params")
+    msg = str(e.value)
+    assert "blocks/0/kernel: shape (3, 2), the model has (2, 3)" in msg
+    assert "embed: missing" in msg and "extra: not in the model" in msg
+    fixed = loading.align({"blocks": {"0": {"kernel": np.ones((2, 3))}}, "embed": np.ones(4)},
+                          like, "params")
+    assert jax.tree_util.tree_structure(fixed) == jax.tree_util.tree_structure(like)
+
+
+def test_stdlib_tests_source_is_the_excluded_domain():
+    root = data.stdlib_root()
+    tests = data.stdlib_test_files(root)
+    assert tests and all({"test", "tests"} & set(r.split("/")[:-1]) for r in tests)
+    assert not set(tests) & set(data.stdlib_files(root))
+    assert configlib.apply_arg(configlib.base(), "data.source=stdlib-tests").data.source
+
+
+def test_greedy_soup_acceptance_rule_on_hand_made_losses(tmp_path, monkeypatch):
+    """The greedy soup (Wortsman et al. 2022) through ``soup.soup`` with the training, loading
+    and evaluation faked: five one-weight ingredients whose losses, and those of every soup
+    the rule can try, are set by hand. Ranked by loss, a candidate joins when the soup with it
+    scores <= the best soup so far: a soup landing between the best and the second-best
+    ingredient is rejected, a tie joins, and after an improvement the bar is the new best
+    soup, not the best ingredient."""
+    weight = [30.0, 0.0, 200.0, 10.0, 90.0]  # ingredient i's kept weight
+    loss_at = {  # the loss of params whose kept weight is w (a soup: its members' mean)
+        0.0: 1.0, 10.0: 2.0, 30.0: 3.0, 90.0: 4.0, 200.0: 5.0,  # the ingredients
+        5.0: 1.5,    # {0, 10}: between the best (1.0) and the second best (2.0): rejected
+        15.0: 1.0,   # {0, 30}: ties the best: joins
+        40.0: 0.9,   # {0, 30, 90}: better: joins
+        80.0: 0.95,  # {0, 30, 90, 200}: above the soup's 0.9, below the best ingredient's 1.0
+        66.0: 2.5,   # all five: the uniform soup
+    }
+    config = tiny_config(init_from=str(tmp_path / "start"), soup__ingredients=5)
+
+    class FakeEvaluator:
+        def __init__(self, model, spec, corpus):
+            pass
+
+        def __call__(self, params):
+            w = float(params["w"][0, 0])
+            assert params["w"][0, 1] == 0 and w in loss_at, f"unexpected soup, weight {w}"
+            return evaluation.EvalResult(loss_at[w], 0.01, 8, "fake")
+
+    def fake_load(run_dir, **kw):
+        i = int(Path(run_dir).name.removeprefix("ingredient"))
+        params = {"w": np.asarray([[weight[i], 0.0]], np.float32)}
+        return loading.Loaded(None, params, {"w": np.asarray([[True, False]])}, None, 0)
+
+    written = {}
+    monkeypatch.setattr(experiment, "check", lambda c: None)
+    monkeypatch.setattr(experiment, "run", lambda c, d, progress=False: {})
+    monkeypatch.setattr(data, "load_spec", lambda spec: None)
+    monkeypatch.setattr(loading, "load", fake_load)
+    monkeypatch.setattr(loading, "read_config", lambda run_dir: config)
+    monkeypatch.setattr(soup, "Evaluator", FakeEvaluator)
+    monkeypatch.setattr(soup, "_write_soup", lambda d, c, params, masks, summary: written.update(
+        {Path(d).name: (float(params["w"][0, 0]), summary)}))
+    (cycle,) = soup.soup(config, tmp_path / "soup")["cycles"]
+    ing = [str(tmp_path / "soup" / "cycle0" / f"ingredient{i}") for i in range(5)]
+    assert cycle["best_ingredient"] == 1.0
+    assert cycle["greedy"]["members"] == [ing[1], ing[0], ing[4]]
+    assert cycle["greedy"]["val_loss"] == 0.9 and written["greedy"][0] == 40.0
+    assert cycle["uniform"]["val_loss"] == 2.5 and written["uniform"][0] == 66.0
+    assert cycle["uniform"]["members"] == ing
+
+
+def test_prune_more_removes_the_smallest_kept_weights():
+    params = {"a": np.asarray([[0.0, 3.0], [-1.0, 2.0]], np.float32), "b": np.float32(7)}
+    masks = {"a": np.asarray([[False, True], [True, True]]), "b": np.bool_(True)}
+    p, m = soup.prune_more(params, masks, 1 / 3)  # 1 of the 3 kept: |-1| goes
+    np.testing.assert_array_equal(m["a"], [[False, True], [False, True]])
+    np.testing.assert_array_equal(p["a"], [[0.0, 3.0], [0.0, 2.0]])
+    assert soup.mask_sparsity(m) == 0.5 and p["b"] == 7
+
+
+# --- slow: a tiny pre-training run (module fixture) and fine-tunes of it ---------------------
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +151,7 @@ def _restored_training_state(run_dir):
     return nnx.merge(graphdef, state, rest), restored
 
 
+@pytest.mark.slow
 def test_load_round_trip(sparse_run, tokens):
     loaded = sparsejax.load(sparse_run)
     model, restored = _restored_training_state(sparse_run)
@@ -91,19 +179,7 @@ def test_load_round_trip(sparse_run, tokens):
     assert sparsejax.load(sparse_run, dense=True).masks is None
 
 
-def test_align_names_every_mismatching_leaf():
-    like = {"blocks": {0: {"kernel": np.zeros((2, 3))}}, "embed": np.zeros(4)}
-    raw = {"blocks": {"0": {"kernel": np.zeros((3, 2))}}, "extra": np.zeros(1)}
-    with pytest.raises(ValueError) as e:
-        loading.align(raw, like, "params")
-    msg = str(e.value)
-    assert "blocks/0/kernel: shape (3, 2), the model has (2, 3)" in msg
-    assert "embed: missing" in msg and "extra: not in the model" in msg
-    fixed = loading.align({"blocks": {"0": {"kernel": np.ones((2, 3))}}, "embed": np.ones(4)},
-                          like, "params")
-    assert jax.tree_util.tree_structure(fixed) == jax.tree_util.tree_structure(like)
-
-
+@pytest.mark.slow
 def test_dense_squarehead_finetune_frees_the_zeros(sparse_run, finished_run, tmp_path):
     """SPDF's dense fine-tuning with SquareHead from the dense teacher ``finished_run``: the
     pruned weights start at 0 and train (the sparse mode, which keeps them, is the soup's)."""
@@ -126,6 +202,7 @@ def test_dense_squarehead_finetune_frees_the_zeros(sparse_run, finished_run, tmp
     assert metrics[-1]["train_loss"] > metrics[-1]["val_loss"] + 0.1
 
 
+@pytest.mark.slow
 def test_finetune_config_errors(sparse_run, finished_run, tmp_path):
     def error(**overrides):
         with pytest.raises(ValueError) as e:
@@ -146,6 +223,7 @@ def test_finetune_config_errors(sparse_run, finished_run, tmp_path):
         experiment.build(c)
 
 
+@pytest.mark.slow
 def test_a_run_written_before_newer_model_keys_loads_and_fine_tunes(sparse_run, tokens,
                                                                      tmp_path):
     """A run dir whose config.json predates ``model.sparse_ift`` (older sparsejax) loads with
@@ -160,14 +238,6 @@ def test_a_run_written_before_newer_model_keys_loads_and_fine_tunes(sparse_run, 
     assert loaded.config.model.sparse_ift.family == ""
     np.testing.assert_array_equal(loaded.model(tokens), ref.model(tokens))
     experiment.check(tiny_config(init_from=str(old)))  # model keys equal: no error
-
-
-def test_stdlib_tests_source_is_the_excluded_domain():
-    root = data.stdlib_root()
-    tests = data.stdlib_test_files(root)
-    assert tests and all({"test", "tests"} & set(r.split("/")[:-1]) for r in tests)
-    assert not set(tests) & set(data.stdlib_files(root))
-    assert configlib.apply_arg(configlib.base(), "data.source=stdlib-tests").data.source
 
 
 def _pruned_run(src, dst, masks):
@@ -206,6 +276,7 @@ def _safetensors_header(path):
     return header
 
 
+@pytest.mark.slow
 def test_export_load_export_logits_equal(sparse_run, tokens, tmp_path, capsys):
     """N:M-pruned and block-pruned copies of the run (weights-and-masks checkpoints) export
     and load back: bsr and nm layouts, npz and safetensors files."""
@@ -239,6 +310,7 @@ def test_export_load_export_logits_equal(sparse_run, tokens, tmp_path, capsys):
     assert header["blocks.0.mlp.fc_in.kernel.rows"]["dtype"] == "I32"
 
 
+@pytest.mark.slow
 def test_export_refuses_an_unstructured_run(sparse_run, capsys):
     for fmt, words in (("bsr", ("refused", "saves", "10%", "block masks", "N:M")),
                        ("nm", ("refused", "blocks/", "not 2:4 sparse", "sparsity.method=nm"))):
@@ -250,50 +322,7 @@ def test_export_refuses_an_unstructured_run(sparse_run, capsys):
     assert not (sparse_run / "export").exists()
 
 
-def test_squarehead_hand_worked():
-    # teacher p = (1/2, 1/2), student p = (3/4, 1/4), target 0:
-    # CE = -ln(3/4); KL = 1/2 ln(2/3) + 1/2 ln 2 = 1/2 ln(4/3);
-    # layer 1: h_t = (1, -1), h_s = (2, 0): mean sq diff 1, mean h_t^2 1 -> 1/(1 + eps)
-    # layer 2: h_t = (2, 0), h_s = (2, 2): 2 / 2 -> 1/(1 + eps)... with eps = 0.5: 2/3 and 2/2.5
-    s_logits = jnp.asarray([[[np.log(3.0), 0.0]]])
-    t_logits = jnp.zeros((1, 1, 2))
-    hs = [jnp.asarray([[[2.0, 0.0]]]), jnp.asarray([[[2.0, 2.0]]])]
-    ht = [jnp.asarray([[[1.0, -1.0]]]), jnp.asarray([[[2.0, 0.0]]])]
-    w = SquareHeadWeights(h_ce=1.0, h_kl=2.0, h_sq=3.0, temperature=1.0, eps=0.5)
-    got = jax.jit(squarehead_terms)(s_logits, hs, t_logits, ht, jnp.asarray([[0]]), w)
-    ce, kl, feat = -np.log(0.75), 0.5 * np.log(4 / 3), 1 / 1.5 + 2 / 2.5
-    np.testing.assert_allclose(float(got.ce), ce, rtol=1e-6)
-    np.testing.assert_allclose(float(got.kl), kl, rtol=1e-6)
-    np.testing.assert_allclose(float(got.feature), feat, rtol=1e-6)
-    np.testing.assert_allclose(float(got.loss), ce + 2 * kl + 3 * feat, rtol=1e-6)
-
-
-def test_squarehead_matches_float64_reference():
-    rng = np.random.default_rng(3)
-    s, t = rng.normal(size=(2, 3, 7)) * 2, rng.normal(size=(2, 3, 7)) * 2
-    hs, ht = rng.normal(size=(4, 2, 3, 5)), rng.normal(size=(4, 2, 3, 5)) * 3
-    y = rng.integers(0, 7, size=(2, 3))
-    w = SquareHeadWeights(h_ce=0.5, h_kl=1.5, h_sq=0.25, temperature=2.0, eps=1e-6)
-
-    def log_softmax(z):
-        z = z - z.max(-1, keepdims=True)
-        return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-    ce = -np.take_along_axis(log_softmax(s), y[..., None], -1).mean()
-    lt, ls = log_softmax(t / 2), log_softmax(s / 2)
-    kl = (np.exp(lt) * (lt - ls)).sum(-1).mean()
-    feat = sum(((a - b) ** 2).mean() / ((b**2).mean() + 1e-6) for a, b in zip(hs, ht,
-                                                                             strict=True))
-    ref = 0.5 * ce + 1.5 * 4 * kl + 0.25 * feat
-    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-    got = jax.jit(squarehead_terms)(f32(s), list(map(f32, hs)), f32(t), list(map(f32, ht)),
-                                    jnp.asarray(y), w)
-    np.testing.assert_allclose(float(got.loss), ref, rtol=1e-5)
-    with pytest.raises(ValueError, match="layer by layer"):
-        squarehead_terms(f32(s), list(map(f32, hs[:3])), f32(t), list(map(f32, ht)),
-                         jnp.asarray(y), w)
-
-
+@pytest.mark.slow
 def test_soup_keeps_the_mask_and_greedy_is_never_worse(sparse_run, tmp_path):
     """Two sparse fine-tunes (init_from, finetune.mode='sparse') of the run and their soups."""
     c = tiny_config(init_from=str(sparse_run), soup__ingredients=2, checkpoint__every=FT_STEPS)
@@ -338,12 +367,3 @@ def test_soup_keeps_the_mask_and_greedy_is_never_worse(sparse_run, tmp_path):
         assert {k: own[k] for k in fields} == {k: saved[name][k] for k in fields}
         assert saved[name]["eval_sha256"] == saved["ingredients"][0]["eval_sha256"]
     assert soup.table(result).count(" ± ") == 1 + 2 + 3  # header, 2 ingredients, 3 rows
-
-
-def test_prune_more_removes_the_smallest_kept_weights():
-    params = {"a": np.asarray([[0.0, 3.0], [-1.0, 2.0]], np.float32), "b": np.float32(7)}
-    masks = {"a": np.asarray([[False, True], [True, True]]), "b": np.bool_(True)}
-    p, m = soup.prune_more(params, masks, 1 / 3)  # 1 of the 3 kept: |-1| goes
-    np.testing.assert_array_equal(m["a"], [[False, True], [False, True]])
-    np.testing.assert_array_equal(p["a"], [[0.0, 3.0], [0.0, 2.0]])
-    assert soup.mask_sparsity(m) == 0.5 and p["b"] == 7

@@ -222,8 +222,11 @@ def _runner(kind, alloc, sparsity, drop_fraction, inject):
     return run
 
 
+# Both methods and both allocations run in the fast tier (-m "not slow"); the other two
+# combinations in the full suite.
 CONFIGS = [("set", "uniform", 0.5, 0.3, False), ("rigl", "erk", 0.8, 0.5, True),
-           ("rigl", "uniform", 0.7, 0.3, False), ("set", "erk", 0.6, 0.5, True)]
+           pytest.param(("rigl", "uniform", 0.7, 0.3, False), marks=pytest.mark.slow),
+           pytest.param(("set", "erk", 0.6, 0.5, True), marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c)))
@@ -295,6 +298,7 @@ def test_grown_weights_start_from_zero_with_fresh_moments():
     assert np.abs(g[grown]).min() >= np.abs(g[candidates & ~grown]).max()
 
 
+@pytest.mark.slow
 def test_trains_with_inject_hyperparams_on_tree_with_norms():
     """A short run under inject_hyperparams(adamw) with biases and a norm scale lowers the loss,
     the learning rate can be changed through the state, and sparsity stays exact."""

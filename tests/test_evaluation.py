@@ -24,6 +24,7 @@ def _numpy_per_sequence(model, x_NxL, y_NxL) -> np.ndarray:
     return (lse - picked).mean(-1)
 
 
+@pytest.mark.slow
 def test_summary_loss_and_se_match_a_numpy_recomputation(finished_run):
     """summary.json's val_loss / val_loss_se against float64 numpy from the model's logits."""
     summary = json.loads((finished_run / "summary.json").read_text())
@@ -47,6 +48,7 @@ def test_summary_loss_and_se_match_a_numpy_recomputation(finished_run):
     assert last[-1]["val_loss"] == summary["val_loss"]  # the last record holds the final eval
 
 
+@pytest.mark.slow
 def test_the_evaluation_path_matches_float64_numpy_sequence_by_sequence(finished_run):
     """sequence_losses + evaluate (the path training, one-shot and soups share) against float64
     numpy on a 3-batch set: every per-sequence loss in order, the mean, the SE, the count and

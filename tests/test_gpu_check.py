@@ -8,9 +8,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_gpu_check_tiny_mode(tmp_path):
     env = {**os.environ, "ONLY": "correctness,jax-triton,fwd+bwd 128,train bsr"}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--tiny",

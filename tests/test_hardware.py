@@ -37,6 +37,7 @@ def test_mfu_sums_accelerators_and_counts_the_host_once():
     assert hardware.mfu(peak, 1.0, [cpu] * 8) == pytest.approx(1.0)  # simulated devices: once
 
 
+@pytest.mark.slow
 def test_training_logs_mfu(finished_run):
     records = rundir.read_metrics(finished_run)
     assert records and all(0 < r["mfu"] < 1 for r in records)

@@ -223,6 +223,7 @@ def test_handler_announces_the_version_it_was_written_for():
     assert call(ctypes.addressof(frame)) == 0
 
 
+@pytest.mark.slow
 @needs_native
 def test_xla_refuses_a_handler_announcing_another_api_version():
     """A handler announcing a version this XLA does not support is refused at registration;

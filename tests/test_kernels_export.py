@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import struct
+from types import SimpleNamespace
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels import BSRMatrix, NMMatrix
+from sparsejax.downstream import export, safetensors_io
 from sparsejax.downstream.export import (
     ExportRefused,
     export_params,
@@ -84,3 +90,76 @@ def test_summary_reports_bytes_and_density():
     assert density == pytest.approx(0.5, abs=1e-3)
     with pytest.raises(ValueError, match="fmt must be one of"):
         export_params(make_params(), "csr")
+
+
+def test_safetensors_stores_big_endian_arrays_little_endian(tmp_path):
+    """The safetensors format is little-endian whatever the array's byte order: big-endian
+    ``>f4`` / ``>i4`` arrays are written as the little-endian encoding of their values (bytes
+    built here with ``struct``, not numpy), with the plain ``F32`` / ``I32`` dtypes, and read
+    back equal (as native little-endian arrays)."""
+    f = np.array([1.0, -2.5, 3.0e-3], dtype=">f4")
+    i = np.array([[1, -2], [70000, -(2**31)]], dtype=">i4")
+    path = safetensors_io.write(tmp_path / "be.safetensors", {"f": f, "i": i})
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    assert header == {"f": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]},
+                      "i": {"dtype": "I32", "shape": [2, 2], "data_offsets": [12, 28]}}
+    assert raw[8 + n:] == (struct.pack("<3f", 1.0, -2.5, 3.0e-3)
+                           + struct.pack("<4i", 1, -2, 70000, -(2**31)))
+    assert raw[8 + n:8 + n + 4] == bytes([0x00, 0x00, 0x80, 0x3F])  # 1.0f, low byte first
+    tensors, metadata = safetensors_io.read(path)
+    assert metadata == {}
+    for name, want in (("f", f), ("i", i)):
+        assert tensors[name].dtype.str == "<" + want.dtype.str[1:]
+        np.testing.assert_array_equal(tensors[name], want)
+
+
+def _blocks_kept(n_blocks: int) -> np.ndarray:
+    """A 64x64 float32 kernel whose first ``n_blocks`` 8x8 blocks (row-major) are non-zero."""
+    w = np.zeros((8, 8, 8, 8), np.float32)  # (block row, row, block col, col)
+    for b in range(n_blocks):
+        w[b // 8, :, b % 8, :] = 1.0 + b
+    return w.reshape(64, 64)
+
+
+@pytest.mark.parametrize("n_blocks, embedding, kept", [
+    # BSR bytes of the kernel: 256 per kept block + int32 tables 4 (blocks + 8 + 1) = 260 b + 36
+    (56, False, True),   # 14596 / 16384 bytes: saves 10.9%
+    (57, False, False),  # 14856 / 16384: saves 9.3%, between 0% and the threshold
+    (55, True, True),    # + a dense 16x64 embedding: 18432 / 20480, saves exactly 10%
+    (56, True, False),   # 18692 / 20480: saves 8.7% (the kernel alone would save 10.9%)
+])
+def test_export_refuses_below_ten_percent_savings_of_the_whole_model(tmp_path, monkeypatch,
+                                                                     n_blocks, embedding, kept):
+    """``export_run``'s threshold on hand-counted bytes: an export is refused (with the ratio,
+    the saving and the kept-block count, and no file written) when the whole model, dense
+    leaves included, saves less than ``MIN_SAVING`` = 10% of its dense bytes, and written when
+    it saves 10% or more. The run is faked: a config and the dense params."""
+    params = {"blocks": {"0": {"fc": {"kernel": _blocks_kept(n_blocks)}}}}
+    if embedding:
+        params["embed"] = {"embedding": np.ones((16, 64), np.float32)}
+
+    @dataclasses.dataclass
+    class Cfg:
+        n_layer: int = 1
+
+    loaded = SimpleNamespace(
+        config=SimpleNamespace(model=SimpleNamespace(block=8), sparsity=SimpleNamespace(n=2, m=4)),
+        model=SimpleNamespace(cfg=Cfg()), step=0)
+    monkeypatch.setattr(export.loading, "load", lambda run_dir, step=None: loaded)
+    monkeypatch.setattr(export, "dense_params", lambda model: params)
+    out = tmp_path / "out"
+    dense = 16384 + (4096 if embedding else 0)
+    nbytes = 260 * n_blocks + 36 + (4096 if embedding else 0)
+    if kept:
+        result = export.export_run(tmp_path / "run", "bsr", out=out, block=(8, 8))
+        assert (result.nbytes, result.dense_nbytes) == (nbytes, dense)
+        assert result.path == out / "export_bsr.npz" and result.path.is_file()
+    else:
+        with pytest.raises(ExportRefused) as e:
+            export.export_run(tmp_path / "run", "bsr", out=out, block=(8, 8))
+        saves = 100 * (1 - nbytes / dense)
+        assert (f"{nbytes / dense:.3f}x the dense size (saves {saves:.1f}% < 10%): "
+                f"{n_blocks} of 64 blocks") in str(e.value)
+        assert not out.exists()

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_pallas_kernels_does_not_import_sparsejax():
     code = (
         "import importlib, pkgutil, sys\n"

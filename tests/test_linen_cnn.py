@@ -1,7 +1,8 @@
 """A Flax linen CNN with BatchNorm (HWIO conv kernels, batch_stats collection) trained 5 steps
 with ``sparsify(optax.adam, method)`` for static ERK, gradual global and 2:4 (default axis):
 exact kept counts per leaf, N:M groups along ``Cin``, batch_stats updating normally, and
-``params == params * mask`` after every step."""
+``params == params * mask`` after every step. The 5-step trainings (one module fixture) are
+marked slow."""
 
 from __future__ import annotations
 
@@ -87,6 +88,7 @@ def named(tree):
     return {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(METHODS))
 def test_zeros_exact_after_every_step_and_only_kernels_masked(runs, name):
     variables, history = runs[name]
@@ -105,6 +107,7 @@ def test_zeros_exact_after_every_step_and_only_kernels_masked(runs, name):
         assert np.isfinite(rec["loss"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(METHODS))
 def test_batch_stats_update_normally(runs, name):
     variables, history = runs[name]
@@ -120,6 +123,7 @@ def test_batch_stats_update_normally(runs, name):
         previous = got
 
 
+@pytest.mark.slow
 def test_static_erk_exact_counts_per_leaf(runs):
     variables, history = runs["static_erk"]
     params = variables["params"]
@@ -137,6 +141,7 @@ def test_static_erk_exact_counts_per_leaf(runs):
     assert abs(pruned / total - 0.8) < 0.01
 
 
+@pytest.mark.slow
 def test_gradual_global_exact_total(runs):
     variables, history = runs["gradual_global"]
     n = sum(int(np.size(named(variables["params"])[leaf])) for leaf in PRUNABLE)
@@ -147,6 +152,7 @@ def test_gradual_global_exact_total(runs):
         assert all(0 < masks[leaf].sum() for leaf in PRUNABLE)
 
 
+@pytest.mark.slow
 def test_nm_2_4_groups_lie_along_cin(runs):
     _, history = runs["nm_2_4"]
     for rec in history:

@@ -31,6 +31,7 @@ def recipe(name: str):
 @pytest.mark.parametrize("name, final_sparsity", [
     ("sr_ste", 0.5), ("mdgf", 0.875), ("sdgf", 0.875), ("rigl", 0.75), ("set", 0.75),
 ])
+@pytest.mark.slow
 def test_recipe_lowers_the_loss(tmp_path, name, final_sparsity):
     c = recipe(name)
     if name in ("rigl", "set"):

@@ -30,6 +30,7 @@ def magnitude_result(finished_run, tmp_path_factory):
     return result, out
 
 
+@pytest.mark.slow
 def test_sparsity_zero_is_the_runs_own_eval_loss(finished_run, magnitude_result):
     """At the run's eval.final_batches (the tiny config's eval.batches too) the dense point and
     sparsity 0 are the run's final evaluation: same loss, SE, sequences and token fingerprint
@@ -49,6 +50,7 @@ def test_sparsity_zero_is_the_runs_own_eval_loss(finished_run, magnitude_result)
         assert point["eval_sha256"] == summary["eval_sha256"]
 
 
+@pytest.mark.slow
 def test_measured_sparsity_is_exact(magnitude_result):
     result, _ = magnitude_result
     n = result["n_prunable"]
@@ -61,6 +63,7 @@ def test_measured_sparsity_is_exact(magnitude_result):
         0.0, 0.25, 0.5, 0.75]
 
 
+@pytest.mark.slow
 def test_json_fields_knee_and_plot(magnitude_result):
     result, out = magnitude_result
     saved = json.loads(out.read_text())
@@ -97,6 +100,7 @@ def test_knee_rule():
     assert oneshot.knee([0.3], [float("nan")], 2.0, 0.01) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("score", ["wanda", "gblm"])
 def test_calibration_scores_run(finished_run, tmp_path, score):
     result = oneshot.oneshot(finished_run, [0.5], score=score, out=tmp_path / "o.json",
@@ -108,6 +112,7 @@ def test_calibration_scores_run(finished_run, tmp_path, score):
     assert not (tmp_path / "o.png").exists()
 
 
+@pytest.mark.slow
 def test_two_four_keeps_two_of_every_four_along_the_input_axis(finished_run, tmp_path):
     loaded = oneshot.load_run(finished_run)
     prunable = prunable_lib.prunable_tree(loaded.params)
@@ -126,6 +131,7 @@ def test_two_four_keeps_two_of_every_four_along_the_input_axis(finished_run, tmp
     assert result["levels"][0]["measured_sparsity"] == 0.5
 
 
+@pytest.mark.slow
 def test_block_structure_prunes_whole_tiles(finished_run, tmp_path):
     loaded = oneshot.load_run(finished_run)
     prunable = prunable_lib.prunable_tree(loaded.params)
@@ -136,6 +142,7 @@ def test_block_structure_prunes_whole_tiles(finished_run, tmp_path):
     assert set(tiles.mean(axis=1)) <= {0.0, 1.0} and m.mean() == 0.5
 
 
+@pytest.mark.slow
 def test_cli_runs_and_reports_the_knee(finished_run, tmp_path, capsys):
     out = tmp_path / "cli.json"
     assert cli.main(["oneshot", str(finished_run), "--sparsities", "0.5,0.25",
@@ -166,6 +173,7 @@ def _one_error(capsys, argv):
     (["--tolerance", "-0.1"], ["tolerance", ">= 0"]),
     (["--step", "3"], ["no checkpoint at step 3", "[2, 4, 6, 8]"]),
 ])
+@pytest.mark.slow
 def test_cli_bad_values(capsys, finished_run, extra, expected):
     line = _one_error(capsys, ["oneshot", str(finished_run), *extra])
     for piece in expected:

@@ -63,6 +63,7 @@ def _flat(tree, prefix=""):
         yield prefix, np.asarray(tree)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["empty", "no_METADATA", "no_manifest", "truncated", "bitflip"])
 def test_restore_skips_damaged_latest_checkpoint(finished_run, tmp_path, kind):
     run_dir = copy_run(finished_run, tmp_path)
@@ -78,6 +79,7 @@ def test_restore_skips_damaged_latest_checkpoint(finished_run, tmp_path, kind):
     assert checkpoint.latest_step(run_dir) == 6
 
 
+@pytest.mark.slow
 def test_no_checkpoint_restores_names_run_dir(finished_run, tmp_path):
     run_dir = copy_run(finished_run, tmp_path)
     for step in (2, 4, 6, 8):
@@ -87,6 +89,7 @@ def test_no_checkpoint_restores_names_run_dir(finished_run, tmp_path):
     assert not (run_dir / "damaged_checkpoints").exists()  # nothing moved when none restores
 
 
+@pytest.mark.slow
 def test_training_resumes_past_damaged_checkpoint(finished_run, tmp_path):
     run_dir = copy_run(finished_run, tmp_path)
     (run_dir / "summary.json").unlink()  # as if killed after the last checkpoint
@@ -100,6 +103,7 @@ def test_training_resumes_past_damaged_checkpoint(finished_run, tmp_path):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_checkpoints_without_config_json_refused(finished_run, tmp_path):
     run_dir = copy_run(finished_run, tmp_path)
     (run_dir / "config.json").unlink()
@@ -109,6 +113,7 @@ def test_checkpoints_without_config_json_refused(finished_run, tmp_path):
     assert not (run_dir / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_rerun_of_completed_run_keeps_summary(finished_run, tmp_path):
     run_dir = copy_run(finished_run, tmp_path)
     (run_dir / "metrics.jsonl").unlink()
@@ -119,6 +124,7 @@ def test_rerun_of_completed_run_keeps_summary(finished_run, tmp_path):
     assert not (run_dir / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_divergence_stops_with_status_diverged(tmp_path, capsys):
     run_dir = tmp_path / "div"
     args = ["train", f"--config={ROOT / 'configs' / 'dense.py'}:{TINY}", f"--workdir={run_dir}",
@@ -137,6 +143,7 @@ def test_divergence_stops_with_status_diverged(tmp_path, capsys):
     assert json.loads((run_dir / "summary.json").read_text()) == summary
 
 
+@pytest.mark.slow
 def test_stale_lock_taken_over_and_status_reads_interrupted(finished_run, tmp_path, capsys):
     run_dir = copy_run(finished_run, tmp_path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

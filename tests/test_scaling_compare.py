@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from scaling import ChinchillaLaw, fit_chinchilla, plots
+from scaling import ChinchillaLaw, fit_chinchilla, plots, uncertainty
 from scaling.cli import main
 from scaling.compare import compare_n
 from scaling.plan import average_density
@@ -89,6 +89,37 @@ def test_compare_n_api_and_frantar_default_n(sweep, tmp_path, capsys):
     assert capsys.readouterr().err.startswith(
         "sparsejax: error: comparing N needs the summary fields n_avg, n_active, n_params"
     )
+
+
+def test_compare_n_leave_one_out_folds_leave_out_each_point_once(sweep, monkeypatch):
+    """The folds ``--compare-n``'s leave-one-out refits: one weight row per point, each with
+    exactly one point left out (weight 0, the others 1), every point left out once; and the
+    held-out prediction of point i comes from the fold that left out i (a fake refit whose law
+    predicts 1 + the index of the point its fold left out)."""
+    real = uncertainty.refit_weighted
+    folds = []
+
+    def spy(fit, weights, **kw):
+        folds.append(np.array(weights))
+        return real(fit, weights, **kw)
+
+    monkeypatch.setattr(uncertainty, "refit_weighted", spy)
+    (row,) = compare_n(sweep, grid="coarse", n_keys=("n_avg",))
+    (w,) = folds
+    n = row.n_points
+    assert n == 27 and w.shape == (n, n) and set(np.unique(w)) == {0.0, 1.0}
+    assert ((w == 0).sum(axis=1) == 1).all()  # each fold leaves out exactly one point
+    assert sorted(np.argmin(w, axis=1)) == list(range(n))  # every point once
+
+    def marked(fit, weights, **kw):  # E = 1 + the left-out index, A and B terms ~ e^-60
+        left = np.argmin(weights, axis=1).astype(np.float64)
+        theta = np.zeros((weights.shape[0], 5))
+        theta[:, :2], theta[:, 2] = -60.0, np.log1p(left)
+        return theta, np.zeros(weights.shape[0])
+
+    monkeypatch.setattr(uncertainty, "refit_weighted", marked)
+    loo = uncertainty.leave_one_out(row.fit)
+    np.testing.assert_allclose(loo.predicted, np.arange(1.0, n + 1), rtol=1e-12)
 
 
 def test_cli_warns_on_a_degenerate_sweep_and_fix_identifies_it(tmp_path, capsys):

@@ -151,3 +151,104 @@ def test_bootstrap_interval_excluding_the_estimate_is_a_reason():
     assert reason.endswith(f"excludes its estimate {fit.beta:.4g}")
     with pytest.raises(DegenerateLawError, match="bootstrap 95% interval of beta"):
         plan_sparse(flagged, 1e17, 0.5)
+
+
+# --- which runner-up optima a fit keeps as refit starts (identify.sound, fit._distinct_optima)
+
+# A hand-made box over (a, b, e, alpha, beta) and a point well inside it: E = 1, A = e^5,
+# B = e^6, alpha = beta = 0.3 on 4 N x 4 D over 3 decades each (every term 0.09 to 15); alpha's
+# box is [0.2, 0.4], so moving it to a bound keeps every direction measured.
+BOX_LO = np.array([0.0, 0.0, -2.0, 0.2, 0.0])
+BOX_HI = np.array([30.0, 30.0, 2.0, 0.4, 2.0])
+INSIDE = np.array([5.0, 6.0, 0.0, 0.3, 0.3])
+
+
+def _design(n_values, d_values):
+    n, d = (a.ravel() for a in np.meshgrid(n_values, d_values))
+    return n, d, forms.CHINCHILLA.design({"N": n, "D": d})
+
+
+def _fd_min_eigenvalue(n, d, theta, free):
+    """The smallest eigenvalue of J^T J / n, J by central differences of the law written out
+    in float64 numpy (no scaling code)."""
+    def logp(t):
+        return np.log(np.exp(t[2]) + np.exp(t[0]) * n ** -t[3] + np.exp(t[1]) * d ** -t[4])
+
+    h = 1e-6
+    jac = np.stack([(logp(theta + h * e) - logp(theta - h * e)) / (2 * h) for e in np.eye(5)],
+                   axis=1)[:, free]
+    return np.linalg.eigvalsh(jac.T @ jac / n.size)[0]
+
+
+def test_sound_rejects_a_free_parameter_on_either_bound_and_a_flat_direction():
+    """``identify.sound`` (the refit-start filter): a point inside the box with every direction
+    measured is sound; a free parameter within ``ON_BOUND`` x the box width (1e-6 x 0.2 =
+    2e-7 for alpha) of its lower or upper bound is not, a fixed one is not looked at; a sweep
+    with one D (the B term and E cannot be told apart) is not."""
+    n, d, design = _design(np.geomspace(1e5, 1e8, 4), np.geomspace(1e7, 1e10, 4))
+    free = np.ones(5, bool)
+    for alpha in (0.2, 0.3, 0.4):  # every direction measured, at the bounds too
+        theta = INSIDE.copy()
+        theta[3] = alpha
+        assert _fd_min_eigenvalue(n, d, theta, free) > 1e3 * identify.CURVATURE_FLOOR
+    assert identify.sound(design, INSIDE, free, BOX_LO, BOX_HI)
+    for alpha, ok in ((0.4, False), (0.4 - 1e-7, False), (0.4 - 1e-6, True),
+                      (0.2, False), (0.2 + 1e-7, False), (0.2 + 1e-6, True)):
+        theta = INSIDE.copy()
+        theta[3] = alpha
+        assert identify.sound(design, theta, free, BOX_LO, BOX_HI) is ok, alpha
+    hi_e = BOX_HI.copy()
+    hi_e[2] = INSIDE[2]  # E on its upper bound: a log-coefficient counts the same way
+    assert not identify.sound(design, INSIDE, free, BOX_LO, hi_e)
+    fixed_alpha = free.copy()
+    fixed_alpha[3] = False
+    on_alpha = INSIDE.copy()
+    on_alpha[3] = BOX_HI[3]
+    assert identify.sound(design, on_alpha, fixed_alpha, BOX_LO, BOX_HI)
+    n1, d1, one_d = _design(np.geomspace(1e5, 1e8, 4), [1e8])
+    assert _fd_min_eigenvalue(n1, d1, INSIDE, free) < 1e-3 * identify.CURVATURE_FLOOR
+    assert not identify.sound(one_d, INSIDE, free, BOX_LO, BOX_HI)
+
+
+def test_distinct_optima_keeps_sound_runners_up_of_a_sound_best():
+    """``fit._distinct_optima``: optima in objective order, a near-duplicate (within 1e-3 of
+    one already seen) and non-finite objectives left out, at most ``k``; runners-up that fail
+    ``keep`` are dropped when the best passes it, and all kept when the best fails it."""
+    from scaling.fit import _distinct_optima
+
+    theta = np.array([
+        [5.0, 5.0],      # objective 2.0, sound
+        [0.0, 0.0],      # 1.0: the best, sound
+        [-1.0, 0.0],     # 1.5: unsound (keep is False for a negative first entry)
+        [0.0, 0.0005],   # 1.1: the best again, within 1e-3
+        [3.0, 3.0],      # nan: not an optimum
+        [7.0, 7.0],      # 3.0, sound
+        [-2.0, 1.0],     # 2.5: unsound
+    ])
+    obj = np.array([2.0, 1.0, 1.5, 1.1, np.nan, 3.0, 2.5])
+    keep = lambda t: t[0] >= 0  # noqa: E731
+    np.testing.assert_array_equal(_distinct_optima(theta, obj, keep),
+                                  [[0.0, 0.0], [5.0, 5.0], [7.0, 7.0]])
+    np.testing.assert_array_equal(_distinct_optima(theta, obj, keep, k=2),
+                                  [[0.0, 0.0], [5.0, 5.0]])
+    # the best fails keep (a degenerate fit): every distinct runner-up is a start
+    worse = obj.copy()
+    worse[1], worse[3] = 9.0, 9.5  # (0, 0) and its twin now come last
+    np.testing.assert_array_equal(
+        _distinct_optima(theta, worse, keep),
+        [[-1.0, 0.0], [5.0, 5.0], [-2.0, 1.0], [7.0, 7.0], [0.0, 0.0]])
+
+
+def test_a_sound_fit_starts_its_refits_only_from_sound_distinct_optima():
+    """On a well-posed sweep the fit's ``optima`` (the bootstrap's and leave-one-out's starts)
+    begin with the fit itself, are distinct, and every one passes ``identify.sound`` in the
+    fit's own box."""
+    n, d, loss = _grid_sweep()
+    fit = fit_chinchilla(n, d, loss, grid="coarse")
+    assert not fit.degenerate and len(fit.optima) >= 2
+    np.testing.assert_array_equal(fit.optima[0], fit.theta)
+    design = forms.CHINCHILLA.design({"N": n, "D": d})
+    for i, t in enumerate(fit.optima):
+        assert identify.sound(design, t, np.ones(5, bool), fit.box[0], fit.box[1]), i
+        others = np.delete(fit.optima, i, axis=0)
+        assert np.all(np.max(np.abs(others - t), axis=1) > 1e-3), i

@@ -167,6 +167,7 @@ def test_damped_steps_match_numpy_solve_including_degenerate_systems():
     np.testing.assert_allclose(got[60], -g[60] / (lam[60] * 1e-12), rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_compiled_passes_cache_in_a_private_folder(tmp_path):
     """The solver's compiled code goes to $SPARSEJAX_CACHE_DIR (one variable for data and
     compiled code), in folders only the user can read; a folder others can write is refused."""

@@ -215,6 +215,7 @@ def test_model_flops_and_shapes(family):
     assert abs(got / (fixed + blocks) - 1) < (0.6 if family == "wide" else 0.03)
 
 
+@pytest.mark.slow
 def test_short_masked_training_lowers_the_loss():
     """Parallel and Factorized (one model whose linears alternate between them: one compile
     instead of two) train under uniform random masks at S: the loss drops."""
@@ -242,6 +243,7 @@ def test_short_masked_training_lowers_the_loss():
     assert losses[-1] < losses[0] - 0.5, losses
 
 
+@pytest.mark.slow
 def test_config_path_trains_and_accounts(tmp_path):
     """model.sparse_ift through tiny_config and experiment.run (sparsify with static random
     uniform masks), Doped at 0.5: sparsify masks exactly the sparse parts (n_prunable leaves
@@ -330,6 +332,7 @@ def _bsr_config(family: str):
     return c, dataclasses.replace(experiment.check(c).model_cfg, vocab_size=CFG.vocab_size)
 
 
+@pytest.mark.slow
 def test_bsr_wide_trains():
     """model.linear=bsr, Sparse Wide at 0.5: widths rounded to the block (16), the BSR layers
     at block density 1/2 (Wide's 48x48 layers have 9 blocks, 4 kept), counted by the

@@ -74,6 +74,7 @@ def test_bad_switch_step(bad):
         methods.spdf(methods.static(0.5), bad)
 
 
+@pytest.mark.slow
 def test_spdf_recipe_trains_and_accounts_for_the_switch(tmp_path):
     from conftest import tiny_config
 

@@ -117,3 +117,35 @@ def test_hard_phase_lands_pruned_weights_at_zero():
 def test_bad_arguments(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+@pytest.mark.parametrize("kind, alpha, dense_steps, pruned_factor", [
+    # beta_t = max(0, 1 - alpha (t - t_warm)) / exp(-alpha (t - t_warm)), t counted from the
+    # end of the warm-up; the factor is what a pruned weight is multiplied by in the forward of
+    # step t: 1 while the masks are dense (steps 0..t_warm: the masks step t reads were chosen
+    # at step t - 1), then beta_t
+    ("linear", 0.25, 3, [1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0]),
+    ("exp", 0.5, 2, [1.0, 1.0, 1.0, np.exp(-0.5), np.exp(-1.0), np.exp(-1.5)]),
+])
+def test_mdgf_beta_decays_from_the_end_of_the_dense_warm_up(kind, alpha, dense_steps,
+                                                           pruned_factor):
+    """MDGF with ``dense_steps > 0``: after the warm-up the state's ``forward_weight`` at step
+    t is ``beta_t = max(0, 1 - alpha (t - t_warm))`` (or ``exp(-alpha (t - t_warm))``), and
+    the forward weights are ``W`` during the warm-up, then ``W (E + (1 - E) beta_t)`` with the
+    2:4 masks E: the first sparse step (t_warm + 1) already has ``beta = 1 - alpha``."""
+    method = methods.mdgf(2, 4, alpha=alpha, kind=kind, dense_steps=dense_steps)
+    tx = sparsejax.sparsify(optax.sgd(0.0), method)
+    p = params()
+    state = tx.init(p)
+    update = jax.jit(tx.update)
+    w = np.asarray(W, np.float64)
+    for t, factor in enumerate(pruned_factor):
+        if t > dense_steps:  # (during the warm-up no weight is pruned: beta is not used)
+            assert float(sparsejax.find_state(state).forward_weight) == pytest.approx(
+                factor, rel=1e-6, abs=1e-7), t
+        mask = np.asarray(sparsejax.masks_of(state)["layer"]["kernel"])
+        np.testing.assert_array_equal(mask, np.ones_like(E) if t <= dense_steps else E)
+        fwd = np.asarray(sparsejax.forward_params(p, state)["layer"]["kernel"])
+        np.testing.assert_allclose(fwd, w * np.where(E, 1.0, factor), rtol=1e-6, atol=1e-7,
+                                   err_msg=f"step {t}")
+        _, state = update(jax.tree.map(jnp.zeros_like, p), state, p)

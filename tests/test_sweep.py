@@ -198,6 +198,7 @@ def test_sweep_overrides_use_the_config_syntax(tmp_path: Path, capsys):
     assert [c.train.steps for _, _, c in runs] == [9, 9, 9, 9]
 
 
+@pytest.mark.slow
 def test_worker_records_its_failure_and_the_sweep_reports_it(tmp_path: Path, capsys):
     """A real worker process whose run fails on its config (data.source names no file): its
     worker.json records the error's type, message and exit status (2: the user's input), and
@@ -245,3 +246,65 @@ def test_config_differences_ignore_logging_keys():
     assert configlib.differing_keys(old, new.to_dict()) == ["eval.final_batches", "train.lr"]
     del old["eval"]["seed"]  # a run dir written before the key existed
     assert "eval.seed" in configlib.differing_keys(old, configlib.base().to_dict())
+
+
+RELAUNCH = RECIPE.replace("for seed in (0, 1, 2):", "for seed in range(7):").replace(
+    '    add(**{"data.source": "/nonexistent/corpus.txt"})\n', "")
+
+
+def _hand_run(root: Path, name: str, config: dict, summary: dict | None,
+              checkpoints: tuple[str, ...] = ()) -> None:
+    """A run dir written by hand: config.json, summary.json and empty checkpoint folders."""
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(config))
+    if summary is not None:
+        (run / "summary.json").write_text(json.dumps(summary))
+    for step in checkpoints:
+        (run / "checkpoints" / step).mkdir(parents=True)
+
+
+def test_relaunch_plan_skips_finished_runs_and_reruns_the_others(tmp_path: Path):
+    """``sweep.plan`` on hand-written run dirs (no training): a completed and a diverged run
+    are skipped (``FINISHED``: rerunning gives the same result); a failed or interrupted run
+    resumes from its latest committed checkpoint, or starts over without one; a ``running``
+    run whose process is gone resumes; a run with no dir runs. A run dir whose config differs
+    is an error naming the run and the key."""
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(RELAUNCH)
+    out = tmp_path / "sweep"
+    first = sweep.plan(str(recipe), out)
+    assert [(r.name, r.action, r.done_steps) for r in first] == [
+        (f"seed-{i}", "run", 0) for i in range(7)]
+    assert not out.exists()  # planning writes nothing
+    config = {r.name: json.loads(json.dumps(r.spec.to_dict())) for r in first}
+    steps = first[0].spec.train.steps
+    assert steps == 4
+    done = {"steps": steps, "step": steps, "val_loss": 2.5}
+    _hand_run(out, "seed-0", config["seed-0"], {"status": "completed", **done}, ("2", "4"))
+    _hand_run(out, "seed-1", config["seed-1"], {"status": "diverged", "diverged_step": 2,
+                                                 "steps": steps, "step": 2,
+                                                 "train_loss": "nan"}, ("2",))
+    _hand_run(out, "seed-2", config["seed-2"], {"status": "failed", "steps": steps, "step": 3},
+              ("2",))
+    _hand_run(out, "seed-3", config["seed-3"], {"status": "interrupted", "steps": steps,
+                                                 "step": 2},
+              ("2", "4.orbax-checkpoint-tmp-1700000000"))  # step 4 never committed
+    _hand_run(out, "seed-4", config["seed-4"], {"status": "failed", "steps": steps, "step": 0})
+    _hand_run(out, "seed-5", config["seed-5"], {"status": "running", "steps": steps,
+                                                 "step": 3}, ("2",))  # no lock: process gone
+    # seed-6: no run dir at all
+    planned = {r.name: (r.action, r.done_steps) for r in sweep.plan(str(recipe), out)}
+    assert planned == {
+        "seed-0": ("skip", 4),     # completed
+        "seed-1": ("skip", 4),     # diverged: the same config diverges again
+        "seed-2": ("resume", 2),   # failed after a checkpoint
+        "seed-3": ("resume", 2),   # interrupted: the last committed checkpoint
+        "seed-4": ("run", 0),      # failed before any checkpoint
+        "seed-5": ("resume", 2),   # running, its process gone
+        "seed-6": ("run", 0),      # never started
+    }
+    changed = dict(config["seed-1"], train={**config["seed-1"]["train"], "lr": 0.5})
+    (out / "seed-1" / "config.json").write_text(json.dumps(changed))
+    with pytest.raises(ValueError, match=r"1 run\(s\) differs.*seed-1 \(train.lr: 0.5 -> "):
+        sweep.plan(str(recipe), out)

@@ -207,6 +207,7 @@ def test_backend_flags_checked(recipe, tmp_path, capsys):
             configlib.validate(c)
 
 
+@pytest.mark.slow
 def test_local_backend_never_imports_ray(recipe, tmp_path):
     code = f"""
 import sys
