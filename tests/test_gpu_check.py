@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_gpu_check_tiny_mode(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable, "ONLY": "correctness,jax-triton,fwd+bwd 128,train bsr"}
+    env = {**os.environ, "PYTHON": sys.executable,
+           "ONLY": "correctness,jax-triton,fwd+bwd 128,train bsr"}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--tiny",
                            str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
