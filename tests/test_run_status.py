@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY, tiny_config
+from conftest import STEPS, TINY, tiny_config
 
 from sparsejax import cli
 from sparsejax.run import checkpoint, experiment, rundir
@@ -98,6 +98,21 @@ def test_training_resumes_past_damaged_checkpoint(finished_run, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_resume_keeps_the_metrics_after_an_unreadable_line(finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    (run_dir / "summary.json").unlink()  # as if killed after the last checkpoint
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    lines[1] = lines[1][:20] + "\n"  # one damaged record, 3 after it
+    metrics.write_text("".join(lines))
+    with pytest.warns(UserWarning, match=f"{metrics}:2: unreadable"):
+        summary = experiment.run(tiny_config(), str(run_dir), progress=False)
+    assert summary["status"] == "completed" and summary["step"] == STEPS
+    with pytest.warns(UserWarning, match=f"{metrics}:2"):
+        assert [r["step"] for r in rundir.read_metrics(run_dir)] == [2, 6, 8]
+    assert metrics.read_text().startswith("".join(lines))  # nothing rewritten
 
 
 def test_checkpoints_without_config_json_refused(finished_run, tmp_path):

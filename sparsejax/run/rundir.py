@@ -5,9 +5,10 @@ docs/design.md, "Run directory". Every other module asks :class:`RunDir` (a run 
 through them; none spells a file name. A run dir holds:
 
 * ``config.json``: the resolved config (:meth:`RunDir.read_config`, :meth:`RunDir.write_config`);
-* ``metrics.jsonl``: one JSON object per logged step (:class:`MetricsLog`, :func:`read_metrics`);
-  on resume, records past the restored checkpoint are dropped (the file is replaced
-  atomically), so a resumed run's log equals an uninterrupted one's;
+* ``metrics.jsonl``: one JSON object per logged step (:class:`MetricsLog`, :func:`read_metrics`),
+  append-only: on resume, records past the restored checkpoint are superseded by a resume
+  marker, never deleted, so what :func:`read_metrics` returns for a resumed run equals an
+  uninterrupted one's (:mod:`sparsejax.run.files`);
 * ``summary.json``: status, step and final scores (:meth:`RunDir.read_summary`);
 * ``lock``: the PID of the process training in it (:class:`RunLock`, :func:`lock_owner`);
 * ``checkpoints/`` (orbax step folders, :mod:`sparsejax.run.checkpoint`) and
@@ -21,7 +22,9 @@ through them; none spells a file name. A run dir holds:
 A sweep dir holds one run dir per run, ``sweep.json`` and its own ``lock``; a soup dir holds
 ``soup.json`` beside its run dirs.
 
-Non-finite floats are written as the JSON strings ``"nan"``, ``"inf"`` and ``"-inf"`` (JSON has
+Writes go through :mod:`sparsejax.run.files`: JSON files atomically via a unique temp file,
+the lock and the metrics log opened without following symbolic links. Non-finite floats are
+written as the JSON strings ``"nan"``, ``"inf"`` and ``"-inf"`` (JSON has
 no such numbers); ``float(value)`` reads them back, and :func:`number` does so for any field.
 A run whose loss became non-finite has ``"status": "diverged"`` and ``"diverged_step"`` in its
 ``summary.json``.
@@ -32,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -42,6 +44,8 @@ from tqdm import tqdm
 
 from sparsejax import errors
 from sparsejax.errors import RunDirBusyError
+from sparsejax.run import files
+from sparsejax.run.files import JsonLog as MetricsLog
 
 __all__ = [
     "METRIC_FIELDS", "STATUSES", "TIMING_FIELDS", "MetricsLog", "NullLog", "Progress", "RunDir",
@@ -59,16 +63,6 @@ STATUSES = ("running", "completed", "failed", "diverged", "interrupted")
 PathLike = str | os.PathLike  # a path, or a RunDir / SweepDir
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # "nan", "inf", "-inf"
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    return value
-
-
 def number(value: Any) -> float | None:
     """A logged numeric field as a float (``"nan"``/``"inf"`` strings included); ``None`` stays
     ``None``."""
@@ -76,17 +70,10 @@ def number(value: Any) -> float | None:
 
 
 def write_json(path: PathLike, obj: dict[str, Any]) -> None:
-    """Write atomically (temp file + rename) so a kill never leaves half a file."""
-    _write_atomic(Path(path), json.dumps(_clean(obj), indent=2, sort_keys=True, allow_nan=False))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write atomically (a unique temp file, then rename: :func:`sparsejax.run.files.
+    write_atomic`) so a kill never leaves half a file and no planted link is followed."""
+    files.write_atomic(Path(path), json.dumps(files.clean(obj), indent=2, sort_keys=True,
+                                              allow_nan=False))
 
 
 def read_json(path: PathLike) -> dict[str, Any] | None:
@@ -258,40 +245,24 @@ class RunDir(_Folder):
             return None
 
     def write_wandb_id(self, run_id: str) -> None:
-        self.wandb_id_file.write_text(run_id)
+        files.write_atomic(self.wandb_id_file, run_id)
 
     # -- metrics.jsonl -----------------------------------------------------------------------
     def read_metrics(self) -> list[dict[str, Any]]:
-        """All records of ``metrics.jsonl`` (a torn last line is ignored)."""
-        try:
-            text = self.metrics_file.read_text()
-        except FileNotFoundError:
-            return []
-        out = []
-        for line in text.splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-        return out
+        """The records of ``metrics.jsonl`` as an uninterrupted run logs them: records a
+        resume superseded are dropped, an unreadable line is skipped with a warning naming
+        the file and line, a torn last line is ignored (:func:`sparsejax.run.files.
+        read_log`)."""
+        return files.read_log(self.metrics_file)
 
     def last_logged_step(self) -> int:
         """The last logged step (read from the tail of ``metrics.jsonl``), 0 when none."""
-        try:
-            with self.metrics_file.open("rb") as f:
-                f.seek(max(0, self.metrics_file.stat().st_size - 4096))
-                lines = f.read().decode(errors="replace").splitlines()
-        except FileNotFoundError:
-            return 0
-        for line in reversed(lines):
-            try:
-                return int(json.loads(line)["step"])
-            except (ValueError, KeyError, TypeError):
-                continue
-        return 0
+        return files.last_step(self.metrics_file)
 
     def metrics_log(self, *, resume_step: int) -> MetricsLog:
-        return MetricsLog(self, resume_step=resume_step)
+        """The append-only writer of ``metrics.jsonl`` for a run that starts at
+        ``resume_step`` (records past it are superseded, never deleted)."""
+        return MetricsLog(self.metrics_file, resume_step=resume_step)
 
     # -- lock, checkpoints, status -----------------------------------------------------------
     def lock(self) -> RunLock:
@@ -382,24 +353,6 @@ def run_status(run_dir: PathLike) -> RunStatus:
     return RunDir(run_dir).status()
 
 
-class MetricsLog:
-    """Append-only ``metrics.jsonl`` writer; opening it drops records past ``resume_step``."""
-
-    def __init__(self, run_dir: PathLike, *, resume_step: int):
-        run = RunDir(run_dir)
-        self.path = run.metrics_file
-        kept = [r for r in run.read_metrics() if r.get("step", 0) <= resume_step]
-        _write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        self._file: TextIO = self.path.open("a")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(_clean(record), allow_nan=False) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-
 class NullLog:
     """The :class:`MetricsLog` of a process that writes no files (every process but 0 of a
     multi-process run)."""
@@ -434,7 +387,8 @@ class RunLock:
 
     ``flock`` is released by the kernel when its process dies, so a lock file left by a killed
     process is taken over; one held by a live process raises :class:`RunDirBusyError` naming
-    its PID.
+    its PID. The file is opened with ``O_NOFOLLOW`` (a link planted there is an
+    :class:`~sparsejax.errors.InputError`, never followed) and only written once locked.
     """
 
     def __init__(self, run_dir: PathLike):
@@ -443,7 +397,7 @@ class RunLock:
 
     def __enter__(self) -> RunLock:
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = files.open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -453,7 +407,7 @@ class RunLock:
                     f"run dir {self.path.parent} is in use by process {pid} (lock file "
                     f"{self.path}); wait for it to end or stop it") from None
             try:  # the file we locked may have been unlinked by its previous owner
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                same = os.fstat(fd).st_ino == os.lstat(self.path).st_ino
             except FileNotFoundError:
                 same = False
             if same:
@@ -473,11 +427,18 @@ class RunLock:
 
 def lock_owner(run_dir: PathLike) -> int | None:
     """The PID of the live process holding ``run_dir``'s lock, or ``None``."""
+    path = RunDir(run_dir).lock_file
     try:
-        pid = int(RunDir(run_dir).lock_file.read_text().strip())
+        fd = files.open_nofollow(path, os.O_RDONLY)
+    except (FileNotFoundError, errors.InputError):  # none, or a link: no lock
+        return None
+    try:
+        pid = int(os.pread(fd, 64, 0).decode(errors="replace").strip())
         os.kill(pid, 0)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+    except (ValueError, ProcessLookupError):
         return None
     except PermissionError:  # alive, owned by another user
         pass
+    finally:
+        os.close(fd)
     return pid
