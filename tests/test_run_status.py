@@ -152,6 +152,23 @@ def test_divergence_stops_with_status_diverged(tmp_path, capsys):
     assert json.loads((run_dir / "summary.json").read_text()) == summary
 
 
+def test_an_overflowing_update_is_a_divergence_not_a_composition_error(tmp_path, capsys):
+    # lr=1e30: the weights overflow before the loss is logged, and a pruning step then finds
+    # non-finite weights where its masks prune (once reported as "the optimizer does not keep
+    # its masks exact")
+    run_dir = tmp_path / "div"
+    args = ["train", f"--config={ROOT / 'configs' / 'gradual_magnitude.py'}:{TINY}",
+            f"--workdir={run_dir}", "--config.train.steps=8", "--config.eval.every=8",
+            "--config.train.log_every=4", "--config.sparsity.update_every=1",
+            "--config.sparsity.begin_step=0", "--config.sparsity.end_step=6",
+            "--config.train.lr=1e30", "--noprogress"]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sparsejax: run diverged:") and "masks" not in err, err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["diverged_step"] == 4
+
+
 def test_stale_lock_taken_over_and_status_reads_interrupted(finished_run, tmp_path, capsys):
     run_dir = copy_run(finished_run, tmp_path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
