@@ -13,8 +13,9 @@ Every command takes ``--help``. The exit status comes from the error's type
 (:mod:`sparsejax.errors`): a bad key, value, file or run dir (``ConfigError``, ``InputError``,
 a usage error) prints one line ``sparsejax: error: ...`` and exits with status 2; a run that
 failed or diverged (``RunFailed``) prints ``sparsejax: run STATUS: ...`` and exits with 1;
-Ctrl-C exits with 130; any other exception is a bug: one line ``sparsejax: internal error:
-...`` and status 1. ``--debug`` shows the traceback instead.
+Ctrl-C exits with 130 and SIGTERM with 143 (a run saves at the next step boundary and is
+``interrupted``); any other exception is a bug: one line ``sparsejax: internal error: ...``
+and status 1. ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -122,8 +123,8 @@ def train_main(argv: list[str], command: str) -> int:
 
     try:
         summary = experiment.run(config, args.workdir, progress=not args.noprogress)
-    except KeyboardInterrupt:
-        return _interrupted(run, command)
+    except KeyboardInterrupt as stop:
+        return _interrupted(run, command, stop)
     return _report(summary, run)
 
 
@@ -141,7 +142,8 @@ def _report(summary: dict[str, Any], run: RunDir) -> int:
     return 0
 
 
-def _interrupted(run: RunDir, command: str) -> int:
+def _interrupted(run: RunDir, command: str, stop: KeyboardInterrupt) -> int:
+    """Say where a run a signal stopped stands; exit status 128 + the signal (130: SIGINT)."""
     if run.has_summary():
         s = run.status()
         where = f"status '{s.status}', last checkpoint at step {s.step} in {run}"
@@ -149,7 +151,13 @@ def _interrupted(run: RunDir, command: str) -> int:
         where = f"before training started in {run}"
     print(f"\nsparsejax: interrupted; {where}\nrun the same command to resume: {command}",
           file=sys.stderr)
-    return EXIT_INTERRUPTED
+    return _exit_code(stop)
+
+
+def _exit_code(stop: KeyboardInterrupt) -> int:
+    """128 + the signal that stopped the command (:class:`~sparsejax.errors.Interrupted`);
+    130 for a plain ``KeyboardInterrupt``."""
+    return getattr(stop, "exit_code", EXIT_INTERRUPTED)
 
 
 def sweep_main(argv: list[str], command: str) -> int:
@@ -189,10 +197,10 @@ def sweep_main(argv: list[str], command: str) -> int:
                                parallel=args.parallel, dry_run=args.dry_run,
                                progress=not args.noprogress, backend=args.backend,
                                address=args.address)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print(f"\nsparsejax: sweep interrupted; run the same command to resume: {command}",
               file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _exit_code(stop)
     if args.dry_run:
         print(f"{'run':<48} {'action':<8} {'from step':>9} {'steps':>7}")
         for e in entries:
@@ -288,10 +296,10 @@ def soup_main(argv: list[str], command: str) -> int:
 
     try:
         result = soup.soup(config, args.workdir, progress=not args.noprogress)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print(f"\nsparsejax: soup interrupted; run the same command to resume: {command}",
               file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _exit_code(stop)
     print(soup.table(result))
     print(f"soup dir: {Path(args.workdir).absolute()} ({SweepDir.SOUP})")
     return 0
@@ -389,11 +397,11 @@ def main(argv: list[str] | None = None) -> int:
         code, line = _error_line(e)
         print(line, file=sys.stderr)
         return code
-    except KeyboardInterrupt:  # a command that does not say how to resume
+    except KeyboardInterrupt as stop:  # a command that does not say how to resume
         if debug:
             raise
         print("\nsparsejax: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _exit_code(stop)
 
 
 def _error_line(e: Exception) -> tuple[int, str]:

@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 
 from sparsejax import checks
-from sparsejax.errors import ConfigError, ExactnessError, InputError
+from sparsejax.errors import ConfigError, ExactnessError, InputError, SaveFailed
 from sparsejax.run import accounting, checkpoint, configlib, data, distributed, evaluation, rundir
 from sparsejax.run.build import Experiment
 from sparsejax.run.outputs import Clock, Outputs
@@ -99,18 +99,24 @@ def run(spec: RunSpec, exp: Experiment, workdir: str | Path, *,
     A process holds ``RUN_DIR/lock`` while it trains (a second one raises
     :class:`~sparsejax.errors.RunDirBusyError`). A finished run (``completed`` or
     ``diverged``) is returned as found. The run stops at the first log step whose loss is not
-    finite, with status ``diverged``; ``KeyboardInterrupt`` leaves status ``interrupted`` at
-    the last checkpoint's step and propagates. ``wall_time_s`` adds up over resumptions.
+    finite, with status ``diverged``. SIGINT (Ctrl-C) or SIGTERM (a cluster's preemption)
+    saves a checkpoint at the next step boundary, leaves status ``interrupted`` at that step,
+    releases the lock and raises :class:`~sparsejax.errors.Interrupted` (a
+    ``KeyboardInterrupt``); a second signal stops at once (:mod:`sparsejax.run.signals`). A
+    checkpoint that cannot be saved ends the run with status ``failed`` and the reason
+    (:class:`~sparsejax.errors.SaveFailed`); any exception leaves ``failed`` with its type and
+    message in the summary's ``error``. ``wall_time_s`` adds up over resumptions.
     """
     run = RunDir(workdir).create()
-    if not distributed.is_main():  # process 0 holds the lock for the whole job
-        return _run(spec, exp, run, mesh, progress)
-    with run.lock():
-        return _run(spec, exp, run, mesh, progress)
+    with DeferredInterrupt() as interrupt:  # a signal while setting up stops at once
+        if not distributed.is_main():  # process 0 holds the lock for the whole job
+            return _run(spec, exp, run, mesh, progress, interrupt)
+        with run.lock():
+            return _run(spec, exp, run, mesh, progress, interrupt)
 
 
 def _run(spec: RunSpec, exp: Experiment, run: RunDir, mesh: jax.sharding.Mesh | None,
-         progress: bool) -> dict[str, Any]:
+         progress: bool, interrupt: DeferredInterrupt) -> dict[str, Any]:
     """:func:`run` holding the lock: check, set up, loop, summarize."""
     t_start = time.perf_counter()
     mesh = _check(spec, exp, mesh)
@@ -129,26 +135,31 @@ def _run(spec: RunSpec, exp: Experiment, run: RunDir, mesh: jax.sharding.Mesh | 
     out = Outputs.open(spec, run, start=setup.start, counts=setup.counts,
                        final_eval=setup.final_val, main=main, progress=progress)
     record: dict[str, Any] = {}
-    interrupt = DeferredInterrupt()
+    interrupt.defer()  # from here a signal stops the loop at a step boundary, after a save
+    ended = False
     try:
         record, diverged_at = _loop(spec, exp, setup, out, clock, interrupt)
-        setup.mngr.wait_until_finished()
-    except KeyboardInterrupt:
-        try:
-            setup.mngr.wait_until_finished()  # a save in flight completes (or fails) first
-        finally:
-            out.write_summary({**out.last_record, "status": "interrupted",
-                               "logged_step": out.last_record.get("step"),
-                               "step": setup.mngr.latest_step() or 0,
-                               "resumed_from": setup.start, "wall_time_s": clock.wall()})
+        checkpoint.wait(setup.mngr)
+        ended = True
+    except KeyboardInterrupt as stop:  # a signal: interrupted at the latest committed step
+        if not getattr(stop, "at_once", False):  # unless a second signal: at once
+            try:
+                checkpoint.wait(setup.mngr)  # the save of the step boundary completes
+            except SaveFailed as err:
+                out.failed(err, clock.wall())
+                raise err from stop
+        out.interrupted(run.latest_checkpoint_step() or 0, setup.start, clock.wall())
         raise
-    except BaseException:
-        out.write_summary({**out.last_record, "status": "failed", "wall_time_s": clock.wall()})
+    except BaseException as err:
+        out.failed(err, clock.wall())
         raise
     finally:
-        interrupt.restore()
         out.close()
-        setup.mngr.close()
+        try:
+            setup.mngr.close()
+        except Exception:
+            if ended:  # else the error in flight says what went wrong
+                raise
     return _finish(run, out, record, diverged_at, setup.start, clock)
 
 
@@ -270,8 +281,12 @@ def _loop(spec: RunSpec, exp: Experiment, setup: _Setup, out: Outputs, clock: Cl
     tokens_per_step = t.batch_size * t.seq_len
     t_log, step_log = time.perf_counter(), setup.start
     record: dict[str, Any] = {}
+    saved = setup.start  # the latest step checkpointed (or restored)
     for step in range(setup.start, t.steps):
-        interrupt.check()  # Ctrl-C takes effect between steps, never inside a save
+        if interrupt.pending:  # a signal: checkpoint the step just completed, then stop
+            if step > saved:
+                checkpoint.save_checked(setup.mngr, step, state)
+            interrupt.check()
         x, y = data.get_batch(exp.corpus.train, seed=spec.seed, step=step,
                               batch_size=t.batch_size, seq_len=t.seq_len)
         state, metrics = setup.train_step(state, distributed.put(x, setup.batch_sh),
@@ -292,7 +307,8 @@ def _loop(spec: RunSpec, exp: Experiment, setup: _Setup, out: Outputs, clock: Cl
                 return record, done  # stop at the first non-finite loss
             out.report(record, tokens_per_step * (done - step_log) / (now - t_log))
         if is_ckpt:
-            checkpoint.save(setup.mngr, done, state)
+            checkpoint.save_checked(setup.mngr, done, state)
+            saved = done
         if record.get("step") == done:  # the next interval's step time starts after the save
             t_log, step_log = time.perf_counter(), done
     return record, None

@@ -34,6 +34,7 @@ from typing import Any, TextIO
 from sparsejax import errors
 from sparsejax.run import rundir
 from sparsejax.run.rundir import RunDir, SweepDir
+from sparsejax.run.signals import DeferredInterrupt
 from sparsejax.sweep.executors import Executor, Handle, LocalExecutor, check_backend
 from sparsejax.sweep.plan import FINISHED, Run, plan
 
@@ -78,8 +79,9 @@ def failure_reason(run: RunDir, returncode: int) -> str:
         return f"exit status {returncode}; the worker left no record (see {run.worker_log})"
     if record.reason() is not None:
         return record.reason()
-    if record.exit == errors.EXIT_INTERRUPTED:
-        return "interrupted (SIGINT); the next launch resumes it"
+    if record.exit in (errors.EXIT_INTERRUPTED, errors.EXIT_TERMINATED):
+        name = signal.Signals(record.exit - 128).name
+        return f"interrupted ({name}); the next launch resumes it"
     return f"exit status {record.exit} (see {run.worker_log})"
 
 
@@ -171,9 +173,10 @@ def launch(recipe: str, sweep_dir: str | Path, *, extra: dict[str, Any] | None =
 
     Finished-run lines and the progress line go to ``stream`` (default stderr). A run that
     fails is marked ``failed`` with the reason (:func:`failure_reason`: the error its worker
-    recorded in ``worker.json``) and the others go on. ``KeyboardInterrupt`` forwards SIGINT
-    to the running workers (they stop at the next step boundary and keep their checkpoints),
-    marks them ``interrupted`` and propagates.
+    recorded in ``worker.json``) and the others go on. ``KeyboardInterrupt`` (Ctrl-C, or
+    SIGTERM: :class:`~sparsejax.errors.Interrupted`) forwards SIGINT to the running workers
+    (each saves a checkpoint at its next step boundary), marks them ``interrupted`` and
+    propagates.
 
     ``backend``/``parallel``/``address``: see :func:`make_executor`; ``executor`` replaces
     them (tests pass their own)."""
@@ -195,9 +198,10 @@ def launch(recipe: str, sweep_dir: str | Path, *, extra: dict[str, Any] | None =
     try:
         if executor is None:
             executor = make_executor(backend, parallel=parallel, address=address)
-        try:
-            return _execute(runs, sweep_dir, SweepFile(sweep_dir, recipe), executor,
-                            Progress(runs, stream, progress))
+        try:  # SIGTERM (a preempted sweep job) stops the sweep like Ctrl-C
+            with DeferredInterrupt():
+                return _execute(runs, sweep_dir, SweepFile(sweep_dir, recipe), executor,
+                                Progress(runs, stream, progress))
         finally:
             executor.close()
     finally:
