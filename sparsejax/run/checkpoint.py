@@ -14,23 +14,17 @@ every shard (several hosts), the state is saved as sharded ``jax.Array`` s (each
 writes its shards) and checked with :func:`fingerprint`, a checksum reduced across devices
 (every save records one), instead of the SHA-256 that would need the whole state on one host.
 
-A save that fails (the ``checkpoints`` folder is a file, a full disk) surfaces at the next
-:func:`save_checked` or :func:`wait`, as :class:`~sparsejax.errors.SaveFailed` naming the
-folder and the cause; the background threads of the failed save are released so the process
-can exit (orbax would keep them waiting for its 300 s coordination timeout, and Python joins
-them at exit). Steps a killed process left half-written (orbax's ``STEP.orbax-checkpoint-tmp``
-folders) are removed, with a warning naming them, when a run resumes.
+Steps a killed process left half-written (orbax's ``STEP.orbax-checkpoint-tmp`` folders) are
+removed, with a warning naming them, when a run resumes; a save that fails is
+:mod:`sparsejax.run.saving`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import shutil
-import threading
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -43,11 +37,6 @@ from sparsejax import checks, errors
 from sparsejax.radix import _flat_position
 from sparsejax.run.rundir import PathLike, RunDir
 from sparsejax.transforms import SparsifyState
-
-try:  # the background threads of a save (private: released when a save failed)
-    from orbax.checkpoint._src.futures import future as _ocp_future
-except ImportError:  # another orbax layout: a failed save waits out orbax's timeout at exit
-    _ocp_future = None
 
 PARTIAL = ".orbax-checkpoint-tmp"  # in the name of a step folder orbax has not committed
 
@@ -76,48 +65,6 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
     else:  # orbax copies the shards to host before returning (donation-safe)
         mngr.save(int(step), args=ocp.args.StandardSave(state),
                   custom_metadata={"fingerprint": fingerprint(state)})
-
-
-def save_checked(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
-    """:func:`save`, raising :class:`~sparsejax.errors.SaveFailed` when this save or the one
-    before it (still finishing in the background) failed."""
-    with _save_errors(mngr):
-        save(mngr, step, state)
-
-
-def wait(mngr: ocp.CheckpointManager) -> None:
-    """Wait for the saves in flight; :class:`~sparsejax.errors.SaveFailed` when one failed."""
-    with _save_errors(mngr):
-        mngr.wait_until_finished()
-
-
-@contextlib.contextmanager
-def _save_errors(mngr: ocp.CheckpointManager) -> Iterator[None]:
-    try:
-        yield
-    except Exception as err:
-        _release_failed_save()
-        why = " ".join(f"{type(err).__name__}: {err}".split())[:300]
-        raise errors.SaveFailed(f"saving a checkpoint in {mngr.directory} failed ({why}); "
-                                "fix the folder (space, permissions, a file in its place) and "
-                                "run the same command to resume") from err
-
-
-def _release_failed_save() -> None:
-    """Wake the background threads of a failed save: each waits for a signal from a step that
-    failed and will never send it (module docstring); cancelled, they end without running."""
-    kind = getattr(_ocp_future, "_SignalingThread", None)
-    if kind is None:
-        return
-    for thread in threading.enumerate():
-        if isinstance(thread, kind) and thread.is_alive():
-            thread.cancel()
-            try:
-                _ocp_future.set_signals(thread._receive_signals,
-                                        operation_id=thread._operation_id)
-            except Exception as err:  # a changed orbax: it then waits out its timeout
-                warnings.warn(f"could not release a failed checkpoint save's thread: {err}",
-                              stacklevel=2)
 
 
 def _words(x: Any, xp: Any) -> Any:

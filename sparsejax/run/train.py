@@ -28,6 +28,7 @@ from sparsejax.run import accounting, checkpoint, configlib, data, distributed, 
 from sparsejax.run.build import Experiment
 from sparsejax.run.outputs import Clock, Outputs
 from sparsejax.run.rundir import RunDir
+from sparsejax.run.saving import save_checked, wait_for_saves
 from sparsejax.run.signals import DeferredInterrupt
 from sparsejax.run.spec import RunSpec
 from sparsejax.run.step import (
@@ -139,12 +140,12 @@ def _run(spec: RunSpec, exp: Experiment, run: RunDir, mesh: jax.sharding.Mesh | 
     ended = False
     try:
         record, diverged_at = _loop(spec, exp, setup, out, clock, interrupt)
-        checkpoint.wait(setup.mngr)
+        wait_for_saves(setup.mngr)
         ended = True
     except KeyboardInterrupt as stop:  # a signal: interrupted at the latest committed step
         if not getattr(stop, "at_once", False):  # unless a second signal: at once
             try:
-                checkpoint.wait(setup.mngr)  # the save of the step boundary completes
+                wait_for_saves(setup.mngr)  # the save of the step boundary completes
             except SaveFailed as err:
                 out.failed(err, clock.wall())
                 raise err from stop
@@ -285,7 +286,7 @@ def _loop(spec: RunSpec, exp: Experiment, setup: _Setup, out: Outputs, clock: Cl
     for step in range(setup.start, t.steps):
         if interrupt.pending:  # a signal: checkpoint the step just completed, then stop
             if step > saved:
-                checkpoint.save_checked(setup.mngr, step, state)
+                save_checked(setup.mngr, step, state)
             interrupt.check()
         x, y = data.get_batch(exp.corpus.train, seed=spec.seed, step=step,
                               batch_size=t.batch_size, seq_len=t.seq_len)
@@ -307,7 +308,7 @@ def _loop(spec: RunSpec, exp: Experiment, setup: _Setup, out: Outputs, clock: Cl
                 return record, done  # stop at the first non-finite loss
             out.report(record, tokens_per_step * (done - step_log) / (now - t_log))
         if is_ckpt:
-            checkpoint.save_checked(setup.mngr, done, state)
+            save_checked(setup.mngr, done, state)
             saved = done
         if record.get("step") == done:  # the next interval's step time starts after the save
             t_log, step_log = time.perf_counter(), done
