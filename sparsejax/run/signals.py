@@ -6,8 +6,9 @@ stops it at once (:class:`~sparsejax.errors.Interrupted`): nothing is in flight.
 runs (:meth:`DeferredInterrupt.defer`), the first signal only sets :attr:`DeferredInterrupt.
 signum`; the loop saves a checkpoint at the next step boundary and :meth:`DeferredInterrupt.
 check` raises there, so a checkpoint save is never cut midway. A second signal raises at once
-(``at_once``: the run does not wait for a save in flight) and gives both signals their default
-action back, so a third one ends the process whatever it is doing.
+(``at_once``: no checkpoint of the step in progress; a save already in flight still completes,
+as the process cannot exit before orbax's writer threads end) and gives both signals their
+default action back, so a third one ends the process whatever it is doing.
 """
 
 from __future__ import annotations

@@ -103,7 +103,8 @@ def run(spec: RunSpec, exp: Experiment, workdir: str | Path, *,
     finite, with status ``diverged``. SIGINT (Ctrl-C) or SIGTERM (a cluster's preemption)
     saves a checkpoint at the next step boundary, leaves status ``interrupted`` at that step,
     releases the lock and raises :class:`~sparsejax.errors.Interrupted` (a
-    ``KeyboardInterrupt``); a second signal stops at once (:mod:`sparsejax.run.signals`). A
+    ``KeyboardInterrupt``); a second signal stops at once, without a new checkpoint
+    (:mod:`sparsejax.run.signals`). A
     checkpoint that cannot be saved ends the run with status ``failed`` and the reason
     (:class:`~sparsejax.errors.SaveFailed`); any exception leaves ``failed`` with its type and
     message in the summary's ``error``. ``wall_time_s`` adds up over resumptions.
@@ -143,12 +144,13 @@ def _run(spec: RunSpec, exp: Experiment, run: RunDir, mesh: jax.sharding.Mesh | 
         wait_for_saves(setup.mngr)
         ended = True
     except KeyboardInterrupt as stop:  # a signal: interrupted at the latest committed step
-        if not getattr(stop, "at_once", False):  # unless a second signal: at once
-            try:
-                wait_for_saves(setup.mngr)  # the save of the step boundary completes
-            except SaveFailed as err:
-                out.failed(err, clock.wall())
-                raise err from stop
+        try:
+            wait_for_saves(setup.mngr)  # the save in flight (the step boundary's) completes
+        except SaveFailed as err:
+            out.failed(err, clock.wall())
+            raise err from stop
+        except KeyboardInterrupt:  # a second signal while it completes: stop waiting
+            pass
         out.interrupted(run.latest_checkpoint_step() or 0, setup.start, clock.wall())
         raise
     except BaseException as err:
