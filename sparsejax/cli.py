@@ -29,7 +29,7 @@ from typing import Any
 
 from sparsejax import errors
 from sparsejax.errors import EXIT_INTERRUPTED, EXIT_RUN_FAILED, EXIT_USAGE
-from sparsejax.run.rundir import RunDir, SweepDir, number
+from sparsejax.run.rundir import RunDir, RunStatus, SweepDir, number
 
 USAGE = """usage: sparsejax [--debug] COMMAND [ARGS]   (sparsejax COMMAND --help for details)
 
@@ -146,7 +146,7 @@ def _interrupted(run: RunDir, command: str, stop: KeyboardInterrupt) -> int:
     """Say where a run a signal stopped stands; exit status 128 + the signal (130: SIGINT)."""
     if run.has_summary():
         s = run.status()
-        where = f"status '{s.status}', last checkpoint at step {s.step} in {run}"
+        where = f"status '{s.status}', last checkpoint at step {s.checkpoint or 0} in {run}"
     else:
         where = f"before training started in {run}"
     print(f"\nsparsejax: interrupted; {where}\nrun the same command to resume: {command}",
@@ -220,24 +220,61 @@ def sweep_main(argv: list[str], command: str) -> int:
 
 
 def status_main(argv: list[str]) -> int:
-    """Print status, step, loss and wall time of a run dir or of every run of a sweep dir."""
-    p = _Parser("status", description="Status, step, loss and wall time of each run; a run "
-                "left 'running' by a process that is gone reads as 'interrupted'.")
+    """Print each run's status, latest logged step with its loss, latest checkpoint, wall time,
+    ETA and failure reason: of a run dir, or of every run of a sweep dir (pending ones too)."""
+    p = _Parser("status", description="Status, latest logged step and its loss, latest "
+                "checkpoint (where a resume starts), wall time and ETA of each run of a run or "
+                f"sweep dir ({SweepDir.SWEEP}'s runs, pending ones too); a run left 'running' by "
+                "a process that is gone reads as 'interrupted'.")
     p.add_argument("path", metavar="RUN_DIR|SWEEP_DIR")
     args = p.parse_args(argv)
     path = Path(args.path)
     if not path.is_dir():
         raise errors.MissingInputError(f"status: {path} is not a directory")
-    runs = [RunDir(path)] if RunDir(path).has_summary() else SweepDir(path).runs()
-    if not runs:
+    rows = _status_rows(path)
+    if not rows:
         raise errors.InputError(f"status: {path} holds no run (no {RunDir.SUMMARY} in it or its "
-                                "subfolders)")
-    print(f"{'run':<32} {'status':<12} {'step':>8} {'loss':>8} {'wall_s':>9}")
-    for run in runs:
-        s = run.status()
-        print(f"{run.name:<32} {s.status:<12} {s.step or 0:>8} {_fmt(s.loss):>8} "
-              f"{_fmt(s.wall_time_s, '.1f'):>9}")
+                                f"subfolders, no {SweepDir.SWEEP})")
+    w = max(len("run"), *(len(name) for name, _, _ in rows))
+    print(f"{'run':<{w}}  {'status':<11} {'step':>7} {'ckpt':>7} {'loss':>8} {'wall_s':>9} "
+          f"{'eta':>7}  reason")
+    for name, s, reason in rows:
+        eta = s.eta_s()
+        line = (f"{name:<{w}}  {s.status:<11} {_int(s.step):>7} {_int(s.checkpoint):>7} "
+                f"{_fmt(s.loss):>8} {_fmt(s.wall_time_s, '.1f'):>9} "
+                f"{'-' if eta is None else _duration(eta):>7}")
+        print(f"{line}  {reason}" if reason else line)
     return 0
+
+
+def _status_rows(path: Path) -> list[tuple[str, RunStatus, str | None]]:
+    """``(name, status, failure reason)`` of the run dir ``path``, or of every run of the
+    sweep dir ``path``: ``sweep.json``'s runs in its order (a run that never wrote a summary
+    with the status the sweep gave it, e.g. ``pending``), then other run dirs by name."""
+    if RunDir(path).has_summary():
+        s = RunDir(path).status()
+        return [(RunDir(path).name, s, s.error)]
+    sweep = SweepDir(path)
+    book = {e["name"]: e for e in (sweep.read_sweep() or {}).get("runs", [])
+            if isinstance(e, dict) and isinstance(e.get("name"), str)}
+    names = [*book, *(r.name for r in sweep.runs() if r.name not in book)]
+    rows = []
+    for name in names:
+        entry, run = book.get(name, {}), sweep.run(name)
+        s = run.status() if run.has_summary() else RunStatus(
+            str(entry.get("status", "pending")), None, None, None, run.latest_checkpoint_step())
+        reason = entry.get("reason") or s.error if s.status in ("failed", "interrupted") else None
+        rows.append((name, s, reason))
+    return rows
+
+
+def _int(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
 
 
 def export_main(argv: list[str]) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -185,6 +186,44 @@ def test_stale_lock_taken_over_and_status_reads_interrupted(finished_run, tmp_pa
         with pytest.raises(rundir.RunDirBusyError, match=str(os.getpid())):
             rundir.RunLock(run_dir).__enter__()
     assert not (run_dir / "lock").exists()
+
+
+def test_status_of_a_sweep_lists_every_run_aligned_with_its_checkpoint_and_eta(
+        finished_run, tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    long = "a-run-name-longer-than-the-old-column_" * 2  # 76 characters
+    shutil.copytree(finished_run, sweep / long)  # completed
+    part = sweep / "partial"  # killed at step 8 with checkpoints up to 4
+    shutil.copytree(finished_run, part)
+    for step in (6, 8):
+        shutil.rmtree(part / "checkpoints" / str(step))
+    summary = rundir.read_json(part / "summary.json")
+    rundir.write_json(part / "summary.json", {**summary, "status": "running"})
+    live = sweep / "live"  # running in this process, 4 of 8 steps logged
+    shutil.copytree(finished_run, live)
+    lines = (live / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (live / "metrics.jsonl").write_text("".join(lines[:2]))
+    rundir.write_json(live / "summary.json", {"status": "running", "step": 0, "steps": STEPS})
+    rundir.write_json(sweep / "sweep.json", {"recipe": "r.py", "runs": [
+        {"name": "later", "status": "pending"}, {"name": long, "status": "completed"},
+        {"name": "bad", "status": "failed", "reason": "InputError: no such corpus"},
+        {"name": "partial", "status": "running"}, {"name": "live", "status": "running"}]})
+    with rundir.RunLock(live):
+        assert cli.main(["status", str(sweep)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in out[1:]}
+    assert list(rows) == ["later", long, "bad", "partial", "live"]  # sweep.json's order
+    assert rows["later"][:4] == ["pending", "-", "-", "n/a"]
+    assert rows["bad"][0] == "failed" and out[3].endswith("InputError: no such corpus")
+    assert rows[long][:3] == ["completed", "8", "8"]
+    loss_8 = rundir.read_metrics(part)[-1]["val_loss"]
+    assert rows["partial"][:4] == ["interrupted", "8", "4", f"{loss_8:.4f}"]  # resumes from 4
+    assert rows["live"][:3] == ["running", "4", "8"] and rows["live"][5] != "-"  # an ETA
+    assert rows[long][5] == rows["partial"][5] == "-"
+    spans = [[m.span() for m in re.finditer(r"\S+", line)] for line in out]
+    assert {row[1][0] for row in spans} == {spans[0][1][0]}  # status: left-aligned
+    for col in (2, 3, 4, 5):  # step, ckpt, loss, wall_s: right-aligned under their headers
+        assert {row[col][1] for row in spans} == {spans[0][col][1]}, out[0].split()[col]
 
 
 def _cli_args(run_dir: Path) -> list[str]:

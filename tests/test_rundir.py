@@ -115,10 +115,11 @@ def test_status_reads_interrupted_once_the_trainer_is_gone(tmp_path):
     (run.checkpoints / "2").mkdir(parents=True)
     with run.lock():  # the trainer (this process) is alive: its latest logged step
         assert run.lock_owner() == os.getpid()
-        assert run.status() == RunStatus("running", 4, 3.5, 2.0)
+        assert run.status() == RunStatus("running", 4, 3.5, 2.0, checkpoint=2)
         with pytest.raises(errors.RunDirBusyError, match=str(os.getpid())):
             rundir.RunLock(run).__enter__()
-    assert run.status() == RunStatus("interrupted", 2, 3.5, 2.0)  # resumes from step 2
+    # the loss beside the step it was logged at (4), the resume's step apart (2)
+    assert run.status() == RunStatus("interrupted", 4, 3.5, 2.0, checkpoint=2)
     assert rundir.run_status(tmp_path) == run.status()
     assert rundir.RunDirBusyError is errors.RunDirBusyError
 

@@ -146,11 +146,13 @@ def test_sweep_life(tmp_path: Path, capsys, monkeypatch):
         assert {k: after[name].get(k) for k in keep} == {k: full[name].get(k) for k in keep}
     assert [after[n]["action"] for n in SEEDS] == ["skip", "skip"]
 
-    # `status` reads the sweep dir the workers wrote
+    # `status` reads the sweep dir the workers wrote, and sweep.json for the run that failed
+    # before it wrote a summary
     capsys.readouterr()
     assert cli.main(["status", str(out)]) == 0
     rows = [line.split()[:3] for line in capsys.readouterr().out.splitlines()[1:]]
-    assert sorted(rows) == sorted([[n, "completed", "4"] for n in [*SEEDS, PARTIAL]])
+    assert sorted(rows) == sorted([[n, "completed", "4"] for n in [*SEEDS, PARTIAL]]
+                                  + [[BAD, "failed", "-"]])
 
     # 5. a changed override on relaunch: an error naming the runs and the key, nothing runs
     assert _sweep(recipe, out, "--config.train.lr=0.001") == 2

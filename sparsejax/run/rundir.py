@@ -95,10 +95,19 @@ def read_json(path: PathLike) -> dict[str, Any] | None:
 class RunStatus(NamedTuple):
     """What a run dir's files say about the run (:meth:`RunDir.status`)."""
 
-    status: str  # one of STATUSES, or "unknown" (no summary.json)
-    step: int | None  # the latest logged step; an interrupted run's last checkpoint
-    loss: float | None  # the latest val_loss, else train_loss
+    status: str  # one of STATUSES, "unknown" (no summary.json), or a sweep's "pending"
+    step: int | None  # the latest logged step (the step of ``loss``)
+    loss: float | None  # that step's val_loss, else its train_loss
     wall_time_s: float | None
+    checkpoint: int | None = None  # the latest committed checkpoint: where a resume starts
+    steps: int | None = None  # the run's train.steps
+    error: str | None = None  # why a failed run failed (its summary's ``error``)
+
+    def eta_s(self) -> float | None:
+        """Seconds a ``running`` run still needs at its pace so far (``None`` otherwise)."""
+        if self.status != "running" or not self.step or not self.steps or not self.wall_time_s:
+            return None
+        return self.wall_time_s / self.step * max(0, self.steps - self.step)
 
 
 class WorkerRecord(NamedTuple):
@@ -285,24 +294,24 @@ class RunDir(_Folder):
         return steps[-1] if steps else None
 
     def status(self) -> RunStatus:
-        """What the files say: status, step, loss, wall time. A ``running`` run whose process
-        is gone reads as ``interrupted`` at its last checkpoint (the step the same command
-        resumes from)."""
+        """What the files say: status, the latest logged step with its loss, wall time, the
+        latest committed checkpoint (the step the same command resumes from), the run's steps
+        and a failed run's error. A ``running`` run whose process is gone reads as
+        ``interrupted``."""
         summary = self.read_summary() or {}
         records = self.read_metrics()
-        last = records[-1] if records else {}
+        last = records[-1] if records else summary
         status = summary.get("status", "unknown")
-        step = summary.get("step", last.get("step"))
-        if status == "running":
-            if self.lock_owner() is None:
-                status, step = "interrupted", self.latest_checkpoint_step() or 0
-            else:
-                step = last.get("step", step)
-        loss = summary.get("val_loss", last.get("val_loss"))
+        if status == "running" and self.lock_owner() is None:
+            status = "interrupted"
+        step = last.get("step") if records else summary.get("logged_step", summary.get("step"))
+        loss = last.get("val_loss")
         if loss is None:
-            loss = summary.get("train_loss", last.get("train_loss"))
-        wall = summary.get("wall_time_s", last.get("wall_time_s"))
-        return RunStatus(status, step, number(loss), number(wall))
+            loss = last.get("train_loss")
+        walls = [number(r.get("wall_time_s")) for r in (summary, last)]
+        wall = max((w for w in walls if w is not None), default=None)
+        return RunStatus(status, step, number(loss), wall, self.latest_checkpoint_step(),
+                         summary.get("steps"), summary.get("error"))
 
 
 @dataclasses.dataclass(frozen=True, init=False)
