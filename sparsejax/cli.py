@@ -29,7 +29,7 @@ from typing import Any
 
 from sparsejax import errors
 from sparsejax.errors import EXIT_INTERRUPTED, EXIT_RUN_FAILED, EXIT_USAGE
-from sparsejax.run.rundir import RunDir, RunStatus, SweepDir, number
+from sparsejax.run.rundir import RunDir, RunStatus, SweepDir, duration, number
 
 USAGE = """usage: sparsejax [--debug] COMMAND [ARGS]   (sparsejax COMMAND --help for details)
 
@@ -72,11 +72,7 @@ def _config_parser(prog: str, description: str, workdir_help: str) -> _Parser:
 def _parse_config(spec: str, overrides: list[str]) -> tuple[Any, dict[str, Any]]:
     """The recipe's config with ``--config.KEY=VALUE`` overrides applied (ml_collections
     ``config_flags``), and the overrides as ``{key: typed value}``."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    from sparsejax.run import configlib
-    from sparsejax.sweep.plan import load_recipe
+    from sparsejax.run import configlib  # the schema: cheap next to what follows
 
     for item in overrides:
         m = re.fullmatch(r"--config\.([A-Za-z0-9_.]+)=(.*)", item, re.S)
@@ -87,6 +83,11 @@ def _parse_config(spec: str, overrides: list[str]) -> tuple[Any, dict[str, Any]]
     file = spec.partition(":")[0]
     if not Path(file).is_file():
         raise errors.MissingInputError(f"--config: config file {file!r} does not exist")
+    # argument errors are out: now the recipe (it may import the model, flax, ...)
+    from absl import flags
+    from ml_collections import config_flags
+
+    from sparsejax.sweep.plan import load_recipe
     module, arg = load_recipe(spec)
     try:
         config = module.get_config(arg) if arg is not None else module.get_config()
@@ -242,7 +243,7 @@ def status_main(argv: list[str]) -> int:
         eta = s.eta_s()
         line = (f"{name:<{w}}  {s.status:<11} {_int(s.step):>7} {_int(s.checkpoint):>7} "
                 f"{_fmt(s.loss):>8} {_fmt(s.wall_time_s, '.1f'):>9} "
-                f"{'-' if eta is None else _duration(eta):>7}")
+                f"{'-' if eta is None else duration(eta):>7}")
         print(f"{line}  {reason}" if reason else line)
     return 0
 
@@ -270,11 +271,6 @@ def _status_rows(path: Path) -> list[tuple[str, RunStatus, str | None]]:
 
 def _int(value: int | None) -> str:
     return "-" if value is None else str(value)
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
 
 
 def export_main(argv: list[str]) -> int:

@@ -5,6 +5,7 @@ committed checkpoint steps, the worker record, the status, unusable workdirs."""
 from __future__ import annotations
 
 import ast
+import io
 import json
 import os
 from pathlib import Path
@@ -239,3 +240,20 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# ----------------------------------------------------------------- progress off a terminal
+def test_progress_prints_a_plain_line_per_log_step_when_not_a_terminal():
+    stream = io.StringIO()  # a log file, a pipe, a cluster job's output
+    bar = rundir.Progress(10, initial=2, stream=stream)
+    bar.update(4, loss=3.25, val=None, sparsity=0.5)
+    bar.update(6, loss=3.0)
+    bar.close()
+    text = stream.getvalue()
+    assert "\r" not in text and "\x1b" not in text
+    lines = text.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("step 4/10 (40%) loss=3.25 sparsity=0.5 |")
+    assert "elapsed, ETA " in lines[1]
+    quiet = io.StringIO()
+    rundir.Progress(10, stream=quiet, enabled=False).update(4, loss=1.0)  # --noprogress
+    assert quiet.getvalue() == ""

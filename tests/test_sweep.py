@@ -9,17 +9,20 @@ Everything else here is cheap (no training).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, tiny_config
 
 from sparsejax import cli, sweep
 from sparsejax.run import configlib, data, experiment
 from sparsejax.run.rundir import RunDir
+from sparsejax.sweep import launcher
+from sparsejax.sweep.plan import Run
 
 RECIPE = '''
 from sparsejax.run import configlib
@@ -247,3 +250,23 @@ def test_config_differences_ignore_logging_keys():
     assert configlib.differing_keys(old, new.to_dict()) == ["eval.final_batches", "train.lr"]
     del old["eval"]["seed"]  # a run dir written before the key existed
     assert "eval.seed" in configlib.differing_keys(old, configlib.base().to_dict())
+
+
+def test_sweep_progress_prints_a_plain_line_when_a_run_logs_and_not_a_terminal(tmp_path):
+    spec = configlib.validate(tiny_config())
+    runs = [Run(f"r{i}", {}, spec, "run", 0, 100.0) for i in range(2)]
+    stream = io.StringIO()
+    bar = launcher.Progress(runs, stream, enabled=True)
+    run = RunDir(tmp_path / "r0").create()
+    log = run.metrics_log(resume_step=0)
+    bar.draw([(runs[0], run.path)])  # nothing logged yet: no line
+    log.write({"step": 2, "train_loss": 4.0})
+    bar.draw([(runs[0], run.path)])  # a log step: one plain line
+    bar.draw([(runs[0], run.path)])  # nothing new: none
+    log.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1 and "\r" not in stream.getvalue()
+    assert lines[0].startswith("sweep [") and "0/2 runs done, 1 running" in lines[0]
+    quiet = io.StringIO()
+    launcher.Progress(runs, quiet, enabled=False).draw([(runs[0], run.path)])  # --noprogress
+    assert quiet.getvalue() == ""

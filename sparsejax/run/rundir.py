@@ -37,6 +37,7 @@ import fcntl
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Self, TextIO
 
@@ -50,7 +51,7 @@ from sparsejax.run.files import JsonLog as MetricsLog
 __all__ = [
     "METRIC_FIELDS", "STATUSES", "TIMING_FIELDS", "MetricsLog", "NullLog", "Progress", "RunDir",
     "PathLike", "RunDirBusyError", "RunLock", "RunStatus", "SweepDir", "WorkerRecord",
-    "lock_owner", "number", "read_json", "read_metrics", "run_status", "write_json",
+    "duration", "lock_owner", "number", "read_json", "read_metrics", "run_status", "write_json",
 ]
 
 METRIC_FIELDS = (
@@ -373,18 +374,40 @@ class NullLog:
         pass
 
 
+def duration(seconds: float) -> str:
+    """``"4m05s"``, or ``"2h07m"`` from an hour on."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
+
+
 class Progress:
-    """A tqdm bar over training steps, its postfix showing the latest logged fields."""
+    """Training progress on ``stream`` (default stderr): on a terminal a tqdm bar, its postfix
+    the latest logged fields; elsewhere (a log file, a pipe, a cluster job's output, where a
+    bar's carriage returns show nothing useful) one plain line per update, i.e. per log step:
+    ``step S/N (P%) key=value ... | 1m02s elapsed, ETA 3m10s``. ``enabled=False``: nothing."""
 
     def __init__(self, total: int, *, initial: int = 0, stream: TextIO | None = None,
                  enabled: bool = True):
-        self._bar = tqdm(total=total, initial=initial, unit="step", file=stream or sys.stderr,
-                         disable=not enabled, dynamic_ncols=True, mininterval=0.5)
+        self._stream = stream or sys.stderr
+        self._plain = enabled and not self._stream.isatty()
+        self._total, self._start, self._t0 = total, initial, time.monotonic()
+        self._bar = tqdm(total=total, initial=initial, unit="step", file=self._stream,
+                         disable=not enabled or self._plain, dynamic_ncols=True, mininterval=0.5)
 
     def update(self, step: int, **fields: Any) -> None:
         """Advance to ``step``; ``fields`` (``None`` ones dropped) become the postfix."""
-        self._bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v
-                               for k, v in fields.items() if v is not None}, refresh=False)
+        shown = {k: f"{v:.4g}" if isinstance(v, float) else v
+                 for k, v in fields.items() if v is not None}
+        if self._plain:
+            elapsed = time.monotonic() - self._t0
+            done = step - self._start
+            eta = duration(elapsed * (self._total - step) / done) if done > 0 else "?"
+            pairs = " ".join(f"{k}={v}" for k, v in shown.items())
+            self._stream.write(f"step {step}/{self._total} ({100 * step // self._total}%) "
+                               f"{pairs} | {duration(elapsed)} elapsed, ETA {eta}\n")
+            self._stream.flush()
+            return
+        self._bar.set_postfix(shown, refresh=False)
         self._bar.update(step - self._bar.n)
 
     def close(self) -> None:
