@@ -184,8 +184,9 @@ def task_correctness(check: Check) -> None:
 
     from pallas_kernels.layers import bsr_linear_factory
 
+    # as a bf16 GPT builds it: f32 params, the model's compute dtype handed to the layer
     layer = bsr_linear_factory((blk, blk), 0.5, backend=check.backend)(
-        k, n, use_bias=True, rngs=nnx.Rngs(0))
+        k, n, use_bias=True, rngs=nnx.Rngs(0), dtype=BF16)
     out = layer(jnp.ones((4, k), BF16)).dtype
     check.results["layer_dtype"] = str(out)
     check.note(f"BSRLinear (f32 params) on bf16 activations computes in {out}"

@@ -14,8 +14,9 @@ Every command takes ``--help``. The exit status comes from the error's type
 (:mod:`sparsejax.errors`): a bad key, value, file or run dir (``ConfigError``, ``InputError``,
 a usage error) prints one line ``sparsejax: error: ...`` and exits with status 2; a run that
 failed or diverged (``RunFailed``) prints ``sparsejax: run STATUS: ...`` and exits with 1;
-Ctrl-C exits with 130; any other exception is a bug: one line ``sparsejax: internal error:
-...`` and status 1. ``--debug`` shows the traceback instead.
+Ctrl-C exits with 130 and SIGTERM with 143 (a run saves at the next step boundary and is
+``interrupted``); any other exception is a bug: one line ``sparsejax: internal error: ...``
+and status 1. ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 
 from sparsejax import errors
 from sparsejax.errors import EXIT_INTERRUPTED, EXIT_RUN_FAILED, EXIT_USAGE
-from sparsejax.run.rundir import RunDir, SweepDir, number
+from sparsejax.run.rundir import RunDir, RunStatus, SweepDir, duration, number
 
 USAGE = """usage: sparsejax [--debug] COMMAND [ARGS]   (sparsejax COMMAND --help for details)
 
@@ -74,11 +75,7 @@ def _config_parser(prog: str, description: str, workdir_help: str) -> _Parser:
 def _parse_config(spec: str, overrides: list[str]) -> tuple[Any, dict[str, Any]]:
     """The recipe's config with ``--config.KEY=VALUE`` overrides applied (ml_collections
     ``config_flags``), and the overrides as ``{key: typed value}``."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    from sparsejax.run import configlib
-    from sparsejax.sweep.plan import load_recipe
+    from sparsejax.run import configlib  # the schema: cheap next to what follows
 
     for item in overrides:
         m = re.fullmatch(r"--config\.([A-Za-z0-9_.]+)=(.*)", item, re.S)
@@ -89,6 +86,11 @@ def _parse_config(spec: str, overrides: list[str]) -> tuple[Any, dict[str, Any]]
     file = spec.partition(":")[0]
     if not Path(file).is_file():
         raise errors.MissingInputError(f"--config: config file {file!r} does not exist")
+    # argument errors are out: now the recipe (it may import the model, flax, ...)
+    from absl import flags
+    from ml_collections import config_flags
+
+    from sparsejax.sweep.plan import load_recipe
     module, arg = load_recipe(spec)
     try:
         config = module.get_config(arg) if arg is not None else module.get_config()
@@ -125,8 +127,8 @@ def train_main(argv: list[str], command: str) -> int:
 
     try:
         summary = experiment.run(config, args.workdir, progress=not args.noprogress)
-    except KeyboardInterrupt:
-        return _interrupted(run, command)
+    except KeyboardInterrupt as stop:
+        return _interrupted(run, command, stop)
     return _report(summary, run)
 
 
@@ -144,15 +146,22 @@ def _report(summary: dict[str, Any], run: RunDir) -> int:
     return 0
 
 
-def _interrupted(run: RunDir, command: str) -> int:
+def _interrupted(run: RunDir, command: str, stop: KeyboardInterrupt) -> int:
+    """Say where a run a signal stopped stands; exit status 128 + the signal (130: SIGINT)."""
     if run.has_summary():
         s = run.status()
-        where = f"status '{s.status}', last checkpoint at step {s.step} in {run}"
+        where = f"status '{s.status}', last checkpoint at step {s.checkpoint or 0} in {run}"
     else:
         where = f"before training started in {run}"
     print(f"\nsparsejax: interrupted; {where}\nrun the same command to resume: {command}",
           file=sys.stderr)
-    return EXIT_INTERRUPTED
+    return _exit_code(stop)
+
+
+def _exit_code(stop: KeyboardInterrupt) -> int:
+    """128 + the signal that stopped the command (:class:`~sparsejax.errors.Interrupted`);
+    130 for a plain ``KeyboardInterrupt``."""
+    return getattr(stop, "exit_code", EXIT_INTERRUPTED)
 
 
 def sweep_main(argv: list[str], command: str) -> int:
@@ -192,10 +201,10 @@ def sweep_main(argv: list[str], command: str) -> int:
                                parallel=args.parallel, dry_run=args.dry_run,
                                progress=not args.noprogress, backend=args.backend,
                                address=args.address)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print(f"\nsparsejax: sweep interrupted; run the same command to resume: {command}",
               file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _exit_code(stop)
     if args.dry_run:
         print(f"{'run':<48} {'action':<8} {'from step':>9} {'steps':>7}")
         for e in entries:
@@ -215,24 +224,56 @@ def sweep_main(argv: list[str], command: str) -> int:
 
 
 def status_main(argv: list[str]) -> int:
-    """Print status, step, loss and wall time of a run dir or of every run of a sweep dir."""
-    p = _Parser("status", description="Status, step, loss and wall time of each run; a run "
-                "left 'running' by a process that is gone reads as 'interrupted'.")
+    """Print each run's status, latest logged step with its loss, latest checkpoint, wall time,
+    ETA and failure reason: of a run dir, or of every run of a sweep dir (pending ones too)."""
+    p = _Parser("status", description="Status, latest logged step and its loss, latest "
+                "checkpoint (where a resume starts), wall time and ETA of each run of a run or "
+                f"sweep dir ({SweepDir.SWEEP}'s runs, pending ones too); a run left 'running' by "
+                "a process that is gone reads as 'interrupted'.")
     p.add_argument("path", metavar="RUN_DIR|SWEEP_DIR")
     args = p.parse_args(argv)
     path = Path(args.path)
     if not path.is_dir():
         raise errors.MissingInputError(f"status: {path} is not a directory")
-    runs = [RunDir(path)] if RunDir(path).has_summary() else SweepDir(path).runs()
-    if not runs:
+    rows = _status_rows(path)
+    if not rows:
         raise errors.InputError(f"status: {path} holds no run (no {RunDir.SUMMARY} in it or its "
-                                "subfolders)")
-    print(f"{'run':<32} {'status':<12} {'step':>8} {'loss':>8} {'wall_s':>9}")
-    for run in runs:
-        s = run.status()
-        print(f"{run.name:<32} {s.status:<12} {s.step or 0:>8} {_fmt(s.loss):>8} "
-              f"{_fmt(s.wall_time_s, '.1f'):>9}")
+                                f"subfolders, no {SweepDir.SWEEP})")
+    w = max(len("run"), *(len(name) for name, _, _ in rows))
+    print(f"{'run':<{w}}  {'status':<11} {'step':>7} {'ckpt':>7} {'loss':>8} {'wall_s':>9} "
+          f"{'eta':>7}  reason")
+    for name, s, reason in rows:
+        eta = s.eta_s()
+        line = (f"{name:<{w}}  {s.status:<11} {_int(s.step):>7} {_int(s.checkpoint):>7} "
+                f"{_fmt(s.loss):>8} {_fmt(s.wall_time_s, '.1f'):>9} "
+                f"{'-' if eta is None else duration(eta):>7}")
+        print(f"{line}  {reason}" if reason else line)
     return 0
+
+
+def _status_rows(path: Path) -> list[tuple[str, RunStatus, str | None]]:
+    """``(name, status, failure reason)`` of the run dir ``path``, or of every run of the
+    sweep dir ``path``: ``sweep.json``'s runs in its order (a run that never wrote a summary
+    with the status the sweep gave it, e.g. ``pending``), then other run dirs by name."""
+    if RunDir(path).has_summary():
+        s = RunDir(path).status()
+        return [(RunDir(path).name, s, s.error)]
+    sweep = SweepDir(path)
+    book = {e["name"]: e for e in (sweep.read_sweep() or {}).get("runs", [])
+            if isinstance(e, dict) and isinstance(e.get("name"), str)}
+    names = [*book, *(r.name for r in sweep.runs() if r.name not in book)]
+    rows = []
+    for name in names:
+        entry, run = book.get(name, {}), sweep.run(name)
+        s = run.status() if run.has_summary() else RunStatus(
+            str(entry.get("status", "pending")), None, None, None, run.latest_checkpoint_step())
+        reason = entry.get("reason") or s.error if s.status in ("failed", "interrupted") else None
+        rows.append((name, s, reason))
+    return rows
+
+
+def _int(value: int | None) -> str:
+    return "-" if value is None else str(value)
 
 
 def export_main(argv: list[str]) -> int:
@@ -291,10 +332,10 @@ def soup_main(argv: list[str], command: str) -> int:
 
     try:
         result = soup.soup(config, args.workdir, progress=not args.noprogress)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print(f"\nsparsejax: soup interrupted; run the same command to resume: {command}",
               file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _exit_code(stop)
     print(soup.table(result))
     print(f"soup dir: {Path(args.workdir).absolute()} ({SweepDir.SOUP})")
     return 0
@@ -422,11 +463,11 @@ def main(argv: list[str] | None = None) -> int:
         code, line = _error_line(e)
         print(line, file=sys.stderr)
         return code
-    except KeyboardInterrupt:  # a command that does not say how to resume
+    except KeyboardInterrupt as stop:  # a command that does not say how to resume
         if debug:
             raise
         print("\nsparsejax: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _exit_code(stop)
 
 
 def _error_line(e: Exception) -> tuple[int, str]:

@@ -5,9 +5,12 @@
   with status 2. Both are ``ValueError`` s, so code that caught ``ValueError`` keeps working;
   :class:`MissingInputError` is also a ``FileNotFoundError``.
 * :class:`RunFailed` is a run that started and did not complete: status ``failed`` (e.g.
-  :class:`ExactnessError`, masked weights that left 0) or ``diverged`` (:class:`RunDiverged`).
-  The CLI exits with status 1 and names the status.
-* ``KeyboardInterrupt`` (Ctrl-C) leaves a run ``interrupted``: exit status 130.
+  :class:`ExactnessError`, masked weights that left 0; :class:`SaveFailed`, a checkpoint that
+  could not be written) or ``diverged`` (:class:`RunDiverged`). The CLI exits with status 1 and
+  names the status.
+* ``KeyboardInterrupt`` (Ctrl-C) and :class:`Interrupted` (SIGINT or SIGTERM while training,
+  a ``KeyboardInterrupt``) leave a run ``interrupted``: exit status 130 (SIGINT), 143
+  (SIGTERM), as a shell reports a process those signals ended.
 
 The Optax library on the top level raises plain ``ValueError``/``TypeError`` for bad
 arguments, like optax; only its "no sparsify state in this optimizer state" case has a type
@@ -18,7 +21,8 @@ from __future__ import annotations
 
 EXIT_RUN_FAILED = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 class SparsejaxError(Exception):
@@ -62,6 +66,22 @@ class RunDiverged(RunFailed):
 
 class ExactnessError(RunFailed):
     """Weights a mask prunes are not exactly 0: the optimizer does not keep its masks exact."""
+
+
+class SaveFailed(RunFailed):
+    """A checkpoint could not be written (the ``checkpoints`` folder is not a folder, the disk
+    is full, permissions): the run stops, status ``failed``, with the reason."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by ``signum`` (SIGINT or SIGTERM; :mod:`sparsejax.run.signals`):
+    ``at_once`` when a second signal cut it short instead of the next step boundary.
+    ``exit_code`` is ``128 + signum``."""
+
+    def __init__(self, signum: int, at_once: bool = False):
+        super().__init__(signum, at_once)
+        self.signum, self.at_once = signum, at_once
+        self.exit_code = 128 + signum
 
 
 class NoSparsifyState(ValueError):

@@ -91,6 +91,7 @@ def _rope(x, cos, sin):
     return jnp.concatenate([x[..., :h] * c - x[..., h:] * s, x[..., h:] * c + x[..., :h] * s], -1)
 
 
+@pytest.mark.slow
 def test_tiny_gpt_logits_equal_the_previous_forward():
     cfg = GPTConfig(n_layer=2, d_model=32, n_head=4, d_ff=64, vocab_size=64, n_ctx=16)
     model = GPT(cfg, rngs=nnx.Rngs(0))

@@ -110,6 +110,7 @@ def test_recipes_validate(name):
         ("sparsity.drop_fraction", 2.0, r"sparsity.drop_fraction must be in \(0, 1\]"),
         ("sparsity.hard_from", 0.0, "sparsity.warmup/hard_from"),
         ("sparsity.n", 5, "sparsity.n must be <= sparsity.m"),
+        ("sparsity.n", 0, "sparsity.n must be an int >= 1"),  # trained an all-zero model
         ("model.size", "tinyy", "config model.size: variant must be one of"),
     ],
 )

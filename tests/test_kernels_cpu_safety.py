@@ -337,3 +337,28 @@ def test_kernel_cache_refuses_a_folder_others_can_write(tmp_path, cache_env):
         other.mkdir(mode=0o700)
         os.chown(other, 12345, -1)
         assert "owned by uid 12345" in cache.private_dir(other, "kernels")[1]
+
+
+def test_kernel_cache_refuses_a_parent_others_can_write_without_the_sticky_bit(
+        tmp_path, cache_env):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone may rename the cache root away and put their own in its place
+    cache_env(shared / "mine")
+    with pytest.warns(RuntimeWarning, match=f"{shared} .*writable by group or others and "
+                      "has no sticky bit"):
+        assert cache.kernel_cache_dir(Path(native.__file__)) is None
+    cache.kernel_cache_dir.cache_clear()
+    shared.chmod(0o1777)  # like /tmp: only a folder's owner may rename it
+    assert cache.kernel_cache_dir(Path(native.__file__)) is not None
+
+
+def test_kernel_cache_root_is_not_followed_through_a_symlink(tmp_path, cache_env):
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    cache_env(link)  # checked with lstat: the link, not what it points to today
+    with pytest.warns(RuntimeWarning, match=f"{link} is a symbolic link"):
+        assert cache.kernel_cache_dir(Path(native.__file__)) is None
+    assert list(real.iterdir()) == []

@@ -28,6 +28,7 @@ def plans():
     return {arg: memory.plan(spec_of(arg), 256) for arg in (TINY, SPARSE_BF16)}
 
 
+@pytest.mark.slow
 def test_plan_parts_add_up(plans):
     """The arguments are the state and the batch; the donated state is aliased by the new
     one; the peak follows the documented formula."""
@@ -45,6 +46,7 @@ def test_plan_parts_add_up(plans):
     assert s.masks == 98_304 + 23  # a bool per prunable weight, a scalar True per other leaf
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arg", [TINY, SPARSE_BF16])
 def test_estimate_bounds_the_compiled_peak(plans, arg):
     """What check_fits decides from without compiling: the state is resident (a lower
@@ -69,6 +71,7 @@ def test_check_fits_refuses_a_state_that_cannot_fit(monkeypatch):
         memory.check_fits(spec_of(TINY), limit=(10**6, "test memory"))
 
 
+@pytest.mark.slow
 def test_check_fits_compiles_between_the_bounds(plans, monkeypatch):
     """State 1.4 MB fits 30 MB, the estimate (~36 MB) is above half of it: the compiled
     plan decides (here: it does not fit)."""
@@ -83,6 +86,7 @@ def test_check_fits_compiles_between_the_bounds(plans, monkeypatch):
     assert memory.check_fits(spec_of(TINY), limit=(p.peak, "test memory")) is p
 
 
+@pytest.mark.slow
 def test_train_refuses_before_loading_data(tmp_path, monkeypatch):
     monkeypatch.setattr(memory, "device_memory", lambda: (10**6, "the test device"))
     monkeypatch.setattr(data, "load_spec", lambda *a: pytest.fail("data loaded"))
@@ -107,6 +111,7 @@ def test_devices_in_their_stated_units():
             memory_table.device(bad)
 
 
+@pytest.mark.slow
 def test_plan_memory_cli(capsys, plans, monkeypatch):
     """The table and a fit (plan reused), then a refusal: one line, exit status 2."""
     monkeypatch.setattr(memory, "plan", lambda spec, vocab: plans[TINY])

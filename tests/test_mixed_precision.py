@@ -20,6 +20,8 @@ from sparsejax.models.layers import build_linear
 from sparsejax.run import accounting
 from sparsejax.run.step import TrainState, make_train_step
 
+pytestmark = pytest.mark.slow  # compiles whole train steps
+
 BF16 = jnp.dtype(jnp.bfloat16)
 # A dot whose algorithm preset rounds both operands to bfloat16 computes in bfloat16 whatever
 # its operands' dtype: jax.nn.dot_product_attention's XLA path gives its score matmul this

@@ -19,6 +19,8 @@ from sparsejax import calibration, errors
 from sparsejax.models import GPT, GPTConfig, loss_fn
 from sparsejax.run import configlib, experiment
 
+pytestmark = pytest.mark.slow  # compiles whole train steps
+
 SMALL = dict(n_layer=3, d_model=32, n_head=4, d_ff=64, vocab_size=64, n_ctx=16)
 TOKENS = jax.random.randint(jax.random.key(1), (2, 12), 0, 64)
 

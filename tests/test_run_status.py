@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY, tiny_config
+from conftest import STEPS, TINY, tiny_config
 
 from sparsejax import cli
 from sparsejax.run import checkpoint, experiment, rundir
@@ -104,6 +105,22 @@ def test_training_resumes_past_damaged_checkpoint(finished_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_resume_keeps_the_metrics_after_an_unreadable_line(finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    (run_dir / "summary.json").unlink()  # as if killed after the last checkpoint
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    lines[1] = lines[1][:20] + "\n"  # one damaged record, 3 after it
+    metrics.write_text("".join(lines))
+    with pytest.warns(UserWarning, match=f"{metrics}:2: unreadable"):
+        summary = experiment.run(tiny_config(), str(run_dir), progress=False)
+    assert summary["status"] == "completed" and summary["step"] == STEPS
+    with pytest.warns(UserWarning, match=f"{metrics}:2"):
+        assert [r["step"] for r in rundir.read_metrics(run_dir)] == [2, 6, 8]
+    assert metrics.read_text().startswith("".join(lines))  # nothing rewritten
+
+
+@pytest.mark.slow
 def test_checkpoints_without_config_json_refused(finished_run, tmp_path):
     run_dir = copy_run(finished_run, tmp_path)
     (run_dir / "config.json").unlink()
@@ -144,6 +161,24 @@ def test_divergence_stops_with_status_diverged(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_an_overflowing_update_is_a_divergence_not_a_composition_error(tmp_path, capsys):
+    # lr=1e30: the weights overflow before the loss is logged, and a pruning step then finds
+    # non-finite weights where its masks prune (once reported as "the optimizer does not keep
+    # its masks exact")
+    run_dir = tmp_path / "div"
+    args = ["train", f"--config={ROOT / 'configs' / 'gradual_magnitude.py'}:{TINY}",
+            f"--workdir={run_dir}", "--config.train.steps=8", "--config.eval.every=8",
+            "--config.train.log_every=4", "--config.sparsity.update_every=1",
+            "--config.sparsity.begin_step=0", "--config.sparsity.end_step=6",
+            "--config.train.lr=1e30", "--noprogress"]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sparsejax: run diverged:") and "masks" not in err, err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["diverged_step"] == 4
+
+
+@pytest.mark.slow
 def test_stale_lock_taken_over_and_status_reads_interrupted(finished_run, tmp_path, capsys):
     run_dir = copy_run(finished_run, tmp_path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -160,6 +195,44 @@ def test_stale_lock_taken_over_and_status_reads_interrupted(finished_run, tmp_pa
         with pytest.raises(rundir.RunDirBusyError, match=str(os.getpid())):
             rundir.RunLock(run_dir).__enter__()
     assert not (run_dir / "lock").exists()
+
+
+def test_status_of_a_sweep_lists_every_run_aligned_with_its_checkpoint_and_eta(
+        finished_run, tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    long = "a-run-name-longer-than-the-old-column_" * 2  # 76 characters
+    shutil.copytree(finished_run, sweep / long)  # completed
+    part = sweep / "partial"  # killed at step 8 with checkpoints up to 4
+    shutil.copytree(finished_run, part)
+    for step in (6, 8):
+        shutil.rmtree(part / "checkpoints" / str(step))
+    summary = rundir.read_json(part / "summary.json")
+    rundir.write_json(part / "summary.json", {**summary, "status": "running"})
+    live = sweep / "live"  # running in this process, 4 of 8 steps logged
+    shutil.copytree(finished_run, live)
+    lines = (live / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (live / "metrics.jsonl").write_text("".join(lines[:2]))
+    rundir.write_json(live / "summary.json", {"status": "running", "step": 0, "steps": STEPS})
+    rundir.write_json(sweep / "sweep.json", {"recipe": "r.py", "runs": [
+        {"name": "later", "status": "pending"}, {"name": long, "status": "completed"},
+        {"name": "bad", "status": "failed", "reason": "InputError: no such corpus"},
+        {"name": "partial", "status": "running"}, {"name": "live", "status": "running"}]})
+    with rundir.RunLock(live):
+        assert cli.main(["status", str(sweep)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in out[1:]}
+    assert list(rows) == ["later", long, "bad", "partial", "live"]  # sweep.json's order
+    assert rows["later"][:4] == ["pending", "-", "-", "n/a"]
+    assert rows["bad"][0] == "failed" and out[3].endswith("InputError: no such corpus")
+    assert rows[long][:3] == ["completed", "8", "8"]
+    loss_8 = rundir.read_metrics(part)[-1]["val_loss"]
+    assert rows["partial"][:4] == ["interrupted", "8", "4", f"{loss_8:.4f}"]  # resumes from 4
+    assert rows["live"][:3] == ["running", "4", "8"] and rows["live"][5] != "-"  # an ETA
+    assert rows[long][5] == rows["partial"][5] == "-"
+    spans = [[m.span() for m in re.finditer(r"\S+", line)] for line in out]
+    assert {row[1][0] for row in spans} == {spans[0][1][0]}  # status: left-aligned
+    for col in (2, 3, 4, 5):  # step, ckpt, loss, wall_s: right-aligned under their headers
+        assert {row[col][1] for row in spans} == {spans[0][col][1]}, out[0].split()[col]
 
 
 def _cli_args(run_dir: Path) -> list[str]:

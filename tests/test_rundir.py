@@ -5,6 +5,8 @@ committed checkpoint steps, the worker record, the status, unusable workdirs."""
 from __future__ import annotations
 
 import ast
+import io
+import json
 import os
 from pathlib import Path
 
@@ -114,10 +116,11 @@ def test_status_reads_interrupted_once_the_trainer_is_gone(tmp_path):
     (run.checkpoints / "2").mkdir(parents=True)
     with run.lock():  # the trainer (this process) is alive: its latest logged step
         assert run.lock_owner() == os.getpid()
-        assert run.status() == RunStatus("running", 4, 3.5, 2.0)
+        assert run.status() == RunStatus("running", 4, 3.5, 2.0, checkpoint=2)
         with pytest.raises(errors.RunDirBusyError, match=str(os.getpid())):
             rundir.RunLock(run).__enter__()
-    assert run.status() == RunStatus("interrupted", 2, 3.5, 2.0)  # resumes from step 2
+    # the loss beside the step it was logged at (4), the resume's step apart (2)
+    assert run.status() == RunStatus("interrupted", 4, 3.5, 2.0, checkpoint=2)
     assert rundir.run_status(tmp_path) == run.status()
     assert rundir.RunDirBusyError is errors.RunDirBusyError
 
@@ -138,3 +141,119 @@ def test_a_torn_json_file_is_an_input_error_naming_it(tmp_path):
     run.config_file.write_text("[1, 2]")
     with pytest.raises(errors.InputError, match="not an object"):
         run.read_config()
+
+
+# ----------------------------------------------------------------- metrics.jsonl: append-only
+def _write_lines(run: RunDir, lines: list[str]) -> None:
+    run.metrics_file.write_text("".join(line + "\n" for line in lines))
+
+
+def _rec(step: int, loss: float = 1.0) -> str:
+    return json.dumps({"step": step, "train_loss": loss})
+
+
+def test_a_bad_metrics_line_is_skipped_with_a_warning_and_later_records_kept(tmp_path):
+    run = RunDir(tmp_path)
+    _write_lines(run, [_rec(2), _rec(4), '{"step": 5, "train_lo', _rec(6), _rec(8)])
+    before = run.metrics_file.read_bytes()
+    with pytest.warns(UserWarning, match=f"{run.metrics_file}:3: unreadable"):
+        assert [r["step"] for r in run.read_metrics()] == [2, 4, 6, 8]
+    with pytest.warns(UserWarning, match=f"{run.metrics_file}:3"):
+        log = run.metrics_log(resume_step=8)  # the resume that once kept 2 of 8 records
+    log.close()
+    assert run.metrics_file.read_bytes() == before  # nothing rewritten
+    with pytest.warns(UserWarning, match=f"{run.metrics_file}:3"):
+        assert [r["step"] for r in run.read_metrics()] == [2, 4, 6, 8]
+        assert run.last_logged_step() == 8
+
+
+def test_resuming_supersedes_later_records_without_truncating_the_file(tmp_path):
+    run = RunDir(tmp_path)
+    _write_lines(run, [_rec(s, 9.0) for s in (2, 4, 6, 8)])
+    before = run.metrics_file.read_bytes()
+    log = run.metrics_log(resume_step=4)  # the checkpoint it resumes from: step 4
+    assert [r["step"] for r in run.read_metrics()] == [2, 4]  # none past the checkpoint
+    assert run.last_logged_step() == 4
+    log.write({"step": 6, "train_loss": 1.0})
+    log.close()
+    assert run.metrics_file.read_bytes().startswith(before)  # append-only
+    assert [(r["step"], r["train_loss"]) for r in run.read_metrics()] == [
+        (2, 9.0), (4, 9.0), (6, 1.0)]
+    assert run.last_logged_step() == 6
+    run.metrics_log(resume_step=0).close()  # restarted from scratch: no record survives
+    assert run.read_metrics() == [] and run.last_logged_step() == 0
+
+
+def test_a_torn_last_metrics_line_is_cut_before_appending(tmp_path):
+    run = RunDir(tmp_path)
+    run.metrics_file.write_text(_rec(2) + "\n" + _rec(4)[:9])  # killed mid-write
+    assert [r["step"] for r in run.read_metrics()] == [2]  # a torn tail: no warning
+    with pytest.warns(UserWarning, match=f"{run.metrics_file}: cut a torn last line"):
+        log = run.metrics_log(resume_step=2)
+    log.write({"step": 4, "train_loss": 1.0})
+    log.close()
+    assert [r["step"] for r in run.read_metrics()] == [2, 4]
+    run.metrics_file.write_text(_rec(2) + "\n" + _rec(4))  # complete, its newline missing
+    run.metrics_log(resume_step=4).close()
+    assert run.metrics_file.read_text() == _rec(2) + "\n" + _rec(4) + "\n"
+
+
+# ----------------------------------------------------------------- planted symlinks
+def test_the_lock_does_not_follow_a_planted_symlink(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    run = RunDir(tmp_path / "run").create()
+    run.lock_file.symlink_to(victim)
+    with pytest.raises(errors.InputError, match=f"{run.lock_file} is a symbolic link"):
+        run.lock().__enter__()
+    assert victim.read_text() == "precious\n"
+    assert run.lock_owner() is None  # a link is no lock: not read through either
+
+
+@pytest.mark.parametrize("at", ["temp", "target"])
+def test_atomic_writes_do_not_follow_planted_symlinks(tmp_path, at):
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    run = RunDir(tmp_path / "run").create()
+    link = run.summary_file if at == "target" else run.path / (RunDir.SUMMARY + ".tmp")
+    link.symlink_to(victim)
+    run.write_summary({"status": "running"})
+    assert victim.read_text() == "precious\n"
+    assert run.read_summary() == {"status": "running"}
+    assert not run.summary_file.is_symlink()
+    assert sorted(p.name for p in run.path.iterdir()) == sorted(
+        [RunDir.SUMMARY] + ([link.name] if at == "temp" else []))  # no temp file left
+    assert (run.summary_file.stat().st_mode & 0o777) == 0o666 & ~_umask()
+
+
+def test_the_metrics_log_does_not_follow_a_planted_symlink(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    run = RunDir(tmp_path / "run").create()
+    run.metrics_file.symlink_to(victim)
+    with pytest.raises(errors.InputError, match=f"{run.metrics_file} is a symbolic link"):
+        run.metrics_log(resume_step=0)
+    assert victim.read_text() == "precious\n"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ----------------------------------------------------------------- progress off a terminal
+def test_progress_prints_a_plain_line_per_log_step_when_not_a_terminal():
+    stream = io.StringIO()  # a log file, a pipe, a cluster job's output
+    bar = rundir.Progress(10, initial=2, stream=stream)
+    bar.update(4, loss=3.25, val=None, sparsity=0.5)
+    bar.update(6, loss=3.0)
+    bar.close()
+    text = stream.getvalue()
+    assert "\r" not in text and "\x1b" not in text
+    lines = text.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("step 4/10 (40%) loss=3.25 sparsity=0.5 |")
+    assert "elapsed, ETA " in lines[1]
+    quiet = io.StringIO()
+    rundir.Progress(10, stream=quiet, enabled=False).update(4, loss=1.0)  # --noprogress
+    assert quiet.getvalue() == ""

@@ -16,6 +16,8 @@ import pytest
 import pallas_kernels.backend
 from sparsejax.run import abstract_step, configlib
 
+pytestmark = pytest.mark.slow  # compiles whole train steps
+
 TARGET = {"cuda": "@__gpu$xla.gpu.triton", "tpu": "@tpu_custom_call"}
 PLATFORM = {"cuda": "gpu", "tpu": "tpu"}
 BASE = ("model.n_ctx=128,train.seq_len=128,train.batch_size=2,model.dtype=bfloat16,"

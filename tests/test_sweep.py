@@ -9,17 +9,20 @@ Everything else here is cheap (no training).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, tiny_config
 
 from sparsejax import cli, sweep
 from sparsejax.run import configlib, data, experiment
 from sparsejax.run.rundir import RunDir
+from sparsejax.sweep import launcher
+from sparsejax.sweep.plan import Run
 
 RECIPE = '''
 from sparsejax.run import configlib
@@ -146,11 +149,13 @@ def test_sweep_life(tmp_path: Path, capsys, monkeypatch):
         assert {k: after[name].get(k) for k in keep} == {k: full[name].get(k) for k in keep}
     assert [after[n]["action"] for n in SEEDS] == ["skip", "skip"]
 
-    # `status` reads the sweep dir the workers wrote
+    # `status` reads the sweep dir the workers wrote, and sweep.json for the run that failed
+    # before it wrote a summary
     capsys.readouterr()
     assert cli.main(["status", str(out)]) == 0
     rows = [line.split()[:3] for line in capsys.readouterr().out.splitlines()[1:]]
-    assert sorted(rows) == sorted([[n, "completed", "4"] for n in [*SEEDS, PARTIAL]])
+    assert sorted(rows) == sorted([[n, "completed", "4"] for n in [*SEEDS, PARTIAL]]
+                                  + [[BAD, "failed", "-"]])
 
     # 5. a changed override on relaunch: an error naming the runs and the key, nothing runs
     assert _sweep(recipe, out, "--config.train.lr=0.001") == 2
@@ -308,3 +313,23 @@ def test_relaunch_plan_skips_finished_runs_and_reruns_the_others(tmp_path: Path)
     (out / "seed-1" / "config.json").write_text(json.dumps(changed))
     with pytest.raises(ValueError, match=r"1 run\(s\) differs.*seed-1 \(train.lr: 0.5 -> "):
         sweep.plan(str(recipe), out)
+
+
+def test_sweep_progress_prints_a_plain_line_when_a_run_logs_and_not_a_terminal(tmp_path):
+    spec = configlib.validate(tiny_config())
+    runs = [Run(f"r{i}", {}, spec, "run", 0, 100.0) for i in range(2)]
+    stream = io.StringIO()
+    bar = launcher.Progress(runs, stream, enabled=True)
+    run = RunDir(tmp_path / "r0").create()
+    log = run.metrics_log(resume_step=0)
+    bar.draw([(runs[0], run.path)])  # nothing logged yet: no line
+    log.write({"step": 2, "train_loss": 4.0})
+    bar.draw([(runs[0], run.path)])  # a log step: one plain line
+    bar.draw([(runs[0], run.path)])  # nothing new: none
+    log.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1 and "\r" not in stream.getvalue()
+    assert lines[0].startswith("sweep [") and "0/2 runs done, 1 running" in lines[0]
+    quiet = io.StringIO()
+    launcher.Progress(runs, quiet, enabled=False).draw([(runs[0], run.path)])  # --noprogress
+    assert quiet.getvalue() == ""

@@ -107,7 +107,7 @@ def test_sigkill_resume_is_bitwise_equal(tmp_path, capsys):
     assert checkpoint.latest_step(killed) < steps
     assert json.loads((killed / "summary.json").read_text())["status"] == "running"
     assert rundir.run_status(killed).status == "interrupted"  # its process is gone
-    assert rundir.run_status(killed).step == checkpoint.latest_step(killed)
+    assert rundir.run_status(killed).checkpoint == checkpoint.latest_step(killed)
     capsys.readouterr()
     assert cli.main(_cli(killed, steps)[3:]) == 0  # the same command resumes
     assert "final validation loss" in capsys.readouterr().out

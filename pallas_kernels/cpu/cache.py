@@ -4,9 +4,12 @@ Numba's on-disk cache loads pickles, so whoever can write the cache directory ca
 every process that loads from it. The kernels are therefore cached only in a private,
 per-user directory: ``$SPARSEJAX_CACHE_DIR/kernels/<hash of the kernel sources>`` (default
 ``SPARSEJAX_CACHE_DIR``: ``~/.cache/sparsejax``, the folder the data corpus cache also uses).
-Folders created here get mode ``0o700``; if the cache root or any folder below it is not
-owned by the user or is writable by group or others, the disk cache is refused (one warning)
-and the kernels are compiled in every process instead (a few seconds).
+Folders created here get mode ``0o700``; if the cache root or any folder below it is a
+symbolic link, is not owned by the user or is writable by group or others (read with
+``lstat``: never through a link), or a folder above the root is writable by group or others
+without the sticky bit (anyone could rename the root away and put their own in its place), the
+disk cache is refused (one warning) and the kernels are compiled in every process instead (a
+few seconds).
 
 The key covers every source file compiled into the cached drivers (numba's own key covers
 only the file that defines them, plus numba's version and the CPU), so editing the
@@ -31,9 +34,13 @@ def cache_root() -> Path:
 
 
 def unsafe_reason(path: Path) -> str | None:
-    """Why ``path`` must not hold code that will be loaded (None: owned by this user and not
-    writable by group or others)."""
-    info = path.stat()
+    """Why ``path`` must not hold code that will be loaded (None: a folder, not a link, owned
+    by this user and not writable by group or others)."""
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode):
+        return f"{path} is a symbolic link (set {ENV} to the folder it points to)"
+    if not stat.S_ISDIR(info.st_mode):
+        return f"{path} is not a folder"
     if hasattr(os, "getuid") and info.st_uid != os.getuid():
         return f"{path} is owned by uid {info.st_uid}, not by this user"
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
@@ -41,15 +48,30 @@ def unsafe_reason(path: Path) -> str | None:
     return None
 
 
+def parent_reason(root: Path) -> str | None:
+    """Why a folder above ``root`` (its real path) lets others replace ``root``: writable by
+    group or others without the sticky bit (None: none does)."""
+    for parent in (above := Path(os.path.realpath(root.parent)), *above.parents):
+        mode = parent.lstat().st_mode
+        if mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
+            return (f"{parent} is writable by group or others and has no sticky bit (mode "
+                    f"{stat.S_IMODE(mode):o}): anyone could replace {root} below it")
+    return None
+
+
 def private_dir(root: Path, *parts: str) -> tuple[Path | None, str]:
     """Create ``root/parts...`` (missing folders with mode 0o700) and make the last one 0o700,
-    so nobody else can even look below it; returns ``(path, "")`` when the root and every
-    folder below it are the user's own and not writable by group or others, else
-    ``(None, reason)``."""
+    so nobody else can even look below it; returns ``(path, "")`` when no folder above the root
+    lets others replace it (:func:`parent_reason`) and the root and every folder below it are
+    the user's own and not writable by group or others, else ``(None, reason)``."""
     folders = [root]
     for part in parts:
         folders.append(folders[-1] / part)
+    path = root
     try:
+        reason = parent_reason(root)
+        if reason:
+            return None, reason
         for path in folders:
             if not path.is_dir():
                 path.mkdir(mode=0o700, parents=path is root)

@@ -13,6 +13,10 @@ state, so a checkpoint saved on one mesh resumes on another. When this process d
 every shard (several hosts), the state is saved as sharded ``jax.Array`` s (each process
 writes its shards) and checked with :func:`fingerprint`, a checksum reduced across devices
 (every save records one), instead of the SHA-256 that would need the whole state on one host.
+
+Steps a killed process left half-written (orbax's ``STEP.orbax-checkpoint-tmp`` folders) are
+removed, with a warning naming them, when a run resumes; a save that fails is
+:mod:`sparsejax.run.saving`'s.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from sparsejax import checks, errors
 from sparsejax.radix import _flat_position
 from sparsejax.run.rundir import PathLike, RunDir
 from sparsejax.transforms import SparsifyState
+
+PARTIAL = ".orbax-checkpoint-tmp"  # in the name of a step folder orbax has not committed
 
 
 def manager(run_dir: PathLike, *, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
@@ -137,7 +143,9 @@ def restore(mngr: ocp.CheckpointManager, like: Any, step: int | None = None) -> 
 def restore_newest(run_dir: PathLike, like: Any, *, keep: int = 3) -> tuple[Any, int] | None:
     """Restore the newest checkpoint of ``run_dir`` that restores and matches its checksum.
 
-    Returns ``(state, step)``, or ``None`` when the run dir holds no checkpoint. Newer damaged
+    Returns ``(state, step)``, or ``None`` when the run dir holds no committed checkpoint
+    (a run killed before its first save starts again from step 0). Step folders a killed
+    process left half-written are removed first, with a warning naming them. Newer damaged
     checkpoints (unreadable, or data that does not match the checksum recorded at save) are
     moved to :attr:`RunDir.damaged_checkpoints` with a warning naming them, so training can
     save those steps again. When none restores, raises :class:`~sparsejax.errors.InputError`
@@ -146,9 +154,12 @@ def restore_newest(run_dir: PathLike, like: Any, *, keep: int = 3) -> tuple[Any,
     run = RunDir(run_dir)
     if not run.checkpoints.is_dir():
         return None
+    _remove_partial(run)
     mngr = manager(run_dir, keep=keep, create=False)
     steps = sorted(mngr.all_steps(), reverse=True)
     mngr.close()
+    if not steps:
+        return None
     skipped: list[tuple[int, str]] = []
     for step in steps:
         mngr = manager(run_dir, keep=keep, create=False)  # a failed restore can spoil a manager
@@ -192,6 +203,24 @@ def restore_newest(run_dir: PathLike, like: Any, *, keep: int = 3) -> tuple[Any,
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("sparsejax-restore")
     return state, step
+
+
+def _remove_partial(run: RunDir) -> None:
+    """Remove the step folders orbax never committed (a save cut by a kill), with a warning
+    naming them (process 0; the others wait)."""
+    if jax.process_index() == 0:
+        partial = sorted(p for p in run.checkpoints.iterdir()
+                         if PARTIAL in p.name and p.name.partition(".")[0].isdigit())
+        for path in partial:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        if partial:
+            warnings.warn(f"run dir {run}: removed checkpoint(s) a stopped process left "
+                          f"half-written: {', '.join(p.name for p in partial)}", stacklevel=3)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("sparsejax-partial-checkpoints")
 
 
 def _recorded_digest(run_dir: PathLike, step: int) -> dict[str, str]:

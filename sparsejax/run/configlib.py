@@ -175,9 +175,10 @@ POSITIVE_INTS = ("model.n_ctx", "model.block", "train.steps", "train.batch_size"
                  "train.log_every", "eval.every", "eval.batches", "eval.batch_size",
                  "eval.final_batches",
                  "checkpoint.every", "checkpoint.keep", "sparsity.update_every", "sparsity.m",
+                 "sparsity.n",  # 0 of every M kept would train an all-zero model
                  "sparsity.frames", "soup.ingredients", "soup.cycles")
 NON_NEGATIVE_INTS = ("seed", "eval.seed", "train.warmup_steps", "sparsity.begin_step",
-                     "sparsity.end_step", "sparsity.n")
+                     "sparsity.end_step")
 
 
 def validate(config: ml_collections.ConfigDict | dict[str, Any]) -> RunSpec:

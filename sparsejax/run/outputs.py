@@ -53,6 +53,18 @@ class Outputs:
         if self.main:
             self.run.write_summary({**self.summary_base, **fields})
 
+    def interrupted(self, step: int, resumed_from: int, wall: float) -> None:
+        """Status ``interrupted`` at checkpoint ``step`` (the step a resume starts from); the
+        latest logged step is ``logged_step``."""
+        self.write_summary({**self.last_record, "status": "interrupted",
+                            "logged_step": self.last_record.get("step"), "step": step,
+                            "resumed_from": resumed_from, "wall_time_s": wall})
+
+    def failed(self, err: BaseException, wall: float) -> None:
+        """Status ``failed``, the exception's type and message (one line) in ``error``."""
+        self.write_summary({**self.last_record, "status": "failed", "wall_time_s": wall,
+                            "error": " ".join(f"{type(err).__name__}: {err}".split())})
+
     def record(self, record: dict[str, Any]) -> None:
         self.last_record = record
         self.log.write(record)

@@ -5,9 +5,10 @@ docs/design.md, "Run directory". Every other module asks :class:`RunDir` (a run 
 through them; none spells a file name. A run dir holds:
 
 * ``config.json``: the resolved config (:meth:`RunDir.read_config`, :meth:`RunDir.write_config`);
-* ``metrics.jsonl``: one JSON object per logged step (:class:`MetricsLog`, :func:`read_metrics`);
-  on resume, records past the restored checkpoint are dropped (the file is replaced
-  atomically), so a resumed run's log equals an uninterrupted one's;
+* ``metrics.jsonl``: one JSON object per logged step (:class:`MetricsLog`, :func:`read_metrics`),
+  append-only: on resume, records past the restored checkpoint are superseded by a resume
+  marker, never deleted, so what :func:`read_metrics` returns for a resumed run equals an
+  uninterrupted one's (:mod:`sparsejax.run.files`);
 * ``summary.json``: status, step and final scores (:meth:`RunDir.read_summary`);
 * ``lock``: the PID of the process training in it (:class:`RunLock`, :func:`lock_owner`);
 * ``checkpoints/`` (orbax step folders, :mod:`sparsejax.run.checkpoint`) and
@@ -21,7 +22,9 @@ through them; none spells a file name. A run dir holds:
 A sweep dir holds one run dir per run, ``sweep.json`` and its own ``lock``; a soup dir holds
 ``soup.json`` beside its run dirs.
 
-Non-finite floats are written as the JSON strings ``"nan"``, ``"inf"`` and ``"-inf"`` (JSON has
+Writes go through :mod:`sparsejax.run.files`: JSON files atomically via a unique temp file,
+the lock and the metrics log opened without following symbolic links. Non-finite floats are
+written as the JSON strings ``"nan"``, ``"inf"`` and ``"-inf"`` (JSON has
 no such numbers); ``float(value)`` reads them back, and :func:`number` does so for any field.
 A run whose loss became non-finite has ``"status": "diverged"`` and ``"diverged_step"`` in its
 ``summary.json``.
@@ -32,9 +35,9 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
-import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Self, TextIO
 
@@ -42,11 +45,13 @@ from tqdm import tqdm
 
 from sparsejax import errors
 from sparsejax.errors import RunDirBusyError
+from sparsejax.run import files
+from sparsejax.run.files import JsonLog as MetricsLog
 
 __all__ = [
     "METRIC_FIELDS", "STATUSES", "TIMING_FIELDS", "MetricsLog", "NullLog", "Progress", "RunDir",
     "PathLike", "RunDirBusyError", "RunLock", "RunStatus", "SweepDir", "WorkerRecord",
-    "lock_owner", "number", "read_json", "read_metrics", "run_status", "write_json",
+    "duration", "lock_owner", "number", "read_json", "read_metrics", "run_status", "write_json",
 ]
 
 METRIC_FIELDS = (
@@ -59,16 +64,6 @@ STATUSES = ("running", "completed", "failed", "diverged", "interrupted")
 PathLike = str | os.PathLike  # a path, or a RunDir / SweepDir
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # "nan", "inf", "-inf"
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    return value
-
-
 def number(value: Any) -> float | None:
     """A logged numeric field as a float (``"nan"``/``"inf"`` strings included); ``None`` stays
     ``None``."""
@@ -76,17 +71,10 @@ def number(value: Any) -> float | None:
 
 
 def write_json(path: PathLike, obj: dict[str, Any]) -> None:
-    """Write atomically (temp file + rename) so a kill never leaves half a file."""
-    _write_atomic(Path(path), json.dumps(_clean(obj), indent=2, sort_keys=True, allow_nan=False))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write atomically (a unique temp file, then rename: :func:`sparsejax.run.files.
+    write_atomic`) so a kill never leaves half a file and no planted link is followed."""
+    files.write_atomic(Path(path), json.dumps(files.clean(obj), indent=2, sort_keys=True,
+                                              allow_nan=False))
 
 
 def read_json(path: PathLike) -> dict[str, Any] | None:
@@ -108,10 +96,19 @@ def read_json(path: PathLike) -> dict[str, Any] | None:
 class RunStatus(NamedTuple):
     """What a run dir's files say about the run (:meth:`RunDir.status`)."""
 
-    status: str  # one of STATUSES, or "unknown" (no summary.json)
-    step: int | None  # the latest logged step; an interrupted run's last checkpoint
-    loss: float | None  # the latest val_loss, else train_loss
+    status: str  # one of STATUSES, "unknown" (no summary.json), or a sweep's "pending"
+    step: int | None  # the latest logged step (the step of ``loss``)
+    loss: float | None  # that step's val_loss, else its train_loss
     wall_time_s: float | None
+    checkpoint: int | None = None  # the latest committed checkpoint: where a resume starts
+    steps: int | None = None  # the run's train.steps
+    error: str | None = None  # why a failed run failed (its summary's ``error``)
+
+    def eta_s(self) -> float | None:
+        """Seconds a ``running`` run still needs at its pace so far (``None`` otherwise)."""
+        if self.status != "running" or not self.step or not self.steps or not self.wall_time_s:
+            return None
+        return self.wall_time_s / self.step * max(0, self.steps - self.step)
 
 
 class WorkerRecord(NamedTuple):
@@ -258,40 +255,24 @@ class RunDir(_Folder):
             return None
 
     def write_wandb_id(self, run_id: str) -> None:
-        self.wandb_id_file.write_text(run_id)
+        files.write_atomic(self.wandb_id_file, run_id)
 
     # -- metrics.jsonl -----------------------------------------------------------------------
     def read_metrics(self) -> list[dict[str, Any]]:
-        """All records of ``metrics.jsonl`` (a torn last line is ignored)."""
-        try:
-            text = self.metrics_file.read_text()
-        except FileNotFoundError:
-            return []
-        out = []
-        for line in text.splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-        return out
+        """The records of ``metrics.jsonl`` as an uninterrupted run logs them: records a
+        resume superseded are dropped, an unreadable line is skipped with a warning naming
+        the file and line, a torn last line is ignored (:func:`sparsejax.run.files.
+        read_log`)."""
+        return files.read_log(self.metrics_file)
 
     def last_logged_step(self) -> int:
         """The last logged step (read from the tail of ``metrics.jsonl``), 0 when none."""
-        try:
-            with self.metrics_file.open("rb") as f:
-                f.seek(max(0, self.metrics_file.stat().st_size - 4096))
-                lines = f.read().decode(errors="replace").splitlines()
-        except FileNotFoundError:
-            return 0
-        for line in reversed(lines):
-            try:
-                return int(json.loads(line)["step"])
-            except (ValueError, KeyError, TypeError):
-                continue
-        return 0
+        return files.last_step(self.metrics_file)
 
     def metrics_log(self, *, resume_step: int) -> MetricsLog:
-        return MetricsLog(self, resume_step=resume_step)
+        """The append-only writer of ``metrics.jsonl`` for a run that starts at
+        ``resume_step`` (records past it are superseded, never deleted)."""
+        return MetricsLog(self.metrics_file, resume_step=resume_step)
 
     # -- lock, checkpoints, status -----------------------------------------------------------
     def lock(self) -> RunLock:
@@ -314,24 +295,24 @@ class RunDir(_Folder):
         return steps[-1] if steps else None
 
     def status(self) -> RunStatus:
-        """What the files say: status, step, loss, wall time. A ``running`` run whose process
-        is gone reads as ``interrupted`` at its last checkpoint (the step the same command
-        resumes from)."""
+        """What the files say: status, the latest logged step with its loss, wall time, the
+        latest committed checkpoint (the step the same command resumes from), the run's steps
+        and a failed run's error. A ``running`` run whose process is gone reads as
+        ``interrupted``."""
         summary = self.read_summary() or {}
         records = self.read_metrics()
-        last = records[-1] if records else {}
+        last = records[-1] if records else summary
         status = summary.get("status", "unknown")
-        step = summary.get("step", last.get("step"))
-        if status == "running":
-            if self.lock_owner() is None:
-                status, step = "interrupted", self.latest_checkpoint_step() or 0
-            else:
-                step = last.get("step", step)
-        loss = summary.get("val_loss", last.get("val_loss"))
+        if status == "running" and self.lock_owner() is None:
+            status = "interrupted"
+        step = last.get("step") if records else summary.get("logged_step", summary.get("step"))
+        loss = last.get("val_loss")
         if loss is None:
-            loss = summary.get("train_loss", last.get("train_loss"))
-        wall = summary.get("wall_time_s", last.get("wall_time_s"))
-        return RunStatus(status, step, number(loss), number(wall))
+            loss = last.get("train_loss")
+        walls = [number(r.get("wall_time_s")) for r in (summary, last)]
+        wall = max((w for w in walls if w is not None), default=None)
+        return RunStatus(status, step, number(loss), wall, self.latest_checkpoint_step(),
+                         summary.get("steps"), summary.get("error"))
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -382,24 +363,6 @@ def run_status(run_dir: PathLike) -> RunStatus:
     return RunDir(run_dir).status()
 
 
-class MetricsLog:
-    """Append-only ``metrics.jsonl`` writer; opening it drops records past ``resume_step``."""
-
-    def __init__(self, run_dir: PathLike, *, resume_step: int):
-        run = RunDir(run_dir)
-        self.path = run.metrics_file
-        kept = [r for r in run.read_metrics() if r.get("step", 0) <= resume_step]
-        _write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        self._file: TextIO = self.path.open("a")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(_clean(record), allow_nan=False) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-
 class NullLog:
     """The :class:`MetricsLog` of a process that writes no files (every process but 0 of a
     multi-process run)."""
@@ -411,18 +374,40 @@ class NullLog:
         pass
 
 
+def duration(seconds: float) -> str:
+    """``"4m05s"``, or ``"2h07m"`` from an hour on."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
+
+
 class Progress:
-    """A tqdm bar over training steps, its postfix showing the latest logged fields."""
+    """Training progress on ``stream`` (default stderr): on a terminal a tqdm bar, its postfix
+    the latest logged fields; elsewhere (a log file, a pipe, a cluster job's output, where a
+    bar's carriage returns show nothing useful) one plain line per update, i.e. per log step:
+    ``step S/N (P%) key=value ... | 1m02s elapsed, ETA 3m10s``. ``enabled=False``: nothing."""
 
     def __init__(self, total: int, *, initial: int = 0, stream: TextIO | None = None,
                  enabled: bool = True):
-        self._bar = tqdm(total=total, initial=initial, unit="step", file=stream or sys.stderr,
-                         disable=not enabled, dynamic_ncols=True, mininterval=0.5)
+        self._stream = stream or sys.stderr
+        self._plain = enabled and not self._stream.isatty()
+        self._total, self._start, self._t0 = total, initial, time.monotonic()
+        self._bar = tqdm(total=total, initial=initial, unit="step", file=self._stream,
+                         disable=not enabled or self._plain, dynamic_ncols=True, mininterval=0.5)
 
     def update(self, step: int, **fields: Any) -> None:
         """Advance to ``step``; ``fields`` (``None`` ones dropped) become the postfix."""
-        self._bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v
-                               for k, v in fields.items() if v is not None}, refresh=False)
+        shown = {k: f"{v:.4g}" if isinstance(v, float) else v
+                 for k, v in fields.items() if v is not None}
+        if self._plain:
+            elapsed = time.monotonic() - self._t0
+            done = step - self._start
+            eta = duration(elapsed * (self._total - step) / done) if done > 0 else "?"
+            pairs = " ".join(f"{k}={v}" for k, v in shown.items())
+            self._stream.write(f"step {step}/{self._total} ({100 * step // self._total}%) "
+                               f"{pairs} | {duration(elapsed)} elapsed, ETA {eta}\n")
+            self._stream.flush()
+            return
+        self._bar.set_postfix(shown, refresh=False)
         self._bar.update(step - self._bar.n)
 
     def close(self) -> None:
@@ -434,7 +419,8 @@ class RunLock:
 
     ``flock`` is released by the kernel when its process dies, so a lock file left by a killed
     process is taken over; one held by a live process raises :class:`RunDirBusyError` naming
-    its PID.
+    its PID. The file is opened with ``O_NOFOLLOW`` (a link planted there is an
+    :class:`~sparsejax.errors.InputError`, never followed) and only written once locked.
     """
 
     def __init__(self, run_dir: PathLike):
@@ -443,7 +429,7 @@ class RunLock:
 
     def __enter__(self) -> RunLock:
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = files.open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -453,7 +439,7 @@ class RunLock:
                     f"run dir {self.path.parent} is in use by process {pid} (lock file "
                     f"{self.path}); wait for it to end or stop it") from None
             try:  # the file we locked may have been unlinked by its previous owner
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                same = os.fstat(fd).st_ino == os.lstat(self.path).st_ino
             except FileNotFoundError:
                 same = False
             if same:
@@ -473,11 +459,18 @@ class RunLock:
 
 def lock_owner(run_dir: PathLike) -> int | None:
     """The PID of the live process holding ``run_dir``'s lock, or ``None``."""
+    path = RunDir(run_dir).lock_file
     try:
-        pid = int(RunDir(run_dir).lock_file.read_text().strip())
+        fd = files.open_nofollow(path, os.O_RDONLY)
+    except (FileNotFoundError, errors.InputError):  # none, or a link: no lock
+        return None
+    try:
+        pid = int(os.pread(fd, 64, 0).decode(errors="replace").strip())
         os.kill(pid, 0)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+    except (ValueError, ProcessLookupError):
         return None
     except PermissionError:  # alive, owned by another user
         pass
+    finally:
+        os.close(fd)
     return pid

@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 
 from sparsejax import checks
-from sparsejax.errors import ConfigError, ExactnessError, InputError
+from sparsejax.errors import ConfigError, ExactnessError, InputError, SaveFailed
 from sparsejax.run import (
     accounting,
     checkpoint,
@@ -37,6 +37,7 @@ from sparsejax.run import (
 from sparsejax.run.build import Experiment
 from sparsejax.run.outputs import Clock, Outputs
 from sparsejax.run.rundir import RunDir
+from sparsejax.run.saving import save_checked, wait_for_saves
 from sparsejax.run.signals import DeferredInterrupt
 from sparsejax.run.spec import RunSpec
 from sparsejax.run.step import (
@@ -108,18 +109,25 @@ def run(spec: RunSpec, exp: Experiment, workdir: str | Path, *,
     A process holds ``RUN_DIR/lock`` while it trains (a second one raises
     :class:`~sparsejax.errors.RunDirBusyError`). A finished run (``completed`` or
     ``diverged``) is returned as found. The run stops at the first log step whose loss is not
-    finite, with status ``diverged``; ``KeyboardInterrupt`` leaves status ``interrupted`` at
-    the last checkpoint's step and propagates. ``wall_time_s`` adds up over resumptions.
+    finite, with status ``diverged``. SIGINT (Ctrl-C) or SIGTERM (a cluster's preemption)
+    saves a checkpoint at the next step boundary, leaves status ``interrupted`` at that step,
+    releases the lock and raises :class:`~sparsejax.errors.Interrupted` (a
+    ``KeyboardInterrupt``); a second signal stops at once, without a new checkpoint
+    (:mod:`sparsejax.run.signals`). A
+    checkpoint that cannot be saved ends the run with status ``failed`` and the reason
+    (:class:`~sparsejax.errors.SaveFailed`); any exception leaves ``failed`` with its type and
+    message in the summary's ``error``. ``wall_time_s`` adds up over resumptions.
     """
     run = RunDir(workdir).create()
-    if not distributed.is_main():  # process 0 holds the lock for the whole job
-        return _run(spec, exp, run, mesh, progress)
-    with run.lock():
-        return _run(spec, exp, run, mesh, progress)
+    with DeferredInterrupt() as interrupt:  # a signal while setting up stops at once
+        if not distributed.is_main():  # process 0 holds the lock for the whole job
+            return _run(spec, exp, run, mesh, progress, interrupt)
+        with run.lock():
+            return _run(spec, exp, run, mesh, progress, interrupt)
 
 
 def _run(spec: RunSpec, exp: Experiment, run: RunDir, mesh: jax.sharding.Mesh | None,
-         progress: bool) -> dict[str, Any]:
+         progress: bool, interrupt: DeferredInterrupt) -> dict[str, Any]:
     """:func:`run` holding the lock: check, set up, loop, summarize."""
     t_start = time.perf_counter()
     mesh = _check(spec, exp, mesh)
@@ -138,26 +146,32 @@ def _run(spec: RunSpec, exp: Experiment, run: RunDir, mesh: jax.sharding.Mesh | 
     out = Outputs.open(spec, run, start=setup.start, counts=setup.counts,
                        final_eval=setup.final_val, main=main, progress=progress)
     record: dict[str, Any] = {}
-    interrupt = DeferredInterrupt()
+    interrupt.defer()  # from here a signal stops the loop at a step boundary, after a save
+    ended = False
     try:
         record, diverged_at = _loop(spec, exp, setup, out, clock, interrupt)
-        setup.mngr.wait_until_finished()
-    except KeyboardInterrupt:
+        wait_for_saves(setup.mngr)
+        ended = True
+    except KeyboardInterrupt as stop:  # a signal: interrupted at the latest committed step
         try:
-            setup.mngr.wait_until_finished()  # a save in flight completes (or fails) first
-        finally:
-            out.write_summary({**out.last_record, "status": "interrupted",
-                               "logged_step": out.last_record.get("step"),
-                               "step": setup.mngr.latest_step() or 0,
-                               "resumed_from": setup.start, "wall_time_s": clock.wall()})
+            wait_for_saves(setup.mngr)  # the save in flight (the step boundary's) completes
+        except SaveFailed as err:
+            out.failed(err, clock.wall())
+            raise err from stop
+        except KeyboardInterrupt:  # a second signal while it completes: stop waiting
+            pass
+        out.interrupted(run.latest_checkpoint_step() or 0, setup.start, clock.wall())
         raise
-    except BaseException:
-        out.write_summary({**out.last_record, "status": "failed", "wall_time_s": clock.wall()})
+    except BaseException as err:
+        out.failed(err, clock.wall())
         raise
     finally:
-        interrupt.restore()
         out.close()
-        setup.mngr.close()
+        try:
+            setup.mngr.close()
+        except Exception:
+            if ended:  # else the error in flight says what went wrong
+                raise
     return _finish(run, out, record, diverged_at, setup.start, clock)
 
 
@@ -280,8 +294,12 @@ def _loop(spec: RunSpec, exp: Experiment, setup: _Setup, out: Outputs, clock: Cl
     t_log, step_log, flops_log = time.perf_counter(), setup.start, float(state.flops)
     devices = list(setup.batch_sh.mesh.devices.flat)
     record: dict[str, Any] = {}
+    saved = setup.start  # the latest step checkpointed (or restored)
     for step in range(setup.start, t.steps):
-        interrupt.check()  # Ctrl-C takes effect between steps, never inside a save
+        if interrupt.pending:  # a signal: checkpoint the step just completed, then stop
+            if step > saved:
+                save_checked(setup.mngr, step, state)
+            interrupt.check()
         x, y = data.get_batch(exp.corpus.train, seed=spec.seed, step=step,
                               batch_size=t.batch_size, seq_len=t.seq_len)
         state, metrics = setup.train_step(state, distributed.put(x, setup.batch_sh),
@@ -295,15 +313,17 @@ def _loop(spec: RunSpec, exp: Experiment, setup: _Setup, out: Outputs, clock: Cl
             record = _log_step(spec, exp, setup, state, metrics, done, is_eval,
                                step_time=(now - t_log) / (done - step_log), wall=clock.wall())
             record["mfu"] = hardware.mfu(record["flops"] - flops_log, now - t_log, devices)
-            _check_exact(setup, state, done)
+            diverged = _diverged(record)
+            if not diverged:  # a diverged run's NaNs reach pruned weights: no composition error
+                _check_exact(setup, state, done)
             state = _reset_loss_window(state)
             out.record(record)
-            if not all(math.isfinite(v) for v in (record["train_loss"], record["val_loss"])
-                       if v is not None):
+            if diverged:
                 return record, done  # stop at the first non-finite loss
             out.report(record, tokens_per_step * (done - step_log) / (now - t_log))
         if is_ckpt:
-            checkpoint.save(setup.mngr, done, state)
+            save_checked(setup.mngr, done, state)
+            saved = done
         if record.get("step") == done:  # the next interval's step time starts after the save
             t_log, step_log, flops_log = time.perf_counter(), done, record["flops"]
     return record, None
@@ -341,8 +361,16 @@ def _log_step(spec: RunSpec, exp: Experiment, setup: _Setup, state: TrainState,
     }
 
 
+def _diverged(record: dict[str, Any]) -> bool:
+    """Whether the logged train or validation loss is not finite."""
+    return not all(math.isfinite(v) for v in (record["train_loss"], record["val_loss"])
+                   if v is not None)
+
+
 def _check_exact(setup: _Setup, state: TrainState, done: int) -> None:
-    """Raise :class:`~sparsejax.errors.ExactnessError` when a pruned weight is not 0."""
+    """Raise :class:`~sparsejax.errors.ExactnessError` when a pruned weight is not 0 (called
+    once the loss is known to be finite: a diverged run's NaNs reach pruned weights when a
+    pruning step moves its masks, which is no composition error)."""
     if not setup.sparse:
         return
     n_bad = int(setup.count_violations(state.params, state.opt_state))

@@ -57,7 +57,9 @@ def worker_env(n_threads: int | None, base: dict[str, str] | None = None, *,
 def start_worker(run: Run, run_dir: Path, cores: list[int] | None, n_threads: int | None,
                  parallel: int) -> subprocess.Popen:
     """Start ``python -m sparsejax.sweep.worker RUN_DIR`` (the config on its stdin), its output
-    appended to the run dir's worker log."""
+    appended to the run dir's worker log, in a session of its own: a terminal's Ctrl-C (SIGINT
+    to the sweep's process group) reaches only the sweep, which forwards one SIGINT, so the
+    worker saves at its next step boundary (a second signal would stop it at once)."""
     rd = RunDir(run_dir).create()
     argv = [sys.executable, "-m", "sparsejax.sweep.worker", str(run_dir),
             "--parent", str(os.getpid())]
@@ -67,7 +69,8 @@ def start_worker(run: Run, run_dir: Path, cores: list[int] | None, n_threads: in
         log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {run.action} {run.name}\n")
         log.flush()
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
-                                env=worker_env(n_threads, parallel=parallel), text=True)
+                                env=worker_env(n_threads, parallel=parallel), text=True,
+                                start_new_session=True)
     proc.stdin.write(json.dumps(run.spec.to_dict()))
     proc.stdin.close()
     return proc

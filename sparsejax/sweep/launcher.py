@@ -24,6 +24,7 @@ planning, resuming and ``sweep.json`` bookkeeping here; the local backend never 
 
 from __future__ import annotations
 
+import math
 import signal
 import subprocess
 import sys
@@ -34,10 +35,12 @@ from typing import Any, TextIO
 from sparsejax import errors
 from sparsejax.run import rundir
 from sparsejax.run.rundir import RunDir, SweepDir
+from sparsejax.run.signals import DeferredInterrupt
 from sparsejax.sweep.executors import Executor, Handle, LocalExecutor, check_backend
 from sparsejax.sweep.plan import FINISHED, Run, plan
 
 POLL_S = 0.5
+PLAIN_EVERY_S = 5.0  # off a terminal, the sweep's progress line at most this often
 
 
 class SweepFile:
@@ -78,28 +81,27 @@ def failure_reason(run: RunDir, returncode: int) -> str:
         return f"exit status {returncode}; the worker left no record (see {run.worker_log})"
     if record.reason() is not None:
         return record.reason()
-    if record.exit == errors.EXIT_INTERRUPTED:
-        return "interrupted (SIGINT); the next launch resumes it"
+    if record.exit in (errors.EXIT_INTERRUPTED, errors.EXIT_TERMINATED):
+        name = signal.Signals(record.exit - 128).name
+        return f"interrupted ({name}); the next launch resumes it"
     return f"exit status {record.exit} (see {run.worker_log})"
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
 
 
 class Progress:
     """A sweep-level progress line on ``stream``: runs done, running, elapsed and an ETA from
     the work done so far this launch (runs weighted by their expected cost, :func:`_cost`;
     running ones count by their last logged step). On a terminal the line is redrawn in
-    place; otherwise it is printed after every finished run."""
+    place; otherwise it is printed after every finished run, and whenever a running run
+    logged a step (at most every :data:`PLAIN_EVERY_S` seconds)."""
 
     def __init__(self, runs: list[Run], stream: TextIO, enabled: bool):
         self.total = sum(r.cost * (1 - r.done_steps / r.spec.train.steps) for r in runs)
         self.n_runs = len(runs)
         self.stream, self.enabled = stream, enabled
         self.tty = enabled and stream.isatty()
+        self.plain = enabled and not self.tty
+        self._logged: int | None = None  # the running runs' logged steps at the last line
+        self._printed = -math.inf  # when the last plain line was printed
         self.t0 = time.monotonic()
         self.finished = self.failed = 0
         self.done_cost = 0.0  # cost of the runs finished this launch
@@ -110,16 +112,23 @@ class Progress:
         done = self.done_cost + partial
         elapsed = time.monotonic() - self.t0
         frac = min(1.0, done / self.total) if self.total else 1.0
-        eta = _fmt_time(elapsed * (self.total - done) / done) if done > 0 else "?"
+        eta = rundir.duration(elapsed * (self.total - done) / done) if done > 0 else "?"
         bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
         failed = f" ({self.failed} not completed)" if self.failed else ""
         return (f"sweep [{bar}] {self.finished}/{self.n_runs} runs done{failed}, "
-                f"{len(running)} running | {_fmt_time(elapsed)} elapsed, ETA {eta}")
+                f"{len(running)} running | {rundir.duration(elapsed)} elapsed, ETA {eta}")
 
     def draw(self, running: list[tuple[Run, Path]]) -> None:
         if self.tty:
             self.stream.write("\r\033[K" + self.line(running))
             self.stream.flush()
+        elif self.plain:  # a log file: a line when a run logged a step since the last one
+            logged = sum(RunDir(d).last_logged_step() for _, d in running)
+            now = time.monotonic()
+            if logged and logged != self._logged and now - self._printed >= PLAIN_EVERY_S:
+                self._logged, self._printed = logged, now
+                self.stream.write(self.line(running) + "\n")
+                self.stream.flush()
 
     def event(self, text: str, running: list[tuple[Run, Path]]) -> None:
         """Print ``text`` (a finished run's line), then the progress line."""
@@ -171,9 +180,10 @@ def launch(recipe: str, sweep_dir: str | Path, *, extra: dict[str, Any] | None =
 
     Finished-run lines and the progress line go to ``stream`` (default stderr). A run that
     fails is marked ``failed`` with the reason (:func:`failure_reason`: the error its worker
-    recorded in ``worker.json``) and the others go on. ``KeyboardInterrupt`` forwards SIGINT
-    to the running workers (they stop at the next step boundary and keep their checkpoints),
-    marks them ``interrupted`` and propagates.
+    recorded in ``worker.json``) and the others go on. ``KeyboardInterrupt`` (Ctrl-C, or
+    SIGTERM: :class:`~sparsejax.errors.Interrupted`) forwards SIGINT to the running workers
+    (each saves a checkpoint at its next step boundary), marks them ``interrupted`` and
+    propagates.
 
     ``backend``/``parallel``/``address``: see :func:`make_executor`; ``executor`` replaces
     them (tests pass their own)."""
@@ -195,9 +205,10 @@ def launch(recipe: str, sweep_dir: str | Path, *, extra: dict[str, Any] | None =
     try:
         if executor is None:
             executor = make_executor(backend, parallel=parallel, address=address)
-        try:
-            return _execute(runs, sweep_dir, SweepFile(sweep_dir, recipe), executor,
-                            Progress(runs, stream, progress))
+        try:  # SIGTERM (a preempted sweep job) stops the sweep like Ctrl-C
+            with DeferredInterrupt():
+                return _execute(runs, sweep_dir, SweepFile(sweep_dir, recipe), executor,
+                                Progress(runs, stream, progress))
         finally:
             executor.close()
     finally:

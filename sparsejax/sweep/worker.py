@@ -9,9 +9,9 @@ boundary, keeps its checkpoints, and the next launch resumes it. ``RUN_DIR/worke
 (:class:`~sparsejax.run.rundir.WorkerRecord`) records the exit status, the process's wall and
 CPU seconds (what a run costs on a dedicated core) and, when the run failed, the error's type
 and message, which the sweep reports as the run's failure reason. Exit status 0 when the run
-completed, 130 when interrupted, else the error's (:mod:`sparsejax.errors`: 2 for a bad
-config or input, 1 for a run that failed or diverged, and for any other exception); the log's
-last line is then ``sparsejax: error: ...``.
+completed, 130 when interrupted (143 by SIGTERM), else the error's (:mod:`sparsejax.errors`:
+2 for a bad config or input, 1 for a run that failed or diverged, and for any other
+exception); the log's last line is then ``sparsejax: error: ...``.
 """
 
 from __future__ import annotations
@@ -102,9 +102,9 @@ def _train(args: argparse.Namespace) -> Outcome:
 
         config = ml_collections.ConfigDict(json.loads(sys.stdin.read()))
         summary = experiment.run(config, args.run_dir, progress=False)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # SIGINT or SIGTERM: 128 + the signal
         print("sparsejax: interrupted", file=sys.stderr, flush=True)
-        return Outcome(errors.EXIT_INTERRUPTED)
+        return Outcome(getattr(stop, "exit_code", errors.EXIT_INTERRUPTED))
     except Exception as e:  # the sweep records the reason and goes on with the other runs
         traceback.print_exc()
         outcome = Outcome(e.exit_code if isinstance(e, errors.SparsejaxError)
