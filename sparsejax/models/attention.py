@@ -28,7 +28,8 @@ import jax
 import jax.extend.backend
 import jax.numpy as jnp
 
-ATTENTION: tuple[str, ...] = ("auto", "xla", "cudnn")  # the model's settings
+from sparsejax.models.options import ATTENTION
+
 IMPLEMENTATIONS: tuple[str, ...] = ("xla", "cudnn", "reference")
 CUDNN_DTYPES: tuple[str, ...] = ("bfloat16", "float16")
 CUDNN_MAX_HEAD_DIM = 256  # Hopper and later; 128 before (compute capability < 9.0)

@@ -30,8 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparsejax.models.layers import LINEAR_OUT
-
-REMAT: tuple[str, ...] = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+from sparsejax.models.options import REMAT
 
 
 def remat_policy(name: str) -> Callable[..., bool] | None:

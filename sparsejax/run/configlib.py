@@ -18,8 +18,7 @@ from typing import Any
 import ml_collections
 
 from sparsejax.errors import ConfigError, InputError
-from sparsejax.models.attention import ATTENTION
-from sparsejax.models.stack import REMAT
+from sparsejax.models.options import ATTENTION, REMAT
 from sparsejax.run import mask_methods
 from sparsejax.run.spec import EvalSpec, RunSpec, _build
 
