@@ -197,6 +197,7 @@ def test_stale_lock_taken_over_and_status_reads_interrupted(finished_run, tmp_pa
     assert not (run_dir / "lock").exists()
 
 
+@pytest.mark.slow
 def test_status_of_a_sweep_lists_every_run_aligned_with_its_checkpoint_and_eta(
         finished_run, tmp_path, capsys):
     sweep = tmp_path / "sweep"

@@ -349,6 +349,7 @@ def test_bsr_wide_trains():
     assert losses[-1] < losses[0] - 0.5, losses
 
 
+@pytest.mark.slow
 def test_bsr_layers_run():
     """The layer families on BSR kernels (``linear_factory`` of a bsr config), one model whose
     linears cycle through parallel, factorized, doped (one build instead of three): half the
