@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import hypothesis
+import numpy as np
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -66,3 +67,15 @@ def finished_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("finished") / "run"
     experiment.run(tiny_config(), str(run_dir), progress=False)
     return run_dir
+
+
+def flat_tree(tree, prefix=""):
+    """``(path, numpy leaf)`` pairs of a raw (dict/list-shaped) checkpoint tree."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from flat_tree(v, f"{prefix}/{k}")
+    elif isinstance(tree, list | tuple):
+        for i, v in enumerate(tree):
+            yield from flat_tree(v, f"{prefix}/{i}")
+    else:
+        yield prefix, np.asarray(tree)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import STEPS, TINY, tiny_config
+from conftest import STEPS, TINY, flat_tree, tiny_config
 
 from sparsejax import cli, errors
 from sparsejax.run import checkpoint, experiment, rundir
@@ -26,20 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 LONG = 60  # steps of the subprocess runs: one checkpoint, at the end
 
 
-def _flat(tree, prefix=""):
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _flat(v, f"{prefix}/{k}")
-    elif isinstance(tree, list | tuple):
-        for i, v in enumerate(tree):
-            yield from _flat(v, f"{prefix}/{i}")
-    else:
-        yield prefix, np.asarray(tree)
 
 
 def assert_same_run(a: Path, b: Path) -> None:
     """Bitwise the same final checkpoint, final losses and metrics records."""
-    ca, cb = dict(_flat(checkpoint.load_raw(a))), dict(_flat(checkpoint.load_raw(b)))
+    ca, cb = dict(flat_tree(checkpoint.load_raw(a))), dict(flat_tree(checkpoint.load_raw(b)))
     assert ca.keys() == cb.keys()
     for key in ca:
         np.testing.assert_array_equal(ca[key], cb[key], err_msg=key)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import STEPS, TINY, tiny_config
+from conftest import STEPS, TINY, flat_tree, tiny_config
 
 from sparsejax import cli
 from sparsejax.run import checkpoint, experiment, rundir
@@ -53,15 +53,6 @@ def damage(step_dir: Path, kind: str) -> None:
         raise AssertionError(kind)
 
 
-def _flat(tree, prefix=""):
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _flat(v, f"{prefix}/{k}")
-    elif isinstance(tree, list | tuple):
-        for i, v in enumerate(tree):
-            yield from _flat(v, f"{prefix}/{i}")
-    else:
-        yield prefix, np.asarray(tree)
 
 
 @pytest.mark.slow
@@ -73,7 +64,7 @@ def test_restore_skips_damaged_latest_checkpoint(finished_run, tmp_path, kind):
     with pytest.warns(UserWarning, match="skipped damaged checkpoint.*step 8"):
         state, step = checkpoint.restore_newest(run_dir, like, keep=4)
     assert step == 6
-    for (ka, va), (kb, vb) in zip(_flat(like), _flat(state), strict=True):
+    for (ka, va), (kb, vb) in zip(flat_tree(like), flat_tree(state), strict=True):
         assert ka == kb
         np.testing.assert_array_equal(va, vb, err_msg=ka)
     assert (run_dir / "damaged_checkpoints" / "8").is_dir()
@@ -98,7 +89,7 @@ def test_training_resumes_past_damaged_checkpoint(finished_run, tmp_path):
     with pytest.warns(UserWarning, match="step 8"):
         summary = experiment.run(tiny_config(), str(run_dir), progress=False)
     assert summary["status"] == "completed" and summary["resumed_from"] == 6
-    a, b = dict(_flat(checkpoint.load_raw(finished_run))), dict(_flat(checkpoint.load_raw(run_dir)))
+    a, b = (dict(flat_tree(checkpoint.load_raw(d))) for d in (finished_run, run_dir))
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
