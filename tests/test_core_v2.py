@@ -75,6 +75,7 @@ def test_periodic_rejects_bad_values():
         methods.periodic(1, 5, 5)
 
 
+@pytest.mark.slow
 def test_score_and_selection_callables():
     p = mlp()
     act = {"layers": {0: {"kernel": jnp.linspace(1.0, 2.0, 8), "bias": None},

@@ -231,6 +231,7 @@ def test_nm_method_every_group():
         assert (groups == 2).all()
 
 
+@pytest.mark.slow
 def test_composition_chain_inject_multisteps():
     params = mlp_params()
     sched = schedules.constant(0.5)
