@@ -45,7 +45,6 @@ from jax import lax
 
 from pallas_kernels import BSRMatrix, NMMatrix, bsr_matmul, nm_matmul
 from pallas_kernels.block_sparse import ops as bsr_ops
-from pallas_kernels.block_sparse.format import BSRLayout
 from pallas_kernels.block_sparse.kernel import BSRTiles
 
 BF16 = jnp.bfloat16
@@ -97,9 +96,21 @@ def bench(fn: Callable[..., Any], args: tuple, *, tiny: bool, runs: int = 5) -> 
 
 
 
-def _layout_from_mask(mask: np.ndarray, k: int, n: int, blk: int) -> BSRLayout:
-    cols, rows = np.nonzero(mask.T)  # column-major (CSC) order
-    return BSRLayout((k, n), (blk, blk), rows.astype(np.int32), cols.astype(np.int32))
+def random_bsr(k: int, n: int, blk: int, density: float, rng: np.random.Generator, dtype: Any,
+               empty_row: int | None = None, empty_col: int | None = None) -> BSRMatrix:
+    """A ``k x n`` BSR matrix keeping ``round(density * blocks)`` random blocks (optionally an
+    empty block row and column), values N(0, 1/k)."""
+    grid = (k // blk, n // blk)
+    keep = np.zeros(grid[0] * grid[1], bool)
+    keep[rng.permutation(keep.size)[: round(density * keep.size)]] = True
+    mask = keep.reshape(grid)
+    if empty_row is not None:
+        mask[empty_row, :] = False
+    if empty_col is not None:
+        mask[:, empty_col] = False
+    w = rng.standard_normal((k, n)) / math.sqrt(k)
+    m = BSRMatrix.from_mask(w.astype(np.float32), mask, (blk, blk))
+    return BSRMatrix(m.values.astype(dtype), m.layout)
 
 
 def f64(a: Any) -> np.ndarray:
@@ -116,8 +127,8 @@ def record(check: Check, name: str, got: Any, want: np.ndarray, tol: float) -> N
 
 def bsr_correct(check: Check, tag: str, k: int, n: int, blk: int, density: float,
                 m_shape: tuple[int, ...], dtype: Any, rng: np.random.Generator, **empty) -> None:
-    lay = _layout_from_mask_rand(k, n, blk, density, rng, **empty)
-    v = jnp.asarray(rng.standard_normal((lay.nnz, blk, blk)) / math.sqrt(k), dtype)
+    w = random_bsr(k, n, blk, density, rng, dtype, **empty)
+    lay, v = w.layout, w.values
     wd = f64(BSRMatrix(v, lay).to_dense())
     x = jnp.asarray(rng.standard_normal((*m_shape, k)), dtype)
     c = rng.standard_normal((*m_shape, n)).astype(np.float32)
@@ -134,18 +145,6 @@ def bsr_correct(check: Check, tag: str, k: int, n: int, blk: int, density: float
     record(check, name + " dX", dx, (cs @ wd.T).reshape(*m_shape, k), tol)
     full = (xs.T @ cs).reshape(k // blk, blk, n // blk, blk).transpose(0, 2, 1, 3)
     record(check, name + " dW", dv, full[lay.rows, lay.cols], tol)
-
-
-def _layout_from_mask_rand(k, n, blk, density, rng, **empty) -> BSRLayout:
-    grid = (k // blk, n // blk)
-    keep = np.zeros(grid[0] * grid[1], bool)
-    keep[rng.permutation(keep.size)[: round(density * keep.size)]] = True
-    mask = keep.reshape(grid)
-    if empty.get("empty_row") is not None:
-        mask[empty["empty_row"], :] = False
-    if empty.get("empty_col") is not None:
-        mask[:, empty["empty_col"]] = False
-    return _layout_from_mask(mask, k, n, blk)
 
 
 def nm_correct(check: Check, n_: int, m_: int, k: int, n: int, rng: np.random.Generator) -> None:
@@ -196,8 +195,8 @@ def task_correctness(check: Check) -> None:
 def kernel_case(check: Check, k: int, n: int, m: int, blk: int, density: float, tag: str,
                 *, grad: bool) -> None:
     rng = np.random.default_rng(k * 7 + n * 3 + m + blk + round(100 * density))
-    lay = _layout_from_mask_rand(k, n, blk, density, rng)
-    v = jnp.asarray(rng.standard_normal((lay.nnz, blk, blk)) / math.sqrt(k), BF16)
+    w = random_bsr(k, n, blk, density, rng, BF16)
+    lay, v = w.layout, w.values
     wd = BSRMatrix(v, lay).to_dense()
     x = jnp.asarray(rng.standard_normal((m, k)), BF16)
     row = dict(tag=tag, K=k, N=n, M=m, block=blk, sparsity=round(1 - lay.density, 3),
