@@ -45,7 +45,6 @@ from jax import lax
 
 from pallas_kernels import BSRMatrix, NMMatrix, bsr_matmul, nm_matmul
 from pallas_kernels.block_sparse import ops as bsr_ops
-from pallas_kernels.block_sparse.kernel import BSRTiles
 
 BF16 = jnp.bfloat16
 
@@ -215,7 +214,7 @@ def kernel_case(check: Check, k: int, n: int, m: int, blk: int, density: float, 
 
         row["dense_us"] = 1e6 * bench(grads(lambda x, w: x @ w), (x, wd), tiny=t)
         row["sparse_us"] = 1e6 * bench(grads(bsr), (x, v), tiny=t)
-        tiles = BSRTiles()
+        tiles = None  # chosen by shape (pallas_kernels.block_sparse.tiles), as in training
         vt = jnp.swapaxes(v[lay.transpose_perm], 1, 2)
         row["dX_sparse_us"] = 1e6 * bench(
             lambda g, vt: bsr_ops._forward(g, vt, lay.transposed, check.impl, tiles), (c, vt),

@@ -29,6 +29,7 @@ class Device(NamedTuple):
     peak_flops: float  # dense bf16 FLOP/s
     bandwidth: float  # HBM bytes/s
     cores: int  # SMs (GPU) or TensorCores (TPU): programs needed to fill the device
+    kind: str = "gpu"  # "gpu" or "tpu": which kernel flavour's traffic model applies
 
 
 #: Sources: NVIDIA H100 SXM / H200 SXM / A100 SXM 80GB datasheets; Google Cloud TPU v5e, v5p,
@@ -37,9 +38,9 @@ DEVICES: dict[str, Device] = {
     "h100": Device("H100 SXM", 989e12, 3.35e12, 132),
     "h200": Device("H200 SXM", 989e12, 4.8e12, 132),
     "a100": Device("A100 SXM 80GB", 312e12, 2.039e12, 108),
-    "v5e": Device("TPU v5e", 197e12, 0.819e12, 1),
-    "v5p": Device("TPU v5p", 459e12, 2.765e12, 2),
-    "v6e": Device("TPU v6e", 918e12, 1.64e12, 1),
+    "v5e": Device("TPU v5e", 197e12, 0.819e12, 1, "tpu"),
+    "v5p": Device("TPU v5p", 459e12, 2.765e12, 2, "tpu"),
+    "v6e": Device("TPU v6e", 918e12, 1.64e12, 1, "tpu"),
 }
 
 #: Substrings of ``jax.Device.device_kind`` -> key in :data:`DEVICES` (first match wins).
@@ -114,14 +115,19 @@ SPARSE_EFFICIENCY = 0.7
 
 
 def table_row(m: int, k: int, n: int, density: float, itemsize: int, pass_: str,
-              device: Device, efficiency: float = SPARSE_EFFICIENCY) -> Row:
-    """Dense vs sparse roofline times of one pass (see :func:`matmul_cost`)."""
+              device: Device, expected_s: float | None = None,
+              efficiency: float = SPARSE_EFFICIENCY) -> Row:
+    """Dense vs sparse roofline times of one pass (see :func:`matmul_cost`). ``expected_s``:
+    a kernel model's estimate (``pallas_kernels.block_sparse.traffic``); by default the
+    ideal FLOPs at ``efficiency`` of the peak, ideal bytes."""
     dense = matmul_cost(m, k, n, 1.0, itemsize, pass_).seconds(device)
     cost = matmul_cost(m, k, n, density, itemsize, pass_)
     ideal = cost.seconds(device)
     compute_bound = cost.flops / device.peak_flops >= cost.bytes / device.bandwidth
-    expected = max(cost.flops / (device.peak_flops * efficiency), cost.bytes / device.bandwidth)
-    return Row(pass_, dense, ideal, expected, "compute" if compute_bound else "memory")
+    if expected_s is None:
+        expected_s = max(cost.flops / (device.peak_flops * efficiency),
+                         cost.bytes / device.bandwidth)
+    return Row(pass_, dense, ideal, expected_s, "compute" if compute_bound else "memory")
 
 
 __all__ = ["DEVICES", "PASSES", "Cost", "Device", "Row", "device_for_kind", "matmul_cost",

@@ -128,8 +128,10 @@ def dw_plan(m: int, k: int, n: int, block: tuple[int, int], nnz: int, itemsize: 
     Split kernel: ``splits = clamp(next_pow2(ceil(2 * cores / nnz)), 1, M // 512)`` so that
     ``nnz * splits`` programs fill the device twice where tokens allow. Its time is
     ``max(F / (peak * eff * fill), B / bw)`` with ``F = 2 M bk bn nnz``, ``fill =
-    min(1, nnz * splits / cores)``, ``B`` = the dW bytes of :func:`matmul_cost` plus the f32
-    partial sums written and read back (``2 * 4 * splits * nnz * bk * bn``).
+    min(1, nnz * splits / cores)``, ``B``: the ``x`` slab of every stored block
+    (``nnz M bk``; consecutive blocks share a block-column, so ``dy`` is read about once,
+    ``M N``), the stored blocks, and the f32 partial sums written and read back
+    (``2 * 4 * splits * nnz * bk * bn`` bytes).
     Dense: the dense dW roofline time plus reading the full f32 ``xᵀ dy`` once to gather
     (``4 K N`` bytes). The cheaper one wins (ties: split).
     """
@@ -140,11 +142,11 @@ def dw_plan(m: int, k: int, n: int, block: tuple[int, int], nnz: int, itemsize: 
     splits = min(1 << (want - 1).bit_length(), max(1, m // MIN_SPLIT_ROWS))
     splits = 1 << (splits.bit_length() - 1)  # a power of 2 at most the cap
     fill = min(1.0, nnz * splits / device.cores)
-    density = nnz * bk * bn / (k * n)
-    cost = matmul_cost(m, k, n, density, itemsize, "dW")
+    flops = 2.0 * m * bk * bn * nnz
+    read_bytes = (nnz * m * bk + m * n + nnz * bk * bn) * itemsize
     partial_bytes = 2 * 4 * splits * nnz * bk * bn
-    split_s = max(cost.flops / (device.peak_flops * efficiency * fill),
-                  (cost.bytes + partial_bytes) / device.bandwidth)
+    split_s = max(flops / (device.peak_flops * efficiency * fill),
+                  (read_bytes + partial_bytes) / device.bandwidth)
     dense = matmul_cost(m, k, n, 1.0, itemsize, "dW")
     dense_s = max(dense.flops / device.peak_flops, (dense.bytes + 4 * k * n) / device.bandwidth)
     path = "split" if split_s <= dense_s else "dense"
