@@ -164,15 +164,15 @@ def test_auto_rule_kernel_only_where_memory_bound():
     """The compressed kernel does dense arithmetic, so it wins only on bytes. H100 bf16,
     4096x4096 at 2:4: per row of x, 2*4096*4096 FLOPs = 33.55 MFLOP cost the kernel
     33.55e6 / (989e12 * 0.7) = 48.47 ps and dense 33.93 ps; dense-masked pays the
-    decompression once, (16.78 MB kept + 1.05 MB codes + 33.55 MB dense) / 3.35 TB/s =
-    15.32 us. Past the memory-bound range the kernel loses 14.54 ps per row, so it wins
-    for M < 15.32 us / 14.54 ps = 1053 rows: M in 16..1040 on a 16-row grid."""
+    decompression once, (16.78 MB kept + 2.10 MB codes (4 bits per group of 4) + 33.55 MB
+    dense) / 3.35 TB/s = 15.65 us. Past the memory-bound range the kernel loses 14.54 ps
+    per row, so it wins for M < 15.65 us / 14.54 ps = 1076 rows: 16..1072 on a 16-row grid."""
     from pallas_kernels.nm.ops import kernel_wins
     from pallas_kernels.roofline import DEVICES
 
     h100 = DEVICES["h100"]
     wins = [m for m in range(16, 8193, 16) if kernel_wins(m, (4096, 4096), 2, 4, 2, h100, "gpu")]
-    assert wins == list(range(16, 1041, 16))
+    assert wins == list(range(16, 1073, 16))
 
 
 def test_tpu_auto_falls_back_at_k768_and_pallas_says_why(monkeypatch):

@@ -155,6 +155,8 @@ def test_tile_table_by_shape():
     # TPU: 512-2048 row tiles for long M, one 16-multiple tile for short M
     assert [tpu_tiles(m).bm for m in (8192, 4096, 1536, 600, 100)] == [2048, 2048, 512, 512, 112]
     assert choose_tiles("interpret_tpu", 1024, 768, (128, 128), 2).bm == 1024
+    # 512-blocks in f32: 2048 rows would need 2*2048*1024*4 + 4*2048*512 = 20 MiB of VMEM
+    assert tpu_tiles(8192, (512, 512), 4).bm == 1024
 
 
 TOY = Device("toy", peak_flops=1e12, bandwidth=1e12, cores=10)

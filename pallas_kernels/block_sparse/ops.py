@@ -120,7 +120,8 @@ def _sddmm(x, dy, layout: BSRLayout, impl: str, tiles: BSRTiles | None):
     m, k = x.shape
     interpret = impl.startswith("int")
     if impl.endswith("tpu"):
-        t = _row_tile(m, tiles) if tiles is not None else choose_tiles(impl, m, bn, (bk, bn), 4)
+        t = (_row_tile(m, tiles) if tiles is not None
+             else choose_tiles(impl, m, bn, (bk, bn), x.dtype.itemsize))
         return K.sddmm_prefetch(_pad_rows(x, t.bm), _pad_rows(dy, t.bm), layout=layout, tiles=t,
                                 interpret=interpret)
     t = _tiles(impl, m, layout, x.dtype.itemsize, tiles)

@@ -87,12 +87,21 @@ def gpu_tiles(m: int, n: int, block: tuple[int, int], itemsize: int, cores: int 
     return BSRTiles(bm=bm, num_warps=warps, num_stages=stages, cols=cols)
 
 
-def tpu_tiles(m: int) -> BSRTiles:
+TPU_VMEM_BUDGET = 12 * 2**20  # bytes for one step's buffers (v5e's scoped default is 16 MiB)
+
+
+def tpu_tiles(m: int, block: tuple[int, int] = (128, 128), itemsize: int = 2) -> BSRTiles:
     """TPU row tile: the largest of 2048/1024/512 that ``M`` reaches with at most 1/8 of the
-    rows padding; 512 for any other ``M >= 512``; below that one tile of ``M`` rounded up to
-    a multiple of 16 (bf16 sublane packing)."""
+    rows padding and whose buffers fit :data:`TPU_VMEM_BUDGET` (double-buffered ``x`` and
+    output tiles, a float32 accumulator); 512 for any other ``M >= 512``; below that one
+    tile of ``M`` rounded up to a multiple of 16 (bf16 sublane packing)."""
+    bk, bn = block
+
+    def fits(rows: int) -> bool:
+        return 2 * rows * (bk + bn) * itemsize + 4 * rows * bn <= TPU_VMEM_BUDGET
+
     for rows in TPU_ROWS:
-        if m >= rows and (-m) % rows <= m // 8:
+        if m >= rows and (-m) % rows <= m // 8 and fits(rows):
             return BSRTiles(bm=rows)
     if m >= TPU_ROWS[-1]:
         return BSRTiles(bm=TPU_ROWS[-1])
@@ -103,7 +112,7 @@ def choose_tiles(impl: str, m: int, n: int, block: tuple[int, int], itemsize: in
     """Tiles for ``impl`` (``gpu``/``interpret_gpu`` or ``tpu``/``interpret_tpu``)."""
     if impl.endswith("gpu"):
         return gpu_tiles(m, n, block, itemsize)
-    return tpu_tiles(m)
+    return tpu_tiles(m, block, itemsize)
 
 
 # ------------------------------------------------------------------------- dW cost model

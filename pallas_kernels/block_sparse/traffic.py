@@ -52,7 +52,7 @@ def expected_seconds(m: int, k: int, n: int, density: float, block: int, itemsiz
     if device.kind == "gpu":
         plan = dw_plan(m, k, n, (block, block), nnz, itemsize, device)
         return plan.split_s if plan.path == "split" else plan.dense_s
-    bm = tpu_tiles(m).bm
+    bm = tpu_tiles(m, (block, block), itemsize).bm
     row_tiles = math.ceil(m / bm)
     if pass_ == "forward":
         empty = nn * (1.0 - density) ** nk  # expected empty block-columns

@@ -72,7 +72,8 @@ def kernel_wins(m_rows: int, shape: tuple[int, int], n: int, m: int, itemsize: i
     flops = 2.0 * m_rows * k * cols
     io = (m_rows * k + m_rows * cols) * itemsize
     w_dense = k * cols * itemsize
-    w_kept = w_dense * n / m + (k // m) * cols * 4 * n / 32  # codes: <= 4 bytes per 32/nb
+    bits = code_layout(k // m, n, m)[0]
+    w_kept = w_dense * n / m + (k // m) * cols * n * bits / 8  # values + codes
     kernel_bytes = io + w_kept + (2 * m_rows * k * itemsize if platform == "tpu" else 0)
     kernel_s = max(flops / (device.peak_flops * SPARSE_EFFICIENCY),
                    kernel_bytes / device.bandwidth)
