@@ -198,3 +198,17 @@ def test_gpu_auto_dw_follows_the_cost_model():
 
     dense_dw = calls(w)  # forward + dX kernels, dW by a dense GEMM
     assert dense_dw >= 2 and calls(operand(MASKS["one"], jnp.float32)) == dense_dw + 1
+
+
+@pytest.mark.parametrize(("backend", "tiles"), [
+    ("interpret_gpu", BSRTiles(bm=16, cols=3, group=2)),  # 3 row tiles, partial last group
+    ("interpret", BSRTiles(bm=16)),  # 3 row tiles over the work list, empty columns
+])
+def test_forward_tiling_fast(backend, tiles):
+    """Fast-tier forward of the wide GPU tile and the TPU work list vs float64 (the full
+    forward + backward matrix above is in the slow tier)."""
+    w = operand(MASKS["empty_rows_cols"], jnp.float32)
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((37, K_)), jnp.float32)
+    y = jax.jit(functools.partial(bsr_matmul, backend=backend, tiles=tiles))(x, w)
+    ref = f64(x) @ f64(w.to_dense())
+    np.testing.assert_allclose(f64(y), ref, atol=tol(jnp.float32, ref), rtol=0)
