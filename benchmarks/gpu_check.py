@@ -45,7 +45,8 @@ from jax import lax
 
 from pallas_kernels import BSRMatrix, NMMatrix, bsr_matmul, nm_matmul
 from pallas_kernels.block_sparse import ops as bsr_ops
-from pallas_kernels.block_sparse.kernel import BSRTiles
+from pallas_kernels.block_sparse.traffic import expected_seconds
+from pallas_kernels.roofline import DEVICES, device_for_kind, table_row
 
 BF16 = jnp.bfloat16
 
@@ -215,7 +216,7 @@ def kernel_case(check: Check, k: int, n: int, m: int, blk: int, density: float, 
 
         row["dense_us"] = 1e6 * bench(grads(lambda x, w: x @ w), (x, wd), tiny=t)
         row["sparse_us"] = 1e6 * bench(grads(bsr), (x, v), tiny=t)
-        tiles = BSRTiles()
+        tiles = None  # chosen by shape (pallas_kernels.block_sparse.tiles), as in training
         vt = jnp.swapaxes(v[lay.transpose_perm], 1, 2)
         row["dX_sparse_us"] = 1e6 * bench(
             lambda g, vt: bsr_ops._forward(g, vt, lay.transposed, check.impl, tiles), (c, vt),
@@ -225,12 +226,19 @@ def kernel_case(check: Check, k: int, n: int, m: int, blk: int, density: float, 
             lambda x, g: bsr_ops._sddmm(x, g, lay, check.impl, tiles), (x, c), tiny=t)
         row["dW_dense_us"] = 1e6 * bench(lambda x, g: x.T @ g, (x, c), tiny=t)
     row["speedup"] = row["dense_us"] / row["sparse_us"]
+    # the roofline model's prediction next to the measurement (benchmarks/roofline.py)
+    device = device_for_kind(jax.devices()[0].device_kind) or DEVICES["h100"]
+    passes = ("forward", "dX", "dW") if grad else ("forward",)
+    rows = [table_row(m, k, n, lay.density, 2, p, device,
+                      expected_seconds(m, k, n, lay.density, blk, 2, p, device)) for p in passes]
+    row["expected_x"] = sum(r.dense_s for r in rows) / sum(r.expected_s for r in rows)
     check.results["kernels"].append(row)
     split = (f"  dX {row['dX_sparse_us']:.0f}/{row['dX_dense_us']:.0f}us"
              f"  dW {row['dW_sparse_us']:.0f}/{row['dW_dense_us']:.0f}us" if grad else "")
     print(f"{row['kind']:<8}{tag:<9}{k}x{n} M={m:<6}blk={blk:<4}sparse={row['sparsity']:<6}"
           f"dense {row['dense_us']:9.1f}us  bsr {row['sparse_us']:9.1f}us  "
-          f"x{row['speedup']:5.2f}{split}", flush=True)
+          f"x{row['speedup']:5.2f} (roofline expects x{row['expected_x']:5.2f}){split}",
+          flush=True)
 
 
 def kernel_tasks(check: Check) -> list[tuple[str, Callable[[], None], float]]:

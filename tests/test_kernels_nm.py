@@ -158,3 +158,34 @@ def test_compiled_on_accelerator(dtype, n, m):
     tol = 5e-3 if dtype == jnp.float32 else 2e-2  # f32 dots may run as TF32 on GPUs
     scale = float(np.abs(ref).max(initial=0.0)) + 1.0
     np.testing.assert_allclose(f64(y), ref, atol=tol * scale, rtol=0)
+
+
+def test_auto_rule_kernel_only_where_memory_bound():
+    """The compressed kernel does dense arithmetic, so it wins only on bytes. H100 bf16,
+    4096x4096 at 2:4: per row of x, 2*4096*4096 FLOPs = 33.55 MFLOP cost the kernel
+    33.55e6 / (989e12 * 0.7) = 48.47 ps and dense 33.93 ps; dense-masked pays the
+    decompression once, (16.78 MB kept + 2.10 MB codes (4 bits per group of 4) + 33.55 MB
+    dense) / 3.35 TB/s = 15.65 us. Past the memory-bound range the kernel loses 14.54 ps
+    per row, so it wins for M < 15.65 us / 14.54 ps = 1076 rows: 16..1072 on a 16-row grid."""
+    from pallas_kernels.nm.ops import kernel_wins
+    from pallas_kernels.roofline import DEVICES
+
+    h100 = DEVICES["h100"]
+    wins = [m for m in range(16, 8193, 16) if kernel_wins(m, (4096, 4096), 2, 4, 2, h100, "gpu")]
+    assert wins == list(range(16, 1073, 16))
+
+
+def test_tpu_auto_falls_back_at_k768_and_pallas_says_why(monkeypatch):
+    """GPT-2 small's K=768 with 2:4: 96 groups per code plane, not a multiple of 128, so the
+    TPU kernel cannot tile it; ``auto`` takes the dense-masked path (no Pallas call) and is
+    exact, ``pallas`` raises naming the field."""
+    import pallas_kernels.backend
+
+    monkeypatch.setattr(pallas_kernels.backend, "default_platform", lambda: "tpu")
+    w = NMMatrix.from_dense(nm_sparse(768, 32, 2, 4), 2, 4)
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((4, 768)), jnp.float32)
+    auto = functools.partial(nm_matmul, backend="auto")
+    assert "pallas_call" not in str(jax.make_jaxpr(auto)(x, w))
+    np.testing.assert_allclose(f64(auto(x, w)), f64(x) @ f64(w.to_dense()), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="128-multiples: groups/tile"):
+        nm_matmul(x, w, backend="pallas")

@@ -8,6 +8,7 @@ matmul, SDDMM), so pruned blocks never receive gradient. Method: Gray, Radford &
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -17,8 +18,10 @@ from pallas_kernels.backend import BACKENDS, check_operand, resolve_backend
 from pallas_kernels.block_sparse import kernel as K
 from pallas_kernels.block_sparse.format import BSRLayout, BSRMatrix, layout_to_dense
 from pallas_kernels.block_sparse.reference import bsr_product, sddmm_reference
+from pallas_kernels.block_sparse.tiles import BSRTiles, choose_tiles, dw_plan
 from pallas_kernels.cpu import native
 from pallas_kernels.cpu.bsr import bsr_matmul_xla, sddmm_xla
+from pallas_kernels.roofline import DEVICES, Device, device_for_kind
 
 # The two CPU paths, which "cpu" chooses between; named, they force one.
 CPU_PATHS = ("cpu_native", "cpu_xla")
@@ -45,9 +48,27 @@ def check_compiled_block(impl: str, block: tuple[int, int]) -> None:
         raise ValueError(f"block must be multiples of 128 for the TPU kernel, got {block}")
 
 
-def _row_tile(m: int, tiles: K.BSRTiles) -> K.BSRTiles:
-    bm = tiles.bm if m >= tiles.bm else max(16, 1 << (m - 1).bit_length())
-    return K.BSRTiles(bm=bm, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+def _row_tile(m: int, tiles: BSRTiles) -> BSRTiles:
+    """``tiles`` with ``bm`` shrunk to a power of 2 >= 16 covering ``m`` when ``m < bm``."""
+    if m >= tiles.bm:
+        return tiles
+    return dataclasses.replace(tiles, bm=max(16, 1 << (m - 1).bit_length()))
+
+
+def _tiles(impl: str, m: int, layout: BSRLayout, itemsize: int, tiles: BSRTiles | None):
+    """Explicit ``tiles`` (``bm`` clamped to ``m``; ``cols`` to a divisor of the block-columns)
+    or the shape's choice (:func:`pallas_kernels.block_sparse.tiles.choose_tiles`)."""
+    if tiles is None:
+        return choose_tiles(impl, m, layout.shape[1], layout.block, itemsize)
+    nn, cols = layout.grid[1], max(1, min(tiles.cols, layout.grid[1]))
+    while nn % cols:
+        cols -= 1
+    return dataclasses.replace(_row_tile(m, tiles), cols=cols)
+
+
+def _device() -> Device:
+    """Roofline figures of the default device; an H100's where unknown (CPU, interpret)."""
+    return device_for_kind(jax.devices()[0].device_kind) or DEVICES["h100"]
 
 
 def _pad_rows(a: jax.Array, bm: int) -> jax.Array:
@@ -68,7 +89,7 @@ def _dense(x, values, layout: BSRLayout):
     )
 
 
-def _forward(x, values, layout: BSRLayout, impl: str, tiles: K.BSRTiles):
+def _forward(x, values, layout: BSRLayout, impl: str, tiles: BSRTiles | None):
     m = x.shape[0]
     if layout.nnz == 0:
         return jnp.zeros((m, layout.shape[1]), x.dtype)
@@ -80,13 +101,13 @@ def _forward(x, values, layout: BSRLayout, impl: str, tiles: K.BSRTiles):
         return native.bsr_matmul_native(x, values, layout)
     if impl in CPU_PATHS:
         return bsr_matmul_xla(x, values, layout)
-    t = _row_tile(m, tiles)
+    t = _tiles(impl, m, layout, x.dtype.itemsize, tiles)
     fn = K.bsr_matmul_prefetch if impl.endswith("tpu") else K.bsr_matmul_gpu
     y = fn(_pad_rows(x, t.bm), values, layout=layout, tiles=t, interpret=impl.startswith("int"))
     return y[:m]
 
 
-def _sddmm(x, dy, layout: BSRLayout, impl: str, tiles: K.BSRTiles):
+def _sddmm(x, dy, layout: BSRLayout, impl: str, tiles: BSRTiles | None):
     bk, bn = layout.block
     if layout.nnz == 0:
         return jnp.zeros((0, bk, bn), x.dtype)
@@ -96,10 +117,31 @@ def _sddmm(x, dy, layout: BSRLayout, impl: str, tiles: K.BSRTiles):
         return native.sddmm_native(x, dy, layout)
     if impl in CPU_PATHS:
         return sddmm_xla(x, dy, layout)
-    t = _row_tile(x.shape[0], tiles)
-    fn = K.sddmm_prefetch if impl.endswith("tpu") else K.sddmm_gpu
+    m, k = x.shape
     interpret = impl.startswith("int")
-    return fn(_pad_rows(x, t.bm), _pad_rows(dy, t.bm), layout=layout, tiles=t, interpret=interpret)
+    if impl.endswith("tpu"):
+        t = (_row_tile(m, tiles) if tiles is not None
+             else choose_tiles(impl, m, bn, (bk, bn), x.dtype.itemsize))
+        return K.sddmm_prefetch(_pad_rows(x, t.bm), _pad_rows(dy, t.bm), layout=layout, tiles=t,
+                                interpret=interpret)
+    t = _tiles(impl, m, layout, x.dtype.itemsize, tiles)
+    path, splits = _dw_path(m, layout, x.dtype.itemsize, t)
+    if path == "dense":  # too few stored blocks to fill the device: one dense GEMM, gathered
+        return sddmm_reference(x, dy, layout)
+    splits = max(1, min(splits, -(-m // t.bm)))
+    rows = t.bm * splits
+    return K.sddmm_gpu(_pad_rows(x, rows), _pad_rows(dy, rows), layout=layout, tiles=t,
+                       splits=splits, interpret=interpret)
+
+
+def _dw_path(m: int, layout: BSRLayout, itemsize: int, t: BSRTiles) -> tuple[str, int]:
+    """``(path, splits)`` for the GPU dW: forced by ``t.dw``/``t.splits``, else
+    :func:`pallas_kernels.block_sparse.tiles.dw_plan` on the default device's figures."""
+    if t.dw not in ("auto", "split", "dense"):
+        raise ValueError(f"tiles.dw must be 'auto', 'split' or 'dense', got {t.dw!r}")
+    plan = dw_plan(m, *layout.shape, layout.block, layout.nnz, itemsize, _device())
+    path = plan.path if t.dw == "auto" else t.dw
+    return path, t.splits or plan.splits
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -152,7 +194,7 @@ def _resolve(backend: str, w: BSRMatrix) -> str:
 
 
 def bsr_matmul(
-    x: jax.Array, w: BSRMatrix, *, backend: str = "auto", tiles: K.BSRTiles | None = None
+    x: jax.Array, w: BSRMatrix, *, backend: str = "auto", tiles: BSRTiles | None = None
 ) -> jax.Array:
     """Block-sparse ``x @ W`` for ``x`` of shape ``(..., K)`` and ``W`` a ``(K, N)`` BSRMatrix.
 
@@ -169,6 +211,9 @@ def bsr_matmul(
     where they run -- numba, AVX-512F, a jaxlib whose FFI header matches -- else the XLA-ops
     path; ``"cpu_native"`` and ``"cpu_xla"`` force one of the two) or ``"reference"``.
     Differentiable in ``x`` and ``w.values``.
+
+    ``tiles``: the Pallas kernels' tile sizes; ``None`` (default) chooses them by shape
+    (:mod:`pallas_kernels.block_sparse.tiles`), an explicit :class:`BSRTiles` overrides.
     """
     if not isinstance(w, BSRMatrix):
         raise ValueError(f"w must be a BSRMatrix, got {type(w).__name__}")
@@ -176,5 +221,5 @@ def bsr_matmul(
     k, n = w.shape
     check_operand(x, w.shape, w.values.dtype)
     lead = x.shape[:-1]
-    y = _bsr_jit(x.reshape(-1, k), w.values, w.layout, impl, tiles or K.BSRTiles())
+    y = _bsr_jit(x.reshape(-1, k), w.values, w.layout, impl, tiles)
     return y.reshape(*lead, n)

@@ -8,8 +8,17 @@ and multiplied with the matching plane of ``x`` (``x`` is viewed with its K axis
 "Accelerating Sparse Deep Neural Networks" (2021), storage as in ``format.py``.
 
 Two flavours: ``nm_matmul_blocked`` (TPU style: K is the last, "arbitrary" grid axis with a
-VMEM accumulator; every operand tile arrives through a BlockSpec) and ``nm_matmul_gpu``
-(Triton style: each program owns an output tile and loops over K with dynamic slices).
+VMEM accumulator; every operand tile arrives through a BlockSpec, so ``x`` comes plane-split,
+``(M, m*G)``, rewritten once per call by the caller) and ``nm_matmul_gpu`` (Triton style:
+each program owns an output tile and loops over K, reading the planes of ``x`` in place
+with strided loads).
+
+Scope, honestly: neither Pallas Triton nor Mosaic GPU/TPU exposes the sparse tensor-core
+MMA (``mma.sp``), so after decompression the arithmetic is dense: ``2 M K N`` FLOPs, no
+fewer than a dense GEMM. The kernel saves *memory traffic* only (weights read at
+``n/m`` of their bytes plus 1/16 for codes at 2:4), so it can beat dense only where the
+matmul is memory-bound: small ``M`` (decode, small batches) and exported inference weights.
+``nm_matmul(backend="auto")`` applies that rule (``ops.kernel_wins``).
 """
 
 from __future__ import annotations
@@ -104,7 +113,9 @@ def _gpu_kernel(x_ref, v_ref, c_ref, o_ref, *, n: int, m: int, bits: int, gt: in
 
     def body(k, acc):
         g0 = pl.multiple_of(k * gt, gt)
-        xs = [x_ref[:, pl.ds(r * g + g0, gt)] for r in range(m)]
+        # Plane r of this K tile: columns (g0 + i) * m + r of x, read with a strided load
+        # (so x is used in place, never rewritten).
+        xs = [x_ref[:, pl.ds(g0 * m + r, gt, stride=m)] for r in range(m)]
         vs = [v_ref[pl.ds(t * g + g0, gt), :] for t in range(n)]
         code = c_ref[pl.ds(lax.rem(g0, rows), gt), :].astype(jnp.int32) >> (
             lax.div(g0, rows) * (n * bits)
@@ -133,7 +144,8 @@ def _gpu_kernel(x_ref, v_ref, c_ref, o_ref, *, n: int, m: int, bits: int, gt: in
 def nm_matmul_gpu(
     x2, values, codes, *, n, m, bits, per, gt, bm, bn, num_warps=4, num_stages=3, interpret=False
 ):
-    """GPU (Triton) flavour of :func:`nm_matmul_blocked`; same contract."""
+    """GPU (Triton) flavour of :func:`nm_matmul_blocked`, except that ``x2`` is ``x`` itself
+    (``(M, K)`` in its natural order; the planes are read with strided loads)."""
     mm, kk = x2.shape
     cols = values.shape[1]
     params = None
