@@ -8,7 +8,9 @@ heads). Params and the AdamW state stay float32; the forward and backward comput
 which holds 85M, 303M, 680M, 1.21B params at these shapes; a uint16 ``.bin`` of GPT-2 tokens,
 ``--config.data.source=tokens.bin``, gives its max token + 1). Learning rates are GPT-3's;
 the batch is what one 80 GB GPU holds per step (no gradient accumulation), see the plans
-below; steps are 20 tokens per non-embedding parameter (Chinchilla), warm-up 2000 steps.
+below; block-sparse layers (``model.linear=bsr``) use 128x128 blocks (the CPU recipes' 32 is
+too small to fill a GPU's or TPU's matrix units: README "Kernels"); steps are 20 tokens per
+non-embedding parameter (Chinchilla), warm-up 2000 steps.
 
 Command:   sparsejax train --config configs/gpt_accel.py:size=125M --workdir runs/g125m
            (``size=350M|760M|1.3B``; ``seq=2048`` for 2048-token windows; any other
@@ -60,6 +62,7 @@ def get_config(arg=None):
     c.model.size = size
     c.model.n_ctx = seq_len
     c.model.dtype = "bfloat16"
+    c.model.block = 128  # BSR blocks (model.linear=bsr): >= 64 fills the MMA units on GPU/TPU
     c.train.seq_len = seq_len
     c.train.batch_size = batch
     c.train.lr = lr

@@ -40,7 +40,7 @@ class ModelSpec(_Section):
     tie_embeddings: bool = True
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     linear: str = "dense"  # dense | bsr | nm (block-sparse / N:M kernels, pallas_kernels)
-    block: int = 32  # BSR block size
+    block: int = 32  # BSR block size (CPU default; configs/gpt_accel.py uses 128 on GPU/TPU)
     sparse_ift: SparseIFTSpec = SparseIFTSpec()
     # how the model computes, never its params (sparsejax.models.attention / .stack):
     attention: str = "auto"  # auto (cuDNN flash attention where it runs, else XLA) | xla | cudnn
