@@ -147,12 +147,16 @@ def make_tokenizer(spec: str, root: Path, train: list[str], split: str, val_frac
         return kind, tokenizer.ByteTokenizer()
     if kind == "file":
         return kind, tokenizer.load_file(arg)
-    bar = _Progress("train bpe", len(train), progress)
+    bar = _Progress("read for bpe", len(train), progress)
+    t0 = time.monotonic()
     try:
-        return kind, tokenizer.train_bpe(_train_texts(root, train, split, val_fraction, bar),
-                                         int(arg))
+        tok = tokenizer.train_bpe(_train_texts(root, train, split, val_fraction, bar), int(arg))
     finally:
         bar.close()
+    if progress:
+        print(f"prepare: trained a {tok.vocab_size}-token BPE in {time.monotonic() - t0:.0f}s",
+              file=sys.stderr)
+    return kind, tok
 
 
 def prepare(source: str, tokenizer_spec: str, out: str | os.PathLike, *,
