@@ -178,44 +178,18 @@ def test_prepare_and_verify_commands(tmp_path, capsys):
     assert "is not an empty folder" in capsys.readouterr().err
 
 
-def test_a_run_reads_a_prepared_folder(bpe_dir):
-    """The model's vocab is the metadata's and a train batch's loss starts near log(vocab)."""
-    import jax
-    from conftest import tiny_config
-    from flax import nnx
 
-    from sparsejax.models.gpt import loss_fn
-    from sparsejax.run import experiment
+def test_a_runs_vocab_comes_from_the_metadata(bpe_dir):
+    """``data.source`` = the folder: the corpus's vocab is the metadata's, a config's
+    ``data.vocab_size`` must agree (training on it: tests/test_wandb.py)."""
+    from conftest import tiny_config
+
+    from sparsejax.run import configlib
 
     out = bpe_dir / "out"
     vocab = json.loads((out / shards.METADATA).read_text())["vocab_size"]
-    exp = experiment.build(tiny_config(data__source=str(out)))
-    assert exp.corpus.vocab_size == exp.model.cfg.vocab_size == vocab
-    x, y = data.get_batch(exp.corpus.train, seed=0, step=0, batch_size=4, seq_len=32)
-    assert x.max() < vocab and x.max() > 255  # BPE merges, not bytes
-    graphdef, state = nnx.split(exp.model)
-    loss = jax.jit(lambda s, x, y: loss_fn(nnx.merge(graphdef, s), x, y))(state, x, y)
-    assert abs(float(loss) - np.log(vocab)) < 0.5
-    with pytest.raises(errors.ConfigError, match="data.vocab_size"):
-        experiment.build(tiny_config(data__source=str(out), data__vocab_size=vocab + 1))
-
-
-@pytest.mark.slow
-def test_train_on_bpe_data_and_sample(bpe_dir, tmp_path):
-    """End to end: a short run on the BPE folder, loaded and sampled through its tokenizer."""
-    from conftest import tiny_config
-
-    import sparsejax
-    from sparsejax.run import experiment
-
-    out = bpe_dir / "out"
-    summary = experiment.run(tiny_config(data__source=str(out), train__steps=4,
-                                         eval__every=4), tmp_path / "run", progress=False)
-    assert summary["status"] == "completed"
-    loaded = sparsejax.load(tmp_path / "run")
-    tok = tokenizer.load_file(out / "tokenizer.json")
-    text = sparsejax.generate(loaded, "alpha beta", max_new_tokens=10, temperature=0.0)
-    from sparsejax.downstream.generate import generate_ids
-
-    ids = generate_ids(loaded, tok.encode("alpha beta"), 10, 0.0)
-    assert text == tok.decode(ids) and ids.max() < tok.vocab_size
+    spec = configlib.validate(tiny_config(data__source=str(out)))
+    assert data.load_spec(spec.data).vocab_size == vocab
+    bad = configlib.validate(tiny_config(data__source=str(out), data__vocab_size=vocab + 1))
+    with pytest.raises(errors.ConfigError, match="config.data.vocab_size must be 0"):
+        data.load_spec(bad.data)

@@ -1,5 +1,6 @@
 """wandb logging (sparsejax.run.outputs): a tiny run of a sweep, offline, read back from its
-``.wandb`` file with wandb's own protobuf ``Record``.
+``.wandb`` file with wandb's own protobuf ``Record``. The run trains on prepared BPE data and
+is sampled from too (one training run serves both end-to-end checks, to keep CI short).
 
 wandb 0.x past 0.19 writes offline runs from its Go core and ships no Python reader of the
 file, so :func:`records` reads the container: the LevelDB log format wandb uses (a 7-byte
@@ -49,8 +50,16 @@ TINY = {"model.n_ctx": 32, "train.seq_len": 32, "train.batch_size": 4, "eval.bat
 
 
 @pytest.mark.slow
-def test_offline_run_holds_the_metrics_and_the_sweeps_group(tmp_path, monkeypatch):
-    from sparsejax.run import experiment
+def test_sweep_run_on_bpe_data_logs_to_offline_wandb_and_samples(tmp_path, monkeypatch):
+    """A sweep's run on a BPE-prepared folder with wandb offline: the ``.wandb`` file holds
+    the sweep's group, the config and every metric of ``metrics.jsonl``; the model has the
+    metadata's vocab and samples text through the folder's tokenizer."""
+    pytest.importorskip("tokenizers")
+    import numpy as np
+
+    import sparsejax
+    from sparsejax.downstream.generate import generate_ids
+    from sparsejax.run import experiment, prepare, tokenizer
     from sparsejax.run.rundir import SweepDir
     from sparsejax.sweep.plan import plan
 
@@ -58,8 +67,14 @@ def test_offline_run_holds_the_metrics_and_the_sweeps_group(tmp_path, monkeypatc
                        ("WANDB_SILENT", "true"), ("WANDB_DISABLE_GIT", "true"),
                        ("WANDB_API_KEY", ""), ("WANDB_BASE_URL", "http://127.0.0.1:9")):
         monkeypatch.setenv(key, value)  # offline, and any server it tried would not answer
+    text = "\n".join(f"def f{i}(x):\n    return x * {i} + {i % 7}" for i in range(300))
+    (tmp_path / "src.py").write_text(text)
+    meta = prepare.prepare(str(tmp_path / "src.py"), "bpe:400", tmp_path / "data",
+                           progress=False)
     sweep_dir = tmp_path / "my-sweep"
-    (run,) = plan(str(ROOT / "configs" / "dense.py"), sweep_dir, extra=TINY, only="size-tiny_steps-300")
+    (run,) = plan(str(ROOT / "configs" / "dense.py"), sweep_dir,
+                  extra={**TINY, "data.source": str(tmp_path / "data")},
+                  only="size-tiny_steps-300")
     assert run.spec.wandb.group == "my-sweep" and run.spec.wandb.mode == "offline"
     run_dir = SweepDir(sweep_dir).run(run.name).path
     experiment.run(run.spec, run_dir, progress=False)
@@ -84,3 +99,10 @@ def test_offline_run_holds_the_metrics_and_the_sweeps_group(tmp_path, monkeypatc
             if value is not None and isinstance(value, int | float):
                 assert history[m["step"]][key] == pytest.approx(value, rel=1e-6), key
     assert "val_loss" in history[2] and "train_loss" in history[1]
+
+    loaded = sparsejax.load(run_dir)
+    assert loaded.model.cfg.vocab_size == meta["vocab_size"] > 256
+    tok = tokenizer.load_file(tmp_path / "data" / "tokenizer.json")
+    said = sparsejax.generate(loaded, "def f1", max_new_tokens=8, temperature=0.0)
+    ids = generate_ids(loaded, tok.encode("def f1"), 8, 0.0)
+    assert said == tok.decode(ids) and np.all(ids < meta["vocab_size"])
