@@ -213,6 +213,9 @@ def load_corpus(
         raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
     if path.suffix != ".bin" and vocab < 256:
         raise ValueError(f"vocab_size must be >= 256 for a byte corpus, got {vocab_size!r}")
+    if path.suffix == ".bin" and vocab_size is not None and int(tokens.max()) >= vocab:
+        raise errors.InputError(f"source: {str(path)!r} holds token id {int(tokens.max())}, "
+                                f"not below vocab_size={vocab}")
     train, val = _tail_split(tokens, val_fraction)
     if len(train) < 2 or len(val) < 2:
         raise errors.InputError(f"source: {str(path)!r} is too short to split "
@@ -235,6 +238,10 @@ def _prepared_corpus(path: Path, val_fraction: float, vocab_size: int | None) ->
 def load_spec(spec: DataSpec) -> Corpus:
     """:func:`load_corpus` of a run's ``data`` section (``source`` "" = the built-in corpus;
     ``vocab_size`` 0 = the data's)."""
+    if 0 < spec.vocab_size < 256 and not (spec.source.endswith(".bin")
+                                          or (spec.source and shards.is_prepared(spec.source))):
+        raise errors.ConfigError(f"config.data.vocab_size must be 0 (the data's) or >= 256 for "
+                                 f"a byte corpus, got {spec.vocab_size}")
     return load_corpus(spec.source or None, cache_dir=spec.cache_dir or None,
                        val_fraction=spec.val_fraction, vocab_size=spec.vocab_size or None)
 
