@@ -190,6 +190,9 @@ def test_a_runs_vocab_comes_from_the_metadata(bpe_dir):
     vocab = json.loads((out / shards.METADATA).read_text())["vocab_size"]
     spec = configlib.validate(tiny_config(data__source=str(out)))
     assert data.load_spec(spec.data).vocab_size == vocab
+    from sparsejax.run import memory
+
+    assert memory.corpus_vocab(spec) == vocab  # the memory check plans the real embedding
     bad = configlib.validate(tiny_config(data__source=str(out), data__vocab_size=vocab + 1))
     with pytest.raises(errors.ConfigError, match="config.data.vocab_size must be 0"):
         data.load_spec(bad.data)
