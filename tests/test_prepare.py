@@ -196,3 +196,19 @@ def test_a_runs_vocab_comes_from_the_metadata(bpe_dir):
     bad = configlib.validate(tiny_config(data__source=str(out), data__vocab_size=vocab + 1))
     with pytest.raises(errors.ConfigError, match="config.data.vocab_size must be 0"):
         data.load_spec(bad.data)
+
+
+def test_a_failed_prepare_leaves_no_folder(tmp_path):
+    (tmp_path / "one.txt").write_text("x")
+    with pytest.raises(errors.InputError, match="too short: the train split has 0 tokens"):
+        prepare.prepare(str(tmp_path / "one.txt"), "bytes", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_runs_tokenizer_is_never_guessed(tmp_path):
+    with pytest.raises(errors.MissingInputError, match="no longer exists"):
+        tokenizer.for_source(str(tmp_path / "gone"))
+    (tmp_path / "t.bin").write_bytes(b"\0\1" * 10)
+    with pytest.raises(errors.InputError, match="no tokenizer"):
+        tokenizer.for_source(str(tmp_path / "t.bin"))
+    assert tokenizer.for_source("").kind == "bytes"

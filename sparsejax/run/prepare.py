@@ -175,9 +175,24 @@ def prepare(source: str, tokenizer_spec: str, out: str | os.PathLike, *,
         raise errors.InputError(f"--out {str(out)!r} exists and is not an empty folder")
     root, train, val, split = source_files(source, val_fraction)
     kind, tok = make_tokenizer(tokenizer_spec, root, train, split, val_fraction, progress)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write(out, tok, kind, tokenizer_spec, source, root, train, val, split,
+                      val_fraction, shard_tokens, progress, dtype)
+    except BaseException:  # leave no half-written folder behind (not even on Ctrl-C)
+        for p in list(out.iterdir()):
+            p.unlink()
+        if created:
+            out.rmdir()
+        raise
+
+
+def _write(out: Path, tok: tokenizer.Tokenizer, kind: str, tokenizer_spec: str, source: str,
+           root: Path, train: list[str], val: list[str], split: str, val_fraction: float,
+           shard_tokens: int, progress: bool, dtype: str | None) -> dict[str, Any]:
     vocab = tok.vocab_size
     dtype = dtype or shards.dtype_for(vocab)
-    out.mkdir(parents=True, exist_ok=True)
     stage = {s: out / f".{s}.staging" for s in shards.SPLITS}
     np_dtype = np.dtype(shards.DTYPES[dtype]).newbyteorder("<")
     bar = _Progress("encode", len(train) + len(val), progress)
@@ -234,8 +249,6 @@ def _shard(out: Path, stage: dict[str, Path], split: str, val_fraction: float, d
     for s in shards.SPLITS:
         n = sum(r["tokens"] for r in records if r["split"] == s)
         if n < 2:
-            for r in records:
-                (out / r["file"]).unlink(missing_ok=True)
             raise errors.InputError(f"SOURCE is too short: the {s} split has {n} tokens "
                                     "(needs >= 2)")
     return records

@@ -123,12 +123,17 @@ def load_file(path: str | os.PathLike) -> HFTokenizer:
 def for_source(source: str) -> Tokenizer:
     """The tokenizer of a run whose ``data.source`` is ``source``: a prepared folder's
     (:func:`sparsejax.run.shards.read_metadata`), bytes for the built-in corpus and text
-    files; :class:`~sparsejax.errors.InputError` for a ``.bin`` of token ids (no tokenizer)."""
+    files; :class:`~sparsejax.errors.InputError` for a ``.bin`` of token ids (no tokenizer)
+    and :class:`~sparsejax.errors.MissingInputError` for a source that is gone (never a
+    silent fall back to bytes)."""
     if source and shards.is_prepared(source):
         meta = shards.read_metadata(source)
         if meta["tokenizer"]["kind"] == "bytes":
             return ByteTokenizer()
         return load_file(Path(source) / meta["tokenizer"]["file"])
+    if source and source != "stdlib-tests" and not Path(source).expanduser().exists():
+        raise errors.MissingInputError(f"data.source {source!r} no longer exists: the run's "
+                                       "tokenizer is read from its data")
     if source and Path(source).suffix == ".bin" and Path(source).is_file():
         raise errors.InputError(f"data.source {source!r} is a .bin of token ids with no "
                                 "tokenizer: prepare the text with 'sparsejax data prepare'")
