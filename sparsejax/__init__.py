@@ -33,16 +33,19 @@ from sparsejax.transforms import SparsifyState, sparsify
 
 if TYPE_CHECKING:
     from sparsejax.downstream.export import load_export
+    from sparsejax.downstream.generate import generate
     from sparsejax.downstream.loading import Loaded, load
 
 __version__ = "0.1.0"
 
-# The run framework's entry points a user reaches from the package (``sparsejax.load(run_dir)``),
+# The run framework's entry points a user reaches from the package (``sparsejax.load(run_dir)``,
+# ``sparsejax.generate(loaded, prompt)``),
 # imported on first use: ``import sparsejax`` stays the Optax library (no orbax, no data).
 _LAZY = {
     "load": "sparsejax.downstream.loading",
     "Loaded": "sparsejax.downstream.loading",
     "load_export": "sparsejax.downstream.export",
+    "generate": "sparsejax.downstream.generate",
 }
 
 
@@ -64,6 +67,7 @@ __all__ = [
     "describe",
     "find_state",
     "forward_params",
+    "generate",
     "load",
     "load_export",
     "masks",

@@ -1,4 +1,5 @@
-"""Command line: ``sparsejax train | sweep | status | fit | export`` (also ``python -m sparsejax``).
+"""Command line: ``sparsejax train | sweep | status | fit | export | sample | data`` (also
+``python -m sparsejax``).
 
 ``sparsejax train --config configs/gradual_magnitude.py:size=tiny --workdir runs/x
 [--config.train.steps=200 --config.checkpoint.every=50 ...]`` trains (resuming when the
@@ -8,7 +9,9 @@ status; ``sparsejax fit SWEEP_DIR_OR_CSV`` fits a scaling law; ``sparsejax expor
 bsr|nm|safetensors|npz RUN_DIR`` exports a run's model with its sparse layout (refused when
 that saves < 10%); ``sparsejax soup --config configs/soup.py --workdir DIR`` makes sparse
 model soups; ``sparsejax plan-memory --config FILE.py [--device h100]`` prints the memory plan
-of a config's train step (:mod:`sparsejax.run.memory`).
+of a config's train step (:mod:`sparsejax.run.memory`); ``sparsejax sample RUN_DIR --prompt
+TEXT`` prints what the model writes; ``sparsejax data prepare SOURCE --tokenizer
+bytes|bpe:VOCAB_SIZE|PATH --out DIR`` writes token shards (``data verify DIR`` checks them).
 
 Every command takes ``--help``. The exit status comes from the error's type
 (:mod:`sparsejax.errors`): a bad key, value, file or run dir (``ConfigError``, ``InputError``,
@@ -46,6 +49,10 @@ commands:
   oneshot RUN_DIR [--sparsities S,...] [--score magnitude|wanda|gblm] [--structure STRUCTURE]
   plan-memory --config FILE.py[:key=val,...] [--config.KEY=VALUE ...]
           [--device h100|h200|a100-40|a100-80|b200|v4|v5e|v5p|v6e|BYTES]
+  sample  RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--seed S]
+  data prepare SOURCE --tokenizer bytes|bpe:VOCAB_SIZE|PATH --out DIR [--val-fraction F]
+          [--shard-tokens N] [--noprogress]
+  data verify DIR
 """
 OVERRIDES_HELP = ("Overrides: --config.KEY=VALUE for any key of sparsejax.run.configlib.base(), "
                   "e.g. --config.train.steps=200 --config.sparsity.final=0.75. "
@@ -421,6 +428,70 @@ def plan_memory_main(argv: list[str]) -> int:
     return 0
 
 
+def sample_main(argv: list[str]) -> int:
+    """Print what a run's model writes after a prompt (:mod:`sparsejax.downstream.generate`)."""
+    p = _Parser("sample", description="Load a run's latest checkpoint and print the prompt "
+                "followed by the text the model writes after it (the run's tokenizer; greedy "
+                "at --temperature 0).")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to write (100)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy (default 1)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+    args = p.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise errors.MissingInputError(f"sample: run dir {run_dir} does not exist")
+    from sparsejax.downstream import generate, loading
+
+    loaded = loading.load(run_dir, step=args.step)
+    text = generate.generate(loaded, args.prompt, args.max_new_tokens, args.temperature,
+                             args.top_k, args.seed)
+    print(args.prompt + text)
+    return 0
+
+
+def data_main(argv: list[str]) -> int:
+    """``data prepare``: text to token shards; ``data verify``: check a prepared folder."""
+    if not argv or argv[0] not in ("prepare", "verify"):
+        raise UsageError("data: expected 'data prepare SOURCE ...' or 'data verify DIR'")
+    if argv[0] == "verify":
+        p = _Parser("data verify", description="Check a prepared folder: the metadata, every "
+                    "shard's size and sha256.")
+        p.add_argument("dir")
+        args = p.parse_args(argv[1:])
+        from sparsejax.run import shards
+
+        prep = shards.load_prepared(args.dir, verify=True)
+        print(f"{args.dir}: ok, {prep.meta['token_count']} {prep.meta['dtype']} tokens in "
+              f"{len(prep.meta['shards'])} shards, vocab {prep.vocab_size}")
+        return 0
+    from sparsejax.run import prepare
+
+    p = _Parser("data prepare", description="Tokenize SOURCE (a text file, a folder of text "
+                f"files, or the built-in corpus '{prepare.BUILTIN}' / 'stdlib-tests') into "
+                "token shards with a metadata file; train with --config.data.source=DIR.")
+    p.add_argument("source")
+    p.add_argument("--tokenizer", required=True, metavar="bytes|bpe:VOCAB_SIZE|PATH",
+                   help="bytes, a byte-level BPE trained here, or a local tokenizer.json")
+    p.add_argument("--out", required=True, help="output folder (new or empty)")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="validation share (default 0.05; a run's data.val_fraction must match)")
+    p.add_argument("--shard-tokens", type=int, default=prepare.SHARD_TOKENS,
+                   help=f"tokens per shard (default {prepare.SHARD_TOKENS:,})")
+    p.add_argument("--noprogress", action="store_true", help="no progress output")
+    args = p.parse_args(argv[1:])
+    meta = prepare.prepare(args.source, args.tokenizer, args.out,
+                           val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
+                           progress=not args.noprogress)
+    print(f"wrote {args.out}: {meta['token_count']:,} {meta['dtype']} tokens "
+          f"({meta['n_files']} files, vocab {meta['vocab_size']}, split {meta['split']}) in "
+          f"{len(meta['shards'])} shards; train with --config.data.source={args.out}")
+    return 0
+
+
 def _dispatch(argv: list[str], command: str) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
@@ -440,12 +511,16 @@ def _dispatch(argv: list[str], command: str) -> int:
         return oneshot_main(rest)
     if name == "plan-memory":
         return plan_memory_main(rest)
+    if name == "sample":
+        return sample_main(rest)
+    if name == "data":
+        return data_main(rest)
     if name == "fit":
         from scaling import cli as scaling_cli
 
         return scaling_cli.main(rest)
     raise UsageError(f"unknown command {name!r} (commands: train, sweep, status, fit, export, "
-                     "oneshot, soup, plan-memory)")
+                     "oneshot, soup, plan-memory, sample, data)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -204,3 +204,39 @@ def test_corpus_errors(tmp_path):
         load_corpus(tmp_path / "short.txt", val_fraction=0.0)
     with pytest.raises(ValueError, match="vocab_size"):
         load_corpus(tmp_path / "short.txt", vocab_size=100)
+
+
+def test_vocab_size_of_a_config(tmp_path):
+    from sparsejax import errors
+    from sparsejax.run.spec import DataSpec
+
+    text = tmp_path / "t.txt"
+    text.write_bytes(b"abcdef" * 100)
+    assert data.load_spec(DataSpec(source=str(text), vocab_size=300)).vocab_size == 300
+    with pytest.raises(errors.ConfigError, match=r"config.data.vocab_size must be 0 .* >= 256"):
+        data.load_spec(DataSpec(source=str(text), vocab_size=100))
+    tokens = tmp_path / "t.bin"
+    _ramp(1000).tofile(tokens)  # ids up to 999
+    assert data.load_spec(DataSpec(source=str(tokens))).vocab_size == 1000
+    with pytest.raises(errors.InputError, match="token id 999, not below vocab_size=999"):
+        data.load_spec(DataSpec(source=str(tokens), vocab_size=999))
+
+
+def test_sharded_tokens_index_like_their_concatenation():
+    from sparsejax.run.shards import ShardedTokens
+
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(0, 60000, n).astype(np.uint16) for n in (5, 1, 17, 9)]
+    flat = np.concatenate(parts)
+    sharded = ShardedTokens(parts)
+    assert len(sharded) == len(flat) and sharded.ndim == 1 and sharded.dtype == np.uint16
+    idx = rng.integers(0, len(flat), (7, 6))
+    np.testing.assert_array_equal(sharded[idx], flat[idx])
+    np.testing.assert_array_equal(sharded[3:25], flat[3:25])
+    np.testing.assert_array_equal(np.asarray(sharded), flat)
+    x, y = get_batch(sharded, seed=2, step=3, batch_size=4, seq_len=8)
+    x2, y2 = get_batch(flat, seed=2, step=3, batch_size=4, seq_len=8)
+    np.testing.assert_array_equal(x, x2)
+    np.testing.assert_array_equal(y, y2)
+    with pytest.raises(IndexError):
+        sharded[np.array([len(flat)])]

@@ -177,7 +177,7 @@ POSITIVE_INTS = ("model.n_ctx", "model.block", "train.steps", "train.batch_size"
                  "sparsity.n",  # 0 of every M kept would train an all-zero model
                  "sparsity.frames", "soup.ingredients", "soup.cycles")
 NON_NEGATIVE_INTS = ("seed", "eval.seed", "train.warmup_steps", "sparsity.begin_step",
-                     "sparsity.end_step")
+                     "sparsity.end_step", "data.vocab_size")
 
 
 def validate(config: ml_collections.ConfigDict | dict[str, Any]) -> RunSpec:

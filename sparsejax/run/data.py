@@ -11,6 +11,10 @@ Sources understood by :func:`load_corpus`:
   standard library's ``test``/``tests`` folders (which the default corpus leaves out;
   ``site-packages``, ``idlelib`` and ``lib2to3`` still excluded), same split rules. For
   fine-tuning on a domain the pre-training never saw (``configs/finetune.py``).
+* a prepared folder (``sparsejax data prepare``, :mod:`sparsejax.run.shards`): its token
+  shards, memory-mapped, split as prepared; vocab from its metadata (a ``vocab_size`` or
+  ``val_fraction`` that disagrees with it is refused); the metadata is checked against the
+  shard files (sizes, counts), their sha256 only on demand (``sparsejax data verify``).
 * a folder: every non-hidden file without NUL bytes in its first 8 KiB, same rules.
 * a text file: its bytes, memory-mapped; the last ``val_fraction`` is validation.
 * a ``.bin`` file: ``uint16`` tokens, memory-mapped (never loaded into RAM); vocab is
@@ -37,6 +41,7 @@ from typing import NamedTuple
 import numpy as np
 
 from sparsejax import errors
+from sparsejax.run import shards
 from sparsejax.run.spec import DataSpec
 
 EXCLUDED_DIRS = ("site-packages", "test", "tests", "idlelib", "lib2to3")
@@ -46,7 +51,9 @@ _CACHE_VERSION = 1
 
 
 class Corpus(NamedTuple):
-    train: np.ndarray  # shape=(N_train,), uint8 (bytes) or uint16 (.bin); often a memmap
+    # shape=(N_train,), uint8 (bytes), uint16 (.bin) or uint16/uint32 (prepared); often a
+    # memmap, or a ShardedTokens over several
+    train: np.ndarray | shards.ShardedTokens
     val: np.ndarray  # shape=(N_val,), same dtype
     vocab_size: int
     name: str
@@ -94,7 +101,9 @@ def is_val_file(relpath: str, every: int = 20) -> bool:
     return zlib.crc32(relpath.encode("utf-8")) % every == 0
 
 
-def _text_files(root: Path) -> list[str]:
+def text_files(root: Path) -> list[str]:
+    """Relative POSIX paths of the non-hidden files under ``root`` without a NUL byte in
+    their first 8 KiB, sorted."""
     out = []
     for p in root.rglob("*"):
         rel = p.relative_to(root).as_posix()
@@ -162,8 +171,9 @@ def load_corpus(
 ) -> Corpus:
     """Load a token corpus (see the module docstring for the sources and split rules).
 
-    ``vocab_size`` only matters for ``.bin`` tokens (default ``max + 1``, one pass over the
-    memmap); byte corpora always have 256.
+    ``vocab_size``: ``.bin`` tokens' vocab (default ``max + 1``, one pass over the memmap);
+    at least 256 for bytes (default 256); for a prepared folder ``None`` or its metadata's
+    (:class:`~sparsejax.errors.ConfigError` naming ``data.vocab_size`` otherwise).
     """
     _check_fraction(val_fraction)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -183,9 +193,11 @@ def load_corpus(
     path = Path(source).expanduser()
     if not path.exists():
         raise CorpusNotFoundError(f"source: no such file or folder: {str(path)!r}")
+    if path.is_dir() and shards.is_prepared(path):
+        return _prepared_corpus(path, val_fraction, vocab_size)
     if path.is_dir():
         name = path.resolve().name or "corpus"
-        return _folder_corpus(path, _text_files(path), every, cache_dir, name, val_fraction)
+        return _folder_corpus(path, text_files(path), every, cache_dir, name, val_fraction)
     size = path.stat().st_size
     if size == 0:
         raise errors.InputError(f"source: {str(path)!r} is empty")
@@ -201,6 +213,9 @@ def load_corpus(
         raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
     if path.suffix != ".bin" and vocab < 256:
         raise ValueError(f"vocab_size must be >= 256 for a byte corpus, got {vocab_size!r}")
+    if path.suffix == ".bin" and vocab_size is not None and int(tokens.max()) >= vocab:
+        raise errors.InputError(f"source: {str(path)!r} holds token id {int(tokens.max())}, "
+                                f"not below vocab_size={vocab}")
     train, val = _tail_split(tokens, val_fraction)
     if len(train) < 2 or len(val) < 2:
         raise errors.InputError(f"source: {str(path)!r} is too short to split "
@@ -208,11 +223,28 @@ def load_corpus(
     return Corpus(train, val, vocab, path.name)
 
 
+def _prepared_corpus(path: Path, val_fraction: float, vocab_size: int | None) -> Corpus:
+    prep = shards.load_prepared(path)
+    meta_file = path / shards.METADATA
+    if vocab_size is not None and vocab_size != prep.vocab_size:
+        raise errors.ConfigError(f"config.data.vocab_size must be 0 (from the data) or "
+                                 f"{prep.vocab_size} (the vocab of {meta_file}), got {vocab_size}")
+    if not math.isclose(val_fraction, prep.meta["val_fraction"]):
+        raise errors.ConfigError(f"config.data.val_fraction must be {prep.meta['val_fraction']} "
+                                 f"(the split of {meta_file}), got {val_fraction}")
+    return Corpus(prep.train, prep.val, prep.vocab_size, prep.name)
+
 
 def load_spec(spec: DataSpec) -> Corpus:
-    """:func:`load_corpus` of a run's ``data`` section (``source`` "" = the built-in corpus)."""
+    """:func:`load_corpus` of a run's ``data`` section (``source`` "" = the built-in corpus;
+    ``vocab_size`` 0 = the data's)."""
+    if 0 < spec.vocab_size < 256 and not (spec.source.endswith(".bin")
+                                          or (spec.source and shards.is_prepared(spec.source))):
+        raise errors.ConfigError(f"config.data.vocab_size must be 0 (the data's) or >= 256 for "
+                                 f"a byte corpus, got {spec.vocab_size}")
     return load_corpus(spec.source or None, cache_dir=spec.cache_dir or None,
-                       val_fraction=spec.val_fraction)
+                       val_fraction=spec.val_fraction, vocab_size=spec.vocab_size or None)
+
 
 def _check_int(name: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:

@@ -41,6 +41,7 @@ from sparsejax.errors import ConfigError
 from sparsejax.run import distributed
 from sparsejax.run.abstract_step import AbstractStep, abstract_step
 from sparsejax.run.mask_methods import physical_memory
+from sparsejax.run.shards import is_prepared, read_metadata
 from sparsejax.run.spec import RunSpec
 from sparsejax.transforms import SparsifyState
 
@@ -51,10 +52,15 @@ TOKEN_VOCAB_BOUND = 2**16  # a uint16 ``.bin`` corpus: vocab = max token + 1 <= 
 
 
 def corpus_vocab(spec: RunSpec, *, exact: bool = True) -> int:
-    """The vocabulary the run's corpus will have (:mod:`sparsejax.run.data`'s rule): 256 for
-    byte corpora; for a ``uint16`` ``.bin``, its largest token + 1 (one pass over the memmap),
-    or with ``exact=False`` the bound 65536 (no pass)."""
+    """The vocabulary the run's corpus will have (:mod:`sparsejax.run.data`'s rule):
+    ``data.vocab_size`` when set; a prepared folder's metadata's; 256 for byte corpora; for a
+    ``uint16`` ``.bin``, its largest token + 1 (one pass over the memmap), or with
+    ``exact=False`` the bound 65536 (no pass)."""
     source = spec.data.source
+    if spec.data.vocab_size:
+        return spec.data.vocab_size
+    if source and is_prepared(Path(source).expanduser()):
+        return int(read_metadata(Path(source).expanduser())["vocab_size"])
     if not source.endswith(".bin"):
         return BYTE_VOCAB
     if not exact:

@@ -50,9 +50,12 @@ class ModelSpec(_Section):
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec(_Section):
-    source: str = ""  # "" = the built-in corpus; a text file/dir or a uint16 token .bin
+    # "" = the built-in corpus; a text file/dir, a uint16 token .bin or a prepared folder
+    # (sparsejax data prepare)
+    source: str = ""
     cache_dir: str = ""
     val_fraction: float = 0.05
+    vocab_size: int = 0  # 0 = the data's (256 bytes, a prepared folder's, a .bin's max + 1)
 
 
 @dataclasses.dataclass(frozen=True)
