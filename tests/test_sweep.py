@@ -251,6 +251,12 @@ def test_config_differences_ignore_logging_keys():
     assert configlib.differing_keys(old, new.to_dict()) == ["eval.final_batches", "train.lr"]
     del old["eval"]["seed"]  # a run dir written before the key existed
     assert "eval.seed" in configlib.differing_keys(old, configlib.base().to_dict())
+    # a key whose missing value reproduces the old runs (ADDED_KEYS) is not a difference ...
+    del old["data"]["vocab_size"]
+    assert "data.vocab_size" not in configlib.differing_keys(old, configlib.base().to_dict())
+    changed = configlib.base()
+    changed.data.vocab_size = 300  # ... unless the new config sets another value
+    assert "data.vocab_size" in configlib.differing_keys(old, changed.to_dict())
 
 
 RELAUNCH = RECIPE.replace("for seed in (0, 1, 2):", "for seed in range(7):").replace(

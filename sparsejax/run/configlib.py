@@ -140,12 +140,20 @@ def differing_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     run's ``config.json``), present in only one counting as differing; keys under
     ``NON_RESULT_SECTIONS`` (logging only) and ``NON_RESULT_KEYS`` are ignored."""
     a, b = _flatten(old), _flatten(new)
+    for flat in (a, b):  # a run dir written before the key existed ran as this value
+        for k, v in ADDED_KEYS.items():
+            flat.setdefault(k, v)
     return sorted(k for k in set(a) | set(b)
                   if k.split(".")[0] not in NON_RESULT_SECTIONS and k not in NON_RESULT_KEYS
                   and a.get(k, _MISSING) != b.get(k, _MISSING))
 
 
 _MISSING = object()
+
+# Keys added after run dirs were written, with the value that reproduces those runs exactly:
+# a stored config without the key reads as that value (so such runs still resume). A key whose
+# default changes results (e.g. ``eval.seed``) must not be listed: it stays a difference.
+ADDED_KEYS: dict[str, Any] = {"data.vocab_size": 0}
 
 
 _need = mask_methods.need  # ConfigError("config.KEY must be EXPECTED, got VALUE")
