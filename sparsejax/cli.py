@@ -47,6 +47,8 @@ commands:
           [--block BK,BN] [--n N --m M] [--step S]
   soup    --config FILE.py[:key=val,...] --workdir DIR [--config.KEY=VALUE ...]
   oneshot RUN_DIR [--sparsities S,...] [--score magnitude|wanda|gblm] [--structure STRUCTURE]
+  plot    RUN_DIR|SWEEP_DIR [--metric val_loss|train_loss|sparsity|n_avg|mfu]
+          [--x step|tokens|flops] [--out FILE]
   plan-memory --config FILE.py[:key=val,...] [--config.KEY=VALUE ...]
           [--device h100|h200|a100-40|a100-80|b200|v4|v5e|v5p|v6e|BYTES]
   sample  RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--seed S]
@@ -400,6 +402,28 @@ def oneshot_main(argv: list[str]) -> int:
     return 0
 
 
+def plot_main(argv: list[str]) -> int:
+    """Plot a run's metric curve, or a sweep's runs overlaid and grouped by its axes."""
+    from sparsejax import results
+
+    p = _Parser("plot", description=f"Plot a metric of {RunDir.METRICS} against step, tokens "
+                "or FLOPs: a run's curve, or a sweep's runs overlaid, grouped by the sweep's axes "
+                "(size: colour, sparsity: line style, steps: marker); loss axes in nats/byte or "
+                "nats/token as the runs' data says.")
+    p.add_argument("path", metavar="RUN_DIR|SWEEP_DIR")
+    p.add_argument("--metric", default="val_loss", choices=results.METRICS)
+    p.add_argument("--x", default="step", choices=results.XS)
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="image file, its suffix the format (default ./NAME_METRIC_vs_X.png)")
+    args = p.parse_args(argv)
+    out, curves = results.plot(args.path, args.metric, args.x, args.out)
+    if curves.skipped:
+        print(f"left out {len(curves.skipped)} run(s): {', '.join(curves.skipped)}")
+    print(f"wrote {out} ({args.metric} vs {args.x}, {len(curves.curves)} "
+          f"{'run' if len(curves.curves) == 1 else 'runs'})")
+    return 0
+
+
 def plan_memory_main(argv: list[str]) -> int:
     """Print the memory plan of a config's train step against a device; exit status 2 when
     it does not fit."""
@@ -515,12 +539,14 @@ def _dispatch(argv: list[str], command: str) -> int:
         return sample_main(rest)
     if name == "data":
         return data_main(rest)
+    if name == "plot":
+        return plot_main(rest)
     if name == "fit":
         from scaling import cli as scaling_cli
 
         return scaling_cli.main(rest)
     raise UsageError(f"unknown command {name!r} (commands: train, sweep, status, fit, export, "
-                     "oneshot, soup, plan-memory, sample, data)")
+                     "oneshot, soup, plan-memory, sample, data, plot)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("sparsejax", "scaling", "pallas_kernels")
-FRAMEWORK = ("sparsejax.run", "sparsejax.downstream", "sparsejax.sweep", "sparsejax.cli")
+FRAMEWORK = ("sparsejax.run", "sparsejax.downstream", "sparsejax.sweep", "sparsejax.results",
+             "sparsejax.cli")
 
 # (importing module, imported module or a package prefix of it) -> why it is imported late.
 LOCAL_IMPORTS: dict[tuple[str, str], str] = {
@@ -39,6 +40,7 @@ LOCAL_IMPORTS: dict[tuple[str, str], str] = {
     ("sparsejax.cli", "sparsejax.downstream"): "subcommand (export, soup, oneshot)",
     ("sparsejax.cli", "sparsejax.sweep"): "subcommand (sweep)",
     ("sparsejax.cli", "scaling.cli"): "subcommand (fit)",
+    ("sparsejax.cli", "sparsejax.results"): "subcommand (plot)",
     ("sparsejax.cli", "absl"): "config-file parsing, for the commands that take --config",
     ("sparsejax.cli", "ml_collections"): "config-file parsing, for the commands that take --config",
     ("sparsejax.cli", "importlib"): "checks that ray is installed for --backend ray",
