@@ -184,9 +184,11 @@ def main(argv: list[str] | None = None) -> int:
             f"mean |relative error| {loo.mean_abs_rel:.4g}"
         )
     if args.out:
-        s = None if table.S is None else table.S[kept_rows(table.loss, args.drop_highest)]
+        kept = kept_rows(table.loss, args.drop_highest)
+        s = None if table.S is None else table.S[kept]
+        info = plots.point_info(args.source, [table.names[i] for i in kept])
         paths = plots.plot_all(fit, Path(args.out), n_key=table.n_key, sparsity=s,
-                               force=args.force)
+                               loss_se=info.loss_se, unit=info.unit, force=args.force)
         for path in paths:
             print(f"wrote {path}")
         if fit.degenerate and not args.force:

@@ -24,6 +24,7 @@ import csv
 import json
 import math
 import textwrap
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -84,7 +85,8 @@ def point_info(source: Any, names: Sequence[str]) -> PointInfo:
     """Each named point's ``val_loss_se`` and the loss unit, read from ``source``: a sweep dir
     (each run's ``summary.json`` and ``config.json``; ``names`` are its run dirs, the fitted
     ones), a CSV file or a DataFrame (a ``val_loss_se`` or ``loss_se`` column, rows by index;
-    their unit is unknown). ``ValueError`` when a sweep's runs use different units."""
+    their unit is unknown). A sweep whose runs use different units gets a warning and no
+    unit."""
     if hasattr(source, "columns"):  # a DataFrame
         cols = {str(c): list(source[c]) for c in source.columns}
         return PointInfo(_se_column(cols, names), None)
@@ -104,11 +106,13 @@ def point_info(source: Any, names: Sequence[str]) -> PointInfo:
         se.append(math.nan if value is None else float(value))
         units.setdefault(loss_unit(config.get("data")), []).append(name)
     if len(units) > 1:
-        raise ValueError("the runs' losses have different units: " + "; ".join(
-            f"{u or 'unknown'}: {', '.join(n[:3])}{' ...' if len(n) > 3 else ''}"
-            for u, n in units.items()))
+        warnings.warn("the runs' losses have different units, so the plots name none: " +
+                      "; ".join(f"{u or 'unknown'}: {', '.join(n[:3])}"
+                                f"{' ...' if len(n) > 3 else ''}" for u, n in units.items()),
+                      stacklevel=2)
     arr = np.asarray(se, np.float64)
-    return PointInfo(None if np.isnan(arr).all() else arr, next(iter(units), None))
+    return PointInfo(None if np.isnan(arr).all() else arr,
+                     next(iter(units)) if len(units) == 1 else None)
 
 
 def _se_column(cols: dict[str, list], names: Sequence[str]) -> np.ndarray | None:

@@ -22,7 +22,7 @@ from flax import nnx
 
 import sparsejax
 from sparsejax import cli
-from sparsejax.downstream import loading, soup
+from sparsejax.downstream import loading, oneshot, soup
 from sparsejax.models.gpt import GPT
 from sparsejax.prunable import prunable_tree
 from sparsejax.run import build, checkpoint, configlib, data, evaluation, experiment, rundir
@@ -221,6 +221,38 @@ def test_finetune_config_errors(sparse_run, finished_run, tmp_path):
     c = tiny_config(init_from=str(finished_run), finetune__mode="sparse")
     with pytest.raises(ValueError, match="holds no masks"):
         experiment.build(c)
+
+
+@pytest.mark.slow
+def test_oneshot_of_a_sparse_run_is_relative_to_its_own_model(sparse_run, tmp_path):
+    """One-shot pruning of a 50%-sparse run: the baseline is the run's own model at sparsity
+    0.5 (never "dense"), levels at or below it prune no weight it kept (the baseline again,
+    never the knee), the knee is read among the levels beyond it, and the plot's loss axis
+    says the unit the printed lines say."""
+    lines: list[str] = []
+    result = oneshot.oneshot(sparse_run, [0.25, 0.5, 0.75], out=tmp_path / "o.json",
+                             plot=False, log=lines.append)
+    base = result["baseline"]
+    assert base["sparsity"] == pytest.approx(0.5, abs=1e-3) and base["n_zero"] > 0
+    assert base["label"] == f"the run's own model at sparsity {base['sparsity']:.3f}"
+    text = "\n".join(lines)
+    assert "dense" not in text and "the run's own model at sparsity 0.500" in text
+    newly = [lv["newly_pruned"] for lv in result["levels"]]
+    assert newly[0] == newly[1] == 0 and newly[2] > 0  # 0.25, 0.5: only the run's zeros
+    assert [lv["val_loss"] for lv in result["levels"][:2]] == [base["val_loss"]] * 2
+    bound = result["baseline_val_loss"] * 1.01
+    beyond = result["levels"][2]
+    if beyond["val_loss"] <= bound:
+        assert result["knee"]["sparsity"] == 0.75
+        assert result["knee"]["removed_of_kept"] == pytest.approx(0.5, abs=2e-3)
+    else:
+        assert result["knee"] is None
+    assert result["unit"] == "nats/byte" and text.count("nats/byte") == 5
+    ax = oneshot.curves_figure([result]).axes[0]
+    assert ax.get_ylabel() == "validation loss (nats/byte)"
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[0].startswith("the run's own model at sparsity 0.500")
+    assert not any(t.startswith("dense") for t in legend)
 
 
 @pytest.mark.slow

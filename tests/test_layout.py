@@ -51,7 +51,6 @@ LOCAL_IMPORTS: dict[tuple[str, str], str] = {
     ("sparsejax.sweep.worker", "ml_collections"): "after the CPU affinity is set",
     ("sparsejax.sweep.launcher", "sparsejax.sweep.ray_backend"): "ray: optional extra",
     ("sparsejax.run.outputs", "wandb"): "heavy, and only when wandb.enabled",
-    ("sparsejax.downstream.oneshot", "matplotlib"): "heavy, only for the plot",
     ("sparsejax.run.tokenizer", "tokenizers"): "optional extra bpe, only for BPE tokenizers",
     ("pallas_kernels.block_sparse.kernel", "jax.experimental.pallas.tpu"): "TPU backend only",
     ("pallas_kernels.block_sparse.kernel", "jax.experimental.pallas.triton"): "GPU backend only",

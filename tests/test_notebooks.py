@@ -39,6 +39,10 @@ def test_fit_scaling_law_notebook_runs(tmp_path, monkeypatch):
         o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
     )
     assert "ChinchillaFit" in text and "Bootstrap" in text and "predicted loss" in text
+    # its example data is the repository's own (tests/data), never a folder beside the clone
+    source = "".join(c.source for c in nb.cells)
+    assert 'DATA = ROOT / "tests" / "data"' in source and "shared" not in source
+    assert "val_loss_se" in text  # the sweep's table (sparsejax.results.sweep_frame)
     # section 3: the 2-budget sweep is flagged and the planner refuses it; fixing beta plans
     assert "DEGENERATE: beta is not identified: D has 2 distinct value(s)" in text
     assert "no plan: refusing to plan from a degenerate law" in text

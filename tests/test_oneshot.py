@@ -32,18 +32,20 @@ def magnitude_result(finished_run, tmp_path_factory):
 
 @pytest.mark.slow
 def test_sparsity_zero_is_the_runs_own_eval_loss(finished_run, magnitude_result):
-    """At the run's eval.final_batches (the tiny config's eval.batches too) the dense point and
-    sparsity 0 are the run's final evaluation: same loss, SE, sequences and token fingerprint
-    as summary.json."""
+    """At the run's eval.final_batches (the tiny config's eval.batches too) the baseline (the
+    dense run's own model) and sparsity 0 are the run's final evaluation: same loss, SE,
+    sequences and token fingerprint as summary.json."""
     result, _ = magnitude_result
     want = _run_eval_loss(finished_run)
     summary = rundir.read_json(finished_run / "summary.json")
     config = rundir.read_json(finished_run / "config.json")
     assert result["eval"]["batches"] == config["eval"]["final_batches"]
     assert result["step"] == 8
-    assert result["dense_val_loss"] == pytest.approx(want, rel=1e-6)
+    assert result["baseline_val_loss"] == pytest.approx(want, rel=1e-6)
+    assert result["baseline"]["sparsity"] == 0.0
+    assert result["baseline"]["label"] == "the run's own model (dense)"
     assert result["levels"][0]["sparsity"] == 0.0
-    for point in (result["dense"], result["levels"][0]):
+    for point in (result["baseline"], result["levels"][0]):
         assert point["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-6)
         assert point["val_loss_se"] == pytest.approx(summary["val_loss_se"], rel=1e-5)
         assert point["eval_sequences"] == summary["eval_sequences"]
@@ -69,25 +71,29 @@ def test_json_fields_knee_and_plot(magnitude_result):
     saved = json.loads(out.read_text())
     assert saved["levels"] == result["levels"]
     for key in ("run_dir", "step", "score", "structure", "allocation", "n_prunable", "eval",
-                "dense_val_loss", "tolerance", "tolerance_rule", "knee", "levels"):
+                "baseline_val_loss", "unit", "tolerance", "tolerance_rule", "knee", "levels"):
         assert key in saved, key
     assert saved["score"] == "magnitude" and saved["structure"] == "unstructured"
     assert saved["allocation"] == "global" and saved["tolerance"] == 0.01
     assert saved["eval"] == {"split": "val", "batches": 1, "batch_size": 4, "seq_len": 32,
                              "seed": 0}
-    for point in (saved["dense"], *saved["levels"]):
+    assert saved["unit"] == "nats/byte"  # the built-in corpus: bytes
+    for point in (saved["baseline"], *saved["levels"]):
         assert set(point) >= {"val_loss", "val_loss_se", "eval_sequences", "eval_sha256"}
         assert math.isfinite(point["val_loss_se"]) and point["val_loss_se"] > 0
-        assert point["eval_sequences"] == 4 and point["eval_sha256"] == saved["dense"][
+        assert point["eval_sequences"] == 4 and point["eval_sha256"] == saved["baseline"][
             "eval_sha256"]
-    assert saved["dense"]["val_loss"] == saved["dense_val_loss"]
+    assert saved["baseline"]["val_loss"] == saved["baseline_val_loss"]
     for lv in saved["levels"]:
         assert set(lv) >= {"sparsity", "measured_sparsity", "score", "structure", "val_loss"}
     text = oneshot.table(saved)
-    assert text.count(" ± ") == 2 + len(saved["levels"])  # the header, dense, each level
-    assert f"{saved['dense_val_loss']:.4f} ± {saved['dense']['val_loss_se']:.4f}" in text
-    bound = saved["dense_val_loss"] * 1.01
-    within = [lv["sparsity"] for lv in saved["levels"] if lv["val_loss"] <= bound]
+    assert text.count(" ± ") == 2 + len(saved["levels"])  # the header, baseline, each level
+    assert f"{saved['baseline_val_loss']:.4f} ± {saved['baseline']['val_loss_se']:.4f}" in text
+    bound = saved["baseline_val_loss"] * 1.01
+    # sparsity 0 prunes no weight the dense run kept: the baseline again, never the knee
+    assert [lv["newly_pruned"] > 0 for lv in saved["levels"]] == [False, True, True, True, True]
+    within = [lv["sparsity"] for lv in saved["levels"] if lv["val_loss"] <= bound
+              and lv["newly_pruned"] > 0]
     assert saved["knee"]["sparsity"] == max(within)
     png = out.with_suffix(".png")
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -149,8 +155,9 @@ def test_cli_runs_and_reports_the_knee(finished_run, tmp_path, capsys):
                      "--tolerance", "0.02", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "sparsity 0.250" in text and "sparsity 0.500" in text
-    assert text.count(" ± ") == 3  # dense and both levels: loss ± SE
-    assert "within 2% (relative) of dense" in text
+    assert text.count(" ± ") == 3  # the baseline and both levels: loss ± SE
+    assert "within 2% (relative) of the run's own model (dense)" in text
+    assert text.count("nats/byte") == 4  # the baseline, both levels, the knee
     saved = json.loads(out.read_text())
     assert saved["tolerance"] == 0.02 and out.with_suffix(".png").is_file()
 

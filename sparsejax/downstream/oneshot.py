@@ -20,15 +20,25 @@ loss-vs-sparsity curve the *essential sparsity*. :func:`oneshot` does this for a
 * **Evaluation.** The training loop's own evaluation path (:mod:`sparsejax.run.evaluation`):
   the fixed set ``evaluation.eval_set`` of the validation split with the run's ``eval.seed``,
   ``eval.batches``, ``eval.batch_size`` and ``train.seq_len``, scored per sequence by
-  ``evaluation.sequence_losses``. Every point (dense and each level) records ``val_loss`` ±
-  ``val_loss_se`` (``s/√n`` over windows), ``eval_sequences`` and ``eval_sha256``; with
+  ``evaluation.sequence_losses``. Every point (the baseline and each level) records
+  ``val_loss`` ± ``val_loss_se`` (``s/√n`` over windows), ``eval_sequences`` and
+  ``eval_sha256``; with
   ``--eval-batches`` equal to the run's ``eval.final_batches``, sparsity 0 reproduces the run's
   final ``val_loss`` and ``eval_sha256`` (``summary.json``).
-* **Knee.** The largest evaluated sparsity whose mean loss is within ``tolerance`` (relative) of
-  the dense mean loss: ``loss <= dense * (1 + tolerance)``; ``None`` when no level is.
+* **Baseline.** The run's own model as its checkpoint holds it, at the run's own sparsity (the
+  fraction of its prunable weights at exactly 0): "dense" only for a run with none. A sparse
+  run's model is never called dense.
+* **Knee.** Relative to that baseline: the largest evaluated sparsity that prunes weights the
+  run's own model kept and whose mean loss is within ``tolerance`` (relative) of the
+  baseline's mean loss, ``loss <= baseline * (1 + tolerance)``; ``None`` when no such level
+  is. Levels that prune nothing the run kept (at or below a sparse run's own sparsity) are the
+  baseline again, never the knee. The knee also records the share of the run's kept weights it
+  removes.
 
-``oneshot`` writes ``oneshot.json`` and ``oneshot.png`` (loss vs sparsity, dense line,
-tolerance band, knee) into the run dir; ``sparsejax oneshot RUN_DIR`` is its command line.
+``oneshot`` writes ``oneshot.json`` and ``oneshot.png`` (loss vs sparsity, the baseline's line
+and its sparsity, tolerance band, knee; the loss in the unit the data gives, nats/byte or
+nats/token, :func:`scaling.plots.loss_unit`, as the printed lines) into the run dir;
+``sparsejax oneshot RUN_DIR`` is its command line.
 """
 
 from __future__ import annotations
@@ -43,7 +53,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
+from scaling.plots import loss_label, loss_unit
 from sparsejax import calibration, errors, masks
 from sparsejax import prunable as prunable_lib
 from sparsejax import scores as scores_lib
@@ -68,6 +81,7 @@ class LoadedRun:
     config: RunSpec
     corpus: data.Corpus
     step: int
+    unit: str  # of its losses: "nats/byte" or "nats/token" (scaling.plots.loss_unit)
 
 
 def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
@@ -80,7 +94,8 @@ def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
                                 f"for one-shot pruning, got {config.model.linear!r}")
     loaded = loading.load(run_dir, step=step, dense=True)
     corpus = data.load_spec(config.data)
-    return LoadedRun(loaded.model, loaded.params, config, corpus, loaded.step)
+    unit = loss_unit(dataclasses.asdict(config.data))
+    return LoadedRun(loaded.model, loaded.params, config, corpus, loaded.step, unit)
 
 
 def parse_sparsities(text: str) -> list[float]:
@@ -113,16 +128,17 @@ def parse_structure(structure: str) -> tuple[str, tuple[int, int] | None]:
     return "nm", (n, m)
 
 
-def knee(sparsities: Sequence[float], losses: Sequence[float], dense_loss: float,
+def knee(sparsities: Sequence[float], losses: Sequence[float], baseline_loss: float,
          tolerance: float) -> float | None:
-    """The largest sparsity whose loss is within ``tolerance`` (relative) of ``dense_loss``:
-    ``loss <= dense_loss + tolerance * |dense_loss|`` (Jaiswal et al. 2023's essential
-    sparsity, read off the curve); ``None`` when no level is within.
+    """The largest sparsity whose loss is within ``tolerance`` (relative) of ``baseline_loss``:
+    ``loss <= baseline_loss + tolerance * |baseline_loss|`` (Jaiswal et al. 2023's essential
+    sparsity, read off the curve); ``None`` when no level is within. :func:`oneshot` passes
+    the levels that prune weights the run's own model kept.
 
     >>> knee([0.1, 0.5, 0.9], [2.0, 2.01, 3.0], 2.0, 0.01)
     0.5
     """
-    bound = dense_loss + tolerance * abs(dense_loss)
+    bound = baseline_loss + tolerance * abs(baseline_loss)
     within = [s for s, v in zip(sparsities, losses, strict=True) if math.isfinite(v) and v <= bound]
     return max(within) if within else None
 
@@ -225,12 +241,17 @@ def oneshot(
     prunable = prunable_lib.check_selects_something(loaded.params)
     n_prunable = sum(int(np.size(w)) for w, p in zip(
         jax.tree.leaves(loaded.params), jax.tree.leaves(prunable), strict=True) if p)
+    n_zero = sum(int(np.sum(np.asarray(w) == 0)) for w, p in zip(
+        jax.tree.leaves(loaded.params), jax.tree.leaves(prunable), strict=True) if p)
+    own_sparsity = n_zero / n_prunable
+    label = baseline_label(own_sparsity)
+    unit = loaded.unit
 
-    dense = evaluation.evaluate(per_sequence, loaded.params, val)
-    dense_loss = dense.loss
-    say(f"oneshot: {run_dir} step {loaded.step}: dense val loss "
-        f"{evaluation.format_loss(dense.loss, dense.se)} ({ev['batches']} x {ev['batch_size']} "
-        f"x {ev['seq_len']} tokens of the val split, eval_sha256 {val.sha256})")
+    base = evaluation.evaluate(per_sequence, loaded.params, val)
+    say(f"oneshot: {run_dir} step {loaded.step}: {label}: val loss "
+        f"{evaluation.format_loss(base.loss, base.se)} {unit} ({ev['batches']} x "
+        f"{ev['batch_size']} x {ev['seq_len']} tokens of the val split, eval_sha256 "
+        f"{val.sha256})")
     sc, calib = compute_scores(loaded, score, calibration_batches=calibration_batches,
                                seq_len=seq_len, alpha=alpha)
     for path, p in jax.tree_util.tree_flatten_with_path(prunable)[0]:
@@ -242,47 +263,78 @@ def oneshot(
     def prune_at(params, sc, s):  # params and scores as arguments: no constant folding
         pruned, mask = prune(params, sc, s, prunable, structure=structure,
                              allocation=allocation, block=block)
-        kept = sum(jnp.sum(m, dtype=jnp.int32) for m, p in zip(
-            jax.tree.leaves(mask), jax.tree.leaves(prunable), strict=True) if p)
-        return pruned, kept
+        pairs = [(m, w) for m, w, p in zip(jax.tree.leaves(mask), jax.tree.leaves(params),
+                                           jax.tree.leaves(prunable), strict=True) if p]
+        kept = sum(jnp.sum(m, dtype=jnp.int32) for m, _ in pairs)
+        removed = sum(jnp.sum(~m & (w != 0), dtype=jnp.int32) for m, w in pairs)
+        return pruned, kept, removed
 
     levels = []
     for s in sparsities:
-        pruned, kept = prune_at(loaded.params, sc, jnp.float32(s))
+        pruned, kept, removed = prune_at(loaded.params, sc, jnp.float32(s))
         n_pruned = n_prunable - int(kept)
         scored = evaluation.evaluate(per_sequence, pruned, val)
-        rel = (scored.loss - dense_loss) / abs(dense_loss)
+        rel = (scored.loss - base.loss) / abs(base.loss)
         levels.append({"sparsity": s, "measured_sparsity": n_pruned / n_prunable,
-                       "n_pruned": n_pruned, "score": score, "structure": structure,
-                       "allocation": allocation, **evaluation.summary_fields(scored),
-                       "relative_increase": rel})
+                       "n_pruned": n_pruned, "newly_pruned": int(removed), "score": score,
+                       "structure": structure, "allocation": allocation,
+                       **evaluation.summary_fields(scored), "relative_increase": rel})
+        note = "" if int(removed) else "; prunes no weight the run kept: the baseline again"
         say(f"  sparsity {s:.3f} (measured {n_pruned / n_prunable:.4f}): val loss "
-            f"{evaluation.format_loss(scored.loss, scored.se)} ({100 * rel:+.2f}% vs dense)")
-    k = knee([lv["sparsity"] for lv in levels], [lv["val_loss"] for lv in levels], dense_loss,
+            f"{evaluation.format_loss(scored.loss, scored.se)} {unit} ({100 * rel:+.2f}% vs "
+            f"the run's own model{note})")
+    beyond = [lv for lv in levels if lv["newly_pruned"] > 0]
+    k = knee([lv["sparsity"] for lv in beyond], [lv["val_loss"] for lv in beyond], base.loss,
              tolerance)
-    k_loss = next((lv["val_loss"] for lv in levels if lv["sparsity"] == k), None)
+    at_knee = next((lv for lv in beyond if lv["sparsity"] == k), None)
+    n_kept = n_prunable - n_zero
     result = {
         "run_dir": str(run_dir.absolute()), "step": loaded.step, "score": score,
         "structure": structure, "allocation": allocation,
         "block": list(block) if kind == "block" else None, "prunable": "default_prunable",
-        "n_prunable": n_prunable, "eval": ev, "calibration": calib,
-        "dense": evaluation.summary_fields(dense), "dense_val_loss": dense_loss,
+        "n_prunable": n_prunable, "eval": ev, "calibration": calib, "unit": unit,
+        "baseline": {**evaluation.summary_fields(base), "sparsity": own_sparsity,
+                     "n_zero": n_zero, "label": label},
+        "baseline_val_loss": base.loss,
         "tolerance": tolerance,
-        "tolerance_rule": "relative: val_loss <= dense_val_loss * (1 + tolerance)",
-        "knee": None if k is None else {"sparsity": k, "val_loss": k_loss},
+        "tolerance_rule": "relative: val_loss <= baseline_val_loss * (1 + tolerance), among "
+                          "the levels that prune weights the run's own model kept",
+        "knee": None if at_knee is None else {
+            "sparsity": k, "val_loss": at_knee["val_loss"],
+            "removed_of_kept": at_knee["newly_pruned"] / n_kept if n_kept else None},
         "levels": levels,
     }
     run = RunDir(run_dir)
     out, png = ((run.oneshot_file, run.oneshot_plot) if out is None
                 else (Path(out), Path(out).with_suffix(".png")))
     rundir.write_json(out, result)
-    say(f"knee (essential sparsity): {'none' if k is None else f'{k:.3f}'} = the largest "
-        f"sparsity whose val loss is within {100 * tolerance:g}% (relative) of dense "
-        f"{dense_loss:.4f}")
+    say(knee_line(result))
     say(f"wrote {out}")
     if plot:
         say(f"wrote {plot_curves([result], png)}")
     return result
+
+
+def baseline_label(sparsity: float) -> str:
+    """What the baseline is: ``"the run's own model (dense)"`` or ``"the run's own model at
+    sparsity 0.500"`` (the fraction of its prunable weights at 0)."""
+    if sparsity == 0:
+        return "the run's own model (dense)"
+    return f"the run's own model at sparsity {sparsity:.3f}"
+
+
+def knee_line(result: dict[str, Any]) -> str:
+    """The printed line that states the knee and what it is relative to."""
+    base, k, tol = result["baseline"], result["knee"], result["tolerance"]
+    rel = (f"within {100 * tol:g}% (relative) of {base['label']} "
+           f"({result['baseline_val_loss']:.4f} {result['unit']})")
+    if k is None:
+        return (f"knee (essential sparsity): none: no level that prunes weights the run kept "
+                f"stays {rel}")
+    removed = "" if k["removed_of_kept"] is None else (
+        f"; it removes {100 * k['removed_of_kept']:.1f}% of the weights the run kept")
+    return (f"knee (essential sparsity): {k['sparsity']:.3f} = the largest sparsity pruning "
+            f"weights the run kept whose val loss is {rel}{removed}")
 
 
 def _at(tree: Any, path: Sequence[Any]) -> Any:
@@ -292,52 +344,61 @@ def _at(tree: Any, path: Sequence[Any]) -> Any:
 
 
 def table(result: dict[str, Any]) -> str:
-    """A plain-text table of one :func:`oneshot` result: loss ± SE at each level."""
-    dense = result.get("dense") or {"val_loss": result["dense_val_loss"]}  # older files: no SE
-    lines = [f"{'sparsity':>8} {'measured':>9} {'val_loss ± SE':>17} {'vs dense':>9}",
-             f"{0.0:>8.3f} {0.0:>9.4f} "
-             f"{evaluation.format_loss(dense['val_loss'], dense.get('val_loss_se')):>17} "
-             f"{'dense':>9}"]
+    """A plain-text table of one :func:`oneshot` result: loss ± SE at each level, against the
+    baseline (the run's own model, the first row)."""
+    base = result["baseline"]
+    loss_head = f"val_loss ± SE ({result['unit']})"
+    lines = [f"{'sparsity':>8} {'measured':>9} {loss_head:>24} {'vs baseline':>12}",
+             f"{base['sparsity']:>8.3f} {base['sparsity']:>9.4f} "
+             f"{evaluation.format_loss(base['val_loss'], base.get('val_loss_se')):>24} "
+             f"{'baseline':>12}  {base['label']}"]
     for lv in result["levels"]:
         lines.append(f"{lv['sparsity']:>8.3f} {lv['measured_sparsity']:>9.4f} "
-                     f"{evaluation.format_loss(lv['val_loss'], lv.get('val_loss_se')):>17} "
-                     f"{100 * lv['relative_increase']:>+8.2f}%")
-    k = result["knee"]
-    lines.append(f"knee: {'none' if k is None else k['sparsity']} (tolerance "
-                 f"{100 * result['tolerance']:g}% relative)")
+                     f"{evaluation.format_loss(lv['val_loss'], lv.get('val_loss_se')):>24} "
+                     f"{100 * lv['relative_increase']:>+11.2f}%"
+                     + ("" if lv["newly_pruned"] else "  prunes no weight the run kept"))
+    lines.append(knee_line(result))
     return "\n".join(lines)
 
 
 def plot_curves(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Loss vs sparsity of one or more :func:`oneshot` results (same run) in one figure:
-    each curve, the dense loss, the tolerance band of the first result and each knee."""
-    import matplotlib
+    """Write :func:`curves_figure` of ``results`` to ``path`` (its suffix the format)."""
+    path = Path(path)
+    curves_figure(results).savefig(path, dpi=120)
+    return path
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+def curves_figure(results: Sequence[dict[str, Any]]) -> Figure:
+    """Loss vs sparsity of one or more :func:`oneshot` results (same run) in one figure: each
+    curve, the baseline (the run's own model: its loss, and its sparsity when it has one),
+    the tolerance band of the first result and each knee; the loss axis in the results'
+    unit, the word the printed lines use."""
     first = results[0]
-    dense, tol = first["dense_val_loss"], first["tolerance"]
-    ax.axhline(dense, color="black", lw=1, label=f"dense {dense:.4f}")
-    ax.axhspan(dense, dense + tol * abs(dense), color="grey", alpha=0.25,
-               label=f"tolerance +{100 * tol:g}%")
+    base, tol = first["baseline"], first["tolerance"]
+    loss = first["baseline_val_loss"]
+    fig = Figure(figsize=(7.0, 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.axhline(loss, color="black", lw=1, label=f"{base['label']}: {loss:.4f}")
+    ax.axhspan(loss, loss + tol * abs(loss), color="grey", alpha=0.25,
+               label=f"tolerance +{100 * tol:g}% of it")
+    if base["sparsity"] > 0:
+        ax.axvline(base["sparsity"], color="black", ls=":", lw=1,
+                   label=f"the run's own sparsity {base['sparsity']:.3f}")
     for r in results:
-        xs = [0.0] + [lv["sparsity"] for lv in r["levels"]]
-        ys = [r["dense_val_loss"]] + [lv["val_loss"] for lv in r["levels"]]
+        xs = [r["baseline"]["sparsity"]] + [lv["sparsity"] for lv in r["levels"]]
+        ys = [r["baseline_val_loss"]] + [lv["val_loss"] for lv in r["levels"]]
+        order = np.argsort(xs, kind="stable")
         name = f"{r['score']} ({r['structure']}, {r['allocation']})"
-        (line,) = ax.plot(xs, ys, marker="o", ms=3, label=name)
+        (line,) = ax.plot(np.take(xs, order), np.take(ys, order), marker="o", ms=3, label=name)
         if r["knee"] is not None:
             ax.plot([r["knee"]["sparsity"]], [r["knee"]["val_loss"]], marker="*", ms=14,
                     color=line.get_color(), ls="none",
                     label=f"knee {r['score']}: {r['knee']['sparsity']:g}")
     ax.set_xlabel("sparsity (fraction of prunable weights removed)")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(f"one-shot pruning, step {first['step']} of {Path(first['run_dir']).name}")
+    ax.set_ylabel(loss_label("validation loss", first["unit"]))
+    ax.set_title(f"one-shot pruning of {Path(first['run_dir']).name}, step {first['step']}; "
+                 "knee relative to the run's own model", fontsize=10, wrap=True)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    ax.legend(fontsize=8, loc="upper left")
+    return fig

@@ -32,11 +32,9 @@ def sweep_runs(sweep_dir: PathLike) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _scalar(value: Any) -> Any:
-    """A summary field as a table cell: non-finite strings as floats, containers left out."""
+    """A summary field as a table cell: non-finite strings as floats."""
     if isinstance(value, str) and value in NON_FINITE:
         return float(value)
-    if isinstance(value, dict | list):
-        return None
     return value
 
 
@@ -68,8 +66,8 @@ def sweep_frame(sweep_dir: PathLike) -> pd.DataFrame:
             if key not in overrides:
                 overrides.append(key)
         for key, value in summary.items():
-            if key == "status" or key in row:
-                continue
+            if key == "status" or key in row or isinstance(value, dict | list):
+                continue  # a container is no table cell
             row[key] = _scalar(value)
             if key not in fields:
                 fields.append(key)
