@@ -12,10 +12,11 @@ final sparsity per run).
 
 Every loss axis carries the loss's unit (``unit``: ``nats/byte`` for a byte-level corpus,
 ``nats/token`` for token ids; :func:`loss_unit` reads it from a run config's data section, and
-:func:`point_info` from a sweep dir's runs); a source that does not say (a CSV) labels the axis
-plain "loss". ``loss_se`` (each point's ``val_loss_se``) draws error bars. Extrapolated curves
-(iso-FLOP) are solid only where both N and D lie within the fitted points' ranges, and the
-fitted N range is shaded. Titles are wrapped to the figure's width.
+:func:`point_info` from a sweep dir's runs); a source that does not say (a CSV, a run whose data
+is not on this machine) labels the axis plain "loss". ``loss_se`` (each point's
+``val_loss_se``) draws error bars. Extrapolated curves (iso-FLOP) are solid only where both N
+and D lie within the fitted points' ranges, and the fitted N range is shaded. Titles are
+wrapped to the figure's width.
 """
 
 from __future__ import annotations
@@ -50,22 +51,38 @@ _GREY = "0.35"
 
 
 # ------------------------------------------------------------------------ units and errors
+# a prepared token folder's metadata (``sparsejax data prepare``): its tokenizer's ``kind`` says
+# whether the model reads bytes; scaling reads it as a file (it imports nothing of sparsejax)
+PREPARED_METADATA = "sparsejax-data.json"
+BUILT_IN_SOURCES = ("", "stdlib-tests")  # the standard library's bytes
+
+
 def loss_unit(data: Mapping[str, Any] | None) -> str | None:
     """The unit of a run's losses from its config's ``data`` section: ``"nats/byte"`` when the
-    model reads bytes (the built-in corpus, a text file or folder, a prepared folder whose
-    ``tokenizer`` is ``bytes``), ``"nats/token"`` when it reads token ids (a ``uint16`` ``.bin``
-    or another tokenizer); ``None`` when there is no data section to say.
+    model reads bytes (the built-in corpus, a text file, a folder of text files, a prepared
+    folder whose tokenizer is ``bytes``), ``"nats/token"`` when it reads token ids (a
+    ``uint16`` ``.bin``, a prepared folder with another tokenizer). ``None`` when nothing says:
+    no data section, or a source that is neither a ``.bin`` nor on this machine (a prepared
+    folder cannot be told from a text folder without its metadata).
 
     >>> loss_unit({"source": ""}), loss_unit({"source": "corpus/tokens.bin"})
     ('nats/byte', 'nats/token')
     """
     if data is None:
         return None
-    tokenizer = data.get("tokenizer")
-    if tokenizer:
-        return "nats/byte" if str(tokenizer) == "bytes" else "nats/token"
     source = str(data.get("source") or "")
-    return "nats/token" if source.lower().endswith(".bin") else "nats/byte"
+    if source in BUILT_IN_SOURCES:
+        return "nats/byte"
+    path = Path(source).expanduser()
+    if path.suffix.lower() == ".bin":
+        return "nats/token"
+    if (path / PREPARED_METADATA).is_file():
+        try:
+            kind = json.loads((path / PREPARED_METADATA).read_text())["tokenizer"]["kind"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # unreadable metadata: training would have refused it
+        return "nats/byte" if kind == "bytes" else "nats/token"
+    return "nats/byte" if path.exists() else None
 
 
 def loss_label(what: str, unit: str | None) -> str:

@@ -260,6 +260,14 @@ def test_point_info_reads_the_sweeps_errors_and_unit(tmp_path, reference_data):
     csv = plots.point_info(reference_data / "chinchilla_svg_extracted.csv", ["0", "1"])
     assert csv == (None, None)
     assert plots.loss_unit({"source": "x/tokens.BIN"}) == "nats/token"
-    assert plots.loss_unit({"source": "", "tokenizer": "bpe:32000"}) == "nats/token"
-    assert plots.loss_unit({"source": "books.txt"}) == "nats/byte"
+    assert plots.loss_unit({"source": "stdlib-tests"}) == "nats/byte"
+    (tmp_path / "books.txt").write_text("text")
+    assert plots.loss_unit({"source": str(tmp_path / "books.txt")}) == "nats/byte"
+    assert plots.loss_unit({"source": str(tmp_path)}) == "nats/byte"  # a folder of text
+    for kind, unit in (("bytes", "nats/byte"), ("bpe", "nats/token")):  # a prepared folder
+        (tmp_path / kind).mkdir()
+        (tmp_path / kind / plots.PREPARED_METADATA).write_text(
+            f'{{"format": "sparsejax-tokens", "tokenizer": {{"kind": "{kind}"}}}}')
+        assert plots.loss_unit({"source": str(tmp_path / kind)}) == unit
+    assert plots.loss_unit({"source": str(tmp_path / "elsewhere")}) is None  # cannot tell
     assert plots.loss_unit(None) is None
