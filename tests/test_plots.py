@@ -118,6 +118,18 @@ def test_a_runs_curve_and_the_unit_of_token_data(tmp_path):
     assert sparsity.get_ylabel().startswith("sparsity") and sparsity.get_xscale() == "log"
 
 
+def test_runs_without_axes_are_told_apart_by_name_and_units_must_agree(tmp_path):
+    for name in ("x", "y"):  # a folder of run dirs, no sweep.json (a soup's, a copied sweep)
+        _run(tmp_path, name, "nano", 0.0, 4)
+    ax = results.figure(results.read_curves(tmp_path, "train_loss", "step")).axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["x", "y"]
+    assert len({to_rgba(ln.get_color()) for ln in ax.get_lines() if len(ln.get_xdata())}) == 2
+    _run(tmp_path, "z", "nano", 0.0, 4, source="tokens.bin")
+    with pytest.raises(errors.InputError, match="different units .*nats/token: z"):
+        results.read_curves(tmp_path, "val_loss", "step")
+    assert results.read_curves(tmp_path, "sparsity", "step").unit is None  # no loss: no unit
+
+
 def test_plot_command_writes_the_figure_and_names_bad_input(tmp_path, capsys, monkeypatch):
     root = _sweep(tmp_path)
     out = tmp_path / "figs" / "sweep.png"

@@ -49,8 +49,13 @@ def _values(curves: list[Curve], key: str) -> list[Any]:
 
 
 def _styles(curves: Curves) -> tuple[list[dict[str, Any]], list[Line2D]]:
-    """Per curve its plot keywords, and the legend's handles (one per axis value)."""
+    """Per curve its plot keywords, and the legend's handles (one per axis value; one per run
+    when the runs share every override, e.g. a soup's)."""
     axes = curves.axes
+    if not axes:
+        styles = [{"color": f"C{i % 10}"} for i in range(len(curves.curves))]
+        return styles, [Line2D([], [], lw=3, label=c.name, **kw)
+                        for c, kw in zip(curves.curves, styles, strict=True)]
     colour_keys = [axes[0], *axes[3:]] if axes else []
     style_key = axes[1] if len(axes) > 1 else None
     marker_key = axes[2] if len(axes) > 2 else None
