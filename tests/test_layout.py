@@ -11,8 +11,8 @@ the module loads ("module"), inside a function body ("local"), or under ``if TYP
   module is reported with one cycle through it);
 * ``pallas_kernels`` and ``scaling`` import nothing of ``sparsejax``;
 * the library (``sparsejax``'s top-level modules, ``methods/``, ``models/``; not ``cli.py`` or
-  ``__main__.py``) imports nothing of the run framework, downstream use, sweeps or the CLI
-  (``sparsejax/__init__.py`` may name ``sparsejax.downstream`` under ``TYPE_CHECKING`` for its
+  ``__main__.py``) imports nothing of the run framework, downstream use, sweeps, results or the
+  CLI (``sparsejax/__init__.py`` may name ``sparsejax.downstream`` under ``TYPE_CHECKING`` for its
   lazy attributes, which ``importlib`` imports on first use);
 * function-local imports are only those in :data:`LOCAL_IMPORTS` (optional or heavy modules
   and the CLI's subcommands) and :data:`LOCAL_IMPORTS_TO_HOIST`; a new one fails the test,

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.text import Text
 
 import scaling
+from scaling import cli as scaling_cli
 from scaling import plots
 from sparsejax import cli, errors, results
 from sparsejax.run.rundir import RunDir, SweepDir
@@ -199,34 +200,44 @@ def test_the_fit_check_sees_a_cut_title():
 
 
 @pytest.fixture(scope="module")
-def fits():
-    """A Chinchilla fit of 16 points (N 2e4 to 1.2e5), half of them pruned, and a degenerate
-    one of 8 points with two distinct D."""
+def fits(tmp_path_factory):
+    """A sweep dir of 16 hand-made runs following a Chinchilla law (N 2e4 to 1.2e5, half of
+    them pruned, each with its val_loss_se, on the byte corpus), and a degenerate fit of 8 of
+    the points (two distinct D)."""
     law = scaling.ChinchillaLaw(E=1.2, A=40.0, B=60.0, alpha=0.32, beta=0.27)
     rng = np.random.default_rng(0)
     n = np.repeat(np.geomspace(2e4, 1.2e5, 4), 4)
     d = np.tile(np.geomspace(2e5, 2e6, 4), 4)
     loss = law.predict(n, d) * np.exp(rng.normal(0, 0.004, n.size))
-    good = scaling.fit_chinchilla(n, d, loss, grid="coarse")
+    s = np.tile([0.0, 0.5], 8)
+    root = tmp_path_factory.mktemp("fit") / "sweep"
+    for i in range(n.size):
+        run = RunDir(root / f"r{i:02d}").create()
+        run.write_config({"data": {"source": ""}})
+        run.write_summary({"status": "completed", "tokens": d[i], "n_avg": n[i],
+                           "val_loss": loss[i], "val_loss_se": 0.003 * loss[i],
+                           "sparsity": s[i]})
     keep = np.isin(d, d[:2])
     bad = scaling.fit_chinchilla(n[keep], d[keep], loss[keep], grid="coarse")
-    return good, bad, np.tile([0.0, 0.5], 8), loss
+    return root, bad
 
 
-def _figures(monkeypatch, fit, tmp_path, **kw):
-    figs, save = [], plots._save
-    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig) or save(fig, path))
-    paths = plots.plot_all(fit, tmp_path, force=True, **kw)
-    assert len(paths) == len(figs) == 4
-    return dict(zip([p.stem for p in paths], figs, strict=True))
+def _capture(monkeypatch) -> dict[str, Figure]:
+    figs: dict[str, Figure] = {}
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.update({path.stem: fig}) or
+                        save(fig, path))
+    return figs
 
 
 @pytest.mark.slow
 def test_fit_plots_fit_their_figures_with_units_error_bars_and_ranges(fits, tmp_path,
-                                                                     monkeypatch):
-    good, bad, s, loss = fits
-    figs = _figures(monkeypatch, good, tmp_path, n_key="n_avg", sparsity=s,
-                    loss_se=0.003 * loss, unit="nats/byte")
+                                                                     monkeypatch, capsys):
+    root, bad = fits
+    figs = _capture(monkeypatch)  # sparsejax fit SWEEP --out DIR: the units and SE of the runs
+    assert scaling_cli.main([str(root), "--bootstrap", "0", "--grid", "coarse", "--out",
+                             str(tmp_path)]) == 0
+    assert "DEGENERATE" not in capsys.readouterr().out and len(figs) == 4
     for name, fig in figs.items():
         assert _outside(fig) == [], name
     pvo = figs["predicted_vs_observed"].axes[0]
@@ -254,8 +265,10 @@ def test_fit_plots_fit_their_figures_with_units_error_bars_and_ranges(fits, tmp_
         assert ((x >= 2e4 * (1 - 1e-9)) & (x <= 1.2e5 * (1 + 1e-9))).all()
     dashed = [ln for ln in iso.get_lines() if ln.get_linestyle() == "--"]
     assert any(np.asarray(ln.get_xdata()).min() < 2e4 for ln in dashed)  # extrapolated
-    # a degenerate fit: the mark is its own title line; a CSV's unit is unknown: "loss"
-    figs = _figures(monkeypatch, bad, tmp_path / "bad")
+    # a degenerate fit: the mark is its own title line; no unit given: "loss"
+    figs = _capture(monkeypatch)
+    plots.plot_all(bad, tmp_path / "bad", force=True)
+    assert len(figs) == 4
     for name, fig in figs.items():
         assert _outside(fig) == [], name
         assert fig.axes[0].get_title().startswith("DEGENERATE FIT"), name
