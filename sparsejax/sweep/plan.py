@@ -127,6 +127,9 @@ def plan(recipe: str, sweep_dir: str | Path, *, extra: dict[str, Any] | None = N
             spec = spec.replace(wandb=dataclasses.replace(spec.wandb,
                                                           group=sweep_dir.resolve().name))
         run = sweep.run(name)
+        if run.path.is_dir():  # its files read, and it writable, before anything runs
+            run.check_usable()
+            run.check_files()
         old = run.read_config()
         new = json.loads(json.dumps(spec.to_dict()))
         if old is not None:
