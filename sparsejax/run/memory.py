@@ -22,7 +22,13 @@ the device it will run on (:func:`device_memory`). It compiles only when it must
 :func:`estimate` (state + twice the gradients + the residuals, ~0.3 s for a tiny model)
 bounds the compiled peak from above (tested), so a run whose estimate is under
 :data:`SKIP_COMPILE_FRACTION` of the memory passes at once; one whose state alone exceeds it
-is refused at once; only in between is the step compiled and its peak compared.
+is refused at once; only in between is the step compiled and its peak compared. Before all
+that, a model whose parameters alone (:func:`params_bytes`) exceed the memory is refused.
+
+:func:`check_host_batches` runs first: the token batches the data pipeline holds on the host
+(:func:`host_batches`) against the memory this process may still allocate
+(:func:`available_host_memory`), so ``train.batch_size=100000000`` is refused before any
+allocation.
 """
 
 from __future__ import annotations
@@ -227,7 +233,7 @@ def check_fits(spec: RunSpec, limit: tuple[int, str] | None = None) -> Estimate 
     """Refuse (:class:`~sparsejax.errors.ConfigError`, naming the estimate and the memory)
     a run whose train step cannot fit one device of its mesh (``limit``: ``(bytes, what)``,
     default :func:`device_memory`); returns the estimate or plan that passed (module
-    docstring: it compiles only between the two bounds)."""
+    docstring: parameters alone first, then it compiles only between the two bounds)."""
     limit_bytes, where = device_memory() if limit is None else limit
     m = spec.mesh
     try:  # the mesh and batch split train makes and checks, as the config's error (exit 2)
