@@ -66,7 +66,6 @@ RUN_FILES = {  # (file, what it holds instead: text, None = a folder) -> words o
     ("config.json", None): ["is a folder, not a file", "move it aside"],
     ("config.json", json.dumps({"model": MODEL, "train": 5})): [
         "train must be an object (a config section), got 5"],
-    ("config.json", "{}"): ["no model or train section", "restore it"],
     ("summary.json", '{"status": "compl'): ["is not valid JSON", "delete it"],
     ("summary.json", '"completed"'): ["holds a JSON str, not an object", "delete it"],
     ("summary.json", None): ["is a folder, not a file"],

@@ -125,22 +125,14 @@ def with_defaults(stored: dict[str, Any]) -> ml_collections.ConfigDict:
     return c
 
 
-#: sections every run's stored config holds (a config without them is no run's config)
-STORED_SECTIONS = ("model", "train")
-
-
 def stored_spec(stored: Any, where: str) -> RunSpec:
     """The :class:`RunSpec` of a run's stored config (:func:`with_defaults`, then
     :func:`validate`); :class:`~sparsejax.errors.InputError` naming ``where`` (the file) and
-    the key when it is not a config (not an object, a section that is not one, no
-    :data:`STORED_SECTIONS`) or fails validation."""
+    the key when it is not a config (not an object, a section that is not one) or fails
+    validation."""
     if not isinstance(stored, dict):
         raise InputError(f"{where}: expected a JSON object (a run's config), got "
                          f"{type(stored).__name__}")
-    missing = [k for k in STORED_SECTIONS if k not in stored]
-    if missing:
-        raise InputError(f"{where}: no {' or '.join(missing)} section, so it is not a run's "
-                         "config; restore it")
     try:
         return validate(with_defaults(stored))
     except (ConfigError, InputError, TypeError, AttributeError) as e:
