@@ -171,7 +171,7 @@ def as_ordinary_user():
 
     libc = ctypes.CDLL(None, use_errno=True)
     header, caps = Header(0x20080522, 0), (Data * 2)()  # _LINUX_CAPABILITY_VERSION_3
-    if libc.capget(ctypes.byref(header), caps) != 0:
+    if not hasattr(libc, "capget") or libc.capget(ctypes.byref(header), caps) != 0:
         pytest.skip("root without capget: cannot make a folder read-only to this process")
     saved = caps[0].effective
     caps[0].effective &= ~((1 << _CAP_DAC_OVERRIDE) | (1 << _CAP_DAC_READ_SEARCH))
