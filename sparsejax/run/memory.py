@@ -244,7 +244,8 @@ def check_fits(spec: RunSpec, limit: tuple[int, str] | None = None) -> Estimate 
     params = params_bytes(spec, corpus_vocab(spec, exact=False)) // m.fsdp
     if params > limit_bytes:  # refused before the step is built
         raise ConfigError(refusal(spec, size(params), "its parameters alone",
-                                  f"{size(limit_bytes)} of {where}"))
+                                  f"{size(limit_bytes)} of {where}",
+                                  fixes=("model.size", "mesh.fsdp")))
     est = estimate(spec, corpus_vocab(spec, exact=False), mesh)
     if est.upper <= SKIP_COMPILE_FRACTION * limit_bytes:
         return est
@@ -264,12 +265,15 @@ def size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.1f} MB"
 
 
-def refusal(spec: RunSpec, need: str, how: str, capacity: str) -> str:
+def refusal(spec: RunSpec, need: str, how: str, capacity: str,
+            fixes: tuple[str, ...] | None = None) -> str:
     """The one line that refuses a run: what it needs, how that was found, the memory it
-    does not fit, and the config keys that lower it."""
-    fixes = ["train.batch_size", "train.seq_len",
-             *(["model.dtype=bfloat16"] if spec.model.dtype == "float32" else []),
-             *(["model.remat"] if hasattr(spec.model, "remat") else []), "mesh.fsdp"]
+    does not fit, and the config keys that lower it (``fixes``; default those of a train
+    step's memory)."""
+    fixes = fixes or (
+        "train.batch_size", "train.seq_len",
+        *(["model.dtype=bfloat16"] if spec.model.dtype == "float32" else []),
+        *(["model.remat"] if hasattr(spec.model, "remat") else []), "mesh.fsdp")
     return (f"this run needs about {need} per device ({how}), more than the {capacity}; "
             f"lower it with {', '.join(fixes)} (sparsejax plan-memory shows the parts)")
 
