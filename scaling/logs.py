@@ -117,8 +117,11 @@ def from_sweep_dir(
     for sub in sorted(p for p in root.iterdir() if (p / "summary.json").is_file()):
         try:
             rec = json.loads((sub / "summary.json").read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{sub / 'summary.json'} is not valid JSON: {err}") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{sub / 'summary.json'} holds a JSON {type(rec).__name__}, not "
+                             "an object; restore it or move the run dir aside")
         if _diverged(rec):
             step = rec.get("diverged_step", rec.get("step"))
             diverged.append(f"{sub.name} (step {step}, val_loss {rec.get('val_loss')})")
@@ -160,15 +163,34 @@ def from_columns(columns: dict[str, Any], *, n_key: str | None = None, min_point
     return _finish(n, d, loss, s, names, n_key or "n_avg", s_col is not None, min_points)
 
 
+CSV_FORM = ("a header row (N,D,loss[,S], or summary keys such as n_avg,tokens,val_loss) and "
+            "one row per run")
+
+
 def from_csv(path: str | Path, *, n_key: str | None = None, min_points: int = 5) -> ScalingTable:
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        cols: dict[str, list] = {k: [] for k in (reader.fieldnames or []) if k}
-        for row in reader:
-            for k in cols:
-                v = row.get(k)
-                cols[k].append(None if v in (None, "") else v)
+    """From a UTF-8 CSV file (a byte-order mark, as spreadsheet programs write, is skipped):
+    ``N, D, loss`` columns or the summary keys (module docstring). ``ValueError`` naming the
+    file when it is empty, has a header but no rows, or is not UTF-8 text."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            cols: dict[str, list] = {k: [] for k in (reader.fieldnames or []) if k}
+            for row in reader:
+                for k in cols:
+                    v = row.get(k)
+                    cols[k].append(None if v in (None, "") else v)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not a UTF-8 CSV file ({err.reason} at byte {err.start}); "
+                         f"it needs {CSV_FORM}") from None
+    except csv.Error as err:
+        raise ValueError(f"{path} is not a readable CSV file ({err}); it needs {CSV_FORM}"
+                         ) from None
     cols = {k: v for k, v in cols.items() if not k.startswith("Unnamed")}
+    if not cols:
+        raise ValueError(f"{path} is empty (no header row); it needs {CSV_FORM}")
+    if not any(cols.values()):
+        raise ValueError(f"{path} has a header ({','.join(cols)}) but no rows; add one row per "
+                         "run")
     return from_columns(cols, n_key=n_key, min_points=min_points)
 
 

@@ -129,9 +129,9 @@ def train_main(argv: list[str], command: str) -> int:
     p = _config_parser("train", "Train one run (resumes when the workdir holds checkpoints).",
                        "run dir (resumed if it holds checkpoints)")
     args, rest = p.parse_known_args(argv)
-    config, _ = _parse_config(args.config, rest)
     run = RunDir(args.workdir)
-    run.check_usable()
+    _check_workdir(run)
+    config, _ = _parse_config(args.config, rest)
     from sparsejax.run import experiment
 
     try:
@@ -139,6 +139,20 @@ def train_main(argv: list[str], command: str) -> int:
     except KeyboardInterrupt as stop:
         return _interrupted(run, command, stop)
     return _report(summary, run)
+
+
+def _check_workdir(folder: RunDir | SweepDir) -> None:
+    """Before the recipe is imported and anything written: the workdir can be (or become) a
+    folder this process writes, and its files read as the command will read them (one line
+    naming the file or key otherwise)."""
+    folder.check_usable()
+    if not folder.path.is_dir():
+        return
+    folder.check_files()
+    if isinstance(folder, RunDir) and (stored := folder.read_config()) is not None:
+        from sparsejax.run import configlib
+
+        configlib.stored_spec(stored, str(folder.config_file))  # a run's config, or refused
 
 
 def _report(summary: dict[str, Any], run: RunDir) -> int:
@@ -196,7 +210,7 @@ def sweep_main(argv: list[str], command: str) -> int:
     args, rest = p.parse_known_args(argv)
     if args.parallel is not None and args.parallel < 1:
         raise UsageError(f"sweep: --parallel must be an int >= 1, got {args.parallel}")
-    SweepDir(args.workdir).check_usable()
+    _check_workdir(SweepDir(args.workdir))
     if args.backend == "ray" and not args.dry_run:
         import importlib.util
 

@@ -111,27 +111,31 @@ def with_defaults(stored: dict[str, Any]) -> ml_collections.ConfigDict:
     and fine-tune. Stored keys the schema no longer has are dropped (no code reads them)."""
     c = base()
 
-    def overlay(node: ml_collections.ConfigDict, values: dict[str, Any]) -> None:
+    def overlay(node: ml_collections.ConfigDict, values: dict[str, Any], prefix: str) -> None:
         for k, v in values.items():
-            if isinstance(v, dict) and isinstance(node.get(k), ml_collections.ConfigDict):
-                overlay(node[k], v)
-            elif k in node and not isinstance(node[k], ml_collections.ConfigDict):
+            section = isinstance(node.get(k), ml_collections.ConfigDict)
+            if isinstance(v, dict) and section:
+                overlay(node[k], v, f"{prefix}{k}.")
+            elif section:
+                raise InputError(f"{prefix}{k} must be an object (a config section), got {v!r}")
+            elif k in node:
                 node[k] = v
 
-    overlay(c, stored)
+    overlay(c, stored, "")
     return c
 
 
 def stored_spec(stored: Any, where: str) -> RunSpec:
     """The :class:`RunSpec` of a run's stored config (:func:`with_defaults`, then
-    :func:`validate`); :class:`~sparsejax.errors.InputError` naming ``where`` (the file) when
-    it is not a config or fails validation."""
+    :func:`validate`); :class:`~sparsejax.errors.InputError` naming ``where`` (the file) and
+    the key when it is not a config (not an object, a section that is not one) or fails
+    validation."""
     if not isinstance(stored, dict):
         raise InputError(f"{where}: expected a JSON object (a run's config), got "
                          f"{type(stored).__name__}")
     try:
         return validate(with_defaults(stored))
-    except (ConfigError, TypeError, AttributeError) as e:
+    except (ConfigError, InputError, TypeError, AttributeError) as e:
         raise InputError(f"{where}: {e}") from None
 
 

@@ -65,12 +65,14 @@ def build(config: Config) -> Experiment:
 def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Build ``config`` and train it in ``workdir`` (resuming from its checkpoints), on the
     ``mesh.*`` device mesh (joining a multi-process job first when ``mesh.*`` or the
-    environment asks for one: :func:`sparsejax.run.distributed.initialize`). A run whose train
-    step cannot fit its devices' memory is refused first
-    (:func:`sparsejax.run.memory.check_fits`, :class:`~sparsejax.errors.ConfigError`)."""
+    environment asks for one: :func:`sparsejax.run.distributed.initialize`). A run whose token
+    batches cannot fit the host's memory (:func:`sparsejax.run.memory.check_host_batches`), or
+    whose train step cannot fit its devices' memory (:func:`sparsejax.run.memory.check_fits`),
+    is refused first (:class:`~sparsejax.errors.ConfigError`)."""
     spec = spec_of(config)
     m = spec.mesh
     distributed.initialize(distributed.Distributed(m.coordinator, m.num_processes, m.process_id))
+    memory.check_host_batches(spec)  # refuses, before any allocation, batches the host cannot hold
     memory.check_fits(spec)  # refuses, before data and weights, a step the device cannot hold
     exp = build(spec)
     mesh = distributed.make_mesh(distributed.MeshShape(m.data, m.fsdp))

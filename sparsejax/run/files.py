@@ -20,7 +20,10 @@ docs/design.md, "Run directory". Nothing here names a run-dir file; :class:`RunD
   what an uninterrupted run logs, while the file keeps every line ever written. A line that
   does not parse is skipped with a warning naming the file and line; an unterminated last line
   (a writer killed mid-line, or one still writing) is ignored, and cut off before the next
-  append when it does not parse.
+  append when it does not parse. A file none of whose lines is a record or a marker (a JSON
+  array, a pretty-printed object, binary data) is no log at all: an
+  :class:`~sparsejax.errors.InputError` naming it, and so is a log that is a folder or cannot
+  be read.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import os
 import stat
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +103,10 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def _parse(line: bytes) -> dict[str, Any] | None:
-    """A log line's object (a record with an int ``step`` or a resume marker), else None."""
+def _parse(line: bytes, check: Callable[[dict[str, Any]], bool] | None = None
+           ) -> dict[str, Any] | None:
+    """A log line's object (a record with an int ``step`` that passes ``check``, or a resume
+    marker), else None."""
     try:
         obj = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -108,27 +114,65 @@ def _parse(line: bytes) -> dict[str, Any] | None:
     if not isinstance(obj, dict):
         return None
     key = RESUME if RESUME in obj else "step"
-    return obj if isinstance(obj.get(key), int) and not isinstance(obj[key], bool) else None
+    if not isinstance(obj.get(key), int) or isinstance(obj[key], bool):
+        return None
+    return obj if key == RESUME or check is None or check(obj) else None
 
 
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """The records of the log at ``path`` as an uninterrupted run would have written them
-    (module docstring): superseded records dropped, bad lines skipped with a warning naming
-    ``path:LINE``, an unterminated last line ignored. ``[]`` when there is no file."""
+def _what(line: bytes) -> str:
+    """What a line that is no record holds, for an error message."""
     try:
-        data = Path(path).read_bytes()
+        obj = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "not JSON"
+    if not isinstance(obj, dict):
+        return f"a JSON {type(obj).__name__}"
+    return 'a JSON object without an integer "step"'
+
+
+def read_bytes(path: Path) -> bytes | None:
+    """The bytes of the file at ``path``, ``None`` when there is none; an
+    :class:`~sparsejax.errors.InputError` naming it when it is a folder or cannot be read."""
+    try:
+        return Path(path).read_bytes()
     except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise errors.InputError(f"{path} is a folder, not a file; move it aside") from None
+    except OSError as err:
+        raise errors.InputError(f"{path} cannot be read ({err.strerror}); make it readable "
+                                "or move it aside") from None
+
+
+def read_log(path: Path, check: Callable[[dict[str, Any]], bool] | None = None
+             ) -> list[dict[str, Any]]:
+    """The records of the log at ``path`` as an uninterrupted run would have written them
+    (module docstring): superseded records dropped, bad lines (and records ``check`` refuses)
+    skipped with a warning naming ``path:LINE``, an unterminated last line ignored. ``[]``
+    when there is no file; :class:`~sparsejax.errors.InputError` naming it when no line is a
+    record or marker (it is not such a log), when it is a folder or cannot be read."""
+    data = read_bytes(path)
+    if data is None:
         return []
     lines = data.split(b"\n")
     lines.pop()  # after the last newline: b"", or a line still (or never fully) written
+    parsed = [_parse(line, check) for line in lines]
+    bad = [(n, line) for n, (line, obj) in enumerate(zip(lines, parsed, strict=True), 1)
+           if obj is None and line.strip()]
+    if bad and len(bad) == sum(bool(line.strip()) for line in lines):
+        number, line = bad[0]
+        raise errors.InputError(
+            f"{path} holds no record: none of its {len(bad)} line(s) is a JSON object with "
+            f"an integer \"step\" (line {number} is {_what(line)}); move it aside to start "
+            "a new log, or restore it")
+    for number, line in bad:
+        warnings.warn(f"{path}:{number}: unreadable line skipped "
+                      f"({line[:60].decode(errors='replace')!r})", stacklevel=2)
     records: list[dict[str, Any]] = []
-    for number, line in enumerate(lines, 1):
-        obj = _parse(line)
+    for obj in parsed:
         if obj is None:
-            if line.strip():
-                warnings.warn(f"{path}:{number}: unreadable line skipped "
-                              f"({line[:60].decode(errors='replace')!r})", stacklevel=2)
-        elif RESUME in obj:
+            continue
+        if RESUME in obj:
             records = [r for r in records if r["step"] <= obj[RESUME]]
         else:
             records.append(obj)
@@ -144,6 +188,9 @@ def last_step(path: Path, window: int = 4096) -> int:
             lines = f.read().split(b"\n")[:-1]
     except FileNotFoundError:
         return 0
+    except OSError:  # a folder, or unreadable: the error names it
+        read_bytes(path)
+        raise
     for line in reversed(lines):
         obj = _parse(line)
         if obj is not None:

@@ -22,12 +22,19 @@ the device it will run on (:func:`device_memory`). It compiles only when it must
 :func:`estimate` (state + twice the gradients + the residuals, ~0.3 s for a tiny model)
 bounds the compiled peak from above (tested), so a run whose estimate is under
 :data:`SKIP_COMPILE_FRACTION` of the memory passes at once; one whose state alone exceeds it
-is refused at once; only in between is the step compiled and its peak compared.
+is refused at once; only in between is the step compiled and its peak compared. Before all
+that, a model whose parameters alone (:func:`params_bytes`) exceed the memory is refused.
+
+:func:`check_host_batches` runs first: the token batches the data pipeline holds on the host
+(:func:`host_batches`) against the memory this process may still allocate
+(:func:`available_host_memory`), so ``train.batch_size=100000000`` is refused before any
+allocation.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,9 +43,11 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from sparsejax.errors import ConfigError
-from sparsejax.run import distributed
+from sparsejax.models.gpt import GPT
+from sparsejax.run import build, distributed
 from sparsejax.run.abstract_step import AbstractStep, abstract_step
 from sparsejax.run.mask_methods import physical_memory
 from sparsejax.run.shards import is_prepared, read_metadata
@@ -160,7 +169,8 @@ def plan(spec: RunSpec, vocab_size: int, mesh: jax.sharding.Mesh | None = None
     its :class:`MemoryPlan` (nothing is allocated but kernel layers' host-side masks)."""
     step = abstract_step(spec, vocab_size, mesh)
     t0 = time.perf_counter()
-    compiled = step.train_step.trace(step.state, step.batch, step.batch, None).lower().compile()
+    # lower() of the step itself: on a mesh it is an OnMesh, which lowers under its mesh
+    compiled = step.train_step.lower(step.state, step.batch, step.batch, None).compile()
     compile_s = time.perf_counter() - t0
     stats = compiled.memory_analysis()
     return MemoryPlan(
@@ -197,6 +207,20 @@ def estimate(spec: RunSpec, vocab_size: int, mesh: jax.sharding.Mesh | None = No
                     parts.total + 2 * parts.params + residual_bytes(step, 4) + batch)
 
 
+def params_bytes(spec: RunSpec, vocab_size: int) -> int:
+    """Bytes of the model's parameters on all devices, from an abstract model (nothing
+    allocated; kernel layers by their dense twin, at most the same): the floor of any run's
+    state, read before the train step is built (which, for a model with 2**31 parameters or
+    more, counts them in int32)."""
+    model = dataclasses.replace(spec.model, linear="dense")
+    spec = spec.replace(model=model)
+    bp = build.blueprint(spec)
+    cfg = dataclasses.replace(bp.model_cfg, vocab_size=vocab_size)
+    abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0),
+                                          linear=build.linear_factory(spec, bp.wide)))
+    return _nbytes(nnx.state(abstract, nnx.Param))
+
+
 def device_memory() -> tuple[int, str]:
     """``(bytes, what)``: the memory of the first local device, as its allocator reports it
     (``memory_stats()["bytes_limit"]`` on GPU/TPU), or on CPU the host's physical memory
@@ -215,7 +239,7 @@ def check_fits(spec: RunSpec, limit: tuple[int, str] | None = None) -> Estimate 
     """Refuse (:class:`~sparsejax.errors.ConfigError`, naming the estimate and the memory)
     a run whose train step cannot fit one device of its mesh (``limit``: ``(bytes, what)``,
     default :func:`device_memory`); returns the estimate or plan that passed (module
-    docstring: it compiles only between the two bounds)."""
+    docstring: parameters alone first, then it compiles only between the two bounds)."""
     limit_bytes, where = device_memory() if limit is None else limit
     m = spec.mesh
     try:  # the mesh and batch split train makes and checks, as the config's error (exit 2)
@@ -223,6 +247,11 @@ def check_fits(spec: RunSpec, limit: tuple[int, str] | None = None) -> Estimate 
         distributed.check_batch("train.batch_size", spec.train.batch_size, mesh)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    params = params_bytes(spec, corpus_vocab(spec, exact=False)) // m.fsdp
+    if params > limit_bytes:  # refused before the step is built
+        raise ConfigError(refusal(spec, size(params), "its parameters alone",
+                                  f"{size(limit_bytes)} of {where}",
+                                  fixes=("model.size", "mesh.fsdp")))
     est = estimate(spec, corpus_vocab(spec, exact=False), mesh)
     if est.upper <= SKIP_COMPILE_FRACTION * limit_bytes:
         return est
@@ -242,11 +271,91 @@ def size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.1f} MB"
 
 
-def refusal(spec: RunSpec, need: str, how: str, capacity: str) -> str:
+def refusal(spec: RunSpec, need: str, how: str, capacity: str,
+            fixes: tuple[str, ...] | None = None) -> str:
     """The one line that refuses a run: what it needs, how that was found, the memory it
-    does not fit, and the config keys that lower it."""
-    fixes = ["train.batch_size", "train.seq_len",
-             *(["model.dtype=bfloat16"] if spec.model.dtype == "float32" else []),
-             *(["model.remat"] if hasattr(spec.model, "remat") else []), "mesh.fsdp"]
+    does not fit, and the config keys that lower it (``fixes``; default those of a train
+    step's memory)."""
+    fixes = fixes or (
+        "train.batch_size", "train.seq_len",
+        *(["model.dtype=bfloat16"] if spec.model.dtype == "float32" else []),
+        *(["model.remat"] if hasattr(spec.model, "remat") else []), "mesh.fsdp")
     return (f"this run needs about {need} per device ({how}), more than the {capacity}; "
             f"lower it with {', '.join(fixes)} (sparsejax plan-memory shows the parts)")
+
+
+# -- host memory: the token batches the data pipeline holds ----------------------------------
+#: bytes per token of a drawn batch, int32 inputs and targets
+HELD_BYTES_PER_TOKEN = 8
+#: more bytes per token of a window (``seq_len + 1`` tokens) while a set of windows is drawn:
+#: its int64 gather indices and int32 windows (:mod:`sparsejax.run.data`)
+DRAW_BYTES_PER_TOKEN = 12
+
+
+class HostBatches(NamedTuple):
+    """The host memory of a run's token batches (:func:`host_batches`)."""
+
+    parts: tuple[tuple[str, str, int], ...]  # (what, the keys that size it, bytes it holds)
+    peak: int  # every part held, plus the largest one's transient while drawn
+
+
+def host_batches(spec: RunSpec) -> HostBatches:
+    """What the data pipeline holds on the host for the whole run: the train batch
+    (``train.batch_size`` windows), the periodic evaluation set (``eval.batch_size ·
+    eval.batches``) and the final one (``eval.final_batches``; the periodic set when equal),
+    each :data:`HELD_BYTES_PER_TOKEN` per token of ``train.seq_len``, plus, while the largest
+    is drawn, :data:`DRAW_BYTES_PER_TOKEN` per token of its windows."""
+    t, ev = spec.train, spec.eval
+    sets = [(f"the train batch (train.batch_size={t.batch_size}", "train.batch_size",
+             t.batch_size),
+            (f"the evaluation set (eval.batch_size={ev.batch_size} x eval.batches={ev.batches}",
+             "eval.batch_size, eval.batches", ev.batch_size * ev.batches)]
+    if ev.final_batches != ev.batches:
+        sets.append((f"the final evaluation set (eval.batch_size={ev.batch_size} x "
+                     f"eval.final_batches={ev.final_batches}", "eval.batch_size, "
+                     "eval.final_batches", ev.batch_size * ev.final_batches))
+    parts = tuple((f"{what} x train.seq_len={t.seq_len} tokens)", f"{keys} or train.seq_len",
+                   HELD_BYTES_PER_TOKEN * n * t.seq_len) for what, keys, n in sets)
+    draw = max(DRAW_BYTES_PER_TOKEN * n * (t.seq_len + 1) for _, _, n in sets)
+    return HostBatches(parts, sum(b for _, _, b in parts) + draw)
+
+
+def available_host_memory() -> tuple[int, str]:
+    """``(bytes, what)``: the memory this process may still allocate: ``MemAvailable`` of
+    ``/proc/meminfo`` (else the free pages, ``os.sysconf``), capped by a cgroup v2 limit
+    (``memory.max`` less ``memory.current``: a container's, a cluster job's)."""
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        kb = next(int(line.split()[1]) for line in lines if line.startswith("MemAvailable:"))
+        free, what = kb * 1024, "available host memory"
+    except (OSError, StopIteration, ValueError, IndexError):
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        what = "free host memory"
+    try:
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            left = int(limit) - int((cgroup / "memory.current").read_text())
+            if left < free:
+                free, what = left, "host memory left under the cgroup's memory.max"
+    except (OSError, ValueError):
+        pass
+    return max(free, 0), what
+
+
+def check_host_batches(spec: RunSpec, available: tuple[int, str] | None = None) -> HostBatches:
+    """Refuse (:class:`~sparsejax.errors.ConfigError`, one line naming the keys of the
+    largest part, the estimate and the memory) a run whose token batches
+    (:func:`host_batches`) cannot fit the host memory ``available`` (``(bytes, what)``,
+    default :func:`available_host_memory`), before anything is allocated; returns the
+    estimate that passed."""
+    free, what = available_host_memory() if available is None else available
+    need = host_batches(spec)
+    if need.peak > free:
+        part, keys, nbytes = max(need.parts, key=lambda p: p[2])
+        raise ConfigError(
+            f"this run's token batches need about {size(need.peak)} of host memory "
+            f"({HELD_BYTES_PER_TOKEN} bytes per token held, {DRAW_BYTES_PER_TOKEN} more while "
+            f"drawn), more than the {size(free)} of {what}: {part} holds {size(nbytes)}; "
+            f"lower {keys}")
+    return need

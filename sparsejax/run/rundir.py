@@ -38,6 +38,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Self, TextIO
 
@@ -77,20 +78,63 @@ def write_json(path: PathLike, obj: dict[str, Any]) -> None:
                                               allow_nan=False))
 
 
-def read_json(path: PathLike) -> dict[str, Any] | None:
+def read_json(path: PathLike, fix: str = "restore or delete it") -> dict[str, Any] | None:
     """The object in ``path``, or ``None`` when the file does not exist; :class:`InputError
-    <sparsejax.errors.InputError>` naming the file when it is not a JSON object."""
+    <sparsejax.errors.InputError>` naming the file and ``fix`` when it is not a JSON object
+    (or is a folder, or cannot be read)."""
     path = Path(path)
-    try:
-        obj = json.loads(path.read_text())
-    except FileNotFoundError:
+    data = files.read_bytes(path)
+    if data is None:
         return None
+    try:
+        obj = json.loads(data.decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise errors.InputError(f"{path} is not valid JSON ({err}); restore or delete it"
-                                ) from None
+        raise errors.InputError(f"{path} is not valid JSON ({err}); {fix}") from None
     if not isinstance(obj, dict):
-        raise errors.InputError(f"{path} holds a JSON {type(obj).__name__}, not an object")
+        raise errors.InputError(f"{path} holds a JSON {type(obj).__name__}, not an object; "
+                                f"{fix}")
     return obj
+
+
+def _is_number(value: Any) -> bool:
+    """A logged number: an int or float, or a string ``float`` reads (``"nan"``, ``"inf"``)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int | float):
+        return True
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(value, str)
+
+
+def _check_fields(obj: dict[str, Any], path: Path, fix: str, *,
+                  ints: tuple[str, ...] = (), numbers: tuple[str, ...] = (),
+                  strings: tuple[str, ...] = (), choices: dict[str, tuple[str, ...]] | None = None
+                  ) -> dict[str, Any]:
+    """``obj`` when each of these keys it holds has its type (``None`` allowed); else an
+    :class:`~sparsejax.errors.InputError` naming the file, the key, what it holds and ``fix``."""
+    for key, value in obj.items():
+        if value is None:
+            continue
+        if key in (choices or {}):
+            want, ok = f"one of {choices[key]}", value in choices[key]
+        elif key in ints:
+            want, ok = "an int", isinstance(value, int) and not isinstance(value, bool)
+        elif key in numbers:
+            want, ok = "a number", _is_number(value)
+        elif key in strings:
+            want, ok = "a string", isinstance(value, str)
+        else:
+            continue
+        if not ok:
+            raise errors.InputError(f"{path}: {key!r} must be {want}, got {value!r}; {fix}")
+    return obj
+
+
+SUMMARY_INTS = ("step", "steps", "logged_step", "diverged_step", "resumed_from")
+SUMMARY_NUMBERS = ("final_val_loss", *(k for k in METRIC_FIELDS if k != "step"))
 
 
 class RunStatus(NamedTuple):
@@ -139,6 +183,15 @@ class _In:
         return instance.path / self.name
 
 
+def _writable(path: Path) -> bool:
+    """Whether this process may write ``path`` (and enter it, a folder), by its effective
+    ids and capabilities (``faccessat(AT_EACCESS)`` where the platform has it)."""
+    mode = os.W_OK | (os.X_OK if path.is_dir() else 0)
+    if os.access in os.supports_effective_ids:
+        return os.access(path, mode, effective_ids=True)
+    return os.access(path, mode)
+
+
 class _Folder:
     """A folder given by its path; ``os.PathLike`` (``Path(folder)`` and ``open``-style APIs
     take it) and ``str(folder)`` is its path."""
@@ -159,14 +212,28 @@ class _Folder:
     def name(self) -> str:
         return self.path.name
 
+    WRITTEN: ClassVar[tuple[str, ...]] = ()  # files and folders in it written in place
+
     def check_usable(self) -> None:
         """:class:`InputError <sparsejax.errors.InputError>` naming the path when it (or its
-        nearest existing parent) is not a folder, so it cannot be, or become, one."""
+        nearest existing parent) is not a folder, so it cannot be, or become, one; or when
+        this process cannot write it (the folder, or the nearest existing parent it would be
+        made in, or a file in it written in place, is read-only: its permissions, a
+        read-only file system)."""
         existing = next((p for p in (self.path, *self.path.parents) if p.exists()), None)
-        if existing is not None and not existing.is_dir():
+        if existing is None:
+            return
+        if not existing.is_dir():
             what = "it" if existing == self.path else str(existing)
             raise errors.InputError(f"{self.path} cannot be a {self.KIND}: {what} is not a "
                                     "folder; use another --workdir")
+        inside = [self.path / name for name in self.WRITTEN] if existing == self.path else []
+        for path in (existing, *inside):
+            if path.exists() and not _writable(path):
+                what = "it" if path == self.path else str(path)
+                raise errors.InputError(
+                    f"{self.path} cannot be written as a {self.KIND}: {what} is read-only for "
+                    f"this user; make it writable (chmod u+w {path}) or use another --workdir")
 
     def create(self) -> Self:
         """Make the folder (and its parents), :meth:`check_usable` first; returns ``self``."""
@@ -197,6 +264,7 @@ class RunDir(_Folder):
     NAMES: ClassVar[tuple[str, ...]] = (
         CONFIG, METRICS, SUMMARY, WORKER, WORKER_LOG, LOCK, CHECKPOINTS, DAMAGED_CHECKPOINTS,
         WANDB_ID, ONESHOT, ONESHOT_PLOT, EXPORT)
+    WRITTEN: ClassVar[tuple[str, ...]] = (METRICS, LOCK, CHECKPOINTS, DAMAGED_CHECKPOINTS)
 
     # -- paths (each ``self.path / NAME``) ---------------------------------------------------
     config_file = _In(CONFIG)
@@ -213,19 +281,41 @@ class RunDir(_Folder):
     export_dir = _In(EXPORT)
 
     def has_summary(self) -> bool:
-        """Whether it holds a ``summary.json`` (a run trained, or is training, here)."""
-        return self.summary_file.is_file()
+        """Whether it holds a ``summary.json`` (a run trained, or is training, here; one that
+        is no file is an error when read)."""
+        return self.summary_file.exists()
+
+    def check_files(self) -> None:
+        """Read ``config.json``, ``summary.json`` and ``metrics.jsonl`` as the commands do,
+        so one that cannot be read or holds the wrong JSON type is an :class:`InputError
+        <sparsejax.errors.InputError>` naming it (and the key) before anything is written.
+        Unreadable metrics lines warn when the log is read for use, not here."""
+        self.read_config()
+        self.read_summary()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.read_metrics()
 
     # -- config.json, summary.json, worker.json, wandb_id ------------------------------------
     def read_config(self) -> dict[str, Any] | None:
         """The stored config as a plain dict, ``None`` when there is none."""
-        return read_json(self.config_file)
+        return read_json(self.config_file, "restore it (train refuses checkpoints without "
+                         "their config), or use another --workdir")
 
     def write_config(self, config: dict[str, Any]) -> None:
         write_json(self.config_file, config)
 
     def read_summary(self) -> dict[str, Any] | None:
-        return read_json(self.summary_file)
+        """The summary, ``None`` when there is none; :class:`InputError
+        <sparsejax.errors.InputError>` naming the file and key when a field the commands read
+        (status, steps, losses, wall time, error) has the wrong type."""
+        fix = "restore it, or delete it (train writes it again, resuming from the checkpoints)"
+        obj = read_json(self.summary_file, fix)
+        if obj is None:
+            return None
+        return _check_fields(obj, self.summary_file, fix, ints=SUMMARY_INTS,
+                             numbers=SUMMARY_NUMBERS, strings=("error",),
+                             choices={"status": STATUSES})
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json(self.summary_file, summary)
@@ -263,7 +353,7 @@ class RunDir(_Folder):
         resume superseded are dropped, an unreadable line is skipped with a warning naming
         the file and line, a torn last line is ignored (:func:`sparsejax.run.files.
         read_log`)."""
-        return files.read_log(self.metrics_file)
+        return files.read_log(self.metrics_file, _numbers_ok)
 
     def last_logged_step(self) -> int:
         """The last logged step (read from the tail of ``metrics.jsonl``), 0 when none."""
@@ -344,13 +434,40 @@ class SweepDir(_Folder):
         return lock_owner(self.path)
 
     def read_sweep(self) -> dict[str, Any] | None:
-        return read_json(self.sweep_file)
+        """``sweep.json``, ``None`` when there is none; :class:`InputError
+        <sparsejax.errors.InputError>` naming it when it is not ``{"runs": [{"name": ...},
+        ...]}`` (a run's name and status strings)."""
+        fix = "delete it (the next sweep launch writes it again from the recipe's runs)"
+        book = read_json(self.sweep_file, fix)
+        if book is None:
+            return None
+        runs = book.get("runs", [])
+        if not isinstance(runs, list):
+            raise errors.InputError(f"{self.sweep_file}: 'runs' must be a list of run entries, "
+                                    f"got {runs!r:.60}; {fix}")
+        for i, entry in enumerate(runs):
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                raise errors.InputError(f"{self.sweep_file}: runs[{i}] must be an object with a "
+                                        f"string 'name', got {entry!r:.60}; {fix}")
+            _check_fields(entry, self.sweep_file, fix, strings=("status", "reason", "action"))
+        return book
+
+    def check_files(self) -> None:
+        """Read ``sweep.json`` as the commands do (:meth:`read_sweep`), before anything is
+        written."""
+        self.read_sweep()
 
     def write_sweep(self, book: dict[str, Any]) -> None:
         write_json(self.sweep_file, book)
 
     def write_soup(self, result: dict[str, Any]) -> None:
         write_json(self.soup_file, result)
+
+
+def _numbers_ok(record: dict[str, Any]) -> bool:
+    """Whether a metrics record's logged fields are numbers (or null): a record that is not
+    is skipped as an unreadable line."""
+    return all(record.get(k) is None or _is_number(record[k]) for k in METRIC_FIELDS)
 
 
 def read_metrics(run_dir: PathLike) -> list[dict[str, Any]]:

@@ -63,6 +63,7 @@ def _check_config_matches(run: RunDir, config: dict[str, Any]) -> None:
     (logging and placement keys, ``wandb.*`` and ``mesh.*``, may change on resume)."""
     old = run.read_config()
     if old is not None:
+        configlib.stored_spec(old, str(run.config_file))  # a run's config, or named refused
         diff = configlib.differing_keys(old, json.loads(json.dumps(config)))
         if diff:
             raise ConfigError(
@@ -119,6 +120,7 @@ def run(spec: RunSpec, exp: Experiment, workdir: str | Path, *,
     message in the summary's ``error``. ``wall_time_s`` adds up over resumptions.
     """
     run = RunDir(workdir).create()
+    run.check_files()  # a file it cannot read: refused before anything is written
     with DeferredInterrupt() as interrupt:  # a signal while setting up stops at once
         if not distributed.is_main():  # process 0 holds the lock for the whole job
             return _run(spec, exp, run, mesh, progress, interrupt)

@@ -107,7 +107,9 @@ def _config_change(old: dict[str, Any], new: dict[str, Any], keys: list[str]) ->
 def plan(recipe: str, sweep_dir: str | Path, *, extra: dict[str, Any] | None = None,
          only: str | None = None) -> list[Run]:
     """The runs of ``recipe`` (those whose name matches a glob of ``only``, comma-separated)
-    and what a launch does with each. Raises :class:`~sparsejax.errors.InputError` naming every
+    and what a launch does with each. Raises :class:`~sparsejax.errors.InputError` naming a
+    run dir file that cannot be read or has the wrong type, or a run dir that is read-only
+    (:meth:`RunDir.check_files <sparsejax.run.rundir.RunDir.check_files>`), every
     run whose stored config differs from its resolved config (and the keys), and
     :class:`~sparsejax.errors.RunDirBusyError` naming every run another process trains right
     now."""
@@ -127,6 +129,9 @@ def plan(recipe: str, sweep_dir: str | Path, *, extra: dict[str, Any] | None = N
             spec = spec.replace(wandb=dataclasses.replace(spec.wandb,
                                                           group=sweep_dir.resolve().name))
         run = sweep.run(name)
+        if run.path.is_dir():  # its files read, and it writable, before anything runs
+            run.check_usable()
+            run.check_files()
         old = run.read_config()
         new = json.loads(json.dumps(spec.to_dict()))
         if old is not None:
