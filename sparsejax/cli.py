@@ -40,8 +40,8 @@ commands:
           [--parallel N] [--only GLOB] [--dry-run] [--backend local|ray [--address ADDR]]
   status  RUN_DIR|SWEEP_DIR
   fit     SWEEP_DIR_OR_CSV [--law chinchilla|frantar] [--bootstrap N] [--out DIR]
-  export  --format bsr|nm|safetensors|npz RUN_DIR [--layout auto|bsr|nm|dense] [--out DIR]
-          [--block BK,BN] [--n N --m M] [--step S]
+  export  --format bsr|nm|safetensors|npz|hf RUN_DIR [--layout auto|bsr|nm|dense]
+          [--out DIR] [--block BK,BN] [--n N --m M] [--step S]
   soup    --config FILE.py[:key=val,...] --workdir DIR [--config.KEY=VALUE ...]
   oneshot RUN_DIR [--sparsities S,...] [--score magnitude|wanda|gblm] [--structure STRUCTURE]
   plan-memory --config FILE.py[:key=val,...] [--config.KEY=VALUE ...]
@@ -282,9 +282,9 @@ def export_main(argv: list[str]) -> int:
                 "safetensors file) without changing a weight; refuses, with the reason and the "
                 "fix, when the structure would save less than 10%% of the dense size.")
     p.add_argument("run_dir")
-    p.add_argument("--format", required=True, choices=("bsr", "nm", "safetensors", "npz"),
+    p.add_argument("--format", required=True, choices=("bsr", "nm", "safetensors", "npz", "hf"),
                    help="bsr / nm: that layout in an .npz; safetensors / npz: that file with "
-                   "--layout")
+                   "--layout; hf: a Hugging Face GPT-2 folder (model.pos=learned runs)")
     p.add_argument("--layout", default="auto", choices=("auto", "bsr", "nm", "dense"),
                    help="for safetensors / npz (auto: N:M if the kernels are N:M, else BSR; "
                    "dense: plain dense tensors, masks applied, for any run)")

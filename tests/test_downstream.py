@@ -483,3 +483,33 @@ def test_dense_export_of_an_unstructured_sparse_run(sparse_run, tmp_path, tokens
         kernel = np.asarray(model.blocks[0].mlp.fc_in.kernel[...])
         mask = np.asarray(loaded.masks["blocks"][0]["mlp"]["fc_in"]["kernel"])
         assert not mask.all() and (kernel[~mask] == 0).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["factorized", "parallel", "doped"])
+def test_a_sparse_ift_run_loads_and_exports_dense(tmp_path, family):
+    """A Sparse-IFT run (its layers hold several linears: U and V, branches, a low-rank path)
+    loads onto its own layers (it was rebuilt as a plain GPT and refused) and its dense export
+    loads back with every leaf; written by hand (random weights, no training)."""
+    from sparsejax.downstream import export
+
+    c = tiny_config(model__sparse_ift__family=family, model__sparse_ift__sparsity=0.5,
+                    sparsity__method="static", sparsity__final=0.5)
+    spec = configlib.stored_spec(c.to_dict(), "tiny")
+    _, state, _ = nnx.split(loading.build_model(spec, 256), nnx.Param, ...)
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
+                                    nnx.to_pure_dict(state))
+    run = tmp_path / "run"
+    run.mkdir()
+    rundir.write_json(run / rundir.RunDir.CONFIG, spec.to_dict())
+    checkpoint.save_weights(run, 0, params)
+    loaded = sparsejax.load(run)
+    result = export.export_run(run, "npz", layout="dense", out=tmp_path / "out")
+    got = nnx.to_pure_dict(nnx.state(sparsejax.load_export(result.path), nnx.Param))
+    for tree in (loaded.params, got):
+        for (pa, a), (pb, b) in zip(jax.tree_util.tree_flatten_with_path(tree)[0],
+                                    jax.tree_util.tree_flatten_with_path(params)[0],
+                                    strict=True):
+            assert pa == pb
+            np.testing.assert_array_equal(np.asarray(a), b)

@@ -37,14 +37,17 @@ from pallas_kernels.block_sparse.format import BSRLayout, BSRMatrix
 from pallas_kernels.layers import BSRLinear, NMLinear
 from pallas_kernels.nm.format import NMMatrix
 from sparsejax import errors
-from sparsejax.downstream import loading, safetensors_io, validate
+from sparsejax.downstream import hf, loading, safetensors_io, validate
+from sparsejax.models import sparse_ift
 from sparsejax.models.gpt import GPT, GPTConfig
+from sparsejax.models.layers import LinearFactory, dense_linear
 from sparsejax.paths import path_str
 from sparsejax.prunable import Predicate, resolve
+from sparsejax.run import configlib
 from sparsejax.run.rundir import RunDir
 
 Exported = dict[str, Any]  # {leaf path: BSRMatrix | NMMatrix | np.ndarray}
-FORMATS = ("bsr", "nm", "safetensors", "npz")
+FORMATS = ("bsr", "nm", "safetensors", "npz", "hf")
 LAYOUTS = ("bsr", "nm")
 DENSE = "dense"  # plain dense tensors (masks applied), for any run
 CONTAINER_LAYOUTS = ("auto", *LAYOUTS, DENSE)  # --layout of safetensors / npz
@@ -365,14 +368,19 @@ def export_run(
     square, ``n``/``m`` to its ``sparsity.n/m``. Writes ``OUT/export_{fmt}.npz``,
     ``OUT/model.safetensors`` (dense: ``OUT/export_npz_dense.npz``,
     ``OUT/model_dense.safetensors``; ``OUT`` default ``RUN_DIR/export``) holding the model
-    config, the run's ``config.json`` and a SHA-256 per tensor, plus a per-leaf summary;
-    raises :class:`ExportRefused` with the reason and the fix when a BSR / N:M structure
+    config, the run's ``config.json`` and a SHA-256 per tensor, plus a per-leaf summary.
+    ``"hf"``: ``OUT/hf/config.json`` + ``OUT/hf/model.safetensors``, Hugging Face GPT-2
+    (:mod:`~sparsejax.downstream.hf`; :class:`~sparsejax.downstream.hf.NotGPT2` for a model
+    that is not GPT-2, e.g. rotary positions). Raises
+    :class:`ExportRefused` with the reason and the fix when a BSR / N:M structure
     would save less than 10% of the dense size.
     """
     if fmt not in FORMATS:
         raise errors.InputError(f"format must be one of {FORMATS}, got {fmt!r}")
     if fmt in LAYOUTS:
         layout = fmt
+    if fmt == "hf":
+        layout = DENSE
     if layout not in CONTAINER_LAYOUTS:
         raise errors.InputError(f"layout must be one of {CONTAINER_LAYOUTS}, got {layout!r}")
     loaded = loading.load(run_dir, step=step)
@@ -395,6 +403,10 @@ def export_run(
         raise ExportRefused(f"export of {run_dir} refused: " + "; ".join(reasons) + "; " + FIX
                             + "; or export plain dense tensors (--layout dense)")
     out = Path(out) if out is not None else RunDir(run_dir).export_dir
+    if fmt == "hf":  # GPT-2 names and config.json, or NotGPT2 with the reason
+        path = hf.write_gpt2(out / hf.HF_DIR, loaded.model.cfg, params)
+        table = summary_table(exported)
+        return ExportResult(path, layout, *sizes(exported), table)
     name = f"export_{fmt}" if layout != DENSE else f"export_{fmt}_dense"
     target = out / (f"{name}.npz" if fmt != "safetensors" else "model_dense.safetensors"
                     if layout == DENSE else "model.safetensors")
@@ -417,6 +429,19 @@ def _set_module(model: GPT, path: tuple[str, ...], layer: nnx.Module) -> None:
     setattr(parent, path[-1], layer)
 
 
+def _linear(path: str | Path, meta: dict[str, Any]) -> LinearFactory:
+    """The linear layers of the exported model: dense, or the Sparse-IFT family (Thangarasa et
+    al. 2023) the run's stored config names (its layers hold several linears each)."""
+    if meta.get("config") is None:
+        return dense_linear
+    spec = configlib.stored_spec(meta["config"], f"{path}: config")
+    ift = spec.model.sparse_ift
+    if ift.family in ("", "wide"):  # Wide: only the widths change, already in the model config
+        return dense_linear
+    return sparse_ift.factory(ift.family, ift.sparsity, base=dense_linear,
+                              rank_multiple=spec.model.block if spec.model.linear == "bsr" else 1)
+
+
 def load_export(path: str | Path, *, kernels: bool = True) -> GPT:
     """A runnable GPT from an export file (npz or safetensors) written by :func:`export_run`.
 
@@ -437,7 +462,8 @@ def load_export(path: str | Path, *, kernels: bool = True) -> GPT:
         cfg = GPTConfig(**meta["model"])
     except (TypeError, ValueError) as e:
         raise validate.fail(path, "model", f"not a valid GPTConfig ({e})") from None
-    model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))  # shapes only: all replaced
+    linear = _linear(path, meta)
+    model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0), linear=linear))  # all replaced
     graphdef, state, rest = nnx.split(model, nnx.Param, ...)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))
     names = [path_str(p) for p, _ in leaves]

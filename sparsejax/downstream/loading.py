@@ -134,12 +134,13 @@ def checkpoint_step(run_dir: PathLike, step: int | None = None) -> int:
 
 def build_model(config: RunSpec, vocab_size: int) -> GPT:
     """The run's GPT to put weights on: abstract (shapes only, no random init) for dense
-    layers; BSR layers are built as training built them (same seed, so the same block
-    layout, which is host data)."""
+    layers (a Sparse-IFT family's too: Thangarasa et al. 2023); BSR layers are built as
+    training built them (same seed, so the same block layout, which is host data)."""
     cfg = build.model_config(config, vocab_size)
+    linear = build.linear_factory(config)  # dense, kernels, or a Sparse-IFT family's layers
     if config.model.linear == "dense":
-        return nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(config.seed)))
-    return GPT(cfg, rngs=nnx.Rngs(config.seed), linear=build.linear_factory(config))
+        return nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(config.seed), linear=linear))
+    return GPT(cfg, rngs=nnx.Rngs(config.seed), linear=linear)
 
 
 def _forward_weight(raw: dict[str, Any]) -> float:
