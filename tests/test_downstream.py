@@ -513,3 +513,33 @@ def test_a_sparse_ift_run_loads_and_exports_dense(tmp_path, family):
                                     strict=True):
             assert pa == pb
             np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_export_hf_writes_gpt2_for_learned_positions_and_refuses_rotary(finished_run, tmp_path,
+                                                                        capsys):
+    """``sparsejax export --format hf``: a learned-position run becomes a GPT-2 folder whose
+    tensors are the run's (fused QKV = query, key, value side by side); the rotary fixture run
+    is refused with the reason, nothing written."""
+    spec = configlib.stored_spec(tiny_config(model__pos="learned").to_dict(), "tiny")
+    _, state, _ = nnx.split(loading.build_model(spec, 256), nnx.Param, ...)
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
+                                    nnx.to_pure_dict(state))
+    run = tmp_path / "run"
+    run.mkdir()
+    rundir.write_json(run / rundir.RunDir.CONFIG, spec.to_dict())
+    checkpoint.save_weights(run, 0, params)
+    capsys.readouterr()
+    assert cli.main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "o")]) == 0
+    hf_config = json.loads((tmp_path / "o" / "hf" / "config.json").read_text())
+    assert (hf_config["n_layer"], hf_config["n_embd"], hf_config["n_positions"]) == (2, 64, 32)
+    from sparsejax.downstream import safetensors_io
+
+    tensors, _ = safetensors_io.read(tmp_path / "o" / "hf" / "model.safetensors")
+    attn = params["blocks"][1]["attn"]
+    np.testing.assert_array_equal(tensors["transformer.h.1.attn.c_attn.weight"][:, 64:128],
+                                  attn["key"]["kernel"])
+    np.testing.assert_array_equal(tensors["transformer.wpe.weight"], params["pos_embed"])
+    line = _one_error_line(capsys, ["export", str(finished_run), "--format", "hf", "--out",
+                                    str(tmp_path / "r")])
+    assert "rotary positions (model.pos=rope)" in line and not (tmp_path / "r" / "hf").exists()

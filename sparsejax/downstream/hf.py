@@ -30,8 +30,11 @@ import numpy as np
 from sparsejax import errors
 from sparsejax.downstream import safetensors_io, validate
 from sparsejax.models.gpt import GPTConfig
+from sparsejax.run.rundir import RunDir
 
 HF_DIR = "hf"  # the folder under the export dir
+# transformers reads the model's config from a file named as a run dir's config (config.json)
+HF_CONFIG = RunDir.CONFIG
 
 
 class NotGPT2(errors.InputError):
@@ -112,7 +115,7 @@ def write_gpt2(folder: str | Path, cfg: GPTConfig, params: dict[str, Any]) -> Pa
     tensors = gpt2_tensors(cfg, params)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(gpt2_config(cfg), indent=2) + "\n")
+    (folder / HF_CONFIG).write_text(json.dumps(gpt2_config(cfg), indent=2) + "\n")
     sha = {k: validate.tensor_sha256(v) for k, v in tensors.items()}
     return safetensors_io.write(folder / "model.safetensors", tensors,
                                 {"format": "pt", "sha256": json.dumps(sha)})
