@@ -390,10 +390,9 @@ def export_run(
     m = m if m is not None else config.sparsity.m
     params = dense_params(loaded.model)
     reasons = []
-    exported = None
-    if layout == DENSE:
-        exported = dense_export(params)
-    for candidate in () if layout == DENSE else ("nm", "bsr") if layout == "auto" else (layout,):
+    exported = dense_export(params) if layout == DENSE else None
+    candidates = () if layout == DENSE else ("nm", "bsr") if layout == "auto" else (layout,)
+    for candidate in candidates:
         exported, reason = _try_layout(params, candidate, block, n, m)
         if exported is not None:
             layout = candidate
