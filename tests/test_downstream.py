@@ -408,6 +408,13 @@ def test_load_refuses_a_bit_flipped_checkpoint(finished_run, tmp_path, capsys):
                                     "--layout", "dense"])
     assert msg in line
     assert not (run / "export").exists()
+    # damaged step metadata stops orbax listing every step: named, with the fix
+    meta = next((run / "checkpoints" / "8").glob("_CHECKPOINT_METADATA"))
+    meta.write_text(meta.read_text().replace('"item_handlers"', '"item_handlerz"'))
+    with pytest.raises(checkpoint.DamagedCheckpoint, match=re.escape(
+            f"run dir {run}: its checkpoints cannot be listed (ValueError: ")) as e:
+        sparsejax.load(run, step=6)
+    assert str(e.value).endswith(f"move the damaged step folder out of {run / 'checkpoints'}")
 
 
 def test_load_of_a_sweep_dir_names_one_of_its_runs(finished_run, tmp_path, capsys):

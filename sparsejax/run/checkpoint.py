@@ -258,20 +258,29 @@ def load_raw(run_dir: PathLike, step: int | None = None) -> dict[str, Any]:
     the step and the steps to load instead when the checkpoint cannot be read or its data does
     not match its recorded SHA-256 (or fingerprint, for sharded saves).
     """
-    mngr = manager(run_dir, create=False)
+    step = RunDir(run_dir).latest_checkpoint_step() if step is None else step
+    if step is None:
+        raise errors.MissingInputError(f"no checkpoint in {RunDir(run_dir).checkpoints}")
     try:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise errors.MissingInputError(f"no checkpoint in {RunDir(run_dir).checkpoints}")
-        try:
-            raw = _restore_raw(mngr, run_dir, step)
-        except Exception as e:  # orbax/tensorstore raise many types for damaged files
-            reason = f"cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-            raise DamagedCheckpoint(_damaged(run_dir, step, reason)) from None
+        mngr = manager(run_dir, create=False)  # reads every step's metadata
+    except Exception as e:  # one step's damaged metadata stops orbax listing them all
+        raise DamagedCheckpoint(
+            f"run dir {run_dir}: its checkpoints cannot be listed ({_first_line(e)}): a step's "
+            f"metadata is damaged; move the damaged step folder out of "
+            f"{RunDir(run_dir).checkpoints}") from None
+    try:
+        raw = _restore_raw(mngr, run_dir, step)
+    except Exception as e:  # orbax/tensorstore raise many types for damaged files
+        raise DamagedCheckpoint(_damaged(run_dir, step, f"cannot be read ({_first_line(e)})")
+                                ) from None
     finally:
         mngr.close()
     verify(run_dir, step, raw)
     return raw
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
 def _restore_raw(mngr: ocp.CheckpointManager, run_dir: PathLike, step: int) -> Any:
