@@ -43,8 +43,8 @@ commands:
           [--parallel N] [--only GLOB] [--dry-run] [--backend local|ray [--address ADDR]]
   status  RUN_DIR|SWEEP_DIR
   fit     SWEEP_DIR_OR_CSV [--law chinchilla|frantar] [--bootstrap N] [--out DIR]
-  export  --format bsr|nm|safetensors|npz RUN_DIR [--layout auto|bsr|nm] [--out DIR]
-          [--block BK,BN] [--n N --m M] [--step S]
+  export  --format bsr|nm|safetensors|npz|hf RUN_DIR [--layout auto|bsr|nm|dense]
+          [--out DIR] [--block BK,BN] [--n N --m M] [--step S]
   soup    --config FILE.py[:key=val,...] --workdir DIR [--config.KEY=VALUE ...]
   oneshot RUN_DIR [--sparsities S,...] [--score magnitude|wanda|gblm] [--structure STRUCTURE]
   plot    RUN_DIR|SWEEP_DIR [--metric val_loss|train_loss|sparsity|n_avg|mfu]
@@ -305,11 +305,12 @@ def export_main(argv: list[str]) -> int:
                 "safetensors file) without changing a weight; refuses, with the reason and the "
                 "fix, when the structure would save less than 10%% of the dense size.")
     p.add_argument("run_dir")
-    p.add_argument("--format", required=True, choices=("bsr", "nm", "safetensors", "npz"),
+    p.add_argument("--format", required=True, choices=("bsr", "nm", "safetensors", "npz", "hf"),
                    help="bsr / nm: that layout in an .npz; safetensors / npz: that file with "
-                   "--layout")
-    p.add_argument("--layout", default="auto", choices=("auto", "bsr", "nm"),
-                   help="for safetensors / npz (auto: N:M if the kernels are N:M, else BSR)")
+                   "--layout; hf: a Hugging Face GPT-2 folder (model.pos=learned runs)")
+    p.add_argument("--layout", default="auto", choices=("auto", "bsr", "nm", "dense"),
+                   help="for safetensors / npz (auto: N:M if the kernels are N:M, else BSR; "
+                   "dense: plain dense tensors, masks applied, for any run)")
     p.add_argument("--out", default=None,
                    help=f"output folder (default: RUN_DIR/{RunDir.EXPORT})")
     p.add_argument("--block", default=None, help="BSR block BK,BN (default: the run's "
@@ -327,11 +328,9 @@ def export_main(argv: list[str]) -> int:
         except ValueError:
             raise UsageError(f"export: --block must be two ints >= 1 BK,BN, got "
                              f"{args.block!r}") from None
-    from sparsejax.downstream import export
+    from sparsejax.downstream import export, loading
 
-    run = RunDir(args.run_dir)
-    if not run.path.is_dir():
-        raise errors.MissingInputError(f"export: run dir {run} does not exist")
+    run = loading.check_run_dir(args.run_dir, "export: run dir")
     if run.latest_checkpoint_step() is None:
         raise errors.MissingInputError(f"export: {run} holds no checkpoint ({run.checkpoints})")
     result = export.export_run(run, args.format, out=args.out, layout=args.layout,

@@ -399,3 +399,186 @@ def test_soup_keeps_the_mask_and_greedy_is_never_worse(sparse_run, tmp_path):
         assert {k: own[k] for k in fields} == {k: saved[name][k] for k in fields}
         assert saved[name]["eval_sha256"] == saved["ingredients"][0]["eval_sha256"]
     assert soup.table(result).count(" ± ") == 1 + 2 + 3  # header, 2 ingredients, 3 rows
+
+
+# ---- verified loading, sweep dirs, dense export (issues 24 and 26) ------------------------
+
+
+def _flip_checkpoint_bit(step_dir: Path) -> None:
+    """Flip one bit in the middle of the largest array file of a checkpoint step."""
+    files = [p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"]
+    f = max(files, key=lambda p: p.stat().st_size)
+    b = bytearray(f.read_bytes())
+    b[len(b) // 2] ^= 0x04
+    f.write_bytes(bytes(b))
+
+
+def _one_error_line(capsys, argv):
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sparsejax: error: "), err
+    return err[0]
+
+
+def test_load_refuses_a_bit_flipped_checkpoint(finished_run, tmp_path, capsys):
+    """``sparsejax.load`` (and so export, one-shot and ``init_from``) checks the SHA-256 each
+    save records: a flipped bit is refused naming the run dir, the step and the steps left;
+    an earlier step of the same run dir and the intact run load."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    _flip_checkpoint_bit(run / "checkpoints" / "8")
+    msg = f"run dir {run}: checkpoint 8 does not match the SHA-256 recorded when it was saved"
+    with pytest.raises(checkpoint.DamagedCheckpoint, match=re.escape(msg)) as e:
+        sparsejax.load(run)
+    assert "step=N (it has [2, 4, 6])" in str(e.value)
+    with pytest.raises(checkpoint.DamagedCheckpoint, match=re.escape(msg)):
+        checkpoint.load_raw(run, 8)
+    assert sparsejax.load(run, step=6).step == 6
+    assert sparsejax.load(finished_run).step == 8
+    line = _one_error_line(capsys, ["export", str(run), "--format", "safetensors",
+                                    "--layout", "dense"])
+    assert msg in line
+    assert not (run / "export").exists()
+    # damaged step metadata stops orbax listing every step: named, with the fix
+    meta = next((run / "checkpoints" / "8").glob("_CHECKPOINT_METADATA"))
+    meta.write_text(meta.read_text().replace('"item_handlers"', '"item_handlerz"'))
+    with pytest.raises(checkpoint.DamagedCheckpoint, match=re.escape(
+            f"run dir {run}: its checkpoints cannot be listed (ValueError: ")) as e:
+        sparsejax.load(run, step=6)
+    assert str(e.value).endswith(f"move the damaged step folder out of {run / 'checkpoints'}")
+
+
+def test_load_of_a_sweep_dir_names_one_of_its_runs(finished_run, tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    (sweep / "size=tiny").mkdir(parents=True)
+    shutil.copy(finished_run / rundir.RunDir.CONFIG, sweep / "size=tiny")
+    (sweep / rundir.SweepDir.SWEEP).write_text("{}")
+    want = (f"run dir {sweep} is a sweep dir, not a run dir: give one of its run dirs instead "
+            f"(e.g. {sweep / 'size=tiny'}, 1 in all; `sparsejax status {sweep}` lists them)")
+    with pytest.raises(sparsejax.errors.InputError) as e:
+        sparsejax.load(sweep)
+    assert str(e.value) == want
+    assert _one_error_line(capsys, ["export", str(sweep), "--format", "npz"]) == (
+        "sparsejax: error: export: " + want)
+    assert _one_error_line(capsys, ["oneshot", str(sweep)]) == "sparsejax: error: " + want
+    (sweep / rundir.SweepDir.SWEEP).unlink()  # a plain folder of runs
+    with pytest.raises(sparsejax.errors.InputError, match="is a folder of run dirs"):
+        sparsejax.load(sweep)
+
+
+def _dense_export(run, out, capsys):
+    capsys.readouterr()
+    assert cli.main(["export", str(run), "--format", "safetensors", "--layout", "dense",
+                     "--out", str(out)]) == 0
+    assert f"wrote {out / 'model_dense.safetensors'} (dense)" in capsys.readouterr().out
+    return out / "model_dense.safetensors"
+
+
+def test_dense_export_holds_every_leaf_of_the_run(finished_run, tmp_path, capsys):
+    """``export --format safetensors --layout dense``: every leaf a plain dense tensor with its
+    SHA-256 and the run's config.json; ``load_export`` puts exactly ``sparsejax.load``'s
+    params and model config on its GPT (the logits: the slow test below)."""
+    out = tmp_path / "out"
+    path = _dense_export(finished_run, out, capsys)
+    loaded = sparsejax.load(finished_run)
+    model = sparsejax.load_export(path)
+    assert model.cfg == loaded.model.cfg
+    got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    for (pa, a), (pb, b) in zip(jax.tree_util.tree_flatten_with_path(got)[0],
+                                jax.tree_util.tree_flatten_with_path(loaded.params)[0],
+                                strict=True):
+        assert pa == pb and np.asarray(a).dtype == np.asarray(b).dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    header = _safetensors_header(out / "model_dense.safetensors")
+    meta = json.loads(header["__metadata__"]["sparsejax"])
+    assert {v["kind"] for v in meta["layout"].values()} == {"dense"}
+    assert meta["config"] == json.loads((finished_run / rundir.RunDir.CONFIG).read_text())
+    assert set(meta["sha256"]) == set(header) - {"__metadata__"}
+    assert header["blocks.0.attn.query.kernel"]["shape"] == [64, 64]
+
+
+@pytest.mark.slow
+def test_dense_export_loads_with_the_logits_of_the_run(finished_run, tmp_path, capsys, tokens):
+    path = _dense_export(finished_run, tmp_path / "out", capsys)
+    ref = np.asarray(sparsejax.load(finished_run).model(tokens))
+    np.testing.assert_array_equal(np.asarray(sparsejax.load_export(path)(tokens)), ref)
+
+
+@pytest.mark.slow
+def test_dense_export_of_an_unstructured_sparse_run(sparse_run, tmp_path, tokens):
+    """The 50% unstructured run, which BSR / N:M exports refuse, exports dense (npz and
+    safetensors): the masks applied (pruned weights exactly 0) and ``sparsejax.load``'s
+    logits bit for bit."""
+    from sparsejax.downstream import export
+
+    loaded = sparsejax.load(sparse_run)
+    ref = np.asarray(loaded.model(tokens))
+    for fmt in ("safetensors", "npz"):
+        result = export.export_run(sparse_run, fmt, layout="dense", out=tmp_path)
+        assert result.layout == "dense" and result.nbytes == result.dense_nbytes
+        model = sparsejax.load_export(result.path)
+        np.testing.assert_array_equal(np.asarray(model(tokens)), ref)
+        kernel = np.asarray(model.blocks[0].mlp.fc_in.kernel[...])
+        mask = np.asarray(loaded.masks["blocks"][0]["mlp"]["fc_in"]["kernel"])
+        assert not mask.all() and (kernel[~mask] == 0).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["factorized", "parallel", "doped"])
+def test_a_sparse_ift_run_loads_and_exports_dense(tmp_path, family):
+    """A Sparse-IFT run (its layers hold several linears: U and V, branches, a low-rank path)
+    loads onto its own layers (it was rebuilt as a plain GPT and refused) and its dense export
+    loads back with every leaf; written by hand (random weights, no training)."""
+    from sparsejax.downstream import export
+
+    c = tiny_config(model__sparse_ift__family=family, model__sparse_ift__sparsity=0.5,
+                    sparsity__method="static", sparsity__final=0.5)
+    spec = configlib.stored_spec(c.to_dict(), "tiny")
+    _, state, _ = nnx.split(loading.build_model(spec, 256), nnx.Param, ...)
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
+                                    nnx.to_pure_dict(state))
+    run = tmp_path / "run"
+    run.mkdir()
+    rundir.write_json(run / rundir.RunDir.CONFIG, spec.to_dict())
+    checkpoint.save_weights(run, 0, params)
+    loaded = sparsejax.load(run)
+    result = export.export_run(run, "npz", layout="dense", out=tmp_path / "out")
+    got = nnx.to_pure_dict(nnx.state(sparsejax.load_export(result.path), nnx.Param))
+    for tree in (loaded.params, got):
+        for (pa, a), (pb, b) in zip(jax.tree_util.tree_flatten_with_path(tree)[0],
+                                    jax.tree_util.tree_flatten_with_path(params)[0],
+                                    strict=True):
+            assert pa == pb
+            np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_export_hf_writes_gpt2_for_learned_positions_and_refuses_rotary(finished_run, tmp_path,
+                                                                        capsys):
+    """``sparsejax export --format hf``: a learned-position run becomes a GPT-2 folder whose
+    tensors are the run's (fused QKV = query, key, value side by side); the rotary fixture run
+    is refused with the reason, nothing written."""
+    spec = configlib.stored_spec(tiny_config(model__pos="learned").to_dict(), "tiny")
+    _, state, _ = nnx.split(loading.build_model(spec, 256), nnx.Param, ...)
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
+                                    nnx.to_pure_dict(state))
+    run = tmp_path / "run"
+    run.mkdir()
+    rundir.write_json(run / rundir.RunDir.CONFIG, spec.to_dict())
+    checkpoint.save_weights(run, 0, params)
+    capsys.readouterr()
+    assert cli.main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "o")]) == 0
+    hf_config = json.loads((tmp_path / "o" / "hf" / "config.json").read_text())
+    assert (hf_config["n_layer"], hf_config["n_embd"], hf_config["n_positions"]) == (2, 64, 32)
+    from sparsejax.downstream import safetensors_io
+
+    tensors, _ = safetensors_io.read(tmp_path / "o" / "hf" / "model.safetensors")
+    attn = params["blocks"][1]["attn"]
+    np.testing.assert_array_equal(tensors["transformer.h.1.attn.c_attn.weight"][:, 64:128],
+                                  attn["key"]["kernel"])
+    np.testing.assert_array_equal(tensors["transformer.wpe.weight"], params["pos_embed"])
+    line = _one_error_line(capsys, ["export", str(finished_run), "--format", "hf", "--out",
+                                    str(tmp_path / "r")])
+    assert "rotary positions (model.pos=rope)" in line and not (tmp_path / "r" / "hf").exists()

@@ -7,12 +7,13 @@ import json
 import struct
 from types import SimpleNamespace
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels import BSRMatrix, NMMatrix
-from sparsejax.downstream import export, safetensors_io
+from sparsejax.downstream import export, safetensors_io, validate
 from sparsejax.downstream.export import (
     ExportRefused,
     export_params,
@@ -163,3 +164,88 @@ def test_export_refuses_below_ten_percent_savings_of_the_whole_model(tmp_path, m
         assert (f"{nbytes / dense:.3f}x the dense size (saves {saves:.1f}% < 10%): "
                 f"{n_blocks} of 64 blocks") in str(e.value)
         assert not out.exists()
+
+
+# ---- Hugging Face GPT-2 folder ------------------------------------------------------------
+
+
+def _gpt2_reference(t: dict[str, np.ndarray], hf: dict, tokens: np.ndarray) -> np.ndarray:
+    """GPT-2's forward pass as ``transformers``' ``GPT2LMHeadModel`` computes it, in float64
+    numpy on the state-dict tensors and ``config.json`` alone (Radford et al. 2019; HF
+    ``modeling_gpt2``: Conv1D ``x @ W + b``, ``c_attn`` split into q, k, v, ``gelu_new``)."""
+    f = {k: v.astype(np.float64) for k, v in t.items()}
+    eps, n_head = hf["layer_norm_epsilon"], hf["n_head"]
+
+    def ln(x, p):
+        mu = x.mean(-1, keepdims=True)
+        var = ((x - mu) ** 2).mean(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + eps) * f[p + ".weight"] + f[p + ".bias"]
+
+    def gelu_new(x):
+        return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+    B, L = tokens.shape
+    h = f["transformer.wte.weight"][tokens] + f["transformer.wpe.weight"][:L][None]
+    D = h.shape[-1]
+    for i in range(hf["n_layer"]):
+        p = f"transformer.h.{i}."
+        qkv = ln(h, p + "ln_1") @ f[p + "attn.c_attn.weight"] + f[p + "attn.c_attn.bias"]
+        q, k, v = (a.reshape(B, L, n_head, D // n_head).transpose(0, 2, 1, 3)
+                   for a in np.split(qkv, 3, axis=-1))
+        s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(D // n_head)
+        s = np.where(np.tril(np.ones((L, L), bool)), s, -np.inf)
+        a = np.exp(s - s.max(-1, keepdims=True))
+        o = (a / a.sum(-1, keepdims=True)) @ v
+        o = o.transpose(0, 2, 1, 3).reshape(B, L, D)
+        h = h + o @ f[p + "attn.c_proj.weight"] + f[p + "attn.c_proj.bias"]
+        m = gelu_new(ln(h, p + "ln_2") @ f[p + "mlp.c_fc.weight"] + f[p + "mlp.c_fc.bias"])
+        h = h + m @ f[p + "mlp.c_proj.weight"] + f[p + "mlp.c_proj.bias"]
+    h = ln(h, "transformer.ln_f")
+    head = f["transformer.wte.weight"] if hf["tie_word_embeddings"] else f["lm_head.weight"]
+    return h @ head.T
+
+
+@pytest.mark.parametrize("tie", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_hf_gpt2_folder_computes_the_models_logits(tmp_path, tie):
+    """A learned-position GPT written as a Hugging Face GPT-2 folder: GPT-2's forward pass
+    (float64 numpy from the file's tensors and config.json, nothing of sparsejax) gives the
+    model's logits; every tensor's SHA-256 is recorded."""
+    from flax import nnx
+
+    from sparsejax.downstream import hf
+    from sparsejax.models.gpt import GPT, GPTConfig
+
+    cfg = GPTConfig(n_layer=2, d_model=16, n_head=2, d_ff=24, vocab_size=11, n_ctx=8,
+                    pos="learned", tie_embeddings=tie)
+    graphdef, state, rest = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))),
+                                      nnx.Param, ...)
+    rng = np.random.default_rng(3)  # every weight, norm scale and bias random (none trivial)
+    params = jax.tree_util.tree_map(
+        lambda x: (rng.standard_normal(x.shape) * (0.3 if len(x.shape) > 1 else 1.0)).astype(
+            np.float32), nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map(jnp.asarray, params))
+    model = nnx.merge(graphdef, state, rest)
+    path = hf.write_gpt2(tmp_path / "hf", cfg, params)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["n_inner"] == 24
+    tensors, meta = safetensors_io.read(path)
+    assert meta["format"] == "pt"
+    assert ("lm_head.weight" in tensors) is not tie
+    assert tensors["transformer.h.1.attn.c_attn.weight"].shape == (16, 48)
+    sha = json.loads(meta["sha256"])
+    assert all(sha[k] == validate.tensor_sha256(v) for k, v in tensors.items())
+    tokens = np.random.default_rng(0).integers(0, 11, (2, 8))
+    ref = _gpt2_reference(tensors, config, tokens)
+    got = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(tokens, jnp.int32)))
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    assert np.abs(ref).max() > 0.1  # logits that can tell a wrong mapping
+
+
+def test_hf_gpt2_refuses_rotary_positions(tmp_path):
+    from sparsejax.downstream import hf
+    from sparsejax.models.gpt import GPTConfig
+
+    cfg = GPTConfig(n_layer=1, d_model=8, n_head=2, d_ff=8, vocab_size=5, n_ctx=4)
+    with pytest.raises(hf.NotGPT2, match=r"rotary positions \(model.pos=rope\).*--layout dense"):
+        hf.write_gpt2(tmp_path / "hf", cfg, {})
+    assert not (tmp_path / "hf").exists()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,17 +37,23 @@ from pallas_kernels.block_sparse.format import BSRLayout, BSRMatrix
 from pallas_kernels.layers import BSRLinear, NMLinear
 from pallas_kernels.nm.format import NMMatrix
 from sparsejax import errors
-from sparsejax.downstream import loading, safetensors_io
+from sparsejax.downstream import hf, loading, safetensors_io, validate
+from sparsejax.models import sparse_ift
 from sparsejax.models.gpt import GPT, GPTConfig
+from sparsejax.models.layers import LinearFactory, dense_linear
 from sparsejax.paths import path_str
 from sparsejax.prunable import Predicate, resolve
+from sparsejax.run import configlib
 from sparsejax.run.rundir import RunDir
 
 Exported = dict[str, Any]  # {leaf path: BSRMatrix | NMMatrix | np.ndarray}
-FORMATS = ("bsr", "nm", "safetensors", "npz")
+FORMATS = ("bsr", "nm", "safetensors", "npz", "hf")
 LAYOUTS = ("bsr", "nm")
+DENSE = "dense"  # plain dense tensors (masks applied), for any run
+CONTAINER_LAYOUTS = ("auto", *LAYOUTS, DENSE)  # --layout of safetensors / npz
 MIN_SAVING = 0.10  # refuse an export that saves less than this fraction of the dense bytes
-FORMAT_VERSION = "sparsejax-export/1"
+FORMAT_VERSION = "sparsejax-export/2"  # /2: a SHA-256 per tensor
+FORMAT_UNCHECKED = "sparsejax-export/1"  # read with a warning: no checksums
 FIX = ("to export compactly, train with block masks (model.linear=bsr, model.block=B) and "
        "export --format bsr, or with N:M sparsity (sparsity.method=nm, or ste/sr_ste, "
        "sparsity.n/m) and export --format nm")
@@ -113,6 +120,13 @@ def export_params(
     return out
 
 
+def dense_export(params: Any) -> Exported:
+    """``{path_str: dense numpy array}`` for every leaf of ``params``: the weights as the model
+    computes with them (masks applied), in any layout-free container."""
+    return {path_str(path): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
 def _nbytes(obj) -> tuple[int, int]:
     if isinstance(obj, BSRMatrix | NMMatrix):
         return obj.nbytes(), obj.dense_nbytes()
@@ -136,8 +150,18 @@ def _store(arr) -> tuple[np.ndarray, str]:
     return a, name
 
 
-def _restore(a: np.ndarray, dtype: str) -> np.ndarray:
-    return a.view(jnp.dtype(dtype)) if str(a.dtype) != dtype else a
+def _restore(path: Path, key: str, a: np.ndarray, dtype: Any) -> np.ndarray:
+    """The npz array ``a`` as ``dtype`` (bfloat16 is stored as its uint16 bits)."""
+    try:
+        want = jnp.dtype(dtype)
+    except TypeError:
+        raise validate.fail(path, f"dtypes[{key!r}]", f"unknown dtype {dtype!r}") from None
+    if a.dtype == want:
+        return a
+    if a.dtype.kind != "u" or a.dtype.itemsize != want.itemsize:
+        raise validate.fail(path, f"dtypes[{key!r}]", f"{dtype!r} does not match the stored "
+                            f"{a.dtype}")
+    return a.view(want)
 
 
 def _tensors(exported: Exported) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -184,7 +208,8 @@ def save_export(path: str | Path, exported: Exported, meta: dict[str, Any] | Non
     """Write ``exported`` (and ``meta``, e.g. the model config) to ``path``: a
     ``.safetensors`` file when it ends so, else one ``.npz`` (suffix added); returns it."""
     tensors, layout = _tensors(exported)
-    header = {"format": FORMAT_VERSION, "layout": layout, **(meta or {})}
+    header = {"format": FORMAT_VERSION, "layout": layout, **(meta or {}),
+              "sha256": {k: validate.tensor_sha256(v) for k, v in tensors.items()}}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
@@ -199,8 +224,53 @@ def save_export(path: str | Path, exported: Exported, meta: dict[str, Any] | Non
     return path
 
 
+def _json_object(path: Path, field: str, text: bytes | str) -> dict[str, Any]:
+    try:
+        obj = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise validate.fail(path, field, f"not JSON ({err})") from None
+    if not isinstance(obj, dict):
+        raise validate.fail(path, field, f"a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def _read_npz(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "__meta__" not in data:
+                raise errors.InputError(f"{path}: not a sparsejax export (no __meta__ entry)")
+            meta = data["__meta__"]
+            if meta.dtype != np.uint8 or meta.ndim != 1:
+                raise validate.fail(path, "__meta__", f"must be 1-D uint8 JSON, got "
+                                    f"{meta.dtype}{meta.shape}")
+            header = _json_object(path, "__meta__", meta.tobytes())
+            dtypes = header.get("dtypes")
+            if not isinstance(dtypes, dict):
+                raise validate.fail(path, "dtypes", "missing or not an object")
+            extra = sorted(set(data.files) - set(dtypes) - {"__meta__"})
+            if extra:
+                raise validate.fail(path, "dtypes", f"arrays {extra} are not listed")
+            tensors = {}
+            for key, dtype in dtypes.items():
+                if key not in data.files:
+                    raise validate.fail(path, f"dtypes[{key!r}]", "names an array the file "
+                                        "does not hold")
+                tensors[key] = _restore(path, key, data[key], dtype)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        if isinstance(err, errors.InputError):
+            raise
+        raise validate.fail(path, "npz", f"not a readable npz file ({type(err).__name__}: "
+                            f"{str(err)[:200]})") from None
+    return tensors, header
+
+
 def read_export(path: str | Path) -> tuple[Exported, dict[str, Any]]:
-    """``(exported, meta)`` of a file written by :func:`save_export` (npz or safetensors)."""
+    """``(exported, meta)`` of a file written by :func:`save_export` (npz or safetensors),
+    checked before use (:mod:`~sparsejax.downstream.validate`): the container's fields, each
+    tensor's SHA-256 recorded at export, and the layout of every leaf (BSR block indices in
+    range, sorted and unique; N:M codes valid; shapes and dtypes). Raises
+    :class:`~sparsejax.downstream.validate.ExportFileError` (an
+    :class:`~sparsejax.errors.InputError`) naming the file and the field."""
     path = Path(path)
     if not path.is_file():
         raise errors.MissingInputError(f"export file {path} does not exist")
@@ -208,16 +278,18 @@ def read_export(path: str | Path) -> tuple[Exported, dict[str, Any]]:
         tensors, meta = safetensors_io.read(path)
         if "sparsejax" not in meta:
             raise errors.InputError(f"{path}: a safetensors file without sparsejax metadata")
-        header = json.loads(meta["sparsejax"])
+        header = _json_object(path, "__metadata__.sparsejax", meta["sparsejax"])
     else:
-        with np.load(path, allow_pickle=False) as data:
-            if "__meta__" not in data:
-                raise errors.InputError(f"{path}: not a sparsejax export (no __meta__ entry)")
-            header = json.loads(data["__meta__"].tobytes().decode())
-            tensors = {k: _restore(data[k], header["dtypes"][k]) for k in header["dtypes"]}
-    if header.get("format") != FORMAT_VERSION:
-        raise errors.InputError(f"{path}: format {header.get('format')!r}, expected "
-                                f"{FORMAT_VERSION!r}")
+        tensors, header = _read_npz(path)
+    if header.get("format") not in (FORMAT_VERSION, FORMAT_UNCHECKED):
+        raise validate.fail(path, "format", f"{header.get('format')!r}, expected "
+                            f"{FORMAT_VERSION!r}")
+    if header["format"] == FORMAT_UNCHECKED:
+        warnings.warn(f"{path}: written before exports carried checksums "
+                      f"({FORMAT_UNCHECKED}); its data is not verified", stacklevel=2)
+    else:
+        validate.check_checksums(path, tensors, header.get("sha256"))
+    validate.check_layout(path, header.get("layout"), tensors)
     return _from_tensors(tensors, header["layout"]), header
 
 
@@ -242,7 +314,7 @@ class ExportResult(NamedTuple):
     """What :func:`export_run` wrote."""
 
     path: Path
-    layout: str  # "bsr" or "nm"
+    layout: str  # "bsr", "nm" or "dense"
     nbytes: int
     dense_nbytes: int
     table: str  # per-leaf summary (:func:`summary_table`)
@@ -290,19 +362,27 @@ def export_run(
     """Export a run's model (:func:`sparsejax.load`) without changing a weight.
 
     ``fmt``: ``"bsr"`` / ``"nm"`` (that layout, ``.npz``), ``"safetensors"`` / ``"npz"``
-    (that container, layout ``layout``: ``"bsr"``, ``"nm"`` or ``"auto"``, N:M when every
-    prunable kernel is ``n:m`` sparse, else BSR). ``block`` defaults to the run's
-    ``model.block`` square, ``n``/``m`` to its ``sparsity.n/m``. Writes
-    ``OUT/export_{fmt}.npz`` or ``OUT/model.safetensors`` (``OUT`` default ``RUN_DIR/export``)
-    plus a per-leaf summary; raises :class:`ExportRefused` with the reason and the fix when
-    the structure would save less than 10% of the dense size.
+    (that container, layout ``layout``: ``"bsr"``, ``"nm"``, ``"auto"`` (N:M when every
+    prunable kernel is ``n:m`` sparse, else BSR) or ``"dense"``: plain dense tensors, masks
+    applied, for any run, never refused). ``block`` defaults to the run's ``model.block``
+    square, ``n``/``m`` to its ``sparsity.n/m``. Writes ``OUT/export_{fmt}.npz``,
+    ``OUT/model.safetensors`` (dense: ``OUT/export_npz_dense.npz``,
+    ``OUT/model_dense.safetensors``; ``OUT`` default ``RUN_DIR/export``) holding the model
+    config, the run's ``config.json`` and a SHA-256 per tensor, plus a per-leaf summary.
+    ``"hf"``: ``OUT/hf/config.json`` + ``OUT/hf/model.safetensors``, Hugging Face GPT-2
+    (:mod:`~sparsejax.downstream.hf`; :class:`~sparsejax.downstream.hf.NotGPT2` for a model
+    that is not GPT-2, e.g. rotary positions). Raises
+    :class:`ExportRefused` with the reason and the fix when a BSR / N:M structure
+    would save less than 10% of the dense size.
     """
     if fmt not in FORMATS:
         raise errors.InputError(f"format must be one of {FORMATS}, got {fmt!r}")
     if fmt in LAYOUTS:
         layout = fmt
-    if layout not in (*LAYOUTS, "auto"):
-        raise errors.InputError(f"layout must be one of {(*LAYOUTS, 'auto')}, got {layout!r}")
+    if fmt == "hf":
+        layout = DENSE
+    if layout not in CONTAINER_LAYOUTS:
+        raise errors.InputError(f"layout must be one of {CONTAINER_LAYOUTS}, got {layout!r}")
     loaded = loading.load(run_dir, step=step)
     config = loaded.config
     block = block or (config.model.block, config.model.block)
@@ -310,22 +390,33 @@ def export_run(
     m = m if m is not None else config.sparsity.m
     params = dense_params(loaded.model)
     reasons = []
-    exported = None
-    for candidate in (("nm", "bsr") if layout == "auto" else (layout,)):
+    exported = dense_export(params) if layout == DENSE else None
+    candidates = () if layout == DENSE else ("nm", "bsr") if layout == "auto" else (layout,)
+    for candidate in candidates:
         exported, reason = _try_layout(params, candidate, block, n, m)
         if exported is not None:
             layout = candidate
             break
         reasons.append(reason)
     if exported is None:
-        raise ExportRefused(f"export of {run_dir} refused: " + "; ".join(reasons) + "; " + FIX)
+        raise ExportRefused(f"export of {run_dir} refused: " + "; ".join(reasons) + "; " + FIX
+                            + "; or export plain dense tensors (--layout dense)")
     out = Path(out) if out is not None else RunDir(run_dir).export_dir
-    target = out / ("model.safetensors" if fmt == "safetensors" else f"export_{fmt}.npz")
+    if fmt == "hf":  # GPT-2 names and config.json, or NotGPT2 with the reason
+        path = hf.write_gpt2(out / hf.HF_DIR, loaded.model.cfg, params)
+        table = summary_table(exported)
+        return ExportResult(path, layout, *sizes(exported), table)
+    name = f"export_{fmt}" if layout != DENSE else f"export_{fmt}_dense"
+    target = out / (f"{name}.npz" if fmt != "safetensors" else "model_dense.safetensors"
+                    if layout == DENSE else "model.safetensors")
     meta = {"model": dataclasses.asdict(loaded.model.cfg),
             "source": {"run_dir": str(Path(run_dir).absolute()), "step": loaded.step}}
+    run_config = RunDir(run_dir).read_config()
+    if run_config is not None:
+        meta["config"] = run_config
     path = save_export(target, exported, meta)
     table = summary_table(exported)
-    (out / f"export_{fmt}_summary.txt").write_text(table + "\n")
+    (out / f"{name}_summary.txt").write_text(table + "\n")
     nbytes, dense = sizes(exported)
     return ExportResult(path, layout, nbytes, dense, table)
 
@@ -337,20 +428,41 @@ def _set_module(model: GPT, path: tuple[str, ...], layer: nnx.Module) -> None:
     setattr(parent, path[-1], layer)
 
 
+def _linear(path: str | Path, meta: dict[str, Any]) -> LinearFactory:
+    """The linear layers of the exported model: dense, or the Sparse-IFT family (Thangarasa et
+    al. 2023) the run's stored config names (its layers hold several linears each)."""
+    if meta.get("config") is None:
+        return dense_linear
+    spec = configlib.stored_spec(meta["config"], f"{path}: config")
+    ift = spec.model.sparse_ift
+    if ift.family in ("", "wide"):  # Wide: only the widths change, already in the model config
+        return dense_linear
+    return sparse_ift.factory(ift.family, ift.sparsity, base=dense_linear,
+                              rank_multiple=spec.model.block if spec.model.linear == "bsr" else 1)
+
+
 def load_export(path: str | Path, *, kernels: bool = True) -> GPT:
     """A runnable GPT from an export file (npz or safetensors) written by :func:`export_run`.
 
     ``kernels=True``: prunable kernels run on the sparse layers (``BSRLinear``/``NMLinear``:
     only the stored blocks / N:M values are multiplied); ``kernels=False``: they are
     decompressed into dense ``nnx.Linear`` kernels, whose logits equal the exported model's
-    bit for bit. Raises :class:`~sparsejax.errors.InputError` naming a leaf the model has and
-    the file lacks."""
+    bit for bit (a dense-layout export has only dense layers). The file is checked first
+    (:func:`read_export`: checksums, layouts, shapes, dtypes); raises
+    :class:`~sparsejax.errors.InputError` naming the file and the field that is wrong, or a
+    leaf the model has and the file lacks."""
     exported, meta = read_export(path)
     if "model" not in meta:
         raise errors.InputError(f"{path}: the export holds no model config (written by "
                                 "export_params without meta?)")
-    cfg = GPTConfig(**meta["model"])
-    model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))  # shapes only: all replaced
+    if not isinstance(meta["model"], dict):
+        raise validate.fail(path, "model", f"must be an object, got {meta['model']!r:.80}")
+    try:
+        cfg = GPTConfig(**meta["model"])
+    except (TypeError, ValueError) as e:
+        raise validate.fail(path, "model", f"not a valid GPTConfig ({e})") from None
+    linear = _linear(path, meta)
+    model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0), linear=linear))  # all replaced
     graphdef, state, rest = nnx.split(model, nnx.Param, ...)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))
     names = [path_str(p) for p, _ in leaves]
@@ -363,8 +475,8 @@ def load_export(path: str | Path, *, kernels: bool = True) -> GPT:
                          else exported[nm]) for nm in names]
     for nm, ref, arr in zip(names, (leaf for _, leaf in leaves), dense, strict=True):
         if arr.shape != tuple(ref.shape) or arr.dtype != ref.dtype:
-            raise errors.InputError(f"{path}: leaf {nm} is {arr.dtype}{arr.shape}, the model "
-                                    f"holds {ref.dtype}{tuple(ref.shape)}")
+            raise validate.fail(path, f"leaf {nm}", f"{arr.dtype}{arr.shape}, the model "
+                                f"holds {ref.dtype}{tuple(ref.shape)}")
     nnx.replace_by_pure_dict(state, treedef.unflatten(dense))
     model = nnx.merge(graphdef, state, rest)
     if kernels:

@@ -23,7 +23,7 @@ from sparsejax import errors
 from sparsejax.models.gpt import GPT
 from sparsejax.paths import path_str
 from sparsejax.run import build, checkpoint, configlib
-from sparsejax.run.rundir import PathLike, RunDir
+from sparsejax.run.rundir import PathLike, RunDir, SweepDir
 from sparsejax.run.spec import RunSpec
 
 
@@ -79,6 +79,29 @@ def align(tree: Any, like: Any, what: str, *, scalars: bool = False) -> Any:
     return treedef.unflatten(out)
 
 
+def check_run_dir(path: PathLike, what: str = "run dir") -> RunDir:
+    """``path`` as a :class:`RunDir` when it is a folder that is not a sweep's;
+    :class:`~sparsejax.errors.MissingInputError` when it does not exist and
+    :class:`~sparsejax.errors.InputError` when it is a sweep (or soup) dir or a folder of run
+    dirs, naming one of its runs to load instead. ``what`` starts the messages (e.g.
+    ``"export: run dir"``)."""
+    run = RunDir(path)
+    if not run.path.is_dir():
+        raise errors.MissingInputError(f"{what} {run} does not exist")
+    if run.config_file.exists():
+        return run
+    runs = sorted(p for p in run.path.iterdir() if RunDir(p).config_file.is_file())
+    sweep = SweepDir(path)
+    if runs or sweep.sweep_file.is_file() or sweep.soup_file.is_file():
+        kind = ("a sweep dir" if sweep.sweep_file.is_file() else "a soup dir"
+                if sweep.soup_file.is_file() else "a folder of run dirs")
+        example = f"e.g. {runs[0]}" if runs else "none has started yet"
+        raise errors.InputError(
+            f"{what} {run} is {kind}, not a run dir: give one of its run dirs instead "
+            f"({example}, {len(runs)} in all; `sparsejax status {run}` lists them)")
+    return run
+
+
 def read_config(run_dir: PathLike) -> RunSpec:
     """A run dir's stored config (:meth:`RunDir.read_config`) as a
     :class:`~sparsejax.run.spec.RunSpec`, keys added to the schema since the run was written at
@@ -86,9 +109,7 @@ def read_config(run_dir: PathLike) -> RunSpec:
     :class:`~sparsejax.errors.MissingInputError` (a ``FileNotFoundError``) naming the path when
     the run dir or its config is missing, :class:`~sparsejax.errors.InputError` naming the file
     when it is not a valid config."""
-    run = RunDir(run_dir)
-    if not run.path.is_dir():
-        raise errors.MissingInputError(f"run dir {run} does not exist")
+    run = check_run_dir(run_dir)
     config = run.read_config()
     if config is None:
         raise errors.MissingInputError(f"run dir {run} holds no config ({run.config_file})")
@@ -113,12 +134,13 @@ def checkpoint_step(run_dir: PathLike, step: int | None = None) -> int:
 
 def build_model(config: RunSpec, vocab_size: int) -> GPT:
     """The run's GPT to put weights on: abstract (shapes only, no random init) for dense
-    layers; BSR layers are built as training built them (same seed, so the same block
-    layout, which is host data)."""
+    layers (a Sparse-IFT family's too: Thangarasa et al. 2023); BSR layers are built as
+    training built them (same seed, so the same block layout, which is host data)."""
     cfg = build.model_config(config, vocab_size)
+    linear = build.linear_factory(config)  # dense, kernels, or a Sparse-IFT family's layers
     if config.model.linear == "dense":
-        return nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(config.seed)))
-    return GPT(cfg, rngs=nnx.Rngs(config.seed), linear=build.linear_factory(config))
+        return nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(config.seed), linear=linear))
+    return GPT(cfg, rngs=nnx.Rngs(config.seed), linear=linear)
 
 
 def _forward_weight(raw: dict[str, Any]) -> float:

@@ -6,7 +6,9 @@ loss_sum, loss_count``,
 params as a pure nested dict (``nnx.to_pure_dict``), the optimizer state with its masks. Saves
 copy to host first, so donated device buffers are never read after the step that donates them.
 Each save records a SHA-256 of the saved arrays in the step's metadata; resuming
-(:func:`restore_newest`) checks it and falls back past damaged checkpoints.
+(:func:`restore_newest`) checks it and falls back past damaged checkpoints, and loading
+(:func:`load_raw`, so :func:`sparsejax.load`, export, one-shot and ``init_from``) refuses a
+damaged one (:class:`DamagedCheckpoint`).
 
 Sharded states (:mod:`sparsejax.run.distributed`) restore onto the shardings of the ``like``
 state, so a checkpoint saved on one mesh resumes on another. When this process does not hold
@@ -241,26 +243,84 @@ def latest_step(run_dir: PathLike) -> int | None:
     return RunDir(run_dir).latest_checkpoint_step()
 
 
-def load_raw(run_dir: PathLike, step: int | None = None) -> dict[str, Any]:
-    """The checkpoint as saved, without a target structure (NamedTuples come back as dicts).
+class DamagedCheckpoint(errors.InputError):
+    """A checkpoint whose data cannot be read or does not match the checksum recorded when it
+    was saved (a changed or damaged file): refused, never loaded silently."""
 
-    Enough to read ``params`` and the masks for export and inspection.
+
+def load_raw(run_dir: PathLike, step: int | None = None) -> dict[str, Any]:
+    """The checkpoint as saved, without a target structure (NamedTuples come back as dicts),
+    verified against the checksum recorded at save (:func:`verify`).
+
+    Enough to read ``params`` and the masks for export and inspection. Raises
+    :class:`~sparsejax.errors.MissingInputError` when the run dir holds no checkpoint and
+    :class:`DamagedCheckpoint` (an :class:`~sparsejax.errors.InputError`) naming the run dir,
+    the step and the steps to load instead when the checkpoint cannot be read or its data does
+    not match its recorded SHA-256 (or fingerprint, for sharded saves).
     """
-    mngr = manager(run_dir, create=False)
+    step = RunDir(run_dir).latest_checkpoint_step() if step is None else step
+    if step is None:
+        raise errors.MissingInputError(f"no checkpoint in {RunDir(run_dir).checkpoints}")
     try:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise errors.MissingInputError(f"no checkpoint in {RunDir(run_dir).checkpoints}")
-        meta = _sharded_metadata(run_dir, step)
-        if meta is None:  # saved from host arrays
-            return mngr.restore(step, args=ocp.args.StandardRestore())
-        # saved as sharded arrays (several hosts): onto this process's first device
-        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree_util.tree_map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
-        return jax.device_get(mngr.restore(step, args=ocp.args.StandardRestore(target)))
+        mngr = manager(run_dir, create=False)  # reads every step's metadata
+    except Exception as e:  # one step's damaged metadata stops orbax listing them all
+        raise DamagedCheckpoint(
+            f"run dir {run_dir}: its checkpoints cannot be listed ({_first_line(e)}): a step's "
+            f"metadata is damaged; move the damaged step folder out of "
+            f"{RunDir(run_dir).checkpoints}") from None
+    try:
+        raw = _restore_raw(mngr, run_dir, step)
+    except Exception as e:  # orbax/tensorstore raise many types for damaged files
+        raise DamagedCheckpoint(_damaged(run_dir, step, f"cannot be read ({_first_line(e)})")
+                                ) from None
     finally:
         mngr.close()
+    verify(run_dir, step, raw)
+    return raw
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+def _restore_raw(mngr: ocp.CheckpointManager, run_dir: PathLike, step: int) -> Any:
+    meta = _sharded_metadata(run_dir, step)
+    if meta is None:  # saved from host arrays
+        return mngr.restore(step, args=ocp.args.StandardRestore())
+    # saved as sharded arrays (several hosts): onto this process's first device
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
+    return jax.device_get(mngr.restore(step, args=ocp.args.StandardRestore(target)))
+
+
+def _damaged(run_dir: PathLike, step: int, reason: str) -> str:
+    others = [s for s in RunDir(run_dir).checkpoint_steps() if s != step]
+    fix = (f"load another step with step=N (it has {others})" if others
+           else "it has no other checkpoint; retrain or restore the run dir from a backup")
+    return f"run dir {run_dir}: checkpoint {step} {reason}; {fix}"
+
+
+def verify(run_dir: PathLike, step: int, raw: Any) -> None:
+    """Check a restored checkpoint against the checksum recorded at save: its SHA-256
+    (:func:`digest`) when recorded, else its :func:`fingerprint`; :class:`DamagedCheckpoint`
+    when it differs. A checkpoint that records neither (written before checksums) loads with
+    a warning saying it was not verified."""
+    recorded = _recorded_digest(run_dir, step)
+    if "sha256" in recorded:
+        ok = digest(raw) == recorded["sha256"]
+        what = "SHA-256"
+    elif "fingerprint" in recorded:
+        ok = fingerprint(raw) == recorded["fingerprint"]
+        what = "fingerprint"
+    else:
+        warnings.warn(f"run dir {run_dir}: checkpoint {step} records no checksum; loaded "
+                      "without verifying its data", stacklevel=3)
+        return
+    if not ok:
+        raise DamagedCheckpoint(_damaged(
+            run_dir, step, f"does not match the {what} recorded when it was saved (a file "
+            "under it was changed or damaged)"))
 
 
 def _sharded_metadata(run_dir: PathLike, step: int) -> Any | None:
