@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import jax
 import pytest
 
 from sparsejax import cli
@@ -88,12 +89,28 @@ def test_check_fits_compiles_between_the_bounds(plans, monkeypatch):
 
 @pytest.mark.slow
 def test_train_refuses_before_loading_data(tmp_path, monkeypatch):
-    monkeypatch.setattr(memory, "device_memory", lambda: (10**6, "the test device"))
+    monkeypatch.setattr(memory, "cpu_step_memory", lambda p: (10**6, "the test device"))
     monkeypatch.setattr(data, "load_spec", lambda *a: pytest.fail("data loaded"))
     config = configlib.apply_arg(configlib.base(), TINY)
     with pytest.raises(ConfigError, match="the test device"):
         experiment.run(config, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_cpu_limit_is_available_memory_less_two_host_copies_of_the_params(monkeypatch):
+    spec = spec_of(TINY)
+    p = memory.params_bytes(spec, memory.corpus_vocab(spec, exact=False))
+    n = len(jax.local_devices())
+    monkeypatch.setattr(memory, "available_host_memory", lambda: (100 * p, "test host memory"))
+    left, what = memory.cpu_step_memory(p)
+    assert left == (100 * p - 2 * p) // n and "2 host copies" in what  # by hand
+    memory.check_fits(spec)  # 98 params' worth: the tiny step (about 25) fits
+    # the two host copies plus half a copy: the params alone no longer fit beside them
+    monkeypatch.setattr(memory, "available_host_memory", lambda: (2 * p + p // 2, "test"))
+    with pytest.raises(ConfigError, match="its parameters alone"):
+        memory.check_fits(spec)
+    monkeypatch.setattr(memory, "available_host_memory", lambda: (p, "test"))
+    assert memory.cpu_step_memory(p)[0] == 0
 
 
 def test_device_memory_is_the_host_on_cpu():

@@ -235,19 +235,44 @@ def device_memory() -> tuple[int, str]:
         f"host memory / {len(devices)} CPU devices" if len(devices) > 1 else "host memory")
 
 
+#: copies of the parameters a CPU run holds in host memory beside its train step: the built
+#: model's own weights and the host copy train's setup takes (``jax.device_get``)
+CPU_HOST_PARAM_COPIES = 2
+
+
+def _on_cpu() -> bool:
+    return jax.local_devices()[0].platform == "cpu"
+
+
+def cpu_step_memory(params: int) -> tuple[int, str]:
+    """``(bytes, what)`` a CPU device's train step may use: the host memory still available
+    (:func:`available_host_memory`, not the physical memory: other processes hold some) less
+    the :data:`CPU_HOST_PARAM_COPIES` copies of the ``params`` bytes a run keeps beside the
+    step, shared by the process's CPU devices (0 when those copies alone do not fit)."""
+    free, what = available_host_memory()
+    n = len(jax.local_devices())
+    left = max(free - CPU_HOST_PARAM_COPIES * params, 0) // n
+    return left, (f"{size(free)} of {what} less {CPU_HOST_PARAM_COPIES} host copies of the "
+                  f"parameters ({size(CPU_HOST_PARAM_COPIES * params)})"
+                  + (f", / {n} CPU devices" if n > 1 else ""))
+
+
 def check_fits(spec: RunSpec, limit: tuple[int, str] | None = None) -> Estimate | MemoryPlan:
     """Refuse (:class:`~sparsejax.errors.ConfigError`, naming the estimate and the memory)
     a run whose train step cannot fit one device of its mesh (``limit``: ``(bytes, what)``,
-    default :func:`device_memory`); returns the estimate or plan that passed (module
+    default :func:`device_memory`, or on CPU :func:`cpu_step_memory`: the available host
+    memory less the parameters' host copies); returns the estimate or plan that passed (module
     docstring: parameters alone first, then it compiles only between the two bounds)."""
-    limit_bytes, where = device_memory() if limit is None else limit
     m = spec.mesh
     try:  # the mesh and batch split train makes and checks, as the config's error (exit 2)
         mesh = distributed.make_mesh(distributed.MeshShape(m.data, m.fsdp))
         distributed.check_batch("train.batch_size", spec.train.batch_size, mesh)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    params = params_bytes(spec, corpus_vocab(spec, exact=False)) // m.fsdp
+    whole = params_bytes(spec, corpus_vocab(spec, exact=False))
+    limit_bytes, where = cpu_step_memory(whole) if limit is None and _on_cpu() else (
+        device_memory() if limit is None else limit)
+    params = whole // m.fsdp
     if params > limit_bytes:  # refused before the step is built
         raise ConfigError(refusal(spec, size(params), "its parameters alone",
                                   f"{size(limit_bytes)} of {where}",
