@@ -276,3 +276,39 @@ def test_block_masks_export_to_bsr_and_reload_with_equal_logits(tmp_path):
     # test_downstream.py::test_export_load_export_logits_equal's)
     np.testing.assert_array_equal(np.asarray(export.load_export(path, kernels=False)(tokens)),
                                   ref)
+
+
+# ---- 5. recipes -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, final_sparsity", [
+    ("ste_unstructured", 0.5), ("channels", 0.25), ("block", 0.5), ("acdc", 0.5),
+])
+@pytest.mark.slow
+def test_new_recipe_lowers_the_loss(tmp_path, name, final_sparsity):
+    """The micro GPT (d_model 32, d_ff 64): channels prunes half of fc_in's 64 channels and
+    fc_out's matching rows, 2 x 1,024 of the 8,192 prunable weights; block 16x16 tiles."""
+    from test_method_recipes import recipe
+
+    from sparsejax import cli
+    from sparsejax.run import rundir
+
+    c = recipe(name)
+    c.sparsity.update_every = 1
+    c.model.block = 16  # 32x32 attention kernels: 4 tiles each
+    if name == "acdc":  # D D S S D S S S: warm-up 2, S2 D1, fine-tune from step 5
+        configlib.apply_arg(c, "sparsity.acdc.warmup_steps=2,sparsity.acdc.dense_steps=1,"
+                               "sparsity.acdc.sparse_steps=2,sparsity.acdc.finetune_steps=3")
+    run = tmp_path / "run"
+    summary = experiment.run(c, str(run), progress=False)
+    records = rundir.read_metrics(run)
+    assert summary["status"] == "completed"
+    assert records[-1]["train_loss"] < records[0]["train_loss"] - 0.2, name
+    assert records[-1]["sparsity"] == pytest.approx(final_sparsity, abs=1e-6), name
+    if name == "acdc":
+        assert [r["target_sparsity"] for r in records] == [0, 0, 0.5, 0.5, 0, 0.5, 0.5, 0.5]
+    if name == "block":  # the trained model exports as BSR and loads back, logits equal
+        assert cli.main(["export", str(run), "--format", "bsr"]) == 0
+        tokens = jnp.arange(16)[None]
+        ref = np.asarray(sparsejax.load(run).model(tokens))
+        loaded = export.load_export(run / "export" / "export_bsr.npz", kernels=False)
+        np.testing.assert_array_equal(np.asarray(loaded(tokens)), ref)

@@ -1,0 +1,31 @@
+"""Gradual block-magnitude pruning of every dense kernel to 50% of its 32x32 blocks, in the
+Journey Matters window; the result exports as BSR.
+
+Narang et al. 2017, "Block-Sparse Recurrent Neural Networks" and Gray et al. 2017 (block L2
+norm); Zhu & Gupta 2017 / Jin et al. 2025 (gradual, geometric, 25%->75% of compute). The block
+is model.block (square), the one ``sparsejax export --format bsr RUN_DIR`` uses by default.
+
+Command:   sparsejax train --config configs/block.py:size=tiny --workdir runs/block
+           sparsejax export --format bsr runs/block
+Time:      (filled in below from the recorded run)
+Result:    (filled in below from the recorded run)
+"""
+
+from sparsejax.run import configlib
+
+
+def get_config(arg=None):
+    c = configlib.base()
+    c.sparsity.method = "block"
+    c.model.block = 32
+    c.sparsity.final = 0.5
+    c.sparsity.schedule = "window"
+    c.sparsity.start = 0.25
+    c.sparsity.end = 0.75
+    c.sparsity.by = "compute"
+    c.sparsity.kind = "geometric"
+    c.sparsity.update_every = 10
+    c.sparsity.score = "magnitude"
+    c.sparsity.pooling = "l2"
+    c.sparsity.allocation = "uniform"
+    return configlib.apply_arg(c, arg)
