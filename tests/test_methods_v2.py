@@ -254,6 +254,16 @@ def test_gradual_block_pruning_never_regrows_a_tile():
     np.testing.assert_array_equal(history[3], history[2])
 
 
+def test_block_config_refuses_a_block_that_does_not_tile_the_model():
+    c = tiny_config(sparsity__method="block", sparsity__final=0.5, model__block=48)
+    with pytest.raises(ConfigError, match=r"model\.block must be a divisor of d_model \(64\)"):
+        configlib.validate(c)
+    c.model.block = 32
+    c.sparsity.pooling = "mean"
+    with pytest.raises(ConfigError, match=r"sparsity\.pooling must be one of \('l2', 'max'\)"):
+        configlib.validate(c)
+
+
 @pytest.mark.slow
 def test_block_masks_export_to_bsr_and_reload_with_equal_logits(tmp_path):
     cfg = GPTConfig.from_variant("tiny")

@@ -23,6 +23,7 @@ from sparsejax.errors import ConfigError
 from sparsejax.methods.base import MaskMethod
 from sparsejax.methods.channels import GPT_PAIRS
 from sparsejax.methods.ste_unstructured import SCORES as STE_SCORES
+from sparsejax.models.gpt import GPTConfig
 from sparsejax.run.spec import RunSpec
 
 #: bytes per step of placing the sparsity window by compute (measured peak ~19.2 B/step)
@@ -235,13 +236,25 @@ register(MethodEntry(
     lambda spec, t: methods.channels(t.sparsity, score=spec.sparsity.score, schedule=t.schedule,
                                      pairs=GPT_PAIRS, allocation=spec.sparsity.allocation),
     check=_check_structured, schedule=_gradual_schedule, trains_final=True))
+def _check_block(spec: RunSpec) -> None:
+    _check_structured(spec)
+    try:
+        cfg = GPTConfig.from_variant(spec.model.size)
+    except ValueError:
+        return  # the blueprint reports model.size itself, naming the key
+    b = spec.model.block
+    need(cfg.d_model % b == 0 and cfg.d_ff % b == 0, "model.block",
+         f"a divisor of d_model ({cfg.d_model}) and d_ff ({cfg.d_ff}) for sparsity.method="
+         "'block' (its square blocks tile every kernel)", b)
+
+
 register(MethodEntry(
     "block", (*_GRADUAL_KEYS, "pooling"),  # the block: model.block (square)
     lambda spec, t: methods.block(t.sparsity, block=(spec.model.block, spec.model.block),
                                   score=spec.sparsity.score, schedule=t.schedule,
                                   pooling=spec.sparsity.pooling,
                                   allocation=spec.sparsity.allocation),
-    check=_check_structured, schedule=_gradual_schedule, trains_final=True))
+    check=_check_block, schedule=_gradual_schedule, trains_final=True))
 
 
 def acdc_finetune_from(spec: RunSpec) -> int:
