@@ -5,8 +5,9 @@ Peste et al. 2021, "AC/DC: Alternating Compressed/DeCompressed Training of Deep 
 Networks" (magnitude masks recomputed at the start of every sparse phase).
 
 Command:   sparsejax train --config configs/acdc.py:size=tiny --workdir runs/acdc
-Time:      (filled in below from the recorded run)
-Result:    (filled in below from the recorded run)
+Time:      336 s wall for 300 steps on a 2-core CPU shared with 7 other jobs (load 10-20).
+Result:    validation loss 2.169 ± 0.006 nats/byte at final sparsity 0.5 (N_avg 87.0k of
+           116.5k); the dense recipe reached 2.115 on the same machine and day.
 """
 
 from sparsejax.run import configlib

@@ -7,8 +7,9 @@ is model.block (square), the one ``sparsejax export --format bsr RUN_DIR`` uses 
 
 Command:   sparsejax train --config configs/block.py:size=tiny --workdir runs/block
            sparsejax export --format bsr runs/block
-Time:      (filled in below from the recorded run)
-Result:    (filled in below from the recorded run)
+Time:      277 s wall for 300 steps on a 2-core CPU shared with 7 other jobs (load 10-20);
+           the export: 0.579x the dense size (every prunable kernel half its blocks).
+Result:    validation loss 2.170 ± 0.006 nats/byte at sparsity 0.5 (N_avg 86.0k of 116.5k).
 """
 
 from sparsejax.run import configlib

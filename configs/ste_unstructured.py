@@ -5,8 +5,10 @@ JaxPruner's SteMagnitudePruning (Lee et al. 2023): the top-50% |W| of every kern
 recomputed each step, the gradient to every weight.
 
 Command:   sparsejax train --config configs/ste_unstructured.py:size=tiny --workdir runs/ste_u
-Time:      (filled in below from the recorded run)
-Result:    (filled in below from the recorded run)
+Time:      324 s wall for 300 steps (command above, /tmp run dir) on a 2-core CPU shared
+           with 7 other jobs (load 10-20).
+Result:    validation loss 2.310 ± 0.007 nats/byte, forward sparsity 0.5 (N_avg 67.3k of
+           116.5k: STE forward weights from step 0).
 """
 
 from sparsejax.run import configlib
