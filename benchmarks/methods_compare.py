@@ -9,8 +9,17 @@ step, a RigL *update* step (drop/grow at every timed step) and the straight-thro
     JAX_PLATFORMS=cpu python benchmarks/methods_compare.py [--steps 300] [--rounds 10]
         [--recipes ste_unstructured,channels,block,acdc]   # these (and dense) only
 
-Recorded (issue 27 rows; tiny GPT, 300 steps, 2-core CPU shared with other jobs): see
-RECORDED below.
+Recorded for the issue 27 rows (``--part train --recipes ste_unstructured,channels,block,acdc``;
+tiny GPT, 300 steps, a 2-core CPU shared with 7 other jobs at load 10-20, so the step times,
+dense's first under the heaviest load, do not compare; the losses are deterministic and equal
+the recipes' own runs):
+
+    method                         val loss  train FLOPs    N_avg  N_final
+    dense                            2.1149    5.436e+11   116480   116480
+    STE unstructured 0.5             2.3102    3.624e+11    67328    67328
+    channels (MLP 0.5, window)       2.1189    4.684e+11    96090    83712
+    block 32x32 (0.5, window)        2.1702    4.310e+11    85951    67328
+    AC/DC 0.5                        2.1688    4.349e+11    86989    67328
 """
 
 from __future__ import annotations
