@@ -236,6 +236,8 @@ register(MethodEntry(
     lambda spec, t: methods.channels(t.sparsity, score=spec.sparsity.score, schedule=t.schedule,
                                      pairs=GPT_PAIRS, allocation=spec.sparsity.allocation),
     check=_check_structured, schedule=_gradual_schedule, trains_final=True))
+
+
 def _check_block(spec: RunSpec) -> None:
     _check_structured(spec)
     try:
