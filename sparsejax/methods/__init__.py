@@ -11,7 +11,7 @@ from sparsejax.methods.base import (
     periodic,
 )
 from sparsejax.methods.block import block
-from sparsejax.methods.channels import channels
+from sparsejax.methods.channels import channel_plan, channels
 from sparsejax.methods.dst import rigl, set_
 from sparsejax.methods.fixed import fixed
 from sparsejax.methods.gradual import gradual
@@ -27,6 +27,7 @@ __all__ = [
     "acdc",
     "always",
     "block",
+    "channel_plan",
     "channels",
     "dense_masks",
     "fixed",
