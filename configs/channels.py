@@ -1,8 +1,8 @@
 """Gradual channel pruning of the MLP neurons: half of every fc_in's output channels and the
 matching fc_out rows, in the Journey Matters window.
 
-Li et al. 2017, "Pruning Filters for Efficient ConvNets" (the L2 norm of a channel's weights
-ranks it); Zhu & Gupta 2017 / Jin et al. 2025 (gradual, geometric, 25%->75% of compute).
+Li et al. 2017, "Pruning Filters for Efficient ConvNets" (a norm of a channel's weights ranks
+it; L2 here, L1 there); Zhu & Gupta 2017 / Jin et al. 2025 (gradual, geometric, 25%->75% of compute).
 Attention projections stay dense (their channels are head dimensions): the weight sparsity of
 the prunable kernels is 0.5 x 2/3 = 1/3.
 

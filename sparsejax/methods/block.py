@@ -5,7 +5,7 @@ Each prunable kernel, seen as the ``(in, out)`` matrix it multiplies by
 is cut into ``(bk, bn)`` tiles; a tile's score pools its entries' scores, by L2 norm
 (``pooling="l2"``, the block norm of Gray et al. 2017, "GPU Kernels for Block-Sparse Weights",
 and of Narang et al. 2017, "Block-Sparse Recurrent Neural Networks") or by their maximum
-(``"max"``, JaxPruner's block pooling: Lee et al. 2023, "JaxPruner"), and the lowest tiles are
+(``"max"``, max pooling of the scores), and the lowest tiles are
 pruned, exactly, statically or along a gradual schedule (Zhu & Gupta 2017, "To prune, or not
 to prune"). Every pruned tile is all zero, so a trained model exports as block-sparse
 (``sparsejax export --format bsr`` with the same block) and runs on ``BSRLinear`` kernels.

@@ -3,9 +3,9 @@ declares which layer reads them, the matching input rows of that next layer.
 
 A channel of a kernel is one index of its output axis: a column of a Dense ``(in, out)``
 kernel, a filter ``[..., c]`` of a Conv ``(*window, Cin, Cout)`` kernel (:mod:`sparsejax.axes`).
-Its score pools the scores of all its weights by L2 norm (with ``score="magnitude"`` the
-filter norm of Li et al. 2017, "Pruning Filters for Efficient ConvNets"; JaxPruner's channel
-sparsity type pools scores over the other axes the same way). Every producing kernel keeps
+Its score pools the scores of all its weights by L2 norm (with ``score="magnitude"``, a
+norm-based filter ranking as in Li et al. 2017, "Pruning Filters for Efficient ConvNets", who
+use the L1 norm). Every producing kernel keeps
 exactly ``C - round(s C)`` of its ``C`` channels (``allocation="uniform"``), statically or
 along a gradual schedule.
 
