@@ -1,9 +1,10 @@
 """Gradual block-magnitude pruning of every dense kernel to 50% of its 32x32 blocks, in the
 Journey Matters window; the result exports as BSR.
 
-Narang et al. 2017, "Block-Sparse Recurrent Neural Networks" and Gray et al. 2017 (block L2
-norm); Zhu & Gupta 2017 / Jin et al. 2025 (gradual, geometric, 25%->75% of compute). The block
-is model.block (square), the one ``sparsejax export --format bsr RUN_DIR`` uses by default.
+Block L2 norm (Narang et al. 2017, "Block-Sparse Recurrent Neural Networks", use the
+block's max: sparsity.pooling=max); Zhu & Gupta 2017 / Jin et al. 2025 (gradual, geometric,
+25%->75% of compute). The block is model.block (square), the one
+``sparsejax export --format bsr RUN_DIR`` uses by default.
 
 Command:   sparsejax train --config configs/block.py:size=tiny --workdir runs/block
            sparsejax export --format bsr runs/block

@@ -2,7 +2,8 @@
 matching fc_out rows, in the Journey Matters window.
 
 Li et al. 2017, "Pruning Filters for Efficient ConvNets" (a norm of a channel's weights ranks
-it; L2 here, L1 there); Zhu & Gupta 2017 / Jin et al. 2025 (gradual, geometric, 25%->75% of compute).
+it; L2 here, L1 there); Zhu & Gupta 2017 / Jin et al. 2025 (gradual, geometric, 25%->75%
+of compute).
 Attention projections stay dense (their channels are head dimensions): the weight sparsity of
 the prunable kernels is 0.5 x 2/3 = 1/3.
 

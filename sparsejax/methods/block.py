@@ -3,12 +3,12 @@
 Each prunable kernel, seen as the ``(in, out)`` matrix it multiplies by
 (:func:`sparsejax.axes.layout`; a conv kernel's window positions compete in one selection),
 is cut into ``(bk, bn)`` tiles; a tile's score pools its entries' scores, by L2 norm
-(``pooling="l2"``, the block norm of Gray et al. 2017, "GPU Kernels for Block-Sparse Weights",
-and of Narang et al. 2017, "Block-Sparse Recurrent Neural Networks") or by their maximum
-(``"max"``, max pooling of the scores), and the lowest tiles are
-pruned, exactly, statically or along a gradual schedule (Zhu & Gupta 2017, "To prune, or not
-to prune"). Every pruned tile is all zero, so a trained model exports as block-sparse
-(``sparsejax export --format bsr`` with the same block) and runs on ``BSRLinear`` kernels.
+(``pooling="l2"``, the tile's Frobenius norm) or by their maximum (``"max"``: Narang et al.
+2017, "Block-Sparse Recurrent Neural Networks", represent a block by its largest magnitude).
+The lowest tiles are pruned, exactly, statically or along a gradual schedule (Zhu & Gupta
+2017, "To prune, or not to prune"). Every pruned tile is all zero, so a trained model exports
+as block-sparse (``sparsejax export --format bsr`` with the same block) and runs on
+``BSRLinear`` kernels (Gray et al. 2017, "GPU Kernels for Block-Sparse Weights").
 """
 
 from __future__ import annotations
