@@ -7,6 +7,23 @@ step, a RigL *update* step (drop/grow at every timed step) and the straight-thro
 (SR-STE 2:4, MDGF 1:8), whose masks are recomputed every step; target <= 2x dense.
 
     JAX_PLATFORMS=cpu python benchmarks/methods_compare.py [--steps 300] [--rounds 10]
+        [--recipes ste_unstructured,channels,block,acdc]   # these (and dense) only
+
+Recorded for the issue 27 rows (``--part train --recipes ste_unstructured,channels,block,acdc``;
+tiny GPT, 300 steps, a 2-core CPU shared with 7 other jobs at load 10-20, so the step times,
+dense's first under the heaviest load, do not compare; the losses are deterministic and equal
+the recipes' own runs):
+
+    method                         val loss  train FLOPs    N_avg  N_final
+    dense                            2.1149    5.436e+11   116480   116480
+    STE unstructured 0.5             2.3102    3.624e+11    67328    67328
+    channels (MLP 0.5, window)       2.1189    4.684e+11    96090    83712
+    block 32x32 (0.5, window)        2.1702    4.310e+11    85951    67328
+    AC/DC 0.5                        2.1688    4.349e+11    86989    67328
+
+and ``--part steps --rounds 3 --reps 3`` (same machine, interleaved rounds): dense 158.7 ms,
+RigL update step 1.08x, 2:4 SR-STE 0.89x, 1:8 MDGF 1.08x, STE unstructured 0.5 1.10x (its
+exact top-k mask recomputed every step).
 """
 
 from __future__ import annotations
@@ -36,6 +53,10 @@ RECIPES = {  # name -> (recipe file, extra overrides)
     "SPDF (static 0.75 -> dense)": ("spdf", {}),
     "2:4 SR-STE": ("sr_ste", {}),
     "1:8 MDGF": ("mdgf", {}),
+    "STE unstructured 0.5": ("ste_unstructured", {}),
+    "channels (MLP 0.5, window)": ("channels", {}),
+    "block 32x32 (0.5, window)": ("block", {}),
+    "AC/DC 0.5": ("acdc", {}),
 }
 
 
@@ -50,9 +71,11 @@ def load(name: str, steps: int):
     return c
 
 
-def train_all(steps: int, workdir: Path) -> dict[str, dict]:
+def train_all(steps: int, workdir: Path, only: set[str] | None = None) -> dict[str, dict]:
     out = {}
     for label, (name, extra) in RECIPES.items():
+        if only is not None and name not in only | {"dense"}:
+            continue
         c = load(name, steps)
         for k, v in extra.items():
             setattr(c.sparsity, k, v)
@@ -71,7 +94,8 @@ def step_timings(rounds: int, reps: int) -> dict[str, float]:
     corpus = data.load_corpus(None)
     steps = {}
     for label, name in (("dense", "dense"), ("RigL update step", "rigl"),
-                        ("2:4 SR-STE", "sr_ste"), ("1:8 MDGF", "mdgf")):
+                        ("2:4 SR-STE", "sr_ste"), ("1:8 MDGF", "mdgf"),
+                        ("STE unstructured 0.5", "ste_unstructured")):
         c = load(name, 1000)
         if name == "rigl":
             c.sparsity.update_every = 1  # every timed step drops and grows
@@ -113,6 +137,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--part", choices=("both", "train", "steps"), default="both")
+    ap.add_argument("--recipes", default=None,
+                    help="comma-separated recipe files (configs/NAME.py) to train, with dense")
     args = ap.parse_args()
     if args.part != "steps":
         train_table(args)
@@ -122,8 +148,13 @@ def main() -> None:
 
 def train_table(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"training {len(RECIPES)} recipes, tiny GPT, {args.steps} steps each", flush=True)
-        res = train_all(args.steps, Path(tmp))
+        only = set(args.recipes.split(",")) if args.recipes else None
+        unknown = (only or set()) - {name for name, _ in RECIPES.values()}
+        if unknown:
+            raise SystemExit(f"--recipes: unknown {sorted(unknown)}")
+        print(f"training {len(only) + 1 if only else len(RECIPES)} recipes, tiny GPT, "
+              f"{args.steps} steps each", flush=True)
+        res = train_all(args.steps, Path(tmp), only)
     dense = res["dense"]
     print(f"\n{'method':<30}{'val loss':>9}{'train FLOPs':>13}{'N_avg':>9}{'N_final':>9}"
           f"{'step ms':>9}{'vs dense':>9}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -77,6 +78,10 @@ def test_recipes_validate(name):
     assert checked.model_cfg.n_layer == 2 and checked.model_cfg.d_model == (128 if wide else 64)
     n = checked.model_cfg.d_model if wide else 8  # Wide's masks know its layers' shapes
     params = {"w": {"kernel": np.ones((n, n), np.float32)}}
+    if c.sparsity.method == "block":  # one block of the recipe's size
+        params = {"w": {"kernel": np.ones((c.model.block,) * 2, np.float32)}}
+    if c.sparsity.method == "channels":  # the GPT's declared pair: MLP fc_in -> fc_out
+        params = {"mlp": {k: {"kernel": np.ones((n, n), np.float32)} for k in ("fc_in", "fc_out")}}
     state = checked.tx.init(params)
     if c.sparsity.method == "dense":
         with pytest.raises(errors.NoSparsifyState):
@@ -88,7 +93,7 @@ def test_recipes_validate(name):
         final = float(checked.sparsity_schedule(c.train.steps - 1))
         assert final == pytest.approx(c.sparsity.final)
         stats = sparsejax.sparsity_stats(state, params)
-        assert stats.n_prunable == 64
+        assert stats.n_prunable == sum(np.size(x) for x in jax.tree.leaves(params))
         # static masks exist from init; gradual ones start dense
         at_init = c.sparsity.final if c.sparsity.method == "static" else 0.0
         assert float(stats.sparsity) == pytest.approx(at_init)

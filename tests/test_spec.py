@@ -51,12 +51,15 @@ def test_validate_checks_every_type_by_the_schema(key, value, match):
 def test_every_registered_method_declares_real_keys_and_builds():
     fields = {f.name for f in dataclasses.fields(SparsitySpec)}
     assert set(mask_methods.names()) == {"dense", "static", "gradual", "nm", "ste", "sr_ste",
-                                         "mdgf", "sdgf", "set", "rigl"}
+                                         "mdgf", "sdgf", "set", "rigl", "ste_unstructured",
+                                         "channels", "block", "acdc"}
     for name, entry in mask_methods.REGISTRY.items():
         assert set(entry.keys) <= fields, name
         c = tiny_config(sparsity__method=name, sparsity__final=0.5, sparsity__alpha=0.1,
                         sparsity__allocation="uniform", sparsity__n=1, sparsity__m=4,
-                        sparsity__update_every=1)
+                        sparsity__update_every=1, sparsity__acdc__warmup_steps=2,
+                        sparsity__acdc__dense_steps=1, sparsity__acdc__sparse_steps=1,
+                        sparsity__acdc__finetune_steps=2)
         assert experiment.check(c).method is not None, name
 
 

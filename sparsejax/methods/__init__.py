@@ -1,5 +1,6 @@
 """Mask methods for :func:`sparsejax.sparsify` (one file per method family)."""
 
+from sparsejax.methods.acdc import acdc
 from sparsejax.methods.base import (
     Cadence,
     MaskMethod,
@@ -9,6 +10,8 @@ from sparsejax.methods.base import (
     never,
     periodic,
 )
+from sparsejax.methods.block import block
+from sparsejax.methods.channels import channel_plan, channels
 from sparsejax.methods.dst import rigl, set_
 from sparsejax.methods.fixed import fixed
 from sparsejax.methods.gradual import gradual
@@ -16,11 +19,16 @@ from sparsejax.methods.nm import nm
 from sparsejax.methods.spdf import spdf
 from sparsejax.methods.static import static
 from sparsejax.methods.ste import mdgf, sdgf, sr_ste, ste
+from sparsejax.methods.ste_unstructured import ste_unstructured
 
 __all__ = [
     "Cadence",
     "MaskMethod",
+    "acdc",
     "always",
+    "block",
+    "channel_plan",
+    "channels",
     "dense_masks",
     "fixed",
     "following",
@@ -35,5 +43,6 @@ __all__ = [
     "sr_ste",
     "static",
     "ste",
+    "ste_unstructured",
     "mdgf",
 ]

@@ -177,6 +177,7 @@ ENUMS = {
     "sparsity.kind": ("geometric", "polynomial"),
     "sparsity.score": ("magnitude", "random", "saliency"),
     "sparsity.allocation": ("global", "uniform", "erk", "er"),
+    "sparsity.pooling": ("l2", "max"),
     "wandb.mode": ("offline", "online", "disabled"),
     "finetune.mode": ("sparse", "dense"),
     "finetune.distill": ("", "squarehead"),

@@ -21,6 +21,9 @@ from typing import Any, NamedTuple
 from sparsejax import methods, schedules
 from sparsejax.errors import ConfigError
 from sparsejax.methods.base import MaskMethod
+from sparsejax.methods.channels import GPT_PAIRS
+from sparsejax.methods.ste_unstructured import SCORES as STE_SCORES
+from sparsejax.models.gpt import GPTConfig
 from sparsejax.run.spec import RunSpec
 
 #: bytes per step of placing the sparsity window by compute (measured peak ~19.2 B/step)
@@ -202,3 +205,80 @@ register(MethodEntry("set", _DST_KEYS, _dst(methods.set_), check=_check_dst, tra
                      constant=True))
 register(MethodEntry("rigl", _DST_KEYS, _dst(methods.rigl), check=_check_dst,
                      trains_final=True, constant=True))
+
+# --- methods v2 (issue 27): unstructured STE, channels, AC/DC, block ------------------------
+
+
+def _check_ste_unstructured(spec: RunSpec) -> None:
+    need(spec.sparsity.score in STE_SCORES, "sparsity.score",
+         f"one of {STE_SCORES} for ste_unstructured", spec.sparsity.score)
+
+
+register(MethodEntry(
+    "ste_unstructured", ("final", "score", "allocation", "power_scale", "warmup", "hard_from"),
+    lambda spec, t: methods.ste_unstructured(
+        t.sparsity, score=spec.sparsity.score, allocation=t.allocation,
+        power_scale=spec.sparsity.power_scale, dense_steps=at(spec, spec.sparsity.warmup),
+        hard_from=_hard_from(spec)),
+    check=_check_ste_unstructured, trains_final=True))
+
+
+def _check_structured(spec: RunSpec) -> None:
+    need(spec.sparsity.allocation in ("uniform", "global"), "sparsity.allocation",
+         f"'uniform' or 'global' for {spec.sparsity.method}", spec.sparsity.allocation)
+    _check_gradual(spec)
+
+
+_GRADUAL_KEYS = ("final", "schedule", "start", "end", "by", "kind", "begin_step", "end_step",
+                 "update_every", "score", "allocation")
+register(MethodEntry(
+    "channels", _GRADUAL_KEYS,
+    lambda spec, t: methods.channels(t.sparsity, score=spec.sparsity.score, schedule=t.schedule,
+                                     pairs=GPT_PAIRS, allocation=spec.sparsity.allocation),
+    check=_check_structured, schedule=_gradual_schedule, trains_final=True))
+
+
+def _check_block(spec: RunSpec) -> None:
+    _check_structured(spec)
+    try:
+        cfg = GPTConfig.from_variant(spec.model.size)
+    except ValueError:
+        return  # the blueprint reports model.size itself, naming the key
+    b = spec.model.block
+    need(cfg.d_model % b == 0 and cfg.d_ff % b == 0, "model.block",
+         f"a divisor of d_model ({cfg.d_model}) and d_ff ({cfg.d_ff}) for sparsity.method="
+         "'block' (its square blocks tile every kernel)", b)
+
+
+register(MethodEntry(
+    "block", (*_GRADUAL_KEYS, "pooling"),  # the block: model.block (square)
+    lambda spec, t: methods.block(t.sparsity, block=(spec.model.block, spec.model.block),
+                                  score=spec.sparsity.score, schedule=t.schedule,
+                                  pooling=spec.sparsity.pooling,
+                                  allocation=spec.sparsity.allocation),
+    check=_check_block, schedule=_gradual_schedule, trains_final=True))
+
+
+def acdc_finetune_from(spec: RunSpec) -> int:
+    """The first step of AC/DC's final sparse phase: ``train.steps - finetune_steps``."""
+    return spec.train.steps - spec.sparsity.acdc.finetune_steps
+
+
+def _check_acdc(spec: RunSpec) -> None:
+    a = spec.sparsity.acdc
+    for key in ("warmup_steps", "dense_steps", "sparse_steps", "finetune_steps"):
+        need(getattr(a, key) >= 1, f"sparsity.acdc.{key}", "an int >= 1", getattr(a, key))
+    need(a.warmup_steps + a.finetune_steps <= spec.train.steps, "sparsity.acdc.finetune_steps",
+         f"<= train.steps - sparsity.acdc.warmup_steps = {spec.train.steps - a.warmup_steps} "
+         "(the final sparse phase follows the dense warm-up)", a.finetune_steps)
+
+
+register(MethodEntry(
+    "acdc", ("final", "acdc", "score", "allocation", "power_scale"),
+    lambda spec, t: methods.acdc(
+        t.sparsity, dense_steps=spec.sparsity.acdc.dense_steps,
+        sparse_steps=spec.sparsity.acdc.sparse_steps,
+        warmup_steps=spec.sparsity.acdc.warmup_steps, finetune_from=acdc_finetune_from(spec),
+        score=spec.sparsity.score, allocation=t.allocation,
+        power_scale=spec.sparsity.power_scale),
+    check=_check_acdc, trains_final=True))

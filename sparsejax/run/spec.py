@@ -89,6 +89,18 @@ class EvalSpec(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class AcdcSpec(_Section):
+    """AC/DC's phases in steps (:func:`sparsejax.methods.acdc`; Peste et al. 2021): a dense
+    warm-up, alternating sparse and dense phases, a final sparse fine-tune of
+    ``finetune_steps`` ending the run."""
+
+    warmup_steps: int = 30
+    dense_steps: int = 30
+    sparse_steps: int = 30
+    finetune_steps: int = 60
+
+
+@dataclasses.dataclass(frozen=True)
 class SparsitySpec(_Section):
     """The mask method and its settings; which keys a method reads is declared where it is
     registered (:mod:`sparsejax.run.mask_methods`)."""
@@ -118,6 +130,9 @@ class SparsitySpec(_Section):
     frames: int = 4
     pattern: str = "stepwise"
     drop_fraction: float = 0.3
+    # block (its block is model.block, square: what `sparsejax export --format bsr` reads)
+    pooling: str = "l2"
+    acdc: AcdcSpec = AcdcSpec()
 
 
 @dataclasses.dataclass(frozen=True)
