@@ -144,9 +144,11 @@ def differing_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     run's ``config.json``), present in only one counting as differing; keys under
     ``NON_RESULT_SECTIONS`` (logging only) and ``NON_RESULT_KEYS`` are ignored."""
     a, b = _flatten(old), _flatten(new)
-    for flat in (a, b):  # a run dir written before the key existed ran as this value
-        for k, v in ADDED_KEYS.items():
-            flat.setdefault(k, v)
+    defaults = _flatten(base().to_dict())
+    for flat in (a, b):  # a run dir written before the key existed ran as its default
+        for k in defaults:
+            if k in ADDED_KEYS or k.startswith(tuple(p + "." for p in ADDED_KEYS)):
+                flat.setdefault(k, defaults[k])
     return sorted(k for k in set(a) | set(b)
                   if k.split(".")[0] not in NON_RESULT_SECTIONS and k not in NON_RESULT_KEYS
                   and a.get(k, _MISSING) != b.get(k, _MISSING))
@@ -154,10 +156,14 @@ def differing_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 _MISSING = object()
 
-# Keys added after run dirs were written, with the value that reproduces those runs exactly:
-# a stored config without the key reads as that value (so such runs still resume). A key whose
-# default changes results (e.g. ``eval.seed``) must not be listed: it stays a difference.
-ADDED_KEYS: dict[str, Any] = {"data.vocab_size": 0}
+# Keys (or sections) added after run dirs were written whose default reproduces those runs
+# exactly: a stored config without the key reads as its default in :func:`base` (so such runs
+# still resume). A key whose default changes results (e.g. ``eval.seed``) must not be listed:
+# it stays a difference.
+ADDED_KEYS: tuple[str, ...] = (
+    "data.vocab_size",  # 0: the vocab from the data, as before
+    "sparsity.pooling", "sparsity.acdc",  # read only by the block and acdc methods, added with them
+)
 
 
 _need = mask_methods.need  # ConfigError("config.KEY must be EXPECTED, got VALUE")
