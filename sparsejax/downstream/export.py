@@ -54,9 +54,10 @@ CONTAINER_LAYOUTS = ("auto", *LAYOUTS, DENSE)  # --layout of safetensors / npz
 MIN_SAVING = 0.10  # refuse an export that saves less than this fraction of the dense bytes
 FORMAT_VERSION = "sparsejax-export/2"  # /2: a SHA-256 per tensor
 FORMAT_UNCHECKED = "sparsejax-export/1"  # read with a warning: no checksums
-FIX = ("to export compactly, train with block masks (model.linear=bsr, model.block=B) and "
-       "export --format bsr, or with N:M sparsity (sparsity.method=nm, or ste/sr_ste, "
-       "sparsity.n/m) and export --format nm")
+FIX = ("to export compactly, train with block masks (sparsity.method=block, or "
+       "model.linear=bsr; model.block=B) and export --format bsr, or with N:M sparsity "
+       "(sparsity.method=nm, or ste/sr_ste, sparsity.n/m) and export --format nm; "
+       "--layout dense exports any run as plain tensors")
 
 
 class ExportRefused(errors.InputError):
