@@ -241,8 +241,13 @@ def sparsify(
                 params,
                 lambda x, i: jnp.where(same[i], x, jnp.zeros_like(x)) if pr[i] else x,
             )
+            # hold_grown: this step trains only what was active before and stays active.
+            train = (jax.tree_util.tree_map(jnp.logical_and, masks, new) if method.hold_grown
+                     else new)
             masks = new
             target = jnp.asarray(method.target(step), jnp.float32)
+        else:
+            train = masks
 
         grads = updates
         if method.adjust_grads is not None:  # e.g. SR-STE's decay of the pruned weights
@@ -252,13 +257,13 @@ def sparsify(
         def mask_grad(g, m, pr):
             return jnp.where(m | st, g, jnp.zeros_like(g)) if pr else g
 
-        grads = jax.tree_util.tree_map(mask_grad, grads, masks, tree)
+        grads = jax.tree_util.tree_map(mask_grad, grads, train, tree)
         new_updates, inner_state = inner.update(grads, inner_state, params, **extra_args)
 
         def land(u, m, p, pr):  # straight-through phases keep the dense weights
             return jnp.where(m | st, u, -p).astype(u.dtype) if pr else u
 
-        new_updates = jax.tree_util.tree_map(land, new_updates, masks, params, tree)
+        new_updates = jax.tree_util.tree_map(land, new_updates, train, params, tree)
         _, beta = phase(step + 1)
         new_state = SparsifyState(
             count=optax.safe_increment(step),
