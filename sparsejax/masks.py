@@ -119,8 +119,9 @@ def global_topk(
     weights. At 95% on a 784-300-100-10 MLP with LeCun-normal weights, raw magnitudes keep
     7,396 of the first layer's 235,200 weights and 459 of the last layer's 1,000; L2-normalised
     ones keep 2,040 and 874 (a cross-check with other weights saw JaxPruner keep none of the
-    first layer, which disconnects the network). Pass ``normalize="l2"`` (``allocation=functools.partial(masks.global_topk,
-    normalize="l2")``) to reproduce JaxPruner.
+    first layer, which disconnects the network). Pass ``normalize="l2"``
+    (``allocation=functools.partial(masks.global_topk, normalize="l2")``) to reproduce
+    JaxPruner.
     """
     check_normalize(normalize)
     s_leaves, treedef = _leaves(scores)

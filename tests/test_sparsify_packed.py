@@ -94,3 +94,26 @@ def test_packed_masks_bit_equal_to_unpacked(method):
             assert (p1[layer]["kernel"][~m1[layer]["kernel"]] == 0).all()
         changed |= t > 0 and not (m1["d1"]["kernel"] == packed[t - 1][1]["d1"]["kernel"]).all()
     assert changed  # the masks moved during the run
+
+
+def test_config_key_packs_the_run_masks_and_loaders_unpack_them():
+    """sparsity.packed_masks=True builds sparsify(..., packed_masks=True); the run framework's
+    mask reader (checkpoint.find_masks, behind sparsejax.load) gives bool masks back."""
+    from conftest import tiny_config
+
+    from sparsejax.run import build, checkpoint, configlib
+
+    spec = configlib.validate(tiny_config(sparsity__method="static", sparsity__final=0.5,
+                                          sparsity__score="magnitude",
+                                          sparsity__allocation="uniform",
+                                          sparsity__packed_masks=True))
+    assert spec.sparsity.packed_masks is True
+    tx, _ = build.optimizer(spec, methods.static(0.5, score="magnitude", allocation="uniform"))
+    params = _params()
+    state = tx.init(params)
+    assert state.masks["d1"]["kernel"].dtype == jnp.uint8
+    raw = jax.tree_util.tree_map(np.asarray, state._asdict())  # a raw (dict) restore
+    found = checkpoint.find_masks({"opt_state": raw})
+    np.testing.assert_array_equal(np.asarray(found["d1"]["kernel"]),
+                                  np.asarray(sparsejax.masks_of(state)["d1"]["kernel"]))
+    assert found["d1"]["kernel"].dtype == jnp.bool_ and found["d1"]["kernel"].shape == (12, 16)

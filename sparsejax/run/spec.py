@@ -118,6 +118,7 @@ class SparsitySpec(_Section):
     frames: int = 4
     pattern: str = "stepwise"
     drop_fraction: float = 0.3
+    packed_masks: bool = False  # masks bit-packed in the optimizer state (sparsify's option)
 
 
 @dataclasses.dataclass(frozen=True)
