@@ -9,10 +9,16 @@ docs/design.md, "Optimizer side". One update:
    ``lax.cond``), compute new masks with the method (it may read params and grads), and zero
    the inner optimizer's state (Adam moments, accumulated gradients, ...) at every position
    whose mask changed, so dropped and regrown weights carry no stale moments;
-3. mask the gradients, so pruned weights accumulate no moments;
+3. mask the gradients, so pruned weights accumulate no moments (for a method with
+   ``hold_grown``, SET and RigL, the entries this step's mask update grew are masked too, so
+   they stay at exactly 0 with zero moments through this step);
 4. run ``inner``;
 5. return ``where(mask, updates, -params)`` so that ``optax.apply_updates`` lands pruned
    weights at exactly 0: after every step ``params == params * mask``.
+
+The state's fields are brought to their declared dtypes on entry (:func:`canonical_state`:
+``optax.contrib.sam`` blends states arithmetically), and with ``packed_masks=True`` the masks
+are stored 8 per byte (:mod:`sparsejax.packing`) and unpacked inside the update.
 
 Composition rule: nothing that changes updates may run after ``sparsify`` (README,
 "Composition rules"); transforms that rescale updates go *inside* it.
@@ -259,10 +265,14 @@ def sparsify(
                 new, method_state = recompute(masks, method_state)
             else:  # only masks go through the cond; the moment reset below is elementwise
                 # The kept branch returns the update's types: a wrapper that did arithmetic on
-                # the state (optax.contrib.sam) may have widened the method state's dtypes.
-                types = jax.eval_shape(recompute, masks, method_state)
+                # the state (optax.contrib.sam) may have widened the method state's dtypes
+                # (masks are bool already: canonical_state).
+                types = (jax.eval_shape(recompute, masks, method_state)
+                         if jax.tree_util.tree_leaves(method_state) else None)
 
                 def keep(m, s):
+                    if types is None:
+                        return m, s
                     return jax.tree_util.tree_map(
                         lambda x, t: jnp.asarray(x, t.dtype), (m, s), types)
 
