@@ -153,7 +153,7 @@ _MISSING = object()
 # Keys added after run dirs were written, with the value that reproduces those runs exactly:
 # a stored config without the key reads as that value (so such runs still resume). A key whose
 # default changes results (e.g. ``eval.seed``) must not be listed: it stays a difference.
-ADDED_KEYS: dict[str, Any] = {"data.vocab_size": 0}
+ADDED_KEYS: dict[str, Any] = {"data.vocab_size": 0, "sparsity.packed_masks": False}
 
 
 _need = mask_methods.need  # ConfigError("config.KEY must be EXPECTED, got VALUE")
