@@ -117,3 +117,7 @@ def test_config_key_packs_the_run_masks_and_loaders_unpack_them():
     np.testing.assert_array_equal(np.asarray(found["d1"]["kernel"]),
                                   np.asarray(sparsejax.masks_of(state)["d1"]["kernel"]))
     assert found["d1"]["kernel"].dtype == jnp.bool_ and found["d1"]["kernel"].shape == (12, 16)
+    # run dirs written before the key existed ran unpacked: they still resume
+    old = configlib.base().to_dict()
+    del old["sparsity"]["packed_masks"]
+    assert "sparsity.packed_masks" not in configlib.differing_keys(old, configlib.base().to_dict())
