@@ -3,14 +3,16 @@
 A *prunable predicate* is ``prunable(path, leaf) -> bool`` where ``path`` is a JAX key path
 (as given by :func:`jax.tree_util.tree_flatten_with_path`). The default (docs/design.md,
 "Params and the prunable predicate") selects floating-point leaves with ``ndim >= 2`` none of
-whose path *components* names an embedding, a positional table, a normalization layer, a bias
-or a scale (or the dense ``lowrank`` path of a Sparse-IFT Doped layer).
+whose path *components* names an embedding, a positional table, a learned token table (a ViT's
+``cls_token``, ``register_tokens``, a ``mask_token``), a normalization layer, a bias or a scale
+(or the dense ``lowrank`` path of a Sparse-IFT Doped layer).
 
 Matching is by whole path component, case-insensitive, never by substring:
 ``ConvTranspose_0/kernel``, ``compose/kernel``, ``posterior_head/kernel`` and
 ``prenorm_mlp/kernel`` are prunable; ``embed/embedding``, ``pos_embed``, ``LayerNorm_0/scale``,
-``final_norm/bias``, ``ln_f/scale`` are not. A component is tried as written (lower-cased) and
-with a trailing layer index removed (``LayerNorm_0`` -> ``layernorm``, ``ln_1`` -> ``ln``).
+``final_norm/bias``, ``ln_f/scale``, ``cls_token``, ``register_tokens`` are not. A component is
+tried as written (lower-cased) and with a trailing layer index removed (``LayerNorm_0`` ->
+``layernorm``, ``ln_1`` -> ``ln``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
     "embed*", "*embed", "*embeds", "*embedding", "*embeddings", "wte",
     # positional tables
     "pos", "pos_*", "position*", "wpe",
+    # learned token tables: class, register, mask and prompt tokens (a ViT's ``cls_token``
+    # (1, 1, D) and ``register_tokens`` (R, D) are parameters, not weight matrices)
+    "cls*", "*token*", "register*",
     # normalization layers
     "*norm", "layernorm*", "batchnorm*", "groupnorm*", "rmsnorm*", "ln", "ln_*", "bn",
     # per-feature vectors
@@ -45,9 +50,8 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
 
 _INDEX = re.compile(r"_?\d+$")
 
-
-
-
+# What each group of DEFAULT_EXCLUDE is, for the reasons ``describe`` prints.
+_LEARNED_TOKENS: tuple[str, ...] = ("cls*", "*token*", "register*")
 
 
 def _matches(component: str, pattern: str) -> bool:
@@ -99,7 +103,8 @@ class ComponentPredicate:
         for comp in components(path):
             for pattern in self.patterns:
                 if _matches(comp, pattern):
-                    return f"component {comp!r} excluded ({pattern!r})"
+                    what = ": a learned token table" if pattern in _LEARNED_TOKENS else ""
+                    return f"component {comp!r} excluded ({pattern!r}{what})"
         return None
 
     def __call__(self, path: Sequence[Any], leaf: Any) -> bool:

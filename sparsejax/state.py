@@ -6,10 +6,20 @@ the prunable and active counts that the masks define, and the training loop logs
 that. Every function here finds the :class:`~sparsejax.transforms.SparsifyState` anywhere
 inside chains, wrappers and ``flax.nnx.Optimizer`` states, and refuses a state whose
 composition cannot keep pruned weights at exactly 0 (README, "Composition rules").
+
+Flax NNX: ``opt_state`` may be ``nnx.Optimizer(...).opt_state`` (every array wrapped in an
+``OptVariable``) and ``params`` an ``nnx.State`` (``nnx.state(model, nnx.Param)``); both are
+unwrapped internally (:func:`plain`). Results that are params (:func:`prune`,
+:func:`forward_params`) come back in the form ``params`` was given (an ``nnx.State`` of the
+same Variables for ``nnx.update(model, ...)`` / ``nnx.merge``); the others are plain pytrees:
+:func:`masks_of` and :func:`check` nested dicts shaped like
+``nnx.to_pure_dict(nnx.state(model, nnx.Param))``. Packed masks (``sparsify(...,
+packed_masks=True)``) are unpacked: every function here sees and returns bool masks.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -22,6 +32,7 @@ from sparsejax.paths import path_str
 from sparsejax.transforms import (
     COMPOSE_HINT,
     SparsifyState,
+    canonical_state,
     count_violations,
     violations_message,
 )
@@ -35,6 +46,54 @@ class SparsityStats(NamedTuple):
     n_params: int  # every parameter entry
     n_prunable: int  # entries of the leaves the masks cover (the predicate sparsify used)
     n_active: jax.Array  # shape=(), int32 (float32 from 2**31 on): n_params minus pruned
+
+
+def _nnx() -> Any:
+    """``flax.nnx`` if it is imported (a tree holds NNX objects only then), else ``None``."""
+    return sys.modules.get("flax.nnx")
+
+
+def _has_nnx(tree: Any) -> bool:
+    nnx = _nnx()
+    if nnx is None:
+        return False
+    kinds = (nnx.Variable, nnx.State)
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, kinds))
+    return isinstance(tree, kinds) or any(isinstance(x, kinds) for x in leaves)
+
+
+def plain(tree: Any) -> Any:
+    """``tree`` with every ``nnx.State`` turned into nested dicts (``nnx.to_pure_dict``) and
+    every ``nnx.Variable`` (``Param``, ``nnx.Optimizer``'s ``OptVariable``/``OptArray``) into
+    its value; other pytrees are returned as they are."""
+    nnx = _nnx()
+    if nnx is None:
+        return tree
+    kinds = (nnx.Variable, nnx.State)
+
+    def leaf(x):
+        if isinstance(x, nnx.State):
+            return plain(nnx.to_pure_dict(x))
+        if isinstance(x, nnx.Variable):
+            return plain(x.get_value() if hasattr(x, "get_value") else x.value)
+        return x
+
+    return jax.tree_util.tree_map(leaf, tree, is_leaf=lambda x: isinstance(x, kinds))
+
+
+def _like(params: Any, result: Any) -> Any:
+    """``result`` (plain, shaped like :func:`plain` of ``params``) in ``params``' form: an
+    ``nnx.State`` or a tree of Variables gets fresh Variables of the same types."""
+    if not _has_nnx(params):
+        return result
+    nnx = _nnx()
+    if isinstance(params, nnx.State):
+        out = jax.tree_util.tree_map(lambda x: x, params)  # fresh Variables, same structure
+        nnx.replace_by_pure_dict(out, result)
+        return out
+    return jax.tree_util.tree_map(
+        lambda v, r: v.replace(r) if isinstance(v, nnx.Variable) else r, params, result,
+        is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def _child(node: Any, key: Any) -> Any:
@@ -79,6 +138,7 @@ def find_state(opt_state: Any) -> SparsifyState:
     followed by other transforms in a chain, wrapped by ``optax.lookahead``) or when an update
     found pruned weights that were not 0.
     """
+    opt_state = plain(opt_state)
     found = jax.tree_util.tree_flatten_with_path(
         opt_state, is_leaf=lambda x: isinstance(x, SparsifyState)
     )[0]
@@ -90,6 +150,7 @@ def find_state(opt_state: Any) -> SparsifyState:
                     "sparsify cannot keep pruned weights at 0 in this optimizer: "
                     + "; ".join(problems) + ". " + COMPOSE_HINT
                 )
+            leaf = canonical_state(leaf)  # bool masks (unpacked), declared dtypes
             n = leaf.violations
             if not isinstance(n, jax.core.Tracer) and int(n) > 0:
                 raise ValueError(violations_message(int(n), int(leaf.count) - 1))
@@ -99,7 +160,8 @@ def find_state(opt_state: Any) -> SparsifyState:
 
 
 def masks_of(opt_state: Any) -> Any:
-    """The current masks held in ``opt_state`` (anywhere inside chains, MultiSteps, ...)."""
+    """The current masks held in ``opt_state`` (anywhere inside chains, MultiSteps, ...), as
+    bool arrays (unpacked when stored packed; plain nested dicts for ``nnx.Optimizer``)."""
     return find_state(opt_state).masks
 
 
@@ -128,8 +190,10 @@ def prune(params: Any, opt_state: Any) -> Any:
     the first forward pass of a static-sparse run is already sparse.
 
     >>> # state = tx.init(params); params = sparsejax.prune(params, state)
+
+    An ``nnx.State`` ``params`` gives an ``nnx.State``: ``nnx.update(model, prune(...))``.
     """
-    return apply_masks(params, masks_of(opt_state))
+    return _like(params, apply_masks(plain(params), masks_of(opt_state)))
 
 
 @jax.custom_vjp
@@ -156,9 +220,11 @@ def forward_params(params: Any, opt_state: Any) -> Any:
     backward: the identity (``jax.custom_vjp``), so every weight, kept or pruned, receives the
     gradient of the loss with respect to its forward value (Bengio et al. 2013; Zhou et al.
     2021). ``sparsify`` then masks that gradient for hard-mask methods and keeps it for
-    straight-through ones. Leaves outside the masks are returned unchanged.
+    straight-through ones. Leaves outside the masks are returned unchanged; an ``nnx.State``
+    ``params`` gives an ``nnx.State`` (for ``nnx.merge(graphdef, ...)``).
     """
     state = find_state(opt_state)
+    like, params = params, plain(params)
     beta = state.forward_weight
 
     def leaf(m, p):
@@ -166,7 +232,8 @@ def forward_params(params: Any, opt_state: Any) -> Any:
             return p
         return _straight_through(p, jnp.where(m, 1.0, beta).astype(jnp.float32))
 
-    return jax.tree_util.tree_map(leaf, state.masks, params, is_leaf=_is_masked_node)
+    return _like(like, jax.tree_util.tree_map(leaf, state.masks, params,
+                                              is_leaf=_is_masked_node))
 
 
 def check(params: Any, opt_state: Any) -> Any:
@@ -174,9 +241,11 @@ def check(params: Any, opt_state: Any) -> Any:
     straight-through phase of STE-style methods, which keep pruned weights by design).
 
     All zeros means ``params == params * mask``. Raises ``ValueError`` for a composition that
-    cannot stay exact (see :func:`find_state`). Jittable.
+    cannot stay exact (see :func:`find_state`). Jittable. A plain pytree (nested dicts for
+    ``nnx.State`` params).
     """
     state = find_state(opt_state)  # straight-through phases keep pruned weights on purpose
+    params = plain(params)
     return jax.tree_util.tree_map(
         lambda m, p: jax.tree_util.tree_map(lambda _: jnp.int32(0), p) if _is_masked_node(m)
         else jnp.where(state.dense_weights, 0, count_violations(p, m)),
@@ -199,6 +268,7 @@ def sparsity_stats(opt_state: Any, params: Any) -> SparsityStats:
     leaf a scalar ``True``), so the counts follow the predicate ``sparsify`` was built with.
     """
     state = find_state(opt_state)
+    params = plain(params)
     n_params = n_prunable = 0
     kept = []
     for m, p in _pairs(state.masks, params):

@@ -9,10 +9,16 @@ docs/design.md, "Optimizer side". One update:
    ``lax.cond``), compute new masks with the method (it may read params and grads), and zero
    the inner optimizer's state (Adam moments, accumulated gradients, ...) at every position
    whose mask changed, so dropped and regrown weights carry no stale moments;
-3. mask the gradients, so pruned weights accumulate no moments;
+3. mask the gradients, so pruned weights accumulate no moments (for a method with
+   ``hold_grown``, SET and RigL, the entries this step's mask update grew are masked too, so
+   they stay at exactly 0 with zero moments through this step);
 4. run ``inner``;
 5. return ``where(mask, updates, -params)`` so that ``optax.apply_updates`` lands pruned
    weights at exactly 0: after every step ``params == params * mask``.
+
+The state's fields are brought to their declared dtypes on entry (:func:`canonical_state`:
+``optax.contrib.sam`` blends states arithmetically), and with ``packed_masks=True`` the masks
+are stored 8 per byte (:mod:`sparsejax.packing`) and unpacked inside the update.
 
 Composition rule: nothing that changes updates may run after ``sparsify`` (README,
 "Composition rules"); transforms that rescale updates go *inside* it.
@@ -27,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sparsejax import packing
 from sparsejax import prunable as prunable_lib
 from sparsejax.methods.base import MaskMethod, check_method
 
@@ -42,7 +49,8 @@ class SparsifyState(NamedTuple):
     """State of :func:`sparsify`."""
 
     count: jax.Array  # shape=(), int32: number of updates applied so far
-    masks: Any  # pytree like params: bool arrays on prunable leaves, scalar True elsewhere
+    masks: Any  # pytree like params: bool arrays on prunable leaves (uint8, 8 per byte along
+    # the last axis, with packed_masks=True: sparsejax.packing), scalar True elsewhere
     key: jax.Array  # shape=(2,), uint32: base PRNG key; step t uses fold_in(key, t)
     method_state: Any  # the mask method's own state
     inner_state: Any  # the wrapped transformation's state
@@ -129,6 +137,27 @@ def _raise_violations(n, step) -> None:
     raise ValueError(violations_message(int(n), int(step)))
 
 
+def canonical_state(state: SparsifyState) -> SparsifyState:
+    """``state`` with bool (unpacked) masks and every field in its declared dtype.
+
+    Wrappers that blend states arithmetically (``optax.contrib.sam`` keeps its inner state with
+    ``cond * new + (1 - cond) * old``) hand back bool fields as int32 0/1; comparing, negating
+    (``~``) and ``lax.cond`` need them as declared.
+    """
+    key = state.key
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = key.astype(jnp.uint32)
+    return state._replace(
+        count=jnp.asarray(state.count, jnp.int32),
+        masks=packing.bool_masks(state.masks),
+        key=key,
+        target_sparsity=jnp.asarray(state.target_sparsity, jnp.float32),
+        violations=jnp.asarray(state.violations, jnp.int32),
+        dense_weights=jnp.asarray(state.dense_weights) != 0,
+        forward_weight=jnp.asarray(state.forward_weight, jnp.float32),
+    )
+
+
 def sparsify(
     inner: optax.GradientTransformation,
     method: MaskMethod,
@@ -136,6 +165,7 @@ def sparsify(
     prunable: prunable_lib.Predicate | None = None,
     seed: int = 0,
     on_violation: str = "count",
+    packed_masks: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Train only the unmasked weights of ``params`` with ``inner``; masks come from ``method``.
 
@@ -155,6 +185,10 @@ def sparsify(
         then raises ``ValueError``; ``"raise"`` also raises from inside the jitted update
         through ``jax.debug.callback`` (a ``JaxRuntimeError`` quoting the message), which
         costs ~12% of a small MLP's CPU step: a debugging aid.
+      packed_masks: store the masks bit-packed in the state, 8 entries per byte along each
+        leaf's last axis (:mod:`sparsejax.packing`): an eighth of the bool masks' memory. The
+        update unpacks them inside the jitted step; methods and every reader of the state
+        (:func:`sparsejax.masks_of`, ...) see bool masks, equal bit for bit.
 
     ``update`` requires ``params``. Masks are in the state: see :func:`sparsejax.masks_of`;
     call :func:`sparsejax.prune` after ``init`` so the first forward pass is already sparse.
@@ -164,6 +198,9 @@ def sparsify(
         raise ValueError(f"inner must be an optax GradientTransformation, got {type(inner)!r}")
     if on_violation not in ("raise", "count"):
         raise ValueError(f"on_violation must be 'raise' or 'count', got {on_violation!r}")
+    if not isinstance(packed_masks, bool):
+        raise ValueError(f"packed_masks must be True or False, got {packed_masks!r}")
+    store = packing.pack_tree if packed_masks else (lambda m: m)
     pred = prunable_lib.resolve(prunable)
     inner = optax.with_extra_args_support(inner)
     cadence = method.cadence
@@ -179,7 +216,7 @@ def sparsify(
         dense_weights, beta = phase(jnp.int32(0))
         return SparsifyState(
             count=jnp.zeros([], jnp.int32),
-            masks=masks,
+            masks=store(masks),
             key=key,
             method_state=method_state,
             inner_state=inner.init(params),
@@ -202,6 +239,7 @@ def sparsify(
         if params is None:
             raise ValueError("sparsify: update(updates, state, params) needs params")
         tree = prunable_lib.prunable_tree(params, pred)
+        state = canonical_state(state)
         step = state.count
         masks, method_state, inner_state = state.masks, state.method_state, state.inner_state
         target = state.target_sparsity
@@ -226,9 +264,20 @@ def sparsify(
             if cadence.every_step:  # no cond: it would only add copies of its operands
                 new, method_state = recompute(masks, method_state)
             else:  # only masks go through the cond; the moment reset below is elementwise
+                # The kept branch returns the update's types: a wrapper that did arithmetic on
+                # the state (optax.contrib.sam) may have widened the method state's dtypes
+                # (masks are bool already: canonical_state).
+                types = (jax.eval_shape(recompute, masks, method_state)
+                         if jax.tree_util.tree_leaves(method_state) else None)
+
+                def keep(m, s):
+                    if types is None:
+                        return m, s
+                    return jax.tree_util.tree_map(
+                        lambda x, t: jnp.asarray(x, t.dtype), (m, s), types)
+
                 new, method_state = jax.lax.cond(
-                    cadence.is_update_step(step), recompute, lambda m, s: (m, s),
-                    masks, method_state,
+                    cadence.is_update_step(step), recompute, keep, masks, method_state,
                 )
             # Zero the inner state where the mask changed: the identity on steps without an
             # update, and it fuses with the inner update instead of being copied by a cond.
@@ -241,8 +290,13 @@ def sparsify(
                 params,
                 lambda x, i: jnp.where(same[i], x, jnp.zeros_like(x)) if pr[i] else x,
             )
+            # hold_grown: this step trains only what was active before and stays active.
+            train = (jax.tree_util.tree_map(jnp.logical_and, masks, new) if method.hold_grown
+                     else new)
             masks = new
             target = jnp.asarray(method.target(step), jnp.float32)
+        else:
+            train = masks
 
         grads = updates
         if method.adjust_grads is not None:  # e.g. SR-STE's decay of the pruned weights
@@ -252,17 +306,17 @@ def sparsify(
         def mask_grad(g, m, pr):
             return jnp.where(m | st, g, jnp.zeros_like(g)) if pr else g
 
-        grads = jax.tree_util.tree_map(mask_grad, grads, masks, tree)
+        grads = jax.tree_util.tree_map(mask_grad, grads, train, tree)
         new_updates, inner_state = inner.update(grads, inner_state, params, **extra_args)
 
         def land(u, m, p, pr):  # straight-through phases keep the dense weights
             return jnp.where(m | st, u, -p).astype(u.dtype) if pr else u
 
-        new_updates = jax.tree_util.tree_map(land, new_updates, masks, params, tree)
+        new_updates = jax.tree_util.tree_map(land, new_updates, train, params, tree)
         _, beta = phase(step + 1)
         new_state = SparsifyState(
             count=optax.safe_increment(step),
-            masks=masks,
+            masks=store(masks),
             key=state.key,
             method_state=method_state,
             inner_state=inner_state,

@@ -22,9 +22,12 @@ MATRIX = lambda path, leaf: jnp.ndim(leaf) >= 2  # noqa: E731 - prunable: the 2-
 
 # --- hand-worked 4x4 case ----------------------------------------------------------------------
 # Active (flat indices) 0, 2, 5, 7, 8, 10, 13, 15 with |w| .9 .1 .5 .05 .7 .3 .1 .8.
-# f0 = 0.5, end_step = 8, t = 4: f_t = 0.5 * (1 + cos(pi/2)) / 2 = 0.25, k = round(0.25 * 8) = 2.
-# Drop: the two smallest active |w|: index 7 (.05), then the tie .1 of 2 and 13: the lower index
-# (2) is kept, so 13 is dropped. Kept: {0, 2, 5, 8, 10, 15}.
+# f0 = 0.5, end_step = 8, t = 4: f_t = 0.5 * (1 + cos(pi/2)) / 2 = 0.25 in exact arithmetic, but
+# cos(pi/2) is -4.4e-8 in float32, so f_t * 8 = 1.9999999: rounding="round" replaces k = 2,
+# rounding="floor" (the reference's truncation, the default) k = 1.
+# round: drop the two smallest active |w|: index 7 (.05), then the tie .1 of 2 and 13: the lower
+# index (2) is kept, so 13 is dropped. Kept: {0, 2, 5, 8, 10, 15}.
+# floor: drop only index 7. Kept: {0, 2, 5, 8, 10, 13, 15}.
 ACTIVE = [0, 2, 5, 7, 8, 10, 13, 15]
 W = np.zeros(16, np.float32)
 W[ACTIVE] = [0.9, -0.1, 0.5, 0.05, -0.7, 0.3, 0.1, 0.8]
@@ -33,37 +36,88 @@ MASK[ACTIVE] = True
 KEPT = {0, 2, 5, 8, 10, 15}
 
 
-def _one_update(method, grads, key):
-    params = {"w": jnp.asarray(W.reshape(4, 4))}
+def _one_update(method, grads, key, w=W, mask=MASK, step=4):
+    params = {"w": jnp.asarray(w.reshape(4, 4))}
     new, _ = jax.jit(method.update, static_argnums=6)(
-        params, {"w": jnp.asarray(grads.reshape(4, 4))}, {"w": jnp.asarray(MASK.reshape(4, 4))},
-        (), jnp.int32(4), key, MATRIX,
+        params, {"w": jnp.asarray(grads.reshape(4, 4))}, {"w": jnp.asarray(mask.reshape(4, 4))},
+        (), jnp.int32(step), key, MATRIX,
     )
     return set(np.flatnonzero(np.asarray(new["w"]).ravel()).tolist())
 
 
+def _reference_rigl(mask, w, g, f0, t, end_step):
+    """google-research/rigl's SparseRigLOptimizer.generic_mask_update in float32 numpy: TF's
+    cosine_decay, n_prune = int32(float32(n_ones) * drop_fraction), keep the n_ones - n_prune
+    largest |mask * w|, grow the n_prune largest |g| outside the kept set (stable top-k)."""
+    f32 = np.float32
+    c = f32(min(t, end_step)) / f32(end_step)
+    fraction = f32(f0) * (f32(0.5) * (f32(1.0) + np.cos(f32(np.pi) * c)))
+    n_ones = int(mask.sum())
+    n_prune = int(f32(n_ones) * fraction)
+    drop_order = np.argsort(-np.abs(mask * w), kind="stable")
+    kept = np.zeros_like(mask)
+    kept[drop_order[:n_ones - n_prune]] = True
+    grow = np.abs(g)
+    lifted = np.where(kept, grow.min() - 1, grow)
+    grown = np.argsort(-lifted, kind="stable")[:n_prune]
+    new = kept.copy()
+    new[grown] = True
+    return set(np.flatnonzero(new).tolist())
+
+
 def test_rigl_hand_worked_4x4():
-    method = methods.rigl(0.5, update_every=4, end_step=8, drop_fraction=0.5)
+    method = methods.rigl(0.5, update_every=4, end_step=8, drop_fraction=0.5, rounding="round")
     g = np.full(16, 0.01, np.float32)
     g[[0, 5, 15]] = 10.0  # kept weights: not candidates, whatever their gradient
     g[4], g[11] = -3.0, 3.0  # tie in |g|: the lower index (4) wins
     g[13] = 0.5
     # Candidates: every weight outside KEPT (13 and 7, just dropped, included). Top-2 |g|: 4, 11.
     assert _one_update(method, g, jax.random.PRNGKey(0)) == KEPT | {4, 11}
+    # The default, rounding="floor": k = 1, only 7 dropped; 13 kept; the grow picks 4. That is
+    # what the reference computes (TF's top_k also keeps the lower index of a tie).
+    default = methods.rigl(0.5, update_every=4, end_step=8, drop_fraction=0.5)
+    assert _one_update(default, g, jax.random.PRNGKey(0)) == KEPT | {13, 4}
+    assert _reference_rigl(MASK, W, g, 0.5, 4, 8) == KEPT | {13, 4}
     # RigL reference: a just-dropped weight with a large gradient is grown again (stays active).
     g[13] = 5.0
     assert _one_update(method, g, jax.random.PRNGKey(0)) == KEPT | {13, 4}
     # f0 = 0.25: k = round(0.125 * 8) = 1: only index 7 is dropped, 13 stays kept (so it is no
     # candidate), and the grow picks 4 (|g| 3, tied with 11, lower index).
-    small = methods.rigl(0.5, update_every=4, end_step=8, drop_fraction=0.25)
+    small = methods.rigl(0.5, update_every=4, end_step=8, drop_fraction=0.25, rounding="round")
     assert _one_update(small, g, jax.random.PRNGKey(0)) == KEPT | {13, 4}
-    # rounding="floor" (the reference's truncation): float32 f_t * 8 = 0.99999994 -> k = 0.
-    floor = methods.rigl(0.5, update_every=4, end_step=8, drop_fraction=0.25, rounding="floor")
+    # rounding="floor" (the default): float32 f_t * 8 = 0.99999994 -> k = 0.
+    floor = methods.rigl(0.5, update_every=4, end_step=8, drop_fraction=0.25)
     assert _one_update(floor, g, jax.random.PRNGKey(0)) == set(ACTIVE)
 
 
+def test_rigl_default_is_the_reference_where_round_and_floor_differ():
+    """Hand-built updates (no ties) where the reference's truncation and round-half-to-even
+    give different drop counts: the default matches the reference, rounding="round" does not."""
+    w = W.copy()
+    w[ACTIVE] = [0.9, -0.15, 0.5, 0.05, -0.7, 0.3, 0.1, 0.8]  # distinct |w|
+    g = np.linspace(0.1, 1.6, 16, dtype=np.float32)[::-1].copy()  # distinct |g|, largest first
+    g[ACTIVE] *= 0.01  # a dropped weight is never grown again: the counts show in the masks
+    # through drop_and_grow (what rigl's update calls; test_rigl_hand_worked_4x4 runs rigl's
+    # default itself), one compile per rounding
+
+    @functools.partial(jax.jit, static_argnames="rounding")
+    def update(fraction, rounding="floor"):
+        new = dst.drop_and_grow({"w": jnp.asarray(w)}, {"w": jnp.asarray(MASK)},
+                                {"w": jnp.abs(jnp.asarray(g))}, fraction, {"w": True},
+                                rounding=rounding)
+        return new["w"]
+
+    # f_t * 8: 1.9999999, 2.7314, 0.99999994 (float32)
+    for f0, t in [(0.5, 4), (0.4, 2), (0.25, 4)]:
+        ref = _reference_rigl(MASK, w, g, f0, t, 8)
+        fraction = dst.cosine_drop_fraction(jnp.int32(t), f0, 8)
+        assert set(np.flatnonzero(np.asarray(update(fraction))).tolist()) == ref, (f0, t)
+        rounded = update(fraction, rounding="round")
+        assert set(np.flatnonzero(np.asarray(rounded)).tolist()) != ref, (f0, t)
+
+
 def test_set_hand_worked_4x4():
-    method = methods.set_(0.5, update_every=4, end_step=8, drop_fraction=0.5)
+    method = methods.set_(0.5, update_every=4, end_step=8, drop_fraction=0.5, rounding="round")
     key = jax.random.PRNGKey(7)
     # The uniform scores SET draws, derived here from the key: per leaf fold_in(key, crc32(path)).
     leaf_key = jax.random.fold_in(key, zlib.crc32(b"w") & 0x7FFFFFFF)
@@ -253,8 +307,10 @@ def test_invariants_over_many_steps(config, seed):
                 assert (masks_t[t] == prev).all(), t
             else:
                 changed_any |= bool(grown.any())
-                # a grown weight is exactly 0 when it is grown (it was pruned) ...
-                assert (before[t][grown] == 0).all()
+                # a grown weight is exactly 0 when it is grown (it was pruned), and stays 0
+                # with zero moments through that step (hold_grown, the reference semantics)
+                assert (before[t][grown] == 0).all() and (after[t][grown] == 0).all()
+                assert (tr["mu"][layer]["kernel"][t][grown] == 0).all()
             prev = masks_t[t]
     assert changed_any  # drop/grow happened before end_step
     # non-prunable leaves: scalar True masks, never zeroed
@@ -264,19 +320,22 @@ def test_invariants_over_many_steps(config, seed):
         assert (tr["after"][path[0]][path[1]] != 0).all()
 
 
-def test_grown_weights_start_from_zero_with_fresh_moments():
-    """At a grow step, a grown weight starts at exactly 0 with zero momentum: after that step
-    it holds exactly one fresh momentum-SGD step, -lr * g, and its trace is exactly g; a dropped
-    weight lands at exactly 0 with a zero trace."""
+@pytest.mark.parametrize("hold_grown", [True, False])
+def test_grown_weights_start_from_zero_with_fresh_moments(hold_grown):
+    """At a grow step, a grown weight starts at exactly 0 with zero momentum. With hold_grown
+    (the default, the reference's semantics) it is still exactly 0 with a zero trace after that
+    step, and the next step gives it one fresh momentum-SGD step, -lr * g; with
+    hold_grown=False it takes that fresh step at once. A dropped weight lands at exactly 0 with
+    a zero trace."""
     method = methods.rigl(0.5, update_every=2, end_step=6, drop_fraction=0.5,
-                          allocation="uniform")
+                          allocation="uniform", hold_grown=hold_grown)
     lr = 0.125
     tx = sparsify(optax.sgd(lr, momentum=0.9), method, prunable=MATRIX)
     params = {"w": jax.random.normal(jax.random.PRNGKey(0), (8, 8)), "b": jnp.ones(8)}
     state = tx.init(params)
     params = jax.tree_util.tree_map(lambda p, m: p * m, params, state.masks)
     grads = [{k: jax.random.normal(jax.random.PRNGKey(i), p.shape) for k, p in params.items()}
-             for i in range(3)]
+             for i in range(4)]
     update = jax.jit(tx.update)
     for t in range(3):  # steps 0, 1, 2 (2 is the first update step)
         old_masks = state.masks
@@ -285,14 +344,22 @@ def test_grown_weights_start_from_zero_with_fresh_moments():
         params = optax.apply_updates(params, updates)
     old, new = np.asarray(old_masks["w"]), np.asarray(state.masks["w"])
     grown, dropped = new & ~old, old & ~new
-    # k = round(32 * 0.5 * (1 + cos(pi / 3)) / 2) = 12 replaced; some dropped ones regrown
+    # floor(32 * f_2) with f_2 = 0.5 * (1 + cos(pi / 3)) / 2 = 0.375: 11 or 12 replaced (float32)
     assert grown.sum() == dropped.sum() > 0
     trace = np.asarray(state.inner_state[0].trace["w"])
     g = np.asarray(grads[2]["w"])
     assert (np.asarray(before["w"])[grown] == 0).all()
-    np.testing.assert_array_equal(np.asarray(params["w"])[grown], (-lr * g)[grown])
-    np.testing.assert_array_equal(trace[grown], g[grown])
-    assert (np.asarray(params["w"])[dropped] == 0).all() and (trace[dropped] == 0).all()
+    if hold_grown:
+        assert (np.asarray(params["w"])[grown] == 0).all() and (trace[grown] == 0).all()
+        # step 3 (no mask update): the grown weights take their first step, from 0
+        updates, state = update(grads[3], state, params)
+        params = optax.apply_updates(params, updates)
+        g3 = np.asarray(grads[3]["w"])
+        np.testing.assert_array_equal(np.asarray(params["w"])[grown], (-lr * g3)[grown])
+    else:
+        np.testing.assert_array_equal(np.asarray(params["w"])[grown], (-lr * g)[grown])
+        np.testing.assert_array_equal(trace[grown], g[grown])
+    assert (np.asarray(params["w"])[dropped] == 0).all()
     # RigL grew the candidates with the largest |dense gradient| (the grads passed in).
     candidates = ~(old & new)
     assert np.abs(g[grown]).min() >= np.abs(g[candidates & ~grown]).max()

@@ -175,3 +175,31 @@ def test_integer_leaf_is_never_masked_by_sparsify():
     pruned = sparsejax.prune(params, state)
     np.testing.assert_array_equal(pruned["counts"], params["counts"])
     assert pruned["counts"].dtype == jnp.int32
+
+
+def test_vit_learned_tokens_are_untouched_by_static_pruning():
+    """A ViT's class token (1, 1, D) and register tokens (R, D) are learned tables, not weight
+    matrices: the default keeps them dense under static(0.8), and describe says why."""
+    d = 8
+    rng = np.random.default_rng(0)
+    params = {
+        "cls_token": jnp.asarray(rng.normal(size=(1, 1, d)), jnp.float32),
+        "register_tokens": jnp.asarray(rng.normal(size=(4, d)), jnp.float32),
+        "encoder": {"block_0": {"mlp": {"kernel": jnp.asarray(rng.normal(size=(d, 4 * d)),
+                                                              jnp.float32)}}},
+        "cls_head": {"kernel": jnp.asarray(rng.normal(size=(d, 10)), jnp.float32)},
+    }
+    tx = sparsejax.sparsify(optax.sgd(0.1), sparsejax.methods.static(
+        0.8, score="magnitude", allocation="uniform"))
+    state = tx.init(params)
+    pruned = sparsejax.prune(params, state)
+    for name in ("cls_token", "register_tokens"):
+        np.testing.assert_array_equal(np.asarray(pruned[name]), np.asarray(params[name]))
+        assert np.ndim(sparsejax.masks_of(state)[name]) == 0  # scalar True: not prunable
+    kernel = np.asarray(pruned["encoder"]["block_0"]["mlp"]["kernel"])
+    assert int((kernel == 0).sum()) == round(0.8 * d * 4 * d)  # the matrix is pruned
+    row = {ln.split()[0]: ln for ln in sparsejax.describe(params, axes=False).splitlines()[1:-1]}
+    assert "component 'cls_token' excluded ('cls*': a learned token table)" in row["cls_token"]
+    assert "('*token*': a learned token table)" in row["register_tokens"]
+    assert " no " in row["cls_head/kernel"]  # cls* also names a class head: kept dense
+    assert " yes " in row["encoder/block_0/mlp/kernel"]

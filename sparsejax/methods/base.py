@@ -108,6 +108,10 @@ class MaskMethod(NamedTuple):
     unmasked (``adjust_grads(grads, params, masks)`` may refine it, as SR-STE does), and from
     ``hard_from`` on (if given) the masks become hard: pruned weights land at 0 and train no
     more.
+
+    ``hold_grown=True`` (SET and RigL by default, as in their reference implementation): the
+    entries a mask update turns on stay at exactly 0 through the step that grows them, with no
+    gradient reaching the inner optimizer; they train from the next step.
     """
 
     init: Callable[..., tuple[Masks, Any]]
@@ -119,6 +123,7 @@ class MaskMethod(NamedTuple):
     pruned_weight: Callable[[jax.Array], jax.Array] | None = None  # forward weight of pruned
     adjust_grads: Callable[[Any, Any, Masks], Any] | None = None  # (grads, params, masks)
     hard_from: int | None = None  # straight-through until this step, hard masks from it on
+    hold_grown: bool = False  # grown entries skip the update of the step that grows them
 
 
 def check_method(method: Any) -> MaskMethod:

@@ -11,20 +11,29 @@ every step ``t`` with ``t % update_every == 0`` and ``0 < t < end_step`` (Algori
 RigL paper, "t mod ΔT == 0 and t < T_end"; step 0 is left out because the mask was just drawn
 in ``init``), every prunable leaf with ``n`` active weights
 
-1. drops the ``k = round(f_t n)`` active weights of lowest ``|w|``, with
+1. drops the ``k = floor(f_t n)`` active weights of lowest ``|w|``, with
    ``f_t = drop_fraction * (1 + cos(pi * min(t, end_step) / end_step)) / 2``;
 2. grows ``k`` weights among those not kept by the drop, by the highest uniform score (SET)
-   or the highest ``|dense gradient|`` (RigL).
+   or the highest ``|dense gradient|`` (RigL);
+3. (``hold_grown=True``) keeps the grown weights at exactly 0 through the step that grows
+   them: that step's update skips them, so they start training at the next step, from 0 with
+   zero optimizer moments.
 
-Choices taken from the reference implementation (google-research/rigl,
+The defaults follow the reference implementation (google-research/rigl,
 ``rigl/sparse_optimizers.py``, ``SparseSETOptimizer._get_update_op`` and
 ``SparseRigLOptimizer.generic_mask_update``):
 
-- the reference's ``n_prune = int32(float32(n_ones) * drop_fraction)`` truncates: that is
-  ``rounding="floor"``. The default, ``rounding="round"`` (half-to-even, like every count in
-  :mod:`sparsejax.masks`), differs from it by at most one weight per leaf and is not thrown
-  off by float32 error in the cosine (``cos(pi / 2)`` is ``-4.4e-8``, so ``f_t n`` can land
-  just below an integer that truncation then misses by one);
+- ``rounding="floor"``: the reference's ``n_prune = int32(float32(n_ones) * drop_fraction)``
+  truncates, with ``drop_fraction`` from TF's ``cosine_decay`` in float32 (evaluated here in the
+  same order: ``f0 * (0.5 * (1 + cos(pi * (t / end_step))))``). ``rounding="round"``
+  (half-to-even, like every count in :mod:`sparsejax.masks`; the default before) differs by at
+  most one weight per leaf, e.g. where float32 error puts ``f_t n`` just below an integer
+  (``cos(pi / 2)`` is ``-4.4e-8`` in float32, so ``0.25 * 0.5 * (1 + cos(pi / 2)) * 8`` is
+  ``0.99999994``: floor drops 0 weights, round 1);
+- ``hold_grown=True``: in the reference a grown weight is still 0 after the step that grows it
+  (SET updates the mask after that step's optimizer update, RigL instead of it).
+  ``hold_grown=False`` (the default before) lets the grown weights take that step's update
+  (from 0, with zero moments: with SGD they hold ``-lr * g`` after it);
 - the grow candidates are all weights outside the kept set (``score_grow_lifted`` gives only
   the kept ones the lowest score), *including the weights just dropped*: a dropped weight that
   is grown again simply stays active (``reinit_when_same=False``), keeping its value and its
@@ -34,14 +43,11 @@ Choices taken from the reference implementation (google-research/rigl,
 
 Differences from the reference: ties are broken deterministically (lower flat index kept,
 as everywhere in :mod:`sparsejax.masks`) instead of by adding N(0, 1e-5) noise to the drop
-score; and the mask update runs inside :func:`sparsejax.sparsify` *before* that step's
-optimizer update, with the new masks (the reference updates the mask after that step's
-optimizer update in SET, and instead of it in RigL, so there a grown weight is still 0 after
-the step). Grown weights are exactly 0 when they are grown (they were pruned, and ``sparsify``
-keeps ``params == params * mask``), and ``sparsify`` zeroes the inner optimizer's state
-wherever a mask changes, so a grown weight's first update starts from 0 with zero moments
-(with SGD it holds exactly ``-lr * g`` after the step), and a dropped weight lands at exactly
-0 in the same step.
+score; the mask update runs inside :func:`sparsejax.sparsify` *before* that step's optimizer
+update and reads the weights before it (SET's reference reads them after it); on a RigL
+update step the weights that stay active still take the step's update (the reference skips
+the optimizer update on those steps). Dropped weights land at exactly 0 in the step that drops
+them, and ``sparsify`` zeroes the inner optimizer's state wherever a mask changes.
 
 The selections are exact and sort-free: one :func:`sparsejax.radix.select` for the drop and
 one for the grow, each over all prunable leaves at once (a segment per leaf).
@@ -71,10 +77,13 @@ def cosine_drop_fraction(
     """``f_t = drop_fraction * (1 + cos(pi * min(t, end_step) / end_step)) / 2`` (float32).
 
     The RigL schedule of the fraction of active weights replaced at step ``t`` (Evci et al.
-    2020, eq. 1; the reference's ``cosine_decay(drop_fraction, t, end_step)``).
+    2020, eq. 1; the reference's ``cosine_decay(drop_fraction, t, end_step)``), with TF's
+    float32 operations in TF's order: ``f0 * (0.5 * (1 + cos(pi * (t / end_step))))``.
     """
     t = jnp.minimum(jnp.asarray(step, jnp.float32), jnp.float32(end_step))
-    return jnp.float32(drop_fraction) * 0.5 * (1.0 + jnp.cos(jnp.float32(math.pi) * t / end_step))
+    completed = t / jnp.float32(end_step)
+    decayed = jnp.float32(0.5) * (1.0 + jnp.cos(jnp.float32(math.pi) * completed))
+    return jnp.float32(drop_fraction) * decayed
 
 
 def _check(
@@ -117,11 +126,11 @@ def drop_and_grow(
     fraction: jax.Array,
     prunable_tree: Any,
     *,
-    rounding: str = "round",
+    rounding: str = "floor",
 ) -> Any:
     """One SET/RigL connectivity update of every prunable leaf (exact, sort-free).
 
-    For a leaf with ``n`` active weights, ``k = round(fraction * n)`` (or ``floor``): keep
+    For a leaf with ``n`` active weights, ``k = floor(fraction * n)`` (or ``round``): keep
     the ``n - k`` active weights of largest ``|w|``, then activate the ``k`` entries of highest
     ``grow_scores`` outside the kept set (the just-dropped weights included, as in the RigL
     reference). Scores must be ``>= 0`` (``|g|``, uniform draws). Ties keep the lower flat
@@ -169,8 +178,11 @@ def _dst(
     allocation: str | Selection,
     power_scale: float,
     rounding: str,
+    hold_grown: bool,
 ) -> MaskMethod:
     _check(sparsity, update_every, end_step, drop_fraction, rounding, allocation)
+    if not isinstance(hold_grown, bool):
+        raise ValueError(f"hold_grown must be True or False, got {hold_grown!r}")
     target = jnp.float32(sparsity)
 
     def init(params, key, prunable):
@@ -189,7 +201,7 @@ def _dst(
     alloc_name = allocation if isinstance(allocation, str) else "custom"
     return MaskMethod(
         init, update, periodic(update_every, begin_step=update_every, end_step=end_step),
-        target=constant_target(sparsity), name=f"{name}/{alloc_name}",
+        target=constant_target(sparsity), name=f"{name}/{alloc_name}", hold_grown=hold_grown,
     )
 
 
@@ -201,20 +213,23 @@ def set_(
     drop_fraction: float = 0.3,
     allocation: str | Selection = "erk",
     power_scale: float = 1.0,
-    rounding: str = "round",
+    rounding: str = "floor",
+    hold_grown: bool = True,
 ) -> MaskMethod:
     """SET (Mocanu et al. 2018): drop the smallest |w|, regrow as many at random.
 
     Every ``update_every`` steps ``t`` with ``0 < t < end_step``, each prunable leaf replaces
-    ``round(f_t n)`` of its ``n`` active weights, ``f_t`` the cosine-decayed ``drop_fraction``
+    ``floor(f_t n)`` of its ``n`` active weights (``rounding="round"``: half-to-even), ``f_t``
+    the cosine-decayed ``drop_fraction``
     (:func:`cosine_drop_fraction`, the RigL paper's schedule); the grown ones are the highest
     uniform scores :func:`sparsejax.scores.random` draws from the step's key (``sparsify``:
     ``fold_in(PRNGKey(seed), t)``) among the weights not kept. Per-layer counts are exact and
     constant; the initial mask is random with ``allocation`` (``"uniform"``, ``"erk"``, ...).
-    See the module docstring for the reference choices.
+    Grown weights stay at 0 through the step that grows them (``hold_grown=False``: they take
+    its update). See the module docstring for the reference choices.
     """
     return _dst("set", _grow_scores_set, sparsity, update_every, end_step, drop_fraction,
-                allocation, power_scale, rounding)
+                allocation, power_scale, rounding, hold_grown)
 
 
 def rigl(
@@ -225,14 +240,16 @@ def rigl(
     drop_fraction: float = 0.3,
     allocation: str | Selection = "erk",
     power_scale: float = 1.0,
-    rounding: str = "round",
+    rounding: str = "floor",
+    hold_grown: bool = True,
 ) -> MaskMethod:
     """RigL (Evci et al. 2020, "Rigging the Lottery"): drop the smallest |w|, regrow as many
     where the dense gradient ``|g|`` is largest.
 
     The gradient is the one ``sparsify`` receives, before masking: the gradient of the loss
-    with respect to every weight, pruned ones (which are 0) included. Same schedule, counts and
-    initial mask as :func:`set_`; see the module docstring for the reference choices.
+    with respect to every weight, pruned ones (which are 0) included. Same schedule, counts,
+    ``rounding``, ``hold_grown`` and initial mask as :func:`set_`; see the module docstring for
+    the reference choices.
     """
     return _dst("rigl", _grow_scores_rigl, sparsity, update_every, end_step, drop_fraction,
-                allocation, power_scale, rounding)
+                allocation, power_scale, rounding, hold_grown)

@@ -153,7 +153,8 @@ def optimizer(spec: RunSpec, method: MaskMethod | None = None, *, masks: Any = N
     )
     if masks is not None:
         method = methods.fixed(masks)
-    tx = inner if method is None else sparsify(inner, method, seed=spec.seed)
+    tx = inner if method is None else sparsify(
+        inner, method, seed=spec.seed, packed_masks=spec.sparsity.packed_masks)
     return tx, lr
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from sparsejax import checks, errors
+from sparsejax import checks, errors, packing
 from sparsejax.radix import _flat_position
 from sparsejax.run.rundir import PathLike, RunDir
 from sparsejax.transforms import SparsifyState
@@ -357,11 +357,12 @@ def find_sparse_state(opt_state: Any) -> Any | None:
 
 
 def find_masks(opt_state: Any) -> Any | None:
-    """The masks inside a raw (dict-shaped) or structured optimizer state, if any."""
+    """The masks inside a raw (dict-shaped) or structured optimizer state, if any (bool;
+    unpacked when the run stored them packed, ``sparsity.packed_masks``)."""
     state = find_sparse_state(opt_state)
     if state is None:
         return None
-    return state.masks if hasattr(state, "masks") else state["masks"]
+    return packing.bool_masks(state.masks if hasattr(state, "masks") else state["masks"])
 
 
 def save_weights(run_dir: PathLike, step: int, params: Any, masks: Any | None = None) -> None:

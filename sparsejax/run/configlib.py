@@ -163,6 +163,7 @@ _MISSING = object()
 ADDED_KEYS: tuple[str, ...] = (
     "data.vocab_size",  # 0: the vocab from the data, as before
     "sparsity.pooling", "sparsity.acdc",  # read only by the block and acdc methods, added with them
+    "sparsity.packed_masks",  # False: bool masks, as before (packing is bit-exact anyway)
 )
 
 

@@ -133,6 +133,7 @@ class SparsitySpec(_Section):
     # block (its block is model.block, square: what `sparsejax export --format bsr` reads)
     pooling: str = "l2"
     acdc: AcdcSpec = AcdcSpec()
+    packed_masks: bool = False  # masks bit-packed in the optimizer state (sparsify's option)
 
 
 @dataclasses.dataclass(frozen=True)
