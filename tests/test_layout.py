@@ -51,6 +51,8 @@ LOCAL_IMPORTS: dict[tuple[str, str], str] = {
     ("sparsejax.sweep.worker", "ml_collections"): "after the CPU affinity is set",
     ("sparsejax.sweep.launcher", "sparsejax.sweep.ray_backend"): "ray: optional extra",
     ("sparsejax.run.outputs", "wandb"): "heavy, and only when wandb.enabled",
+    ("sparsejax.run.mask_methods", "sparsejax.models.gpt"): "flax: only sparsity.method=block's "
+    "check; the schema must refuse a bad key before flax loads (test_cli_errors)",
     ("sparsejax.run.tokenizer", "tokenizers"): "optional extra bpe, only for BPE tokenizers",
     ("pallas_kernels.block_sparse.kernel", "jax.experimental.pallas.tpu"): "TPU backend only",
     ("pallas_kernels.block_sparse.kernel", "jax.experimental.pallas.triton"): "GPU backend only",

@@ -23,7 +23,6 @@ from sparsejax.errors import ConfigError
 from sparsejax.methods.base import MaskMethod
 from sparsejax.methods.channels import GPT_PAIRS
 from sparsejax.methods.ste_unstructured import SCORES as STE_SCORES
-from sparsejax.models.gpt import GPTConfig
 from sparsejax.run.spec import RunSpec
 
 #: bytes per step of placing the sparsity window by compute (measured peak ~19.2 B/step)
@@ -240,6 +239,8 @@ register(MethodEntry(
 
 def _check_block(spec: RunSpec) -> None:
     _check_structured(spec)
+    from sparsejax.models.gpt import GPTConfig  # flax: only for this method's check
+
     try:
         cfg = GPTConfig.from_variant(spec.model.size)
     except ValueError:
