@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from scaling import forms, identify, likelihood
+from scaling import forms, identify, likelihood, weak
 from scaling.laws import ChinchillaLaw, FrantarLaw
 from scaling.solver import Penalty, minimize_bounded
 from scaling.uncertainty import Bootstrap, LeaveOneOut, bootstrap, leave_one_out
@@ -142,8 +142,6 @@ class _FitTable:
         """This fit, also flagged degenerate where a bootstrap ``level`` interval of a free
         coefficient excludes its estimate, and ``weak`` where an interval is wider than
         ``scaling.weak.WEAK_WIDTH`` times its estimate (``widths`` holds every one)."""
-        from scaling import weak
-
         extra = identify.bootstrap_reasons(boot, self.fixed, level)
         new = tuple(r for r in extra if r not in self.reasons)
         widths = weak.relative_widths(self, boot, level)

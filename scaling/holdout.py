@@ -123,11 +123,11 @@ def format_holdout(results: list[HoldoutResult], spec: str) -> str:
     best = min(range(len(results)), key=lambda i: results[i].rmse)
     r0 = results[0]
     lines = [f"holdout {spec}: fit on {r0.n_train} runs, predict {len(r0.held)}",
-             f"{'N':<20} {'held-out RMSE log L':>20} {'fit RMSE log L':>15}  flag",
+             f"{'N used':<20} {'held-out RMSE log L':>20} {'fit RMSE log L':>15}  flag",
              f"{'-' * 20} {'-' * 20} {'-' * 15}  {'-' * 10}"]
     for i, r in enumerate(results):
         flag = "DEGENERATE" if r.reasons else ("best" if i == best and len(results) > 1 else "")
-        lines.append(f"{r.label:<20} {r.rmse:>20.4g} {r.train_rmse:>15.4g}  {flag}")
+        lines.append(f"{r.label:<20} {r.rmse:>20.6g} {r.train_rmse:>15.4g}  {flag}")
     lines.append("")
     width = max(len(n) for n in r0.held)
     head = f"{'held-out run':<{width}} {'loss':>8} " + " ".join(
@@ -135,7 +135,7 @@ def format_holdout(results: list[HoldoutResult], spec: str) -> str:
     lines.append(head)
     for j, name in enumerate(r0.held):
         lines.append(f"{name:<{width}} {r0.observed[j]:>8.4f} " + " ".join(
-            f"{r.log_error[j]:>+16.4f}" for r in results))
+            f"{r.log_error[j]:>+16.5f}" for r in results))
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ What is measured (``relative_widths``):
 ``WEAK_WIDTH`` = 1: the 95% interval is wider than the estimate itself (e.g. more than
 +-50%): the data do not fix the parameter's magnitude, and extrapolations that lean on it
 (E sets the loss at infinite scale; an exponent sets the compute-optimal split) are not
-supported. On the Chinchilla data (240 runs) every width is below 0.25; on Frantar et al.'s
+supported. On the Chinchilla data (240 runs) every width is about 0.3 or less; on Frantar et al.'s
 T5 runs (48) the D term, its exponent f and g exceed it.
 """
 
