@@ -31,6 +31,8 @@ from scaling.compare import COMPARED, compare_n, fit_table, format_comparison
 from scaling.derived import derived_intervals, format_derived
 from scaling.fit import OBJECTIVES, kept_rows
 from scaling.holdout import format_holdout, holdout
+from scaling.isoflop import fit_isoflop
+from scaling.kaplan import fit_kaplan
 from scaling.uncertainty import bootstrap, leave_one_out
 from scaling.weights import table_weights
 
@@ -42,7 +44,10 @@ def _parser() -> argparse.ArgumentParser:
         "2025) or the sparse law of Frantar et al. 2023 to a sweep dir or CSV.",
     )
     p.add_argument("source", help="sweep dir (run dirs with summary.json) or CSV (N, D, loss)")
-    p.add_argument("--law", choices=("chinchilla", "frantar"), default="chinchilla")
+    p.add_argument("--law", choices=("chinchilla", "frantar", "kaplan", "isoflop"),
+                   default="chinchilla",
+                   help="kaplan: Kaplan et al. 2020's L(N, D); isoflop: Chinchilla Approach 2 "
+                   "(a parabola per budget C = 6 N D, power laws through the minima)")
     p.add_argument(
         "--bootstrap",
         type=int,
@@ -168,6 +173,37 @@ def _warn(fit) -> None:
               file=sys.stderr)
 
 
+def _kaplan(table, weights, args) -> str:
+    if weights is not None:
+        raise ValueError("--law kaplan takes no --weights")
+    fit = fit_kaplan(table.N, table.D, table.loss, huber_delta=args.huber_delta)
+    law = fit.law
+    return (f"KaplanFit (Kaplan et al. 2020, L = ((N_c/N)^(alpha_N/alpha_D) + D_c/D)^alpha_D; "
+            f"Huber delta={fit.huber_delta:g})\n"
+            f"  alpha_N {law.alpha_N:>12.6g}\n  alpha_D {law.alpha_D:>12.6g}\n"
+            f"  N_c     {law.N_c:>12.6g}\n  D_c     {law.D_c:>12.6g}\n"
+            f"  objective {fit.objective:.6e} (sum over {fit.n_points} points); "
+            f"{fit.n_at_best} of {fit.n_starts} starts at the best")
+
+
+def _isoflop(table, weights, args) -> str:
+    fit = fit_isoflop(table.N, table.D, table.loss, weights=weights)
+    rows = ["Chinchilla Approach 2 (Hoffmann et al. 2022): iso-FLOP parabolas in log N",
+            f"  {'C (FLOPs)':>12} {'runs':>5} {'N_opt':>12} {'D_opt':>12} {'loss there':>11}"]
+    for b in fit.budgets:
+        where = "" if b.inside else "  (outside the runs: extrapolated)"
+        rows.append(f"  {b.flops:>12.4g} {b.n_points:>5} {b.n_opt:>12.5g} {b.d_opt:>12.5g} "
+                    f"{b.loss_opt:>11.4f}{where}")
+    rows.append(f"compute-optimal exponents: N_opt ~ C^{fit.a:.4f}, D_opt ~ C^{fit.b:.4f}")
+    if args.flops is not None:
+        rows.append(f"at C = {args.flops:.4g}: N_opt {float(fit.n_opt(args.flops)):.5g}, "
+                    f"D_opt {float(fit.d_opt(args.flops)):.5g}")
+    return "\n".join(rows)
+
+
+OTHER_LAWS = {"kaplan": _kaplan, "isoflop": _isoflop}
+
+
 def _check_args(args) -> str:
     """The first problem with the arguments ('' when none)."""
     if args.flops is not None and not (math.isfinite(args.flops) and args.flops > 0):
@@ -177,8 +213,10 @@ def _check_args(args) -> str:
             return "--plan-sparsity needs --flops (the training budget to plan for)"
         if not 0 <= args.plan_sparsity < 1:
             return f"--plan-sparsity must be in [0, 1); got {args.plan_sparsity}"
-    if args.flops is not None and args.law != "chinchilla":
-        return "--flops needs --law chinchilla (the compute-optimal split)"
+    if args.flops is not None and args.law not in ("chinchilla", "isoflop"):
+        return "--flops needs --law chinchilla or isoflop (the compute-optimal split)"
+    if args.law in OTHER_LAWS and (args.holdout or args.compare_n):
+        return f"--holdout and --compare-n take --law chinchilla or frantar, not {args.law}"
     return ""
 
 
@@ -227,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"sparsejax: warning: N = {r.n_key}: {r.fit.warning()}", file=sys.stderr)
             return 0
         table = logs.load_table(args.source, n_key=args.n_key)
+        if args.law in OTHER_LAWS:
+            print(f"{len(table.loss)} points from {args.source} (N = {table.n_key})")
+            print(OTHER_LAWS[args.law](table, table_weights(table, args.weights), args))
+            return 0
         if args.law == "frantar" and args.n_key is None and table.n_key == "n_avg":
             # Frantar et al. count final non-zero parameters (a CSV's own N column is kept)
             table = logs.load_table(args.source, n_key="n_active")

@@ -95,3 +95,17 @@ def test_data_constrained_law_recovers_r_star():
     with pytest.raises(ValueError, match="repeats data"):
         one = D <= U
         fit_data_constrained(N[one], D[one], U[one], loss[one], base=base)
+
+
+def test_cli_fits_the_isoflop_and_kaplan_laws(tmp_path, capsys):
+    from scaling.cli import main
+
+    n, d, loss = _isoflop_runs(lambda c, n: 2 + 0.05 * np.log(n / (0.13 * c**0.5)) ** 2)
+    path = tmp_path / "iso.csv"
+    path.write_text("N,D,loss\n" + "".join(f"{a:.17g},{b:.17g},{c:.17g}\n" for a, b, c in zip(
+        n, d, loss, strict=True)))
+    assert main([str(path), "--law", "isoflop", "--flops", "1e22"]) == 0
+    out = capsys.readouterr().out
+    assert "N_opt ~ C^0.5000, D_opt ~ C^0.5000" in out and "N_opt 1.3e+10" in out
+    assert main([str(path), "--law", "kaplan", "--holdout", "largest-D"]) == 2
+    assert "not kaplan" in capsys.readouterr().err
