@@ -28,10 +28,10 @@ def test_derived_intervals_cover_the_truth_and_are_the_replicates_percentiles():
              "N_opt": float(LAW.compute_optimal(C).N), "D_opt": float(LAW.compute_optimal(C).D),
              "plan_n_dense": plan_sparse(LAW, C, 0.5).n_dense}
     covered = dict.fromkeys(truth, 0)
-    seeds = range(6)
+    seeds = range(5)
     for seed in seeds:
         fit = fit_chinchilla(*_sample(seed), grid="coarse")
-        boot = bootstrap(fit, n_boot=50, seed=seed)
+        boot = bootstrap(fit, n_boot=40, seed=seed)
         d = derived_intervals(fit, boot, flops=C, final_sparsity=0.5)
         for k, v in truth.items():
             covered[k] += d.intervals[k].low <= v <= d.intervals[k].high
@@ -46,7 +46,7 @@ def test_derived_intervals_cover_the_truth_and_are_the_replicates_percentiles():
                     d.intervals["N_opt"][lo_hi] / rho, rel=1e-9)
             text = format_derived(d)
             assert "a (N_opt ~ C^a)" in text and "plan: dense size" in text
-    assert all(c >= 5 for c in covered.values()), covered  # 95% intervals, 6 data sets
+    assert all(c >= 4 for c in covered.values()), covered  # 95% intervals, 5 data sets
     with pytest.raises(ValueError, match="needs flops"):
         derived_intervals(fit, boot, final_sparsity=0.5)
 
@@ -81,3 +81,17 @@ def test_weak_flag_fires_far_above_e_and_not_on_the_chinchilla_data(reference_da
     checked = chin.with_bootstrap(bootstrap(chin, n_boot=40))
     assert not checked.weak and not checked.degenerate, checked.weak_reasons
     assert max(v.relative for v in checked.widths.values()) < 0.5  # 3x below WEAK_WIDTH
+
+
+def test_weak_flag_fires_on_frantars_t5_fit(reference_data):
+    """Issue 25: the T5 fit's g spanned [0.08, 1.02] without a flag."""
+    from scaling import fit_frantar
+
+    with open(reference_data / "frantar_sparse_t5.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    s, scale, steps, loss = (np.array([float(r[k]) for r in rows])
+                             for k in ("sparsity", "scale", "steps", "val-loss"))
+    fit = fit_frantar(s, scale * (1 - s), steps / 1e5, loss, grid="coarse")
+    checked = fit.with_bootstrap(bootstrap(fit, n_boot=40))
+    assert checked.weak and any(r.startswith("g is weakly") for r in checked.weak_reasons)
+    assert checked.widths["d"].relative < WEAK_WIDTH  # the N exponent is measured
