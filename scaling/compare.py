@@ -18,6 +18,7 @@ import numpy as np
 from scaling import logs
 from scaling.fit import fit_chinchilla, fit_frantar
 from scaling.uncertainty import leave_one_out
+from scaling.weights import table_weights
 
 COMPARED = ("n_avg", "n_active", "n_params")
 LABELS = {"n_avg": "N_avg", "n_active": "N_final (non-zero)", "n_params": "N_total"}
@@ -63,7 +64,8 @@ def compare_n(
     **fit_kwargs,
 ) -> list[NComparison]:
     """Fit ``law`` to ``source`` (a sweep dir, or a CSV/DataFrame with the summary fields) once
-    per N in ``n_keys``; one ``NComparison`` per fit, in that order."""
+    per N in ``n_keys``; one ``NComparison`` per fit, in that order. ``fit_kwargs`` go to the
+    fit (``weights="se"``: inverse-variance weights from each run's ``val_loss_se``)."""
     rows = []
     names = None
     for key in n_keys:
@@ -76,7 +78,8 @@ def compare_n(
         if names is not None and table.names != names:
             raise ValueError(f"N = {key} loads different runs than N = {n_keys[0]}")
         names = table.names
-        fit = fit_table(table, law, fixed=fixed, **fit_kwargs)
+        fit = fit_table(table, law, fixed=fixed, **{
+            **fit_kwargs, "weights": table_weights(table, fit_kwargs.get("weights"))})
         loo = leave_one_out(fit)
         rows.append(
             NComparison(key, LABELS.get(key, key), float(fit.objective), in_sample_rmse(fit),

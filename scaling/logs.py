@@ -8,7 +8,8 @@ parameter count over training, Jin et al. 2025; the default), ``n_params`` or ``
 Diverged runs (status ``"diverged"``, a ``"diverged": true`` flag, or a non-finite val_loss,
 which summaries store as the string ``"nan"``/``"inf"``) are skipped with a warning naming them.
 A CSV or DataFrame either has the columns ``N, D, loss`` (and optionally ``S``/``sparsity``)
-or the summary keys above.
+or the summary keys above; optional columns ``name``/``run`` (row labels), ``se``/``val_loss_se``
+(standard error of the loss), ``weight`` (per-point weights) and ``n_params`` are kept.
 """
 
 from __future__ import annotations
@@ -38,6 +39,17 @@ class ScalingTable(NamedTuple):
     S: np.ndarray | None  # shape=(n,): final sparsity, when the source has it
     names: tuple[str, ...]  # run names (sweep dir) or row labels
     n_key: str  # which count N is
+    se: np.ndarray | None = None  # standard error of each loss (val_loss_se), when known
+    weight: np.ndarray | None = None  # a CSV's own ``weight`` column, when it has one
+    n_total: np.ndarray | None = None  # total parameters (n_params), when known
+
+    def subset(self, rows) -> ScalingTable:
+        """The table restricted to ``rows`` (a boolean mask or indices)."""
+        idx = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows)
+        pick = lambda a: None if a is None else a[idx]  # noqa: E731
+        return self._replace(N=self.N[idx], D=self.D[idx], loss=self.loss[idx], S=pick(self.S),
+                             names=tuple(self.names[i] for i in idx), se=pick(self.se),
+                             weight=pick(self.weight), n_total=pick(self.n_total))
 
 
 def _num(value: Any, field: str, where: str) -> float:
@@ -68,7 +80,16 @@ def _rows_from_records(records, names, n_key, where):
     return n, d, loss, s
 
 
-def _finish(n, d, loss, s, names, n_key, has_s, min_points):
+def _optional(records, names, field: str, where: str) -> np.ndarray | None:
+    """A per-record number that every record has (else None): val_loss_se, n_params."""
+    if not records or any(rec.get(field) in (None, "") for rec in records):
+        return None
+    return np.array([_num(rec[field], field, f"{where} {name}")
+                     for rec, name in zip(records, names, strict=True)])
+
+
+def _finish(n, d, loss, s, names, n_key, has_s, min_points, se=None, weight=None,
+            n_total=None):
     table = ScalingTable(
         N=np.asarray(n, np.float64),
         D=np.asarray(d, np.float64),
@@ -76,6 +97,9 @@ def _finish(n, d, loss, s, names, n_key, has_s, min_points):
         S=np.asarray(s, np.float64) if has_s else None,
         names=tuple(str(x) for x in names),
         n_key=n_key,
+        se=se,
+        weight=weight,
+        n_total=n_total,
     )
     cols = {"N": table.N, "D": table.D}
     if table.S is not None:
@@ -143,24 +167,33 @@ def from_sweep_dir(
         raise ValueError(f"{root} holds no run dir with a summary.json of status in {statuses}")
     n, d, loss, s = _rows_from_records(records, names, n_key, "run")
     has_s = any(r.get("sparsity") is not None for r in records)
-    return _finish(n, d, loss, s, names, n_key or "n_avg", has_s, min_points)
+    return _finish(n, d, loss, s, names, n_key or "n_avg", has_s, min_points,
+                   se=_optional(records, names, "val_loss_se", "run"),
+                   n_total=_optional(records, names, "n_params", "run"))
 
 
 def from_columns(columns: dict[str, Any], *, n_key: str | None = None, min_points: int = 5):
     """From a mapping of column name to values (CSV columns or DataFrame columns)."""
     cols = {k: list(v) for k, v in columns.items()}
     length = len(next(iter(cols.values()))) if cols else 0
-    names = [str(i) for i in range(length)]
+    name_col = next((c for c in ("name", "run") if c in cols), None)
+    names = [str(v) for v in cols[name_col]] if name_col else [str(i) for i in range(length)]
     s_col = "S" if "S" in cols else "sparsity" if "sparsity" in cols else None
+    records = [{k: cols[k][i] for k in cols} for i in range(length)]
+    se_col = "se" if "se" in cols else "val_loss_se"
+    extra = {"se": _optional(records, names, se_col, "row"),
+             "weight": _optional(records, names, "weight", "row"),
+             "n_total": _optional(records, names, "n_params", "row")}
     if {"N", "D", "loss"} <= set(cols) and n_key is None:
         s = [_num(v, s_col, f"row {i}") for i, v in enumerate(cols[s_col])] if s_col else []
         rows = [[_num(v, c, f"row {i}") for i, v in enumerate(cols[c])] for c in ("N", "D", "loss")]
-        return _finish(*rows, s or [0.0] * length, names, "N", s_col is not None, min_points)
-    records = [{k: cols[k][i] for k in cols} for i in range(length)]
+        return _finish(*rows, s or [0.0] * length, names, "N", s_col is not None, min_points,
+                       **extra)
     if not records:
         raise ValueError("the table has no rows")
     n, d, loss, s = _rows_from_records(records, names, n_key, "row")
-    return _finish(n, d, loss, s, names, n_key or "n_avg", s_col is not None, min_points)
+    return _finish(n, d, loss, s, names, n_key or "n_avg", s_col is not None, min_points,
+                   **extra)
 
 
 CSV_FORM = ("a header row (N,D,loss[,S], or summary keys such as n_avg,tokens,val_loss) and "
