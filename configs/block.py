@@ -13,21 +13,19 @@ Time:      277 s wall for 300 steps on a 2-core CPU shared with 7 other jobs (lo
 Result:    validation loss 2.170 ± 0.006 nats/byte at sparsity 0.5 (N_avg 86.0k of 116.5k).
 """
 
+from pathlib import Path
+
 from sparsejax.run import configlib
+from sparsejax.sweep import load_recipe
+
+# the schedule (25%->75% compute window, geometric, magnitude) is configs/gradual_magnitude.py's
+GRADUAL, _ = load_recipe(str(Path(__file__).resolve().parent / "gradual_magnitude.py"))
 
 
 def get_config(arg=None):
-    c = configlib.base()
+    c = GRADUAL.get_config()
     c.sparsity.method = "block"
     c.model.block = 32
-    c.sparsity.final = 0.5
-    c.sparsity.schedule = "window"
-    c.sparsity.start = 0.25
-    c.sparsity.end = 0.75
-    c.sparsity.by = "compute"
-    c.sparsity.kind = "geometric"
-    c.sparsity.update_every = 10
-    c.sparsity.score = "magnitude"
     c.sparsity.pooling = "l2"
     c.sparsity.allocation = "uniform"
     return configlib.apply_arg(c, arg)

@@ -14,19 +14,18 @@ Result:    validation loss 2.119 ± 0.006 nats/byte at weight sparsity 0.333 (12
            same machine and day.
 """
 
+from pathlib import Path
+
 from sparsejax.run import configlib
+from sparsejax.sweep import load_recipe
+
+# the schedule (25%->75% compute window, geometric, magnitude) is configs/gradual_magnitude.py's
+GRADUAL, _ = load_recipe(str(Path(__file__).resolve().parent / "gradual_magnitude.py"))
 
 
 def get_config(arg=None):
-    c = configlib.base()
+    c = GRADUAL.get_config()
     c.sparsity.method = "channels"
     c.sparsity.final = 0.5  # of each fc_in's channels
-    c.sparsity.schedule = "window"
-    c.sparsity.start = 0.25
-    c.sparsity.end = 0.75
-    c.sparsity.by = "compute"
-    c.sparsity.kind = "geometric"
-    c.sparsity.update_every = 10
-    c.sparsity.score = "magnitude"
     c.sparsity.allocation = "uniform"
     return configlib.apply_arg(c, arg)
