@@ -447,6 +447,9 @@ def test_load_refuses_a_bit_flipped_checkpoint(finished_run, tmp_path, capsys):
             f"run dir {run}: its checkpoints cannot be listed (ValueError: ")) as e:
         sparsejax.load(run, step=6)
     assert str(e.value).endswith(f"move the damaged step folder out of {run / 'checkpoints'}")
+    # train's resume reads the same listing: the same one line (it was a raw orbax error)
+    with pytest.raises(checkpoint.DamagedCheckpoint, match="its checkpoints cannot be listed"):
+        checkpoint.restore_newest(run, None)
 
 
 def test_load_of_a_sweep_dir_names_one_of_its_runs(finished_run, tmp_path, capsys):

@@ -157,7 +157,7 @@ def restore_newest(run_dir: PathLike, like: Any, *, keep: int = 3) -> tuple[Any,
     if not run.checkpoints.is_dir():
         return None
     _remove_partial(run)
-    mngr = manager(run_dir, keep=keep, create=False)
+    mngr = _listing_manager(run_dir, keep=keep)
     steps = sorted(mngr.all_steps(), reverse=True)
     mngr.close()
     if not steps:
@@ -261,13 +261,7 @@ def load_raw(run_dir: PathLike, step: int | None = None) -> dict[str, Any]:
     step = RunDir(run_dir).latest_checkpoint_step() if step is None else step
     if step is None:
         raise errors.MissingInputError(f"no checkpoint in {RunDir(run_dir).checkpoints}")
-    try:
-        mngr = manager(run_dir, create=False)  # reads every step's metadata
-    except Exception as e:  # one step's damaged metadata stops orbax listing them all
-        raise DamagedCheckpoint(
-            f"run dir {run_dir}: its checkpoints cannot be listed ({_first_line(e)}): a step's "
-            f"metadata is damaged; move the damaged step folder out of "
-            f"{RunDir(run_dir).checkpoints}") from None
+    mngr = _listing_manager(run_dir)
     try:
         raw = _restore_raw(mngr, run_dir, step)
     except Exception as e:  # orbax/tensorstore raise many types for damaged files
@@ -277,6 +271,19 @@ def load_raw(run_dir: PathLike, step: int | None = None) -> dict[str, Any]:
         mngr.close()
     verify(run_dir, step, raw)
     return raw
+
+
+def _listing_manager(run_dir: PathLike, keep: int = 3) -> ocp.CheckpointManager:
+    """:func:`manager` over existing checkpoints; :class:`DamagedCheckpoint` naming the run
+    dir when orbax cannot list them (it reads every step's metadata: one damaged step stops
+    it listing any)."""
+    try:
+        return manager(run_dir, keep=keep, create=False)
+    except Exception as e:  # orbax raises many types for a damaged metadata file
+        raise DamagedCheckpoint(
+            f"run dir {run_dir}: its checkpoints cannot be listed ({_first_line(e)}): a step's "
+            f"metadata is damaged; move the damaged step folder out of "
+            f"{RunDir(run_dir).checkpoints}") from None
 
 
 def _first_line(e: Exception) -> str:
