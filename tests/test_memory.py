@@ -113,6 +113,18 @@ def test_cpu_limit_is_available_memory_less_two_host_copies_of_the_params(monkey
     assert memory.cpu_step_memory(p)[0] == 0
 
 
+def test_a_model_past_int32_counts_is_refused_naming_model_size():
+    # a block of d=4096, d_ff=16384: 4 d**2 + 2 d d_ff = 201,326,592 weights (+ biases, norms);
+    # 11 blocks: about 2.21e9 > 2**31 - 1; 10 blocks: about 2.01e9, still countable
+    c = configlib.base()
+    c.model.size = "11,4096,32,16384"
+    with pytest.raises(ConfigError, match=r"model.size='11,4096,32,16384' has about "
+                       r"2,21\d,\d{3},\d{3} parameters.*at most 2,147,483,647"):
+        memory.check_fits(configlib.validate(c), limit=(10**15, "test"))
+    c.model.size = "10,4096,32,16384"
+    memory.check_fits(configlib.validate(c), limit=(10**15, "test"))
+
+
 def test_device_memory_is_the_host_on_cpu():
     n, what = memory.device_memory()
     assert n == memory.physical_memory() and what == "host memory"

@@ -235,6 +235,11 @@ def device_memory() -> tuple[int, str]:
         f"host memory / {len(devices)} CPU devices" if len(devices) > 1 else "host memory")
 
 
+#: bytes per parameter (params are float32; model.dtype only sets the compute dtype)
+PARAM_BYTES = 4
+#: the largest model the on-device counts (int32: kept weights, N_avg's step count) can hold
+MAX_PARAMS = 2**31 - 1
+
 #: copies of the parameters a CPU run holds in host memory beside its train step: the built
 #: model's own weights and the host copy train's setup takes (``jax.device_get``)
 CPU_HOST_PARAM_COPIES = 2
@@ -270,6 +275,11 @@ def check_fits(spec: RunSpec, limit: tuple[int, str] | None = None) -> Estimate 
     except ValueError as e:
         raise ConfigError(str(e)) from None
     whole = params_bytes(spec, corpus_vocab(spec, exact=False))
+    if whole // PARAM_BYTES > MAX_PARAMS:  # before any device count overflows
+        raise ConfigError(
+            f"model.size={spec.model.size!r} has about {whole // PARAM_BYTES:,} parameters; "
+            f"sparsejax counts parameters and kept weights in int32 on the device, so a model "
+            f"holds at most {MAX_PARAMS:,}: use a smaller model.size")
     limit_bytes, where = cpu_step_memory(whole) if limit is None and _on_cpu() else (
         device_memory() if limit is None else limit)
     params = whole // m.fsdp
