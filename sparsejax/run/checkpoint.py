@@ -49,7 +49,8 @@ def manager(run_dir: PathLike, *, keep: int = 3, create: bool = True) -> ocp.Che
     checks.integer("keep", keep, 1)
     directory = RunDir(run_dir).checkpoints.absolute()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
-    return ocp.CheckpointManager(directory, options=options)
+    return ocp.CheckpointManager(directory, options=options,
+                                 item_handlers=ocp.StandardCheckpointHandler())
 
 
 def _addressable(tree: Any) -> bool:
