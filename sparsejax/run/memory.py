@@ -275,11 +275,6 @@ def check_fits(spec: RunSpec, limit: tuple[int, str] | None = None) -> Estimate 
     except ValueError as e:
         raise ConfigError(str(e)) from None
     whole = params_bytes(spec, corpus_vocab(spec, exact=False))
-    if whole // PARAM_BYTES > MAX_PARAMS:  # before any device count overflows
-        raise ConfigError(
-            f"model.size={spec.model.size!r} has about {whole // PARAM_BYTES:,} parameters; "
-            f"sparsejax counts parameters and kept weights in int32 on the device, so a model "
-            f"holds at most {MAX_PARAMS:,}: use a smaller model.size")
     limit_bytes, where = cpu_step_memory(whole) if limit is None and _on_cpu() else (
         device_memory() if limit is None else limit)
     params = whole // m.fsdp
@@ -287,6 +282,11 @@ def check_fits(spec: RunSpec, limit: tuple[int, str] | None = None) -> Estimate 
         raise ConfigError(refusal(spec, size(params), "its parameters alone",
                                   f"{size(limit_bytes)} of {where}",
                                   fixes=("model.size", "mesh.fsdp")))
+    if whole // PARAM_BYTES > MAX_PARAMS:  # a model that fits: before a device count overflows
+        raise ConfigError(
+            f"model.size={spec.model.size!r} has about {whole // PARAM_BYTES:,} parameters; "
+            f"sparsejax counts parameters and kept weights in int32 on the device, so a model "
+            f"holds at most {MAX_PARAMS:,}: use a smaller model.size")
     est = estimate(spec, corpus_vocab(spec, exact=False), mesh)
     if est.upper <= SKIP_COMPILE_FRACTION * limit_bytes:
         return est
