@@ -79,3 +79,17 @@ def flat_tree(tree, prefix=""):
             yield from flat_tree(v, f"{prefix}/{i}")
     else:
         yield prefix, np.asarray(tree)
+
+
+def one_error_line(capsys, argv: list[str]) -> str:
+    """Run the CLI on ``argv``: exit status 2 and exactly one ``sparsejax: error:`` line on
+    stderr, no traceback; returns that line (output captured before the call is dropped)."""
+    from sparsejax import cli
+
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1, out.err
+    assert lines[0].startswith("sparsejax: error: ") and "Traceback" not in out.err + out.out
+    return lines[0]

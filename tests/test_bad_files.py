@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY, tiny_config
+from conftest import TINY, one_error_line, tiny_config
 
 from scaling import logs
-from sparsejax import cli
 from sparsejax.errors import ConfigError
 from sparsejax.run import configlib, data, evaluation, memory
 from sparsejax.run.rundir import RunDir, SweepDir
@@ -29,15 +28,6 @@ from sparsejax.run.rundir import RunDir, SweepDir
 ROOT = Path(__file__).resolve().parents[1]
 DENSE = ROOT / "configs" / "dense.py"
 TRAIN = ["train", f"--config={DENSE}:{TINY}", "--config.train.steps=8", "--noprogress"]
-
-
-def one_error_line(capsys, argv: list[str]) -> str:
-    assert cli.main(argv) == 2
-    out = capsys.readouterr()
-    lines = out.err.strip().splitlines()
-    assert len(lines) == 1, out.err
-    assert lines[0].startswith("sparsejax: error: ") and "Traceback" not in out.err + out.out
-    return lines[0]
 
 
 def tree(path: Path) -> dict[str, tuple[int, int, int]]:

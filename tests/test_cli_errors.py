@@ -10,22 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY
+from conftest import TINY, one_error_line
 
 from sparsejax import cli, errors
 from sparsejax.run.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 DENSE = f"--config={ROOT / 'configs' / 'dense.py'}:{TINY}"
-
-
-def one_error_line(capsys, argv: list[str]) -> str:
-    assert cli.main(argv) == 2
-    out = capsys.readouterr()
-    lines = out.err.strip().splitlines()
-    assert len(lines) == 1, out.err
-    assert lines[0].startswith("sparsejax: error: ") and "Traceback" not in out.err + out.out
-    return lines[0]
 
 
 @pytest.mark.parametrize("override, expected", [

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import one_error_line, tiny_config
 from flax import nnx
 
 import sparsejax
@@ -413,14 +413,6 @@ def _flip_checkpoint_bit(step_dir: Path) -> None:
     f.write_bytes(bytes(b))
 
 
-def _one_error_line(capsys, argv):
-    capsys.readouterr()
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("sparsejax: error: "), err
-    return err[0]
-
-
 def test_load_refuses_a_bit_flipped_checkpoint(finished_run, tmp_path, capsys):
     """``sparsejax.load`` (and so export, one-shot and ``init_from``) checks the SHA-256 each
     save records: a flipped bit is refused naming the run dir, the step and the steps left;
@@ -436,7 +428,7 @@ def test_load_refuses_a_bit_flipped_checkpoint(finished_run, tmp_path, capsys):
         checkpoint.load_raw(run, 8)
     assert sparsejax.load(run, step=6).step == 6
     assert sparsejax.load(finished_run).step == 8
-    line = _one_error_line(capsys, ["export", str(run), "--format", "safetensors",
+    line = one_error_line(capsys, ["export", str(run), "--format", "safetensors",
                                     "--layout", "dense"])
     assert msg in line
     assert not (run / "export").exists()
@@ -462,9 +454,9 @@ def test_load_of_a_sweep_dir_names_one_of_its_runs(finished_run, tmp_path, capsy
     with pytest.raises(sparsejax.errors.InputError) as e:
         sparsejax.load(sweep)
     assert str(e.value) == want
-    assert _one_error_line(capsys, ["export", str(sweep), "--format", "npz"]) == (
+    assert one_error_line(capsys, ["export", str(sweep), "--format", "npz"]) == (
         "sparsejax: error: export: " + want)
-    assert _one_error_line(capsys, ["oneshot", str(sweep)]) == "sparsejax: error: " + want
+    assert one_error_line(capsys, ["oneshot", str(sweep)]) == "sparsejax: error: " + want
     (sweep / rundir.SweepDir.SWEEP).unlink()  # a plain folder of runs
     with pytest.raises(sparsejax.errors.InputError, match="is a folder of run dirs"):
         sparsejax.load(sweep)
@@ -582,6 +574,6 @@ def test_export_hf_writes_gpt2_for_learned_positions_and_refuses_rotary(finished
     np.testing.assert_array_equal(tensors["transformer.h.1.attn.c_attn.weight"][:, 64:128],
                                   attn["key"]["kernel"])
     np.testing.assert_array_equal(tensors["transformer.wpe.weight"], params["pos_embed"])
-    line = _one_error_line(capsys, ["export", str(finished_run), "--format", "hf", "--out",
+    line = one_error_line(capsys, ["export", str(finished_run), "--format", "hf", "--out",
                                     str(tmp_path / "r")])
     assert "rotary positions (model.pos=rope)" in line and not (tmp_path / "r" / "hf").exists()
