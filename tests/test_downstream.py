@@ -519,6 +519,20 @@ def test_dense_export_of_an_unstructured_sparse_run(sparse_run, tmp_path, tokens
         assert not mask.all() and (kernel[~mask] == 0).all()
 
 
+def _hand_written_run(config, run):
+    """A run dir written by hand: ``config`` and a step-0 checkpoint of random float32 weights
+    for its model (no training); returns ``(run, params)``."""
+    spec = configlib.stored_spec(config.to_dict(), "tiny")
+    _, state, _ = nnx.split(loading.build_model(spec, 256), nnx.Param, ...)
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
+                                    nnx.to_pure_dict(state))
+    run.mkdir()
+    rundir.write_json(run / rundir.RunDir.CONFIG, spec.to_dict())
+    checkpoint.save_weights(run, 0, params)
+    return run, params
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["factorized", "parallel", "doped"])
 def test_a_sparse_ift_run_loads_and_exports_dense(tmp_path, family):
@@ -529,15 +543,7 @@ def test_a_sparse_ift_run_loads_and_exports_dense(tmp_path, family):
 
     c = tiny_config(model__sparse_ift__family=family, model__sparse_ift__sparsity=0.5,
                     sparsity__method="static", sparsity__final=0.5)
-    spec = configlib.stored_spec(c.to_dict(), "tiny")
-    _, state, _ = nnx.split(loading.build_model(spec, 256), nnx.Param, ...)
-    rng = np.random.default_rng(0)
-    params = jax.tree_util.tree_map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
-                                    nnx.to_pure_dict(state))
-    run = tmp_path / "run"
-    run.mkdir()
-    rundir.write_json(run / rundir.RunDir.CONFIG, spec.to_dict())
-    checkpoint.save_weights(run, 0, params)
+    run, params = _hand_written_run(c, tmp_path / "run")
     loaded = sparsejax.load(run)
     result = export.export_run(run, "npz", layout="dense", out=tmp_path / "out")
     got = nnx.to_pure_dict(nnx.state(sparsejax.load_export(result.path), nnx.Param))
@@ -554,15 +560,7 @@ def test_export_hf_writes_gpt2_for_learned_positions_and_refuses_rotary(finished
     """``sparsejax export --format hf``: a learned-position run becomes a GPT-2 folder whose
     tensors are the run's (fused QKV = query, key, value side by side); the rotary fixture run
     is refused with the reason, nothing written."""
-    spec = configlib.stored_spec(tiny_config(model__pos="learned").to_dict(), "tiny")
-    _, state, _ = nnx.split(loading.build_model(spec, 256), nnx.Param, ...)
-    rng = np.random.default_rng(0)
-    params = jax.tree_util.tree_map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
-                                    nnx.to_pure_dict(state))
-    run = tmp_path / "run"
-    run.mkdir()
-    rundir.write_json(run / rundir.RunDir.CONFIG, spec.to_dict())
-    checkpoint.save_weights(run, 0, params)
+    run, params = _hand_written_run(tiny_config(model__pos="learned"), tmp_path / "run")
     capsys.readouterr()
     assert cli.main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "o")]) == 0
     hf_config = json.loads((tmp_path / "o" / "hf" / "config.json").read_text())
