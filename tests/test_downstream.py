@@ -470,6 +470,16 @@ def _dense_export(run, out, capsys):
     return out / "model_dense.safetensors"
 
 
+@pytest.mark.parametrize(("fmt", "layout"), [("bsr", "dense"), ("nm", "bsr"), ("hf", "nm")])
+def test_a_layout_the_format_contradicts_is_one_line(finished_run, tmp_path, capsys, fmt,
+                                                      layout):
+    # --format bsr|nm|hf is its layout: another --layout was silently ignored
+    line = one_error_line(capsys, ["export", str(finished_run), "--format", fmt, "--layout",
+                                   layout, "--out", str(tmp_path / "o")])
+    assert f"layout '{layout}' needs format 'safetensors' or 'npz'" in line
+    assert not (tmp_path / "o").exists()
+
+
 def test_dense_export_holds_every_leaf_of_the_run(finished_run, tmp_path, capsys):
     """``export --format safetensors --layout dense``: every leaf a plain dense tensor with its
     SHA-256 and the run's config.json; ``load_export`` puts exactly ``sparsejax.load``'s

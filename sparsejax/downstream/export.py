@@ -56,8 +56,7 @@ FORMAT_VERSION = "sparsejax-export/2"  # /2: a SHA-256 per tensor
 FORMAT_UNCHECKED = "sparsejax-export/1"  # read with a warning: no checksums
 FIX = ("to export compactly, train with block masks (sparsity.method=block, or "
        "model.linear=bsr; model.block=B) and export --format bsr, or with N:M sparsity "
-       "(sparsity.method=nm, or ste/sr_ste, sparsity.n/m) and export --format nm; "
-       "--layout dense exports any run as plain tensors")
+       "(sparsity.method=nm, or ste/sr_ste, sparsity.n/m) and export --format nm")
 
 
 class ExportRefused(errors.InputError):
@@ -378,10 +377,12 @@ def export_run(
     """
     if fmt not in FORMATS:
         raise errors.InputError(f"format must be one of {FORMATS}, got {fmt!r}")
-    if fmt in LAYOUTS:
-        layout = fmt
-    if fmt == "hf":
-        layout = DENSE
+    implied = fmt if fmt in LAYOUTS else DENSE if fmt == "hf" else None
+    if implied is not None:  # the format is the layout: another --layout contradicts it
+        if layout not in ("auto", implied):
+            raise errors.InputError(f"layout {layout!r} needs format 'safetensors' or 'npz' "
+                                    f"(format {fmt!r} is the {implied!r} layout)")
+        layout = implied
     if layout not in CONTAINER_LAYOUTS:
         raise errors.InputError(f"layout must be one of {CONTAINER_LAYOUTS}, got {layout!r}")
     loaded = loading.load(run_dir, step=step)
