@@ -40,9 +40,11 @@ METHODS = {
 
 
 MODEL = CNN()
-KX, KY, KP = jax.random.split(jax.random.key(0), 3)
-X = jax.random.normal(KX, (8, 8, 8, 4))  # 4 input channels: 2:4 along Cin fits
-Y = jax.random.randint(KY, (8,), 0, 10)
+# numpy data: a module-level jax.random call compiles at collection, in every xdist worker
+_RNG = np.random.default_rng(0)
+X = _RNG.standard_normal((8, 8, 8, 4)).astype(np.float32)  # 4 input channels: 2:4 along Cin fits
+Y = _RNG.integers(0, 10, (8,)).astype(np.int32)
+KP = jax.random.key(0)
 
 
 def loss_fn(params, stats):
