@@ -362,3 +362,26 @@ def test_kernel_cache_root_is_not_followed_through_a_symlink(tmp_path, cache_env
     with pytest.warns(RuntimeWarning, match=f"{link} is a symbolic link"):
         assert cache.kernel_cache_dir(Path(native.__file__)) is None
     assert list(real.iterdir()) == []
+
+
+@pytest.mark.slow
+@needs_native
+def test_a_second_process_loads_the_compiled_kernels_from_the_disk_cache(tmp_path):
+    """The drivers and the handlers' checks and runs are compiled once per machine: a second
+    process with the same cache folder compiles none of them again (numba writes a ``.nbc``
+    file per compile)."""
+    code = "from pallas_kernels.cpu import native\nassert native.unavailable_reason() is None\n"
+    env = {**os.environ, cache.ENV: str(tmp_path)}
+    root = Path(__file__).resolve().parents[1]
+
+    def compiled() -> dict[str, float]:
+        out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env,
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return {p.name: p.stat().st_mtime for p in tmp_path.rglob("*.nbc")}
+
+    first = compiled()
+    names = {name.split("-")[0] for name in first}
+    assert names >= {f"native._{k}" for k in ("bsr_host", "sddmm_host", "bsr_check", "bsr_run",
+                                             "sddmm_check", "sddmm_run")}, names
+    assert compiled() == first
