@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -79,12 +81,22 @@ def tiny_config(**overrides):
 
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory) -> Path:
-    """A completed 8-step dense run with checkpoints at steps 2, 4, 6, 8 (do not modify)."""
+    """A completed 8-step dense run with checkpoints at steps 2, 4, 6, 8 (do not modify: copy
+    it first). Trained once per test session: pytest-xdist workers share it through the
+    session's temp folder, and the first worker to ask trains it under a file lock."""
     from sparsejax.run import experiment
 
-    run_dir = tmp_path_factory.mktemp("finished") / "run"
-    experiment.run(tiny_config(), str(run_dir), progress=False)
-    return run_dir
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above every worker's own
+    folder = root / "finished"
+    with open(root / "finished.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (folder / "done").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that died mid-training
+            experiment.run(tiny_config(), str(folder / "run"), progress=False)
+            (folder / "done").touch()
+    return folder / "run"
 
 
 def flat_tree(tree, prefix=""):
