@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import fcntl
+import importlib.util
+import mmap
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,11 +30,34 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-# The tests are compile-bound (tiny shapes, fresh closures): XLA's backend optimizations
-# (LLVM -O2, the expensive passes) cost more compile time than they save in run time. They
-# change speed, not semantics, and tolerances are set against float64 references, so the tests
-# and their subprocesses run without them (fast tier 137 s -> 112 s, full suite 7.4 -> 5.8 min).
-os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# The fast tier (a -m expression that leaves out `slow`) compiles for speed: its tests are
+# compile-bound (tiny shapes, fresh closures, op-by-op calls), and XLA's backend optimizations
+# and MLIR fusion emitters cost more compile time than they save in run time (2 cores: 112 s ->
+# 88 s). The full suite, which CI runs, keeps XLA's defaults: what users run.
+_NO_FUSION_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+
+
+def _xla_knows(flag: str) -> bool:
+    """Whether the installed jaxlib's XLA has ``flag`` (XLA aborts on an unknown flag): its
+    name is in jaxlib's binaries."""
+    name = flag.lstrip("-").split("=")[0].encode()
+    spec = importlib.util.find_spec("jaxlib")
+    for lib in Path(spec.origin).parent.glob("*.so") if spec and spec.origin else ():
+        with open(lib, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            if m.find(name) >= 0:
+                return True
+    return False
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Compile for speed in the fast tier (pytest-xdist workers inherit the controller's
+    environment; subprocesses of tests too)."""
+    if not re.search(r"\bnot\s+slow\b", config.getoption("markexpr") or ""):
+        return
+    os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_use_fusion_emitters" not in flags and _xla_knows(_NO_FUSION_EMITTERS):
+        os.environ["XLA_FLAGS"] = f"{flags} {_NO_FUSION_EMITTERS}".strip()
 
 # Property tests draw the same examples on every run (CI is reproducible); a test may still
 # ask for more examples with its own @settings.
