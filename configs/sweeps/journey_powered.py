@@ -37,26 +37,20 @@ from sparsejax.sweep import load_recipe
 
 SIZES = ("nano", "micro", "tiny", "mini")
 STEPS = (80, 160, 320)
-FINALS = (0.0, 0.5, 0.75)  # 0.0: the dense baseline
-GRADUAL, _ = load_recipe(str(Path(__file__).resolve().parents[1] / "gradual_magnitude.py"))
+# journey_tiny's recipe (gradual global magnitude, every 3rd file for validation) and grid,
+# with shorter budgets: an earlier warm-up, pruning every 5 steps, a smaller final eval
+TINY, _ = load_recipe(str(Path(__file__).with_name("journey_tiny.py")))
 
 
 def get_config(arg=None):
-    c = GRADUAL.get_config()
-    c.data.val_fraction = 1 / 3
+    c = TINY.get_config()
     c.train.warmup_steps = 16
     c.sparsity.update_every = 5
     c.eval.every = 80
-    c.eval.batches = 2
     c.eval.final_batches = 896
     c.checkpoint.every = 80
-    c.checkpoint.keep = 1
     return configlib.apply_arg(c, arg)
 
 
 def sweep(add):
-    for size in SIZES:
-        for steps in STEPS:
-            for final in FINALS:
-                add(**{"model.size": size, "train.steps": steps, "sparsity.final": final,
-                       "sparsity.method": "gradual" if final else "dense"})
+    TINY.grid(add, SIZES, STEPS)

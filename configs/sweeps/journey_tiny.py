@@ -49,9 +49,14 @@ def get_config(arg=None):
     return configlib.apply_arg(c, arg)
 
 
-def sweep(add):
-    for size in SIZES:
-        for steps in STEPS:
-            for final in FINALS:
-                add(**{"model.size": size, "train.steps": steps, "sparsity.final": final,
+def grid(add, sizes=SIZES, steps=STEPS, finals=FINALS):
+    """Every size x step budget x final sparsity (0.0: a dense run)."""
+    for size in sizes:
+        for n in steps:
+            for final in finals:
+                add(**{"model.size": size, "train.steps": n, "sparsity.final": final,
                        "sparsity.method": "gradual" if final else "dense"})
+
+
+def sweep(add):
+    grid(add)
