@@ -31,7 +31,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 # The tests compile for speed: they are compile-bound (tiny shapes, fresh closures, op-by-op
 # calls), and XLA's backend optimizations and CPU MLIR fusion emitters cost more compile time
-# than they save in run time (fast tier on 2 cores: 137 s -> 81 s; full suite 7.8 -> ~5.5 min).
+# than they save in run time (fast tier on 2 cores: 137 s -> 78 s; full suite 7.8 -> 4.6 min).
 # They change how XLA:CPU compiles, not what: tolerances are set against float64 references,
 # and bitwise checks compare programs compiled alike. Benchmarks and the README's commands run
 # XLA's defaults. Set here, before jax is imported, so pytest-xdist workers and the tests'
@@ -68,6 +68,10 @@ REFERENCE_DATA = Path(__file__).resolve().parent / "data"
 def reference_data() -> Path:
     """The reference-data folder ``tests/data`` (origins and licenses in its README.md)."""
     return REFERENCE_DATA
+
+
+# Marks a test that runs the native CPU kernels' custom calls.
+needs_native = pytest.mark.usefixtures("native_kernels")
 
 
 @pytest.fixture

@@ -19,14 +19,13 @@ import pytest
 
 pytest.importorskip("numba")
 
+from conftest import needs_native  # noqa: E402
+
 from pallas_kernels import BSRMatrix, bsr_matmul  # noqa: E402
 from pallas_kernels.cpu import abi, cache, ffi, native  # noqa: E402
 
 HEADER = abi.header_path()
 BSR, SDDMM = "sparsejax_bsr_matmul_f32", "sparsejax_bsr_sddmm_f32"
-# The custom calls run only where the native kernels do (conftest's native_kernels fixture
-# compiles them on first use, not at collection: collection runs in every xdist worker).
-needs_native = pytest.mark.usefixtures("native_kernels")
 
 
 def random_bsr(k, n, block, density, seed=0) -> BSRMatrix:
