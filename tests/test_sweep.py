@@ -341,3 +341,20 @@ def test_sweep_progress_prints_a_plain_line_when_a_run_logs_and_not_a_terminal(t
     quiet = io.StringIO()
     launcher.Progress(runs, quiet, enabled=False).draw([(runs[0], run.path)])  # --noprogress
     assert quiet.getvalue() == ""
+
+
+@pytest.mark.parametrize("name,sizes,steps,checkpoint_every", [
+    ("journey_tiny", ("nano", "tiny", "mini"), (150, 300, 600), 100),
+    ("journey_powered", ("nano", "micro", "tiny", "mini"), (80, 160, 320), 80),
+])
+def test_journey_sweeps_list_their_grid_and_validate(name, sizes, steps, checkpoint_every):
+    """The two Journey sweeps (journey_powered builds on journey_tiny's recipe and grid): every
+    size x budget x {dense, 0.5, 0.75} once, every run's config checked, dense runs dense."""
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "sweeps" / f"{name}.py"
+    runs = sweep.configs(str(recipe))  # validates and checks every run's config
+    grid = {(s.model.size, s.train.steps, s.sparsity.final) for _, _, s in runs}
+    assert len(runs) == len(grid) == len(sizes) * len(steps) * 3
+    assert grid == {(z, n, f) for z in sizes for n in steps for f in (0.0, 0.5, 0.75)}
+    for _, _, s in runs:
+        assert (s.sparsity.method == "dense") == (s.sparsity.final == 0.0)
+        assert s.checkpoint.every == checkpoint_every and s.data.val_fraction == 1 / 3
